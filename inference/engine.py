@@ -1,0 +1,250 @@
+"""The dynamic inference engine: continuous batching over a paged KV cache, with optional
+routing recording that adds no host synchronisation to the step."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from inference.block_pool import BlockPool
+from inference.config import EngineConfig
+from inference.errors import InvalidRequestError
+from inference.kv_cache import KVCache
+from inference.model import ForwardContext, MoEGPT
+from inference.paged_attention import paged_attention_eager
+from inference.request import Request, RequestResult, SamplingParams
+from inference.sampler import Sampler
+from inference.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from inference.step_batch import PreparedStep, StepBatch
+from routing_replay import RoutingRecorder, StepDetailsLog
+
+
+@dataclass
+class _PhaseTimes:
+    """Host milliseconds spent in each routing phase during one step."""
+
+    gather: float = 0.0
+    store: float = 0.0
+    reconstruct: float = 0.0
+    finalize: float = 0.0
+
+
+class LLMEngine:
+    """Serves requests step by step. Invariant: every added request ends as exactly one
+    ``RequestResult`` returned by ``step()``; with recording on, a result is returned only
+    once its routing is final (``prompt_len + generated_len - 1`` rows)."""
+
+    def __init__(self, model: MoEGPT, config: EngineConfig) -> None:
+        self.model = model
+        self.model_config = model.config
+        self.config = config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.max_model_len = min(self.model_config.max_position_embeddings, config.kv_capacity_tokens)
+        self.block_pool = BlockPool(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_cache = KVCache(self.model_config, config.num_kv_blocks, config.block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_requests=config.max_requests, max_step_tokens=config.max_step_tokens,
+                            block_size=config.block_size, chunked_prefill=config.chunked_prefill),
+            self.block_pool, on_preempt=self._on_preempt, on_finish=self._on_finish)
+        self.batch = StepBatch(
+            max_step_tokens=config.max_step_tokens, max_requests=config.max_requests,
+            max_blocks_per_request=-(-self.max_model_len // config.block_size),
+            block_size=config.block_size, dummy_block_id=self.kv_cache.dummy_block_id, device=self.device)
+        self.sampler = Sampler(config.seed, self.device)
+        self.recorder = self._make_recorder() if config.record_routing else None
+        self.attention_fn = paged_attention_eager
+        self.step_log = StepDetailsLog()
+        self._step_index = 0
+        self._start_time = time.perf_counter()
+        self._arrivals = itertools.count()
+        self._live_ids: set[str] = set()
+        self._awaiting_routing: dict[str, RequestResult] = {}
+        self._phase = _PhaseTimes()
+
+    def _make_recorder(self) -> RoutingRecorder:
+        mc = self.model_config
+        return RoutingRecorder(
+            num_kv_blocks=self.config.num_kv_blocks, block_size=self.config.block_size,
+            num_moe_layers=mc.num_moe_layers, topk=mc.topk, num_experts=mc.num_experts,
+            max_step_tokens=self.config.max_step_tokens, device=self.device)
+
+    # ---- requests -------------------------------------------------------------------
+    def add_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue a request; raises ``InvalidRequestError`` naming it when bad
+        (nothing else is affected)."""
+        arrival = next(self._arrivals)
+        request_id = str(arrival) if request_id is None else str(request_id)
+        params = sampling_params or SamplingParams()
+        self._validate(request_id, prompt_token_ids, params)
+        request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
+                          sampling_params=params, arrival_index=arrival)
+        self._live_ids.add(request_id)
+        self.scheduler.add(request)
+        return request_id
+
+    def _validate(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> None:
+        if request_id in self._live_ids:
+            raise InvalidRequestError("a request with this id is already being served", request_id)
+        if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise InvalidRequestError("prompt_token_ids must be a list of ints", request_id)
+        if len(prompt) == 0:
+            raise InvalidRequestError("empty prompt (at least one token is needed)", request_id)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", request_id)
+        if len(prompt) > self.model_config.max_position_embeddings:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens; the model's maximum is "
+                f"{self.model_config.max_position_embeddings} positions", request_id)
+        if len(prompt) > self.config.kv_capacity_tokens:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens; the KV cache can hold at most {self.config.kv_capacity_tokens} "
+                f"(num_kv_blocks={self.config.num_kv_blocks} x block_size={self.config.block_size})", request_id)
+        params.validate(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        request = self.scheduler.abort(request_id)
+        if request is None:
+            return False
+        self._live_ids.discard(request_id)
+        self.sampler.release(request_id)
+        if self.recorder is not None:
+            self.recorder.discard(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._awaiting_routing)
+
+    # ---- the step -------------------------------------------------------------------
+    def step(self) -> list[RequestResult]:
+        """Schedule, run one forward, sample, and return the results that became final."""
+        start = time.perf_counter()
+        self._phase = _PhaseTimes()
+        output = self.scheduler.schedule()
+        finished: list[RequestResult] = []
+        prepared = None
+        if output.chunks:
+            prepared = self.batch.prepare(output.chunks)
+            sampled = self._forward_and_sample(prepared)
+            for request in self.scheduler.update(output, sampled, self._eos(), self.max_model_len):
+                finished.append(self._finish(request))
+        ready = [r for r in finished if r.request_id not in self._awaiting_routing]
+        ready += self._finalize_routing()
+        if output.chunks or output.preempted:
+            self._record_step(output, prepared, (time.perf_counter() - start) * 1e3)
+        return ready
+
+    def _forward_and_sample(self, prepared: PreparedStep) -> dict[str, int]:
+        recorder = self.recorder
+        staging = recorder.staging[: prepared.num_padded_tokens] if recorder is not None else None
+        ctx = ForwardContext(prepared.attn, self.kv_cache.per_layer, self.attention_fn, staging)
+        with torch.inference_mode():
+            hidden = self.model(prepared.input_ids, prepared.positions, ctx)
+            if recorder is not None:
+                t = time.perf_counter()
+                recorder.gather(prepared.token_to_block, prepared.token_to_offset)
+                self._phase.gather += (time.perf_counter() - t) * 1e3
+            if not prepared.sampling_chunks:
+                return {}
+            logits = self.model.compute_logits(hidden.index_select(0, prepared.logits_indices))
+            requests = [c.request for c in prepared.sampling_chunks]
+            tokens = self.sampler.sample(logits, requests)
+        return {r.request_id: t for r, t in zip(requests, tokens)}
+
+    def _eos(self) -> int | None:
+        return self.model_config.eos_token_id
+
+    def _finish(self, request: Request) -> RequestResult:
+        result = RequestResult.from_request(request)
+        self.sampler.release(request.request_id)
+        self._live_ids.discard(request.request_id)
+        if self.recorder is not None:
+            self._awaiting_routing[request.request_id] = result
+        return result
+
+    # ---- routing hooks (called by the scheduler before blocks are freed) ------------------
+    def _on_preempt(self, request: Request) -> None:
+        if self.recorder is not None and request.num_computed_tokens > 0:
+            t = time.perf_counter()
+            self.recorder.snapshot_preempted(request.request_id, request.block_ids, request.num_computed_tokens)
+            self._phase.store += (time.perf_counter() - t) * 1e3
+
+    def _on_finish(self, request: Request) -> None:
+        if self.recorder is not None:
+            t = time.perf_counter()
+            self.recorder.reconstruct(request.request_id, request.block_ids, request.num_tokens - 1)
+            self._phase.reconstruct += (time.perf_counter() - t) * 1e3
+
+    def _finalize_routing(self, wait: bool = False) -> list[RequestResult]:
+        if self.recorder is None or not self._awaiting_routing:
+            return []
+        t = time.perf_counter()
+        done = self.recorder.wait_all() if wait else self.recorder.poll()
+        ready = []
+        for key, routing in done.items():
+            result = self._awaiting_routing.pop(key, None)
+            if result is not None:
+                result.routing = routing
+                ready.append(result)
+        self._phase.finalize += (time.perf_counter() - t) * 1e3
+        return ready
+
+    def _record_step(self, output: SchedulerOutput, prepared: PreparedStep | None, step_ms: float) -> None:
+        chunks = output.chunks
+        decode = [c for c in chunks if output.is_decode(c)]
+        self.step_log.record({
+            "step": self._step_index,
+            "prefill_requests": len(chunks) - len(decode),
+            "decode_requests": len(decode),
+            "active_tokens": prepared.num_tokens if prepared else 0,
+            "padded_tokens": prepared.num_padded_tokens if prepared else 0,
+            "cuda_graph": False,
+            "step_time_ms": step_ms,
+            "routing_gather_ms": self._phase.gather,
+            "routing_store_ms": self._phase.store,
+            "routing_reconstruct_ms": self._phase.reconstruct,
+            "routing_finalize_ms": self._phase.finalize,
+            "prefill_tokens": sum(c.num_tokens for c in chunks) - len(decode),
+            "decode_tokens": len(decode),
+            "finished_requests": sum(1 for c in chunks if c.request.is_finished),
+            "preempted_requests": len(output.preempted),
+            "time_s": time.perf_counter() - self._start_time,
+        })
+        self._step_index += 1
+
+    # ---- batch API ------------------------------------------------------------------
+    def generate(self, prompts: Iterable[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 request_ids: Sequence[str] | None = None,
+                 on_result: Callable[[RequestResult], None] | None = None) -> list[RequestResult]:
+        """Serve ``prompts`` to completion; results come back in input order. A bad prompt
+        yields a result with ``finish_reason == "error"`` and the others are served."""
+        prompts = list(prompts)
+        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                  else [sampling_params] * len(prompts))
+        ids = [str(i) for i in (request_ids if request_ids is not None else
+                                (next(self._arrivals) for _ in prompts))]
+        results: dict[str, RequestResult] = {}
+        for rid, prompt, p in zip(ids, prompts, params):
+            try:
+                self.add_request(prompt, p, rid)
+            except InvalidRequestError as exc:
+                results[rid] = RequestResult.failed(rid, list(prompt) if isinstance(prompt, (list, tuple)) else [], str(exc))
+                if on_result:
+                    on_result(results[rid])
+        while self.has_unfinished():
+            done = self.step()
+            if not done and not self.scheduler.has_unfinished():
+                done = self._finalize_routing(wait=True)
+            for r in done:
+                results[r.request_id] = r
+                if on_result:
+                    on_result(r)
+        return [results[rid] for rid in ids]

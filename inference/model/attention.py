@@ -1,0 +1,60 @@
+"""Grouped-query self-attention with rotary embeddings and optional q/k norm."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from inference.config import ModelConfig
+from inference.model.context import ForwardContext
+from inference.model.layers import RMSNorm, RotaryEmbedding
+from inference.paged_attention import causal_attention, write_kv
+
+
+class Attention(nn.Module):
+    """q/k/v projections fused into one weight ([q; k; v] rows). ``qk_norm`` is applied
+    per head (Qwen3) or over the whole projection (OLMoE) before rotary."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm == "per_head":
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps), RMSNorm(self.head_dim, config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(self.q_size, config.rms_norm_eps), RMSNorm(self.kv_size, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor,
+                rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(t, self.num_heads, self.head_dim)
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rotary(q, positions), rotary(k, positions), v
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.project(x, positions, rotary)
+        k_cache, v_cache = ctx.kv_caches[self.layer_index]
+        write_kv(k_cache, v_cache, ctx.attn.slot_mapping, k, v)
+        out = ctx.attention_fn(q, k_cache, v_cache, ctx.attn, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+
+    def forward_full(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+        """Causal attention over one whole sequence, no KV cache (the reference path)."""
+        q, k, v = self.project(x, positions, rotary)
+        out = causal_attention(q, k, v, self.scale)
+        return self.o_proj(out.reshape(x.shape[0], self.q_size))

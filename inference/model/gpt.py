@@ -1,0 +1,80 @@
+"""MoE GPT decoder: a paged forward for the engine and a full-sequence reference forward."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from inference.config import ModelConfig
+from inference.model.attention import Attention
+from inference.model.context import ForwardContext
+from inference.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
+from inference.model.moe import MoEMLP
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + MLP. ``moe_index`` is this layer's position among MoE layers
+    (its slice of the routing staging tensor), or None for a dense layer."""
+
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        moe_layers = config.moe_layer_indices
+        self.moe_index = moe_layers.index(layer_index) if layer_index in moe_layers else None
+        self.mlp = MoEMLP(config) if self.moe_index is not None else SwiGLUMLP(config.hidden_size, config.intermediate_size)
+
+    def mlp_forward(self, x: torch.Tensor, routing_out: torch.Tensor | None,
+                    forced: torch.Tensor | None = None) -> torch.Tensor:
+        if self.moe_index is None:
+            return self.mlp(x)
+        return self.mlp(x, routing_out, forced)
+
+
+class MoEGPT(nn.Module):
+    """Decoder-only MoE transformer. Invariant: MoE layer j (j-th in depth order, global
+    index ``config.moe_layer_indices[j]``) writes its top-k ids into column j of the
+    routing buffer it is given."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Paged forward over one step's tokens; returns final hidden states [T, H]."""
+        h = self.embed_tokens(input_ids)
+        staging = ctx.routing_staging
+        for layer in self.layers:
+            a = layer.self_attn(layer.input_layernorm(h), positions, self.rotary, ctx)
+            h = h + a
+            out = staging[:, layer.moe_index] if staging is not None and layer.moe_index is not None else None
+            h = h + layer.mlp_forward(layer.post_attention_layernorm(h), out)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    @torch.no_grad()
+    def forward_reference(self, token_ids: torch.Tensor,
+                          forced_routing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole-sequence forward without KV cache: (logits [S, V] fp32, top-k ids
+        [S, num_moe_layers, topk]). ``forced_routing`` replays given ids instead of routing."""
+        s = token_ids.shape[0]
+        positions = torch.arange(s, device=token_ids.device)
+        h = self.embed_tokens(token_ids)
+        routing = torch.empty(s, self.config.num_moe_layers, self.config.topk, dtype=torch.int64, device=h.device)
+        for layer in self.layers:
+            h = h + layer.self_attn.forward_full(layer.input_layernorm(h), positions, self.rotary)
+            j = layer.moe_index
+            out = routing[:, j] if j is not None else None
+            forced = forced_routing[:, j] if forced_routing is not None and j is not None else None
+            h = h + layer.mlp_forward(layer.post_attention_layernorm(h), out, forced)
+        return self.compute_logits(self.norm(h)), routing

@@ -1,0 +1,79 @@
+"""MoE MLP: router, routed experts, optional (gated) shared expert."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference.config import ModelConfig
+from inference.model.layers import SwiGLUMLP
+from inference.model.router import TopKRouter
+
+
+def experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                      w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Loop over the experts that received tokens. Syncs on CUDA (data-dependent indexing),
+    so it serves the eager path and tests; GPU graphs use the grouped kernels."""
+    out = torch.zeros_like(x, dtype=torch.float32)
+    inter = w2.shape[-1]
+    flat_ids = topk_ids.reshape(-1)
+    token_of_pair = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
+    weight_of_pair = topk_weights.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start:start + count]
+        start += count
+        tokens = token_of_pair[pairs]
+        h = x.index_select(0, tokens) @ w13[expert].t()
+        h = F.silu(h[:, :inter]) * h[:, inter:]
+        y = (h @ w2[expert].t()).float() * weight_of_pair[pairs].unsqueeze(-1)
+        out.index_add_(0, tokens, y)
+    return out.to(x.dtype)
+
+
+class MoEMLP(nn.Module):
+    """Routed experts (+ optional shared expert). ``forward`` writes the router's top-k ids
+    into ``routing_out`` when given, the capture point of the routing recorder."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
+        self.router = TopKRouter(h, e, config.topk, config.router)
+        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.w2 = nn.Parameter(torch.empty(e, h, i))
+        self.shared_expert = (SwiGLUMLP(h, config.shared_expert_intermediate_size)
+                              if config.shared_expert_intermediate_size > 0 else None)
+        self.shared_expert_gate = (nn.Linear(h, 1, bias=False)
+                                   if self.shared_expert is not None and config.shared_expert_gate else None)
+        self.experts_fn = experts_reference
+
+    def forward(self, x: torch.Tensor, routing_out: torch.Tensor | None = None,
+                forced_topk_ids: torch.Tensor | None = None) -> torch.Tensor:
+        topk_ids, topk_weights = self.router(x)
+        if forced_topk_ids is not None:
+            topk_ids, topk_weights = self._replay(x, forced_topk_ids)
+        if routing_out is not None:
+            routing_out.copy_(topk_ids)
+        y = self.experts_fn(x, topk_ids, topk_weights, self.w13, self.w2)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
+        return y
+
+    def _replay(self, x: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing replay: the expert choice is fixed; weights come from the current logits."""
+        logits = F.linear(x.float(), self.router.weight.float())
+        cfg = self.router.config
+        scores = torch.softmax(logits, -1) if cfg.score_function == "softmax" else torch.sigmoid(logits)
+        ids = topk_ids.to(torch.int64)
+        weights = scores.gather(-1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return ids, weights * cfg.scaling_factor

@@ -1,0 +1,59 @@
+"""Top-k router with megatron-core ``TopKRouter`` semantics and an explicit expert-id tensor."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from inference.config import RouterConfig
+
+
+class TopKRouter(nn.Module):
+    """Chooses ``topk`` experts per token. ``forward`` returns ``(topk_ids, topk_weights)``:
+    ids in descending selection-score order (int64 [T, k]) and the combine weights (fp32).
+    Logits are computed in fp32 so routing does not depend on the activation dtype more
+    than it must."""
+
+    def __init__(self, hidden_size: int, num_experts: int, topk: int, config: RouterConfig) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.topk = topk
+        self.config = config
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        if config.use_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(num_experts))
+        else:
+            self.expert_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = torch.nn.functional.linear(x.float(), self.weight.float())
+        return route(logits, self.topk, self.config, self.expert_bias)
+
+
+def route(logits: torch.Tensor, topk: int, config: RouterConfig,
+          expert_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Routing from fp32 logits [T, E]; a pure function so replay hooks and tests share it."""
+    if config.score_function == "softmax":
+        scores = torch.softmax(logits, dim=-1)
+    else:
+        scores = torch.sigmoid(logits)
+    selection = scores if expert_bias is None else scores + expert_bias.float()
+    if config.num_groups > 1:
+        selection = _mask_to_top_groups(selection, config.num_groups, config.topk_groups, topk)
+    topk_ids = torch.topk(selection, topk, dim=-1).indices
+    weights = scores.gather(-1, topk_ids)
+    if config.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if config.score_function == "sigmoid" else 0.0))
+    return topk_ids, weights * config.scaling_factor
+
+
+def _mask_to_top_groups(selection: torch.Tensor, num_groups: int, topk_groups: int, topk: int) -> torch.Tensor:
+    """Group-limited selection (megatron ``group_limited_topk``): score each group by the sum
+    of its best ``topk // topk_groups`` experts, keep the best groups, mask the rest."""
+    t, e = selection.shape
+    grouped = selection.view(t, num_groups, e // num_groups)
+    per_group = max(1, topk // topk_groups)
+    group_scores = grouped.topk(per_group, dim=-1).values.sum(-1)
+    keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_groups, dim=-1).indices, 1.0)
+    mask = keep.unsqueeze(-1).expand_as(grouped).reshape(t, e)
+    return selection.masked_fill(mask == 0, float("-inf"))

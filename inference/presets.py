@@ -1,0 +1,82 @@
+"""Built-in model shapes with seeded random weights.
+
+``tiny-moe`` is the default: fast on CPU, with a dense first layer so MoE-layer indices
+differ from decoder-layer indices. The large presets copy the *shapes* of public models for
+GPU benchmarks; their weights are random, they are not those models.
+"""
+
+from __future__ import annotations
+
+import math
+from types import MappingProxyType
+
+import torch
+
+from inference.config import DTYPES, ModelConfig, RouterConfig
+from inference.model import MoEGPT
+
+PRESETS = MappingProxyType({
+    "tiny-moe": ModelConfig(
+        name="tiny-moe", vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+        head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=8, topk=2,
+        dense_layers=(0,), max_position_embeddings=2048, eos_token_id=1),
+    "tiny-moe-sigmoid": ModelConfig(
+        name="tiny-moe-sigmoid", vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=1,
+        head_dim=16, intermediate_size=128, moe_intermediate_size=32, num_experts=16, topk=4,
+        dense_layers=(0, 2), shared_expert_intermediate_size=64, qk_norm="per_head",
+        router=RouterConfig(score_function="sigmoid", use_expert_bias=True, num_groups=4, topk_groups=2,
+                            scaling_factor=2.5),
+        max_position_embeddings=2048, eos_token_id=1),
+    "olmoe-1b-7b-shape": ModelConfig(
+        name="olmoe-1b-7b-shape", vocab_size=50304, hidden_size=2048, num_layers=16, num_heads=16,
+        num_kv_heads=16, head_dim=128, intermediate_size=1024, moe_intermediate_size=1024, num_experts=64,
+        topk=8, dense_layers=(), qk_norm="full", router=RouterConfig(norm_topk_prob=False),
+        max_position_embeddings=4096, eos_token_id=50279),
+    "qwen3-30b-a3b-shape": ModelConfig(
+        name="qwen3-30b-a3b-shape", vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32,
+        num_kv_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+        topk=8, dense_layers=(), qk_norm="per_head", rope_theta=1e6, max_position_embeddings=40960,
+        eos_token_id=151645),
+})
+DEFAULT_PRESET = "tiny-moe"
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"--model: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"--dtype: unknown dtype {name!r}; choose one of {', '.join(sorted(DTYPES))}")
+    return getattr(torch, DTYPES[name])
+
+
+@torch.no_grad()
+def init_random_weights(model: MoEGPT, seed: int) -> None:
+    """Seeded weights scaled by 1/sqrt(fan_in) so signals keep unit scale through depth and
+    routers see logits of order one (a realistic spread of expert choices)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            p.fill_(1.0)
+            continue
+        fan_in = p.shape[-1]
+        std = 0.02 if name.startswith("embed_tokens") else 1.0 / math.sqrt(fan_in)
+        p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std)
+    for name, buf in model.named_buffers():
+        if name.endswith("expert_bias"):
+            buf.copy_(torch.randn(buf.shape, generator=gen, device=device) * 0.05)
+
+
+def build_model(config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> MoEGPT:
+    """A model with seeded random weights, on ``device`` in ``dtype`` (buffers stay fp32)."""
+    with torch.device(device):
+        model = MoEGPT(config)
+    init_random_weights(model, seed)
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model.eval()

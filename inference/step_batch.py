@@ -1,0 +1,115 @@
+"""Preallocated per-step tensors: the batch layout the model and the routing recorder read.
+
+Every tensor is allocated once, at its maximum size, and updated in place each step, so
+CUDA graphs can capture reads of it and the recorder can rely on stable storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from inference.model.context import AttentionMetadata
+from inference.scheduler import ScheduledChunk
+
+
+@dataclass
+class PreparedStep:
+    """One step's view of the static tensors (first ``num_padded_tokens`` rows)."""
+
+    num_tokens: int
+    num_padded_tokens: int
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    token_to_block: torch.Tensor
+    token_to_offset: torch.Tensor
+    attn: AttentionMetadata
+    logits_indices: torch.Tensor        # [S] rows whose logits are sampled, in ``sampling_chunks`` order
+    sampling_chunks: list[ScheduledChunk]
+
+
+class StepBatch:
+    """Static tensors of ``max_step_tokens`` token rows and ``max_requests`` request rows.
+    Invariant: rows past ``num_tokens`` point at the dummy block with offset 0."""
+
+    _TOKEN_FIELDS = ("input_ids", "positions", "token_to_block", "token_to_offset", "slot_mapping")
+
+    def __init__(self, *, max_step_tokens: int, max_requests: int, max_blocks_per_request: int,
+                 block_size: int, dummy_block_id: int, device: torch.device) -> None:
+        self.block_size = block_size
+        self.dummy_block_id = dummy_block_id
+        self.max_blocks_per_request = max_blocks_per_request
+        self.device = device
+        pin = device.type == "cuda"
+        t, r = max_step_tokens, max_requests
+
+        def pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
+            return host, (torch.zeros(shape, dtype=dtype, device=device) if pin else host)
+
+        self._host: dict[str, torch.Tensor] = {}
+        for name in self._TOKEN_FIELDS:
+            self._host[name], dev = pair((t,), torch.int64)
+            setattr(self, name, dev)
+        self._host["block_tables"], self.block_tables = pair((r, max_blocks_per_request), torch.int32)
+        self._host["query_start_loc"], self.query_start_loc = pair((r + 1,), torch.int32)
+        self._host["seq_lens"], self.seq_lens = pair((r,), torch.int32)
+        self._host["logits_indices"], self.logits_indices = pair((r,), torch.int64)
+
+    def prepare(self, chunks: list[ScheduledChunk], num_padded_tokens: int | None = None) -> PreparedStep:
+        """Fill the static tensors for ``chunks`` (host work, then one non-blocking copy per
+        tensor on CUDA: the host buffers are pinned and the previous step's sampled-token
+        readback guarantees their earlier copies have completed)."""
+        host = {k: v.numpy() for k, v in self._host.items()}
+        bs = self.block_size
+        n = 0
+        starts, seq_lens, sampling, logits_rows = [0], [], [], []
+        host["block_tables"][: len(chunks)] = self.dummy_block_id
+        for r, chunk in enumerate(chunks):
+            req = chunk.request
+            pos = np.arange(chunk.start, chunk.start + chunk.num_tokens)
+            blocks = np.asarray(req.block_ids, dtype=np.int64)
+            host["input_ids"][n:n + chunk.num_tokens] = req.token_slice(chunk.start, chunk.start + chunk.num_tokens)
+            host["positions"][n:n + chunk.num_tokens] = pos
+            host["token_to_block"][n:n + chunk.num_tokens] = blocks[pos // bs]
+            host["token_to_offset"][n:n + chunk.num_tokens] = pos % bs
+            host["block_tables"][r, : len(blocks)] = blocks
+            n += chunk.num_tokens
+            starts.append(n)
+            seq_lens.append(chunk.start + chunk.num_tokens)
+            if chunk.samples:
+                sampling.append(chunk)
+                logits_rows.append(n - 1)
+        padded = n if num_padded_tokens is None else num_padded_tokens
+        for name, fill in (("input_ids", 0), ("positions", 0), ("token_to_block", self.dummy_block_id),
+                           ("token_to_offset", 0)):
+            host[name][n:padded] = fill
+        host["slot_mapping"][:padded] = host["token_to_block"][:padded] * bs + host["token_to_offset"][:padded]
+        num_reqs = len(chunks)
+        host["query_start_loc"][: num_reqs + 1] = starts
+        host["seq_lens"][:num_reqs] = seq_lens
+        host["logits_indices"][: len(logits_rows)] = logits_rows
+        self._upload(padded, num_reqs, len(logits_rows))
+        attn = AttentionMetadata(
+            slot_mapping=self.slot_mapping[:padded], block_tables=self.block_tables[:num_reqs],
+            query_start_loc=self.query_start_loc[: num_reqs + 1], seq_lens=self.seq_lens[:num_reqs],
+            query_start_loc_host=starts, seq_lens_host=seq_lens,
+            max_query_len=max((c.num_tokens for c in chunks), default=0), max_seq_len=max(seq_lens, default=0),
+            decode_only=all(c.num_tokens == 1 for c in chunks))
+        return PreparedStep(
+            num_tokens=n, num_padded_tokens=padded, input_ids=self.input_ids[:padded],
+            positions=self.positions[:padded], token_to_block=self.token_to_block[:padded],
+            token_to_offset=self.token_to_offset[:padded], attn=attn,
+            logits_indices=self.logits_indices[: len(logits_rows)], sampling_chunks=sampling)
+
+    def _upload(self, num_tokens: int, num_reqs: int, num_samples: int) -> None:
+        if self.device.type != "cuda":
+            return
+        rows = {"block_tables": num_reqs, "query_start_loc": num_reqs + 1, "seq_lens": num_reqs,
+                "logits_indices": num_samples}
+        for name, host in self._host.items():
+            count = rows.get(name, num_tokens)
+            if count:
+                getattr(self, name)[:count].copy_(host[:count], non_blocking=True)

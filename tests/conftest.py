@@ -1,0 +1,69 @@
+"""Shared fixtures: the tiny preset model and an independent full-sequence reference."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from inference.config import EngineConfig  # noqa: E402
+from inference.engine import LLMEngine  # noqa: E402
+from inference.presets import build_model, get_preset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    torch.manual_seed(0)
+    return build_model(get_preset("tiny-moe"), seed=0, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def sigmoid_model():
+    return build_model(get_preset("tiny-moe-sigmoid"), seed=1, dtype=torch.float32)
+
+
+@pytest.fixture
+def make_engine(tiny_model):
+    def make(model=None, **overrides) -> LLMEngine:
+        kwargs = dict(block_size=4, num_kv_blocks=256, max_requests=16, max_step_tokens=64)
+        kwargs.update(overrides)
+        return LLMEngine(model or tiny_model, EngineConfig(**kwargs))
+    return make
+
+
+def reference_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None,
+                     ignore_eos: bool = False) -> list[int]:
+    """Independent greedy decoding: recompute the whole sequence without KV cache every step."""
+    tokens = list(prompt)
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        logits, _ = model.forward_reference(torch.tensor(tokens))
+        nxt = int(logits[-1].argmax())
+        out.append(nxt)
+        tokens.append(nxt)
+        if nxt == eos and not ignore_eos:
+            break
+        if len(tokens) >= model.config.max_position_embeddings:
+            break
+    return out
+
+
+def reference_routing(model, prompt: list[int], output: list[int]) -> torch.Tensor:
+    """Top-k ids [prompt + output - 1, moe_layers, topk] of a full-sequence forward, fp32."""
+    seq = torch.tensor(prompt + output[:-1])
+    _, routing = model.forward_reference(seq)
+    return routing
+
+
+@pytest.fixture
+def reference():
+    class Ref:
+        greedy = staticmethod(reference_greedy)
+        routing = staticmethod(reference_routing)
+    return Ref

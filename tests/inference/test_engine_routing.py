@@ -1,0 +1,102 @@
+"""Recorded routing equals the routing of an independent full-sequence forward (no KV
+cache, fp32) for every request, across the engine's batching situations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.request import SamplingParams
+
+
+def _prompts(n: int, seed: int, low: int = 3, high: int = 40) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, 512, size=int(rng.integers(low, high))).tolist() for _ in range(n)]
+
+
+def _assert_routing_matches(model, reference, results):
+    for r in results:
+        assert r.finish_reason in ("stop", "length"), r.error
+        expected = reference.routing(model, r.prompt_token_ids, r.output_token_ids).numpy()
+        assert r.routing is not None, f"request {r.request_id} has no routing"
+        assert r.routing.shape == (len(r.prompt_token_ids) + len(r.output_token_ids) - 1,
+                                   model.config.num_moe_layers, model.config.topk)
+        assert r.routing.dtype == np.uint8
+        mismatch = np.argwhere(r.routing.astype(np.int64) != expected)
+        assert mismatch.size == 0, f"request {r.request_id}: first mismatch at (token, layer, k) {mismatch[0]}"
+
+
+def _run(engine, prompts, max_new=8, ignore_eos=False):
+    return engine.generate(prompts, SamplingParams(max_new_tokens=max_new, ignore_eos=ignore_eos))
+
+
+def test_mixed_prefill_and_decode_batches(make_engine, tiny_model, reference):
+    engine = make_engine(record_routing=True, max_step_tokens=24, max_requests=8)
+    results = _run(engine, _prompts(10, seed=10), max_new=10)
+    kinds = {(e["prefill_requests"] > 0, e["decode_requests"] > 0) for e in engine.step_log.entries}
+    assert (True, True) in kinds, "workload should contain mixed steps"
+    _assert_routing_matches(tiny_model, reference, results)
+
+
+def test_chunked_prefill(make_engine, tiny_model, reference):
+    engine = make_engine(record_routing=True, max_step_tokens=5, max_requests=3)
+    _assert_routing_matches(tiny_model, reference, _run(engine, _prompts(4, seed=11, low=12, high=25)))
+
+
+@pytest.mark.parametrize("prefix_len", [4, 6, 8, 13])
+def test_prefix_cache_hits_take_producer_rows(make_engine, tiny_model, reference, prefix_len):
+    rng = np.random.default_rng(100 + prefix_len)
+    prefix = rng.integers(2, 512, size=prefix_len).tolist()
+    prompts = [prefix + rng.integers(2, 512, size=int(rng.integers(1, 7))).tolist() for _ in range(4)]
+    engine = make_engine(record_routing=True, block_size=4)
+    results = _run(engine, prompts[:1]) + _run(engine, prompts[1:])
+    assert any(r.num_cached_tokens > 0 for r in results[1:])
+    _assert_routing_matches(tiny_model, reference, results)
+
+
+def test_preemption_and_resume(make_engine, tiny_model, reference):
+    engine = make_engine(record_routing=True, block_size=4, num_kv_blocks=14, max_requests=6, max_step_tokens=32)
+    results = _run(engine, _prompts(6, seed=12, low=6, high=14), max_new=14, ignore_eos=True)
+    assert sum(r.num_preemptions for r in results) > 0
+    assert sum(e["preempted_requests"] for e in engine.step_log.entries) > 0
+    _assert_routing_matches(tiny_model, reference, results)
+
+
+def test_blocks_reallocated_in_the_next_step(make_engine, tiny_model, reference):
+    # Few blocks and no prefix caching: a finished request's blocks go straight to the next one.
+    engine = make_engine(record_routing=True, block_size=4, num_kv_blocks=8, max_requests=1,
+                         max_step_tokens=16, enable_prefix_caching=False)
+    results = _run(engine, _prompts(5, seed=13, low=5, high=12), max_new=6, ignore_eos=True)
+    _assert_routing_matches(tiny_model, reference, results)
+
+
+def test_sigmoid_group_limited_router(make_engine, sigmoid_model, reference):
+    engine = make_engine(model=sigmoid_model, record_routing=True)
+    results = _run(engine, _prompts(5, seed=14), max_new=6)
+    _assert_routing_matches(sigmoid_model, reference, results)
+
+
+def test_recording_does_not_change_tokens(make_engine):
+    prompts = _prompts(8, seed=15)
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, top_k=50, top_p=0.9, seed=7)
+    on = make_engine(record_routing=True).generate(prompts, params)
+    off = make_engine(record_routing=False).generate(prompts, params)
+    assert [r.output_token_ids for r in on] == [r.output_token_ids for r in off]
+    assert all(r.routing is None for r in off)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_randomized_workload(make_engine, tiny_model, reference, seed):
+    rng = np.random.default_rng(1000 + seed)
+    shared = rng.integers(2, 512, size=12).tolist()
+    prompts = []
+    for i in range(120):
+        body = rng.integers(2, 512, size=int(rng.integers(1, 20))).tolist()
+        prompts.append((shared[: int(rng.integers(0, 13))] if i % 2 else []) + body)
+    engine = make_engine(record_routing=True, block_size=4, num_kv_blocks=int(rng.integers(40, 80)),
+                         max_requests=int(rng.integers(4, 12)), max_step_tokens=int(rng.integers(12, 40)))
+    params = [SamplingParams(max_new_tokens=int(rng.integers(1, 10)), ignore_eos=bool(i % 3)) for i in range(len(prompts))]
+    results = engine.generate(prompts, params)
+    engine.block_pool.check_invariants()
+    assert engine.block_pool.num_available == engine.config.num_kv_blocks
+    _assert_routing_matches(tiny_model, reference, results)
