@@ -1,0 +1,119 @@
+"""The CLI end to end: default preset, prompts files, bad flags, dry run, 2 torchrun ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from routing_replay import load_routing
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "tools" / "run_inference.py"
+
+
+def _run(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = (launcher or [sys.executable]) + [str(SCRIPT)] + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def _results(out: Path) -> list[dict]:
+    return [orjson.loads(line) for line in (out / "results.jsonl").read_bytes().splitlines()]
+
+
+def test_default_preset_with_recording(tmp_path):
+    proc = _run(["--record-routing", "--output-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    assert "run summary" in proc.stdout
+    results = _results(tmp_path)
+    assert len(results) == 8 and all(r["finish_reason"] in ("stop", "length") for r in results)
+    routings, meta = load_routing(tmp_path)
+    assert meta.moe_layer_indices == [1, 2, 3]
+    for r in results:
+        rows = len(r["prompt_token_ids"]) + len(r["output_token_ids"]) - 1
+        assert r["routing_shape"] == [rows, 3, 2] and r["routing_dtype"] == "uint8"
+        assert routings[r["id"]].shape == (rows, 3, 2)
+    details = orjson.loads((tmp_path / "step_details.json").read_bytes())
+    assert details["meta"]["record_routing"] is True and details["step_details"]
+
+
+def test_prompts_file_with_a_bad_request(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "ok1", "prompt_token_ids": [5, 6, 7]}\n'
+                       '{"id": "oov", "prompt_token_ids": [5, 99999]}\n'
+                       '\n{"id": 3, "prompt_token_ids": [8, 9], "max_new_tokens": 2}\n')
+    out = tmp_path / "out"
+    proc = _run(["--prompts-file", str(prompts), "--max-new-tokens", "4", "--record-routing", "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    by_id = {r["id"]: r for r in _results(out)}
+    assert list(by_id) == ["ok1", "oov", "3"]
+    assert by_id["oov"]["finish_reason"] == "error" and "outside the vocabulary" in by_id["oov"]["error"]
+    assert "oov" in proc.stderr
+    assert len(by_id["3"]["output_token_ids"]) <= 2 and by_id["ok1"]["output_token_ids"]
+    routings, _ = load_routing(out)
+    assert set(routings) == {"ok1", "3"}
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": 1, "prompt_token_ids": [1, 2]\n', "line 1: not valid JSON"),
+    ('{"prompt_token_ids": [1, 2]}\n', "line 1: missing key 'id'"),
+    ('{"id": 1, "prompt_token_ids": [3]}\n{"id": 1, "prompt_token_ids": [4]}\n', "line 2: duplicate id '1'"),
+    ('[1, 2, 3]\n', "expected a JSON object"),
+])
+def test_malformed_prompts_file(tmp_path, content, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(content)
+    proc = _run(["--prompts-file", str(prompts)])
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "nope"], "invalid choice: 'nope'"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--shared-prefix-len", "40"], "--shared-prefix-len must be in [0, --prompt-len=32]"),
+    (["--kv-cache-memory", "lots"], "--kv-cache-memory: cannot read 'lots'"),
+    (["--num-kv-blocks", "4", "--kv-cache-memory", "1MiB"], "not both"),
+    (["--cuda-graphs", "--device", "cpu"], "--cuda-graphs needs a CUDA device"),
+])
+def test_bad_flags_name_the_flag(args, message):
+    proc = _run(args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_dry_run_prints_memory_plan(tmp_path):
+    proc = _run(["--dry-run", "--record-routing", "--num-kv-blocks", "100", "--output-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    assert "memory plan" in proc.stdout and "routing buffer" in proc.stdout and "101" not in proc.stdout.split("KV cache")[0]
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_help_is_grouped():
+    proc = _run(["--help"])
+    assert proc.returncode == 0
+    for group in ("model:", "workload", "sampling:", "engine:", "routing recording:", "output and logging:"):
+        assert group in proc.stdout
+
+
+def test_two_torchrun_ranks_merge_outputs(tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
+    proc = _run(["--record-routing", "--num-requests", "5", "--shared-prefix-len", "16", "--output-dir", str(tmp_path)],
+                launcher=launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _results(tmp_path)
+    assert [r["id"] for r in results] == ["0", "1", "2", "3", "4"]
+    routings, _ = load_routing(tmp_path)
+    assert set(routings) == {r["id"] for r in results}
+    assert (tmp_path / "rank1" / "step_details.json").is_file() and (tmp_path / "step_details.json").is_file()
+    single = tmp_path / "single"
+    proc = _run(["--record-routing", "--num-requests", "5", "--shared-prefix-len", "16", "--output-dir", str(single)])
+    assert proc.returncode == 0, proc.stderr
+    assert [r["output_token_ids"] for r in _results(single)] == [r["output_token_ids"] for r in results]
+    single_routing, _ = load_routing(single)
+    for key, value in single_routing.items():
+        np.testing.assert_array_equal(value, routings[key])
