@@ -139,6 +139,7 @@ class EngineConfig:
     record_routing: bool = False
     cuda_graphs: bool = False
     cuda_graph_max_batch: int = 256
+    padded_decode: bool = False      # decode steps through the static padded path without graphs (tests)
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0

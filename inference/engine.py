@@ -10,12 +10,13 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from inference.attention_backends import select_attention
 from inference.block_pool import BlockPool
 from inference.config import EngineConfig
+from inference.cuda_graphs import DecodeGraphRunner
 from inference.errors import InvalidRequestError
 from inference.kv_cache import KVCache
 from inference.model import ForwardContext, MoEGPT
-from inference.paged_attention import paged_attention_eager
 from inference.request import Request, RequestResult, SamplingParams
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -57,7 +58,19 @@ class LLMEngine:
             block_size=config.block_size, dummy_block_id=self.kv_cache.dummy_block_id, device=self.device)
         self.sampler = Sampler(config.seed, self.device)
         self.recorder = self._make_recorder() if config.record_routing else None
-        self.attention_fn = paged_attention_eager
+        self.attention_fn = select_attention(self.device)
+        if self.device.type == "cuda":
+            from inference.kernels import moe_experts_grouped
+            model.set_experts_fn(moe_experts_grouped)
+        self.graph_runner = None
+        if config.cuda_graphs or config.padded_decode:
+            if config.cuda_graphs and self.device.type != "cuda":
+                raise ValueError("cuda_graphs needs a CUDA device")
+            self.graph_runner = DecodeGraphRunner(
+                model, self.batch, self.kv_cache, self.recorder,
+                max_batch=min(config.max_requests, config.cuda_graph_max_batch, config.max_step_tokens),
+                use_graphs=config.cuda_graphs)
+            self.graph_runner.capture()
         self.step_log = StepDetailsLog()
         self._step_index = 0
         self._start_time = time.perf_counter()
@@ -130,16 +143,38 @@ class LLMEngine:
         output = self.scheduler.schedule()
         finished: list[RequestResult] = []
         prepared = None
+        graph_size = self._graph_size(output)
         if output.chunks:
-            prepared = self.batch.prepare(output.chunks)
-            sampled = self._forward_and_sample(prepared)
+            prepared = self.batch.prepare(output.chunks, graph_size)
+            sampled = (self._graph_forward_and_sample(prepared, graph_size) if graph_size
+                       else self._forward_and_sample(prepared))
             for request in self.scheduler.update(output, sampled, self._eos(), self.max_model_len):
                 finished.append(self._finish(request))
         ready = [r for r in finished if r.request_id not in self._awaiting_routing]
         ready += self._finalize_routing()
         if output.chunks or output.preempted:
-            self._record_step(output, prepared, (time.perf_counter() - start) * 1e3)
+            self._record_step(output, prepared, (time.perf_counter() - start) * 1e3, graph_size is not None)
         return ready
+
+    def _graph_size(self, output: SchedulerOutput) -> int | None:
+        """Padded batch size when this step can run as a decode graph, else None."""
+        runner = self.graph_runner
+        if runner is None or not output.chunks or len(output.chunks) > runner.max_batch:
+            return None
+        if not all(c.num_tokens == 1 and c.samples for c in output.chunks):
+            return None
+        return runner.padded_size(len(output.chunks))
+
+    def _graph_forward_and_sample(self, prepared: PreparedStep, size: int) -> dict[str, int]:
+        logits = self.graph_runner.run(size, len(prepared.sampling_chunks))
+        if self.recorder is not None and not self.graph_runner.gather_in_graph:
+            t = time.perf_counter()
+            self.recorder.gather(prepared.token_to_block, prepared.token_to_offset)
+            self._phase.gather += (time.perf_counter() - t) * 1e3
+        requests = [c.request for c in prepared.sampling_chunks]
+        with torch.inference_mode():
+            tokens = self.sampler.sample(logits, requests)
+        return {r.request_id: t for r, t in zip(requests, tokens)}
 
     def _forward_and_sample(self, prepared: PreparedStep) -> dict[str, int]:
         recorder = self.recorder
@@ -196,7 +231,8 @@ class LLMEngine:
         self._phase.finalize += (time.perf_counter() - t) * 1e3
         return ready
 
-    def _record_step(self, output: SchedulerOutput, prepared: PreparedStep | None, step_ms: float) -> None:
+    def _record_step(self, output: SchedulerOutput, prepared: PreparedStep | None, step_ms: float,
+                     cuda_graph: bool) -> None:
         chunks = output.chunks
         decode = [c for c in chunks if output.is_decode(c)]
         self.step_log.record({
@@ -205,7 +241,7 @@ class LLMEngine:
             "decode_requests": len(decode),
             "active_tokens": prepared.num_tokens if prepared else 0,
             "padded_tokens": prepared.num_padded_tokens if prepared else 0,
-            "cuda_graph": False,
+            "cuda_graph": cuda_graph and self.config.cuda_graphs,
             "step_time_ms": step_ms,
             "routing_gather_ms": self._phase.gather,
             "routing_store_ms": self._phase.store,

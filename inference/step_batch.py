@@ -61,12 +61,20 @@ class StepBatch:
     def prepare(self, chunks: list[ScheduledChunk], num_padded_tokens: int | None = None) -> PreparedStep:
         """Fill the static tensors for ``chunks`` (host work, then one non-blocking copy per
         tensor on CUDA: the host buffers are pinned and the previous step's sampled-token
-        readback guarantees their earlier copies have completed)."""
+        readback guarantees their earlier copies have completed).
+
+        With ``num_padded_tokens`` (decode graphs: one token per request) the request rows
+        are padded to the same count: padding rows have seq_len 0 and a dummy block table."""
         host = {k: v.numpy() for k, v in self._host.items()}
         bs = self.block_size
         n = 0
         starts, seq_lens, sampling, logits_rows = [0], [], [], []
-        host["block_tables"][: len(chunks)] = self.dummy_block_id
+        num_reqs = len(chunks)
+        padded_reqs = num_reqs if num_padded_tokens is None else num_padded_tokens
+        # Columns past a row's blocks are never read (kernels stop at seq_len); resetting
+        # only the used width keeps the per-step host work proportional to the batch.
+        width = max((len(c.request.block_ids) for c in chunks), default=0)
+        host["block_tables"][:padded_reqs, :width] = self.dummy_block_id
         for r, chunk in enumerate(chunks):
             req = chunk.request
             pos = np.arange(chunk.start, chunk.start + chunk.num_tokens)
@@ -83,18 +91,21 @@ class StepBatch:
                 sampling.append(chunk)
                 logits_rows.append(n - 1)
         padded = n if num_padded_tokens is None else num_padded_tokens
+        if padded < n:
+            raise ValueError(f"num_padded_tokens={padded} is less than the step's {n} tokens")
         for name, fill in (("input_ids", 0), ("positions", 0), ("token_to_block", self.dummy_block_id),
                            ("token_to_offset", 0)):
             host[name][n:padded] = fill
         host["slot_mapping"][:padded] = host["token_to_block"][:padded] * bs + host["token_to_offset"][:padded]
-        num_reqs = len(chunks)
         host["query_start_loc"][: num_reqs + 1] = starts
+        host["query_start_loc"][num_reqs + 1: padded_reqs + 1] = n
         host["seq_lens"][:num_reqs] = seq_lens
+        host["seq_lens"][num_reqs:padded_reqs] = 0
         host["logits_indices"][: len(logits_rows)] = logits_rows
-        self._upload(padded, num_reqs, len(logits_rows))
+        self._upload(padded, padded_reqs, len(logits_rows))
         attn = AttentionMetadata(
-            slot_mapping=self.slot_mapping[:padded], block_tables=self.block_tables[:num_reqs],
-            query_start_loc=self.query_start_loc[: num_reqs + 1], seq_lens=self.seq_lens[:num_reqs],
+            slot_mapping=self.slot_mapping[:padded], block_tables=self.block_tables[:padded_reqs],
+            query_start_loc=self.query_start_loc[: padded_reqs + 1], seq_lens=self.seq_lens[:padded_reqs],
             query_start_loc_host=starts, seq_lens_host=seq_lens,
             max_query_len=max((c.num_tokens for c in chunks), default=0), max_seq_len=max(seq_lens, default=0),
             decode_only=all(c.num_tokens == 1 for c in chunks))

@@ -48,6 +48,13 @@ class MoEGPT(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def set_experts_fn(self, fn) -> None:
+        """Choose the routed-expert implementation of every MoE layer (same contract as
+        ``inference.model.moe.experts_reference``)."""
+        for layer in self.layers:
+            if layer.moe_index is not None:
+                layer.mlp.experts_fn = fn
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Paged forward over one step's tokens; returns final hidden states [T, H]."""
         h = self.embed_tokens(input_ids)

@@ -100,3 +100,16 @@ def test_randomized_workload(make_engine, tiny_model, reference, seed):
     engine.block_pool.check_invariants()
     assert engine.block_pool.num_available == engine.config.num_kv_blocks
     _assert_routing_matches(tiny_model, reference, results)
+
+
+def test_padded_decode_path(make_engine, tiny_model, reference):
+    """The static padded decode path that CUDA graphs capture, run eagerly on CPU: padding
+    rows write KV and routing into the dummy block only, and outputs stay exact."""
+    engine = make_engine(record_routing=True, padded_decode=True, max_requests=8)
+    prompts = _prompts(7, seed=16)
+    results = engine.generate(prompts, [SamplingParams(max_new_tokens=3 + i, ignore_eos=True) for i in range(7)])
+    padded_steps = [e for e in engine.step_log.entries if e["padded_tokens"] > e["active_tokens"]]
+    assert padded_steps, "some decode steps should have been padded"
+    _assert_routing_matches(tiny_model, reference, results)
+    for i, r in enumerate(results):
+        assert r.output_token_ids == reference.greedy(tiny_model, r.prompt_token_ids, 3 + i, None, True)
