@@ -137,6 +137,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     chunked_prefill: bool = True
     record_routing: bool = False
+    routing_recorder: str = "gpu"    # "gpu" (RoutingRecorder) or "host-sync" (the Megatron-style baseline)
     cuda_graphs: bool = False
     cuda_graph_max_batch: int = 256
     padded_decode: bool = False      # decode steps through the static padded path without graphs (tests)
@@ -149,6 +150,8 @@ class EngineConfig:
             _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         _require(self.max_step_tokens >= self.max_requests or self.chunked_prefill,
                  "max_step_tokens must be >= max_requests")
+        _require(self.routing_recorder in ("gpu", "host-sync"),
+                 f"routing_recorder must be 'gpu' or 'host-sync', got {self.routing_recorder!r}")
         _require(self.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
     @property

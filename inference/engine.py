@@ -22,6 +22,7 @@ from inference.sampler import Sampler
 from inference.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from inference.step_batch import PreparedStep, StepBatch
 from routing_replay import RoutingRecorder, StepDetailsLog
+from routing_replay.host_sync_recorder import HostSyncRecorder
 
 
 @dataclass
@@ -79,9 +80,10 @@ class LLMEngine:
         self._awaiting_routing: dict[str, RequestResult] = {}
         self._phase = _PhaseTimes()
 
-    def _make_recorder(self) -> RoutingRecorder:
+    def _make_recorder(self):
         mc = self.model_config
-        return RoutingRecorder(
+        cls = RoutingRecorder if self.config.routing_recorder == "gpu" else HostSyncRecorder
+        return cls(
             num_kv_blocks=self.config.num_kv_blocks, block_size=self.config.block_size,
             num_moe_layers=mc.num_moe_layers, topk=mc.topk, num_experts=mc.num_experts,
             max_step_tokens=self.config.max_step_tokens, device=self.device)

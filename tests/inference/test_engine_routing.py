@@ -113,3 +113,14 @@ def test_padded_decode_path(make_engine, tiny_model, reference):
     _assert_routing_matches(tiny_model, reference, results)
     for i, r in enumerate(results):
         assert r.output_token_ids == reference.greedy(tiny_model, r.prompt_token_ids, 3 + i, None, True)
+
+
+def test_host_sync_baseline_recorder(make_engine, tiny_model, reference):
+    """The Megatron-style baseline the benchmark compares against records the same routing
+    (as int32) when nothing is preempted."""
+    engine = make_engine(record_routing=True, routing_recorder="host-sync")
+    results = _run(engine, _prompts(6, seed=17), max_new=6)
+    for r in results:
+        expected = reference.routing(tiny_model, r.prompt_token_ids, r.output_token_ids).numpy()
+        assert r.routing.dtype == np.int32
+        np.testing.assert_array_equal(r.routing, expected)

@@ -1,0 +1,453 @@
+"""Hand-written validators for the files a recorded run writes (see docs/SCHEMAS.md).
+
+Every ``validate_*`` function returns a list of human-readable problems; an empty list means
+valid. Readers must tolerate missing optional fields and unknown extra fields, so the
+validators check only what the contract promises. This module never imports ``inference``.
+"""
+from __future__ import annotations
+
+import math
+import zipfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import orjson
+
+from routing_replay.outputs import META_FILE as ROUTING_META_FILE
+from routing_replay.outputs import ROUTING_FILE
+from routing_replay.step_details import ROUTING_PHASES, SCHEMA_VERSION, STEP_KINDS
+
+STEP_DETAILS_FILE = "step_details.json"
+RESULTS_FILE = "results.jsonl"
+RUN_FILES = (STEP_DETAILS_FILE, RESULTS_FILE, ROUTING_FILE, ROUTING_META_FILE)
+ROUTING_DTYPES = ("uint8", "int16", "int32")
+FINISH_REASONS = ("stop", "length", "error")
+_MAX_PROBLEMS_IN_ERROR = 5
+
+Rule = Callable[[Any], Optional[str]]
+
+
+class SchemaError(ValueError):
+    """A file is not the run file it was read as; the message names the file and its first problems."""
+
+
+# ----------------------------------------------------------------------------- value rules
+def _is_int(value: Any) -> bool:
+    # bool is a subclass of int; a JSON true must not pass as a count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _rule(predicate: Callable[[Any], bool], message: str) -> Rule:
+    """A rule returns None for a valid value, else the message."""
+    return lambda value: None if predicate(value) else message
+
+
+_count = _rule(lambda v: _is_int(v) and v >= 0, "must be an int >= 0")
+_positive = _rule(lambda v: _is_int(v) and v > 0, "must be an int > 0")
+_time = _rule(lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0")
+_boolean = _rule(lambda v: isinstance(v, bool), "must be a bool")
+_string = _rule(lambda v: isinstance(v, str), "must be a string")
+_object = _rule(lambda v: isinstance(v, dict), "must be an object")
+_token_ids = _rule(
+    lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v), "must be a list of ints >= 0"
+)
+_shape = _rule(
+    lambda v: isinstance(v, list) and len(v) == 3 and all(_is_int(i) and i >= 0 for i in v),
+    "must be [rows, num_moe_layers, topk] of ints >= 0",
+)
+
+
+# A spec is a tuple of (keys, rule, required); optional keys may be absent or null.
+Spec = tuple[tuple[tuple[str, ...], Rule, bool], ...]
+_ENTRY_SPEC: Spec = (
+    (("step", "prefill_requests", "decode_requests", "active_tokens", "padded_tokens"), _count, True),
+    (("step_time_ms",) + tuple(f"routing_{p}_ms" for p in ROUTING_PHASES), _time, True),
+    (("cuda_graph",), _boolean, True),
+    (("prefill_tokens", "decode_tokens", "finished_requests", "preempted_requests"), _count, False),
+    (("time_s", "gpu_step_time_ms"), _time, False),
+)
+_STEP_META_SPEC: Spec = (
+    (("schema_version",), _positive, True),
+    (("kind",), _string, True),
+    (("model", "engine", "versions"), _object, False),
+    (("device", "created"), _string, False),
+)
+_MODEL_SPEC: Spec = (
+    (("num_layers", "hidden_size", "num_experts", "topk"), _positive, False),
+    (("preset",), _string, False),
+)
+_ENGINE_SPEC: Spec = (
+    (("block_size", "num_kv_blocks", "max_requests", "max_step_tokens"), _positive, False),
+    (("enable_prefix_caching", "cuda_graphs", "record_routing"), _boolean, False),
+    (("dtype",), _string, False),
+)
+_SUMMARY_SPEC: Spec = (
+    (("num_steps", "total_step_time_ms", "total_tokens", "prefill_tokens", "decode_tokens", "wall_time_s",
+      "tokens_per_s", "decode_tokens_per_s", "routing_share"), _time, False),
+    (("by_kind",), _object, False),
+)
+_RESULT_SPEC: Spec = (
+    (("id", "finish_reason"), _string, True),
+    (("prompt_token_ids", "output_token_ids"), _token_ids, True),
+    (("error", "routing_dtype"), _string, False),
+    (("routing_shape",), _shape, False),
+    (("num_cached_tokens", "num_preemptions"), _count, False),
+)
+_ROUTING_META_SPEC: Spec = (
+    (("schema_version", "num_layers", "num_experts", "topk", "block_size"), _positive, True),
+    (("dtype",), _string, True),
+)
+
+
+def _check(obj: dict, key: str, rule: Rule, where: str, problems: list[str], required: bool = True) -> bool:
+    """Append a problem if ``obj[key]`` breaks ``rule``; True when the value is present and valid."""
+    if key not in obj or (not required and obj[key] is None):
+        if required:
+            problems.append(f"{where}: missing key {key!r}")
+        return False
+    error = rule(obj[key])
+    if error:
+        problems.append(f"{where}.{key} {error}, got {obj[key]!r:.60}")
+    return error is None
+
+
+def _check_spec(obj: dict, spec: Spec, where: str, problems: list[str]) -> set[str]:
+    """Check every key of ``spec``; return the keys that are present and valid."""
+    return {
+        key
+        for keys, rule, required in spec
+        for key in keys
+        if _check(obj, key, rule, where, problems, required)
+    }
+
+
+# ----------------------------------------------------------------------------- step_details
+def validate_step_entry(entry: Any, where: str = "entry") -> list[str]:
+    """Problems of one step_details entry, checked on its own."""
+    if not isinstance(entry, dict):
+        return [f"{where} must be an object"]
+    problems: list[str] = []
+    valid = _check_spec(entry, _ENTRY_SPEC, where, problems)
+    active = entry.get("active_tokens")
+    if {"active_tokens", "padded_tokens"} <= valid and entry["padded_tokens"] < active:
+        problems.append(f"{where}: padded_tokens {entry['padded_tokens']} < active_tokens {active}")
+    if {"active_tokens", "prefill_tokens", "decode_tokens"} <= valid:
+        split = entry["prefill_tokens"] + entry["decode_tokens"]
+        if split != active:
+            problems.append(f"{where}: prefill_tokens + decode_tokens = {split} != active_tokens {active}")
+    return problems
+
+
+def _validate_entries(entries: list, record_routing: Optional[bool]) -> list[str]:
+    problems: list[str] = []
+    last_step: Optional[int] = None
+    last_time: Optional[float] = None
+    for index, entry in enumerate(entries):
+        where = f"step_details[{index}]"
+        entry_problems = validate_step_entry(entry, where)
+        problems += entry_problems
+        if entry_problems:
+            continue
+        if last_step is not None and entry["step"] <= last_step:
+            problems.append(f"{where}: step {entry['step']} does not increase (previous {last_step})")
+        last_step = entry["step"]
+        if entry.get("time_s") is not None:
+            if last_time is not None and entry["time_s"] < last_time:
+                problems.append(f"{where}: time_s {entry['time_s']} decreases (previous {last_time})")
+            last_time = entry["time_s"]
+        if record_routing is False and any(entry[f"routing_{p}_ms"] for p in ROUTING_PHASES):
+            problems.append(f"{where}: routing times must be 0 when record_routing is false")
+    return problems
+
+
+def _validate_step_meta(meta: Any) -> list[str]:
+    if not isinstance(meta, dict):
+        return ["meta must be an object"]
+    problems: list[str] = []
+    valid = _check_spec(meta, _STEP_META_SPEC, "meta", problems)
+    if "schema_version" in valid and meta["schema_version"] != SCHEMA_VERSION:
+        problems.append(f"meta.schema_version {meta['schema_version']} is not supported (expected {SCHEMA_VERSION})")
+    if "kind" in valid and meta["kind"] != "step_details":
+        problems.append(f"meta.kind must be 'step_details', got {meta['kind']!r}")
+    if "created" in valid:
+        try:
+            datetime.fromisoformat(meta["created"])
+        except ValueError:
+            problems.append(f"meta.created is not an ISO time string: {meta['created']!r:.60}")
+    if "model" in valid:
+        model = meta["model"]
+        _check_spec(model, _MODEL_SPEC, "meta.model", problems)
+        if "moe_layer_indices" in model:
+            problems += _layer_index_problems(model["moe_layer_indices"], model.get("num_layers"), "meta.model")
+    if "engine" in valid:
+        _check_spec(meta["engine"], _ENGINE_SPEC, "meta.engine", problems)
+    return problems
+
+
+def _validate_summary(summary: Any, entries: Any) -> list[str]:
+    if not isinstance(summary, dict):
+        return ["summary must be an object"]
+    problems: list[str] = []
+    valid = _check_spec(summary, _SUMMARY_SPEC, "summary", problems)
+    if "num_steps" in valid and isinstance(entries, list) and summary["num_steps"] != len(entries):
+        problems.append(f"summary.num_steps {summary['num_steps']} != {len(entries)} entries")
+    for kind, stats in summary["by_kind"].items() if "by_kind" in valid else ():
+        phases = stats.get("phases", {}) if isinstance(stats, dict) else None
+        if kind not in STEP_KINDS:
+            problems.append(f"summary.by_kind has unknown step kind {kind!r}")
+        elif not isinstance(phases, dict) or not set(phases) <= set(ROUTING_PHASES):
+            problems.append(f"summary.by_kind.{kind} must be an object whose phases are {ROUTING_PHASES}")
+    return problems
+
+
+def _record_routing(step_obj: Any) -> Optional[bool]:
+    """meta.engine.record_routing (else meta.record_routing) when stated as a bool, else None."""
+    meta = step_obj.get("meta") if isinstance(step_obj, dict) else None
+    if not isinstance(meta, dict):
+        return None
+    engine = meta.get("engine") if isinstance(meta.get("engine"), dict) else {}
+    flag = engine.get("record_routing", meta.get("record_routing"))
+    return flag if isinstance(flag, bool) else None
+
+
+def validate_step_details(obj: Any) -> list[str]:
+    """Problems of a parsed step_details.json document; [] when valid."""
+    if not isinstance(obj, dict):
+        return ["top level must be a JSON object"]
+    problems = [f"missing key {key!r}" for key in ("meta", "step_details") if key not in obj]
+    if "meta" in obj:
+        problems += _validate_step_meta(obj["meta"])
+    entries = obj.get("step_details")
+    if isinstance(entries, list):
+        problems += _validate_entries(entries, _record_routing(obj))
+    elif "step_details" in obj:
+        problems.append("step_details must be a list")
+    if obj.get("summary") is not None:
+        problems += _validate_summary(obj["summary"], entries)
+    return problems
+
+
+def load_step_details(path: str | Path) -> dict:
+    """Read and validate a step_details.json file; raise SchemaError naming the file when invalid.
+
+    OSError (missing or unreadable file) propagates unchanged.
+    """
+    path = Path(path)
+    not_step_details = f"{path} is not a step_details file"
+    try:
+        obj = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise SchemaError(f"{not_step_details}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise SchemaError(f"{not_step_details}: top level is a {type(obj).__name__}, not an object")
+    if "step_details" not in obj:
+        raise SchemaError(f"{not_step_details}: missing key 'step_details'")
+    kind = obj["meta"].get("kind") if isinstance(obj.get("meta"), dict) else None
+    if kind is not None and kind != "step_details":
+        raise SchemaError(f"{not_step_details}: meta.kind is {kind!r}")
+    problems = validate_step_details(obj)
+    if problems:
+        more = len(problems) - _MAX_PROBLEMS_IN_ERROR
+        shown = "; ".join(problems[:_MAX_PROBLEMS_IN_ERROR]) + (f" (and {more} more)" if more > 0 else "")
+        raise SchemaError(f"{path} is not a valid step_details file: {shown}")
+    return obj
+
+
+# ----------------------------------------------------------------------------- results.jsonl
+def validate_results_line(obj: Any) -> list[str]:
+    """Problems of one parsed results.jsonl line; [] when valid."""
+    if not isinstance(obj, dict):
+        return ["result must be an object"]
+    problems: list[str] = []
+    valid = _check_spec(obj, _RESULT_SPEC, "result", problems)
+    if "id" in valid and not obj["id"]:
+        problems.append("result.id must not be empty")
+    if "prompt_token_ids" in valid and not obj["prompt_token_ids"]:
+        problems.append("result.prompt_token_ids must not be empty")
+    if "finish_reason" in valid and obj["finish_reason"] not in FINISH_REASONS:
+        problems.append(f"result.finish_reason must be one of {FINISH_REASONS}, got {obj['finish_reason']!r}")
+    if ("routing_shape" in obj) != ("routing_dtype" in obj):
+        problems.append("result: routing_shape and routing_dtype must be present together")
+    if "routing_dtype" in valid and obj["routing_dtype"] not in ROUTING_DTYPES:
+        problems.append(f"result.routing_dtype must be one of {ROUTING_DTYPES}, got {obj['routing_dtype']!r}")
+    needed = {"routing_shape", "prompt_token_ids", "output_token_ids", "finish_reason"}
+    if needed <= valid and obj["finish_reason"] != "error":
+        expected = len(obj["prompt_token_ids"]) + len(obj["output_token_ids"]) - 1
+        if obj["routing_shape"][0] != expected:
+            problems.append(
+                f"result {obj.get('id')!r}: routing rows {obj['routing_shape'][0]} != "
+                f"len(prompt) + len(output) - 1 = {expected}"
+            )
+    return problems
+
+
+# ----------------------------------------------------------------------------- routing meta + npz
+def _layer_index_problems(indices: Any, num_layers: Any, where: str) -> list[str]:
+    if not (isinstance(indices, list) and indices and all(_is_int(i) and i >= 0 for i in indices)):
+        return [f"{where}.moe_layer_indices must be a non-empty list of ints >= 0"]
+    problems = []
+    if any(b <= a for a, b in zip(indices, indices[1:])):
+        problems.append(f"{where}.moe_layer_indices must be sorted and unique, got {indices}")
+    if _is_int(num_layers) and indices[-1] >= num_layers:
+        problems.append(f"{where}.moe_layer_indices {indices[-1]} >= num_layers {num_layers}")
+    return problems
+
+
+def validate_routing_meta(obj: Any) -> list[str]:
+    """Problems of a parsed routing_meta.json; [] when valid."""
+    if not isinstance(obj, dict):
+        return ["routing_meta must be an object"]
+    problems: list[str] = []
+    valid = _check_spec(obj, _ROUTING_META_SPEC, "routing_meta", problems)
+    if "schema_version" in valid and obj["schema_version"] != SCHEMA_VERSION:
+        problems.append(f"routing_meta.schema_version {obj['schema_version']} is not supported")
+    if "moe_layer_indices" not in obj:
+        problems.append("routing_meta: missing key 'moe_layer_indices'")
+    else:
+        problems += _layer_index_problems(obj["moe_layer_indices"], obj.get("num_layers"), "routing_meta")
+    if {"topk", "num_experts"} <= valid and obj["topk"] > obj["num_experts"]:
+        problems.append(f"routing_meta.topk {obj['topk']} > num_experts {obj['num_experts']}")
+    if "dtype" in valid and obj["dtype"] not in ROUTING_DTYPES:
+        problems.append(f"routing_meta.dtype must be one of {ROUTING_DTYPES}, got {obj['dtype']!r}")
+    elif {"dtype", "num_experts"} <= valid and obj["num_experts"] - 1 > np.iinfo(np.dtype(obj["dtype"])).max:
+        problems.append(f"routing_meta.dtype {obj['dtype']} cannot hold expert id {obj['num_experts'] - 1}")
+    return problems
+
+
+def _routing_array_problems(key: str, array: np.ndarray, meta: dict) -> list[str]:
+    where = f"routing.npz[{key!r}]"
+    layers, topk = len(meta["moe_layer_indices"]), meta["topk"]
+    if array.ndim != 3 or array.shape[1:] != (layers, topk):
+        return [f"{where}: shape {array.shape} is not [rows, {layers}, {topk}]"]
+    if array.dtype.name != meta["dtype"]:
+        return [f"{where}: dtype {array.dtype.name} != routing_meta.dtype {meta['dtype']}"]
+    if array.size == 0:
+        return []
+    problems = []
+    if int(array.min()) < 0 or int(array.max()) >= meta["num_experts"]:
+        problems.append(f"{where}: expert ids outside [0, {meta['num_experts']})")
+    ordered = np.sort(array, axis=-1)
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        problems.append(f"{where}: a token chose the same expert twice in one layer")
+    return problems
+
+
+def _results_vs_npz(shapes: dict[str, tuple], results: list, meta: dict) -> list[str]:
+    problems = []
+    routed = {}
+    for result in results:
+        if not isinstance(result, dict) or not isinstance(result.get("id"), str):
+            continue
+        if "routing_shape" in result:
+            routed[result["id"]] = result
+        elif result.get("finish_reason") != "error":
+            problems.append(f"result {result['id']!r} has no routing although routing was recorded")
+    problems += [f"routing.npz has no array for result {key!r}" for key in sorted(routed.keys() - shapes.keys())]
+    problems += [f"routing.npz[{key!r}] has no result with routing" for key in sorted(shapes.keys() - routed.keys())]
+    for key in sorted(routed.keys() & shapes.keys()):
+        declared = routed[key]["routing_shape"]
+        if not isinstance(declared, list) or tuple(declared) != shapes[key]:
+            problems.append(f"routing.npz[{key!r}] shape {list(shapes[key])} != routing_shape {declared}")
+        if routed[key].get("routing_dtype") != meta["dtype"]:
+            problems.append(f"result {key!r} routing_dtype {routed[key].get('routing_dtype')!r} != {meta['dtype']!r}")
+    return problems
+
+
+def validate_routing_npz(path: str | Path, meta: dict, results: Optional[list[dict]] = None) -> list[str]:
+    """Problems of routing.npz against routing meta and, when given, the results' routing_shape."""
+    if validate_routing_meta(meta):
+        return ["cannot check routing.npz: routing meta is invalid"]
+    problems: list[str] = []
+    shapes: dict[str, tuple] = {}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                return [f"{path} is not an .npz archive"]
+            for key in archive.files:
+                try:
+                    array = archive[key]
+                except ValueError as exc:  # object arrays need pickle, which we refuse
+                    problems.append(f"routing.npz[{key!r}]: cannot load without pickle ({exc})")
+                    continue
+                shapes[key] = array.shape
+                problems += _routing_array_problems(key, array, meta)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        return [f"cannot read {path}: {exc}"]
+    if results is not None:
+        problems += _results_vs_npz(shapes, results, meta)
+    return problems
+
+
+# ----------------------------------------------------------------------------- a whole run dir
+def _read_json(path: Path, problems: list[str]) -> Any:
+    try:
+        return orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        problems.append(f"{path.name}: cannot read JSON ({exc})")
+        return None
+
+
+def _read_results(path: Path, problems: list[str]) -> list[dict]:
+    results: list[dict] = []
+    seen: set[Any] = set()
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            problems.append(f"{path.name}:{number}: not valid JSON ({exc})")
+            continue
+        problems += [f"{path.name}:{number}: {p}" for p in validate_results_line(obj)]
+        if isinstance(obj, dict):
+            if obj.get("id") in seen:
+                problems.append(f"{path.name}:{number}: duplicate id {obj['id']!r}")
+            seen.add(obj.get("id"))
+            results.append(obj)
+    return results
+
+
+def _model_vs_routing_meta(step_obj: Any, routing_meta: dict) -> list[str]:
+    meta = step_obj.get("meta") if isinstance(step_obj, dict) else None
+    model = meta.get("model") if isinstance(meta, dict) else None
+    if not isinstance(model, dict):
+        return []
+    return [
+        f"step_details meta.model.{key} {model[key]!r} != routing_meta.{key} {routing_meta[key]!r}"
+        for key in ("num_layers", "num_experts", "topk", "moe_layer_indices")
+        if key in model and model[key] != routing_meta.get(key)
+    ]
+
+
+def validate_run_dir(out_dir: str | Path) -> list[str]:
+    """Problems of whichever run files exist in ``out_dir`` and of their mutual consistency."""
+    out = Path(out_dir)
+    present = {name: (out / name).is_file() for name in RUN_FILES}
+    if not any(present.values()):
+        return [f"{out}: none of {', '.join(RUN_FILES)} found"]
+    problems: list[str] = []
+    step_obj = _read_json(out / STEP_DETAILS_FILE, problems) if present[STEP_DETAILS_FILE] else None
+    if step_obj is not None:
+        problems += [f"{STEP_DETAILS_FILE}: {p}" for p in validate_step_details(step_obj)]
+    results = _read_results(out / RESULTS_FILE, problems) if present[RESULTS_FILE] else None
+    routing_meta = _read_json(out / ROUTING_META_FILE, problems) if present[ROUTING_META_FILE] else None
+    meta_problems = validate_routing_meta(routing_meta) if routing_meta is not None else []
+    problems += [f"{ROUTING_META_FILE}: {p}" for p in meta_problems]
+    meta_ok = routing_meta is not None and not meta_problems
+    if present[ROUTING_FILE] != present[ROUTING_META_FILE]:
+        have, lack = (ROUTING_FILE, ROUTING_META_FILE) if present[ROUTING_FILE] else (ROUTING_META_FILE, ROUTING_FILE)
+        problems.append(f"{have} present without {lack}")
+    if present[ROUTING_FILE] and meta_ok:
+        problems += validate_routing_npz(out / ROUTING_FILE, routing_meta, results)
+        problems += _model_vs_routing_meta(step_obj, routing_meta)
+    if not present[ROUTING_FILE] and results and any("routing_shape" in r for r in results):
+        problems.append(f"{RESULTS_FILE} declares routing_shape but {ROUTING_FILE} is missing")
+    if _record_routing(step_obj) is True and results and not present[ROUTING_FILE]:
+        problems.append(f"meta.engine.record_routing is true but {ROUTING_FILE} is missing")
+    return problems
