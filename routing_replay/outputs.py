@@ -1,0 +1,169 @@
+"""routing.npz / routing_meta.json: the on-disk form of recorded routing.
+
+`routing.npz` holds one array per request, keyed by request id, shaped
+[rows, num_moe_layers, topk] with rows = prompt_len + generated_len - 1 (row i is token i).
+`routing_meta.json` says which decoder layers those MoE layers are, so consumers can expand
+to an all-layer layout with `expand_to_all_layers`.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+ROUTING_FILE = "routing.npz"
+META_FILE = "routing_meta.json"
+SCHEMA_VERSION = 1
+_ID_DTYPES = ("uint8", "int16", "int32")
+
+
+def _require_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+@dataclass(frozen=True)
+class RoutingMeta:
+    """Describes every array of one routing.npz.
+
+    Invariant: moe_layer_indices is a strictly increasing list of decoder-layer indices in
+    [0, num_layers), one per MoE layer; 1 <= topk <= num_experts; `dtype` is an integer
+    dtype name that holds every expert id.
+    """
+
+    moe_layer_indices: list[int]
+    num_layers: int
+    num_experts: int
+    topk: int
+    block_size: int
+    dtype: str
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.moe_layer_indices, (list, tuple)):
+            raise TypeError("moe_layer_indices must be a list of ints")
+        object.__setattr__(self, "moe_layer_indices", list(self.moe_layer_indices))
+        _require_int("num_layers", self.num_layers, 1)
+        _require_int("num_experts", self.num_experts, 1)
+        _require_int("topk", self.topk, 1)
+        _require_int("block_size", self.block_size, 1)
+        _require_int("schema_version", self.schema_version, 1)
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"unsupported schema_version {self.schema_version}, expected {SCHEMA_VERSION}")
+        if self.topk > self.num_experts:
+            raise ValueError(f"topk={self.topk} exceeds num_experts={self.num_experts}")
+        self._check_layers()
+        self._check_dtype()
+
+    def _check_layers(self) -> None:
+        indices = self.moe_layer_indices
+        if not indices:
+            raise ValueError("moe_layer_indices must name at least one MoE layer")
+        for index in indices:
+            _require_int("moe_layer_indices[]", index, 0)
+            if index >= self.num_layers:
+                raise ValueError(f"MoE layer index {index} outside [0, {self.num_layers})")
+        if any(a >= b for a, b in zip(indices, indices[1:])):
+            raise ValueError(f"moe_layer_indices must be unique and sorted, got {indices}")
+
+    def _check_dtype(self) -> None:
+        if not isinstance(self.dtype, str) or self.dtype not in _ID_DTYPES:
+            raise ValueError(f"dtype must be one of {_ID_DTYPES}, got {self.dtype!r}")
+        if np.iinfo(self.dtype).max < self.num_experts - 1:
+            raise ValueError(f"dtype {self.dtype} cannot hold ids of {self.num_experts} experts")
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layer_indices)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> RoutingMeta:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"routing meta must be a JSON object, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        required = names - {"schema_version"}
+        missing = sorted(required - data.keys())
+        unknown = sorted(data.keys() - names)
+        if missing or unknown:
+            raise ValueError(f"routing meta: missing keys {missing}, unknown keys {unknown}")
+        return cls(**data)
+
+    def check_array(self, key: str, routing: np.ndarray) -> None:
+        """Raise ValueError unless `routing` is [rows, num_moe_layers, topk] of `dtype`."""
+        if not isinstance(routing, np.ndarray):
+            raise TypeError(f"routing of {key!r} must be a numpy array, got {type(routing).__name__}")
+        expected_tail = (self.num_moe_layers, self.topk)
+        if routing.ndim != 3 or routing.shape[1:] != expected_tail:
+            raise ValueError(
+                f"routing of {key!r} has shape {routing.shape}, expected [rows, {expected_tail[0]}, {expected_tail[1]}]"
+            )
+        if routing.dtype != np.dtype(self.dtype):
+            raise ValueError(f"routing of {key!r} has dtype {routing.dtype}, expected {self.dtype}")
+
+
+def save_routing(out_dir: str | os.PathLike, routings: Mapping[str, np.ndarray], meta: RoutingMeta) -> None:
+    """Write routing.npz and routing_meta.json into `out_dir` (created if needed).
+
+    The npz is what np.savez_compressed writes, built with zipfile directly because
+    savez's keyword interface breaks for request ids such as "file" or "allow_pickle".
+    Each file is written to a temporary name and renamed, so readers never see a torn file.
+    """
+    for key, routing in routings.items():
+        if not isinstance(key, str) or not key or "\x00" in key:
+            raise ValueError(f"request ids must be non-empty strings, got {key!r}")
+        meta.check_array(key, routing)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (ROUTING_FILE + ".tmp")
+    with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
+        for key, routing in routings.items():
+            with archive.open(key + ".npy", mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(routing), allow_pickle=False)
+    os.replace(tmp, out / ROUTING_FILE)
+    meta_tmp = out / (META_FILE + ".tmp")
+    meta_tmp.write_bytes(orjson.dumps(meta.to_dict(), option=orjson.OPT_INDENT_2))
+    os.replace(meta_tmp, out / META_FILE)
+
+
+def load_routing(out_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], RoutingMeta]:
+    """Read what `save_routing` wrote; every array is checked against the metadata."""
+    out = Path(out_dir)
+    routing_path, meta_path = out / ROUTING_FILE, out / META_FILE
+    for path in (routing_path, meta_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"no {path.name} in {out} (expected files written by save_routing)")
+    try:
+        meta = RoutingMeta.from_dict(orjson.loads(meta_path.read_bytes()))
+    except (orjson.JSONDecodeError, TypeError, ValueError) as error:
+        raise ValueError(f"invalid {meta_path}: {error}") from error
+    routings: dict[str, np.ndarray] = {}
+    with np.load(routing_path, allow_pickle=False) as archive:
+        for key in archive.files:
+            routing = archive[key]
+            meta.check_array(key, routing)
+            routings[key] = routing
+    return routings, meta
+
+
+def expand_to_all_layers(routing: np.ndarray, meta: RoutingMeta) -> np.ndarray:
+    """[rows, num_layers, topk] view of one request's routing; dense layers hold -1.
+
+    -1 (never 0, a valid expert id) marks layers without routing, so the result is signed:
+    int16 while expert ids fit, else int32.
+    """
+    meta.check_array("routing", routing)
+    dtype = np.int16 if meta.num_experts - 1 <= np.iinfo(np.int16).max else np.int32
+    expanded = np.full((routing.shape[0], meta.num_layers, meta.topk), -1, dtype=dtype)
+    expanded[:, meta.moe_layer_indices, :] = routing
+    return expanded

@@ -1,0 +1,316 @@
+"""RoutingRecorder: per-KV-block routing buffers filled and read without host syncs.
+
+Routing lives where the token's KV lives: `block_routing[block, offset]`. A step's routing
+reaches it through one scatter driven by the same token->block/offset tensors as the KV
+append, so a prefix-cache hit shares rows for free and a reallocated block is simply
+overwritten. Rows leave the device only when a request finishes (or is preempted), through
+an index_select on the compute stream and an asynchronous copy on a side stream.
+
+Timing: the recorder does not time itself. Each public call is exactly one step_details
+phase, and the engine wraps it with `time.perf_counter`: `gather` -> routing_gather_ms,
+`snapshot_preempted` -> routing_store_ms, `reconstruct` -> routing_reconstruct_ms,
+`poll` / `wait_all` -> routing_finalize_ms. None of the step-path calls synchronises, so
+these host times are what enqueueing the work costs the engine's thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from routing_replay.dtypes import numpy_dtype, routing_dtype
+
+
+def expected_num_rows(prompt_len: int, generated_len: int) -> int:
+    """Number of routing rows a finished request has: `prompt_len + generated_len - 1`.
+
+    Row i is the routing of token i. Every prompt token and every generated token except
+    the last went through the model; the last generated token was sampled but never fed
+    back, so it has no routing.
+    """
+    if prompt_len < 1:
+        raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
+    if generated_len < 1:
+        raise ValueError(f"generated_len must be >= 1, got {generated_len}")
+    return prompt_len + generated_len - 1
+
+
+@dataclass(eq=False)
+class _RowCopy:
+    """Rows [first_row, first_row + num_rows) of one request on their way to the host.
+
+    Invariant: until `done` has completed, every tensor the enqueued gather and copy read or
+    write is referenced here, so neither caching allocator can hand its memory to other
+    work early. `done is None` means the copy is already complete (CPU, or no rows).
+    """
+
+    first_row: int
+    num_rows: int
+    host: torch.Tensor | None
+    keepalive: tuple[torch.Tensor, ...] = ()
+    done: torch.cuda.Event | None = None
+    array: np.ndarray | None = None
+
+    def is_done(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+
+    def result(self) -> np.ndarray:
+        """The rows as numpy; only call once `is_done()` holds."""
+        if self.array is None:
+            # Copy out of the (pinned) host tensor: pinned memory is scarce, so it goes back
+            # to the caching host allocator instead of living as long as the result.
+            self.array = self.host.numpy().copy()
+            self.host, self.keepalive, self.done = None, (), None
+        return self.array
+
+
+@dataclass(eq=False)
+class _RequestRouting:
+    """The copies that make up one request's routing.
+
+    Invariant: `snapshots` are ordered, disjoint and together cover rows [0, covered);
+    once `final` is set it covers rows [max(start, covered), num_rows), so the copies
+    together cover [start, num_rows).
+    """
+
+    snapshots: list[_RowCopy] = field(default_factory=list)
+    covered: int = 0
+    final: _RowCopy | None = None
+    start: int = 0
+    num_rows: int = 0
+
+    def copies(self) -> list[_RowCopy]:
+        return self.snapshots + ([self.final] if self.final is not None else [])
+
+    def is_final(self) -> bool:
+        return self.final is not None and all(c.is_done() for c in self.copies())
+
+    def release_completed(self) -> None:
+        for copy in self.snapshots:
+            if copy.array is None and copy.is_done():
+                copy.result()
+
+    def assemble(self, shape_tail: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+        """Merge snapshots (authoritative: they produced the sampled tokens) with the
+        final rows, then cut the suffix [start, num_rows)."""
+        if not self.snapshots:
+            return self.final.result()
+        out = np.empty((self.num_rows - self.start, *shape_tail), dtype=dtype)
+        for copy in self.copies():
+            rows = copy.result()
+            lo = max(copy.first_row, self.start)
+            hi = min(copy.first_row + copy.num_rows, self.num_rows)
+            if hi > lo:
+                out[lo - self.start : hi - self.start] = rows[lo - copy.first_row : hi - copy.first_row]
+        return out
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class RoutingRecorder:
+    """Records the top-k expert ids of every MoE layer for every token into per-KV-block
+    buffers.
+
+    Invariant: block_routing[b, o] holds the routing of the token whose KV sits at block b
+    offset o, for every block whose tokens have been computed; row num_kv_blocks is the
+    dummy block that padding rows write to. `staging` and `block_routing` are allocated
+    once and never reallocated (CUDA graphs capture their addresses).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_kv_blocks: int,
+        block_size: int,
+        num_moe_layers: int,
+        topk: int,
+        num_experts: int,
+        max_step_tokens: int,
+        device: torch.device | str,
+    ) -> None:
+        _check_positive(
+            num_kv_blocks=num_kv_blocks,
+            block_size=block_size,
+            num_moe_layers=num_moe_layers,
+            topk=topk,
+            num_experts=num_experts,
+            max_step_tokens=max_step_tokens,
+        )
+        if topk > num_experts:
+            raise ValueError(f"topk={topk} exceeds num_experts={num_experts}")
+        self.num_kv_blocks = num_kv_blocks
+        self.block_size = block_size
+        self.num_moe_layers = num_moe_layers
+        self.topk = topk
+        self.num_experts = num_experts
+        self.max_step_tokens = max_step_tokens
+        self.dtype: torch.dtype = routing_dtype(num_experts)
+        self._numpy_dtype = numpy_dtype(self.dtype)
+        self.staging = torch.zeros(
+            (max_step_tokens, num_moe_layers, topk), dtype=self.dtype, device=device
+        )
+        self.block_routing = torch.zeros(
+            (num_kv_blocks + 1, block_size, num_moe_layers, topk), dtype=self.dtype, device=device
+        )
+        self.device: torch.device = self.block_routing.device
+        self._copy_stream = (
+            torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
+        )
+        self._requests: dict[str, _RequestRouting] = {}
+        # Copies of discarded requests still in flight: kept until done (see _RowCopy).
+        self._retired: list[_RowCopy] = []
+
+    @property
+    def dummy_block(self) -> int:
+        """Block id that padding rows point at; never part of a request."""
+        return self.num_kv_blocks
+
+    @property
+    def num_pending(self) -> int:
+        """Requests passed to `reconstruct` whose routing has not been returned yet."""
+        return sum(1 for state in self._requests.values() if state.final is not None)
+
+    def gather(self, token_to_block: torch.Tensor, token_to_offset: torch.Tensor) -> None:
+        """Scatter `staging[:n]` into `block_routing` at (token_to_block, token_to_offset).
+
+        n = len(token_to_block). Both are int64 tensors on the recorder's device. Checks
+        read only tensor metadata, so this never syncs and can be captured in a CUDA graph.
+        """
+        n = token_to_block.shape[0]
+        for name, index in (("token_to_block", token_to_block), ("token_to_offset", token_to_offset)):
+            if index.dtype != torch.int64 or index.dim() != 1:
+                raise ValueError(f"{name} must be a 1-D int64 tensor, got {index.dtype} {tuple(index.shape)}")
+            if index.device != self.device:
+                raise ValueError(f"{name} is on {index.device}, recorder is on {self.device}")
+        if token_to_offset.shape[0] != n:
+            raise ValueError(f"token_to_offset has {token_to_offset.shape[0]} rows, token_to_block {n}")
+        if n > self.max_step_tokens:
+            raise ValueError(f"{n} tokens exceed max_step_tokens={self.max_step_tokens}")
+        self.block_routing.index_put_((token_to_block, token_to_offset), self.staging[:n])
+
+    def snapshot_preempted(self, key: str, block_ids: Sequence[int], num_rows: int) -> None:
+        """Save rows [0, num_rows) of `key` before its blocks are freed for preemption.
+
+        Row i sits at block_ids[i // block_size], offset i % block_size. Snapshot rows are
+        authoritative (they produced the sampled tokens): at reconstruct time they win over
+        recomputed rows. Rows an earlier snapshot already holds are not copied again.
+        """
+        state = self._requests.setdefault(key, _RequestRouting())
+        if state.final is not None:
+            raise ValueError(f"request {key!r} was already reconstructed")
+        if num_rows <= state.covered:
+            return
+        state.snapshots.append(self._enqueue_copy(block_ids, state.covered, num_rows))
+        state.covered = num_rows
+
+    def reconstruct(
+        self, key: str, block_ids: Sequence[int], num_rows: int, start: int = 0
+    ) -> None:
+        """Enqueue the final read of `key`'s routing rows; call before freeing its blocks.
+
+        The result, returned later by `poll` / `wait_all`, is rows [start, num_rows) after
+        merging preemption snapshots. Rows after the snapshots are gathered on the compute
+        stream now, so later writes into these blocks cannot affect them.
+        """
+        if not 0 <= start <= num_rows:
+            raise ValueError(f"need 0 <= start <= num_rows, got start={start} num_rows={num_rows}")
+        state = self._requests.setdefault(key, _RequestRouting())
+        if state.final is not None:
+            raise ValueError(f"request {key!r} was already reconstructed")
+        first = max(start, state.covered)
+        state.final = self._enqueue_copy(block_ids, first, max(first, num_rows))
+        state.start, state.num_rows = start, num_rows
+
+    def poll(self) -> dict[str, np.ndarray]:
+        """Routing of the requests whose copies have completed; never blocks.
+
+        Each array is [num_rows - start, num_moe_layers, topk] of the compact dtype and
+        owns its memory.
+        """
+        self._retired = [copy for copy in self._retired if not copy.is_done()]
+        ready: dict[str, np.ndarray] = {}
+        for key, state in list(self._requests.items()):
+            if state.is_final():
+                ready[key] = state.assemble((self.num_moe_layers, self.topk), self._numpy_dtype)
+                del self._requests[key]
+            else:
+                state.release_completed()
+        return ready
+
+    def wait_all(self) -> dict[str, np.ndarray]:
+        """Block until every reconstructed request is final and return them (off the step
+        path only: this synchronises). Snapshots of still-preempted requests are kept."""
+        for state in self._requests.values():
+            if state.final is not None:
+                for copy in state.copies():
+                    copy.wait()
+        for copy in self._retired:
+            copy.wait()
+        return self.poll()
+
+    def discard(self, key: str) -> None:
+        """Forget the snapshots and pending result of an aborted request."""
+        state = self._requests.pop(key, None)
+        if state is not None:
+            self._retired.extend(copy for copy in state.copies() if not copy.is_done())
+
+    def _enqueue_copy(self, block_ids: Sequence[int], lo: int, hi: int) -> _RowCopy:
+        """Gather rows [lo, hi) of a request whose row i sits in block_ids[i // block_size]."""
+        if hi <= lo:
+            empty = torch.empty((0, self.num_moe_layers, self.topk), dtype=self.dtype)
+            return _RowCopy(first_row=lo, num_rows=0, host=empty)
+        first_block, last_block = lo // self.block_size, (hi - 1) // self.block_size
+        if len(block_ids) <= last_block:
+            raise ValueError(f"{hi} rows need {last_block + 1} blocks, got {len(block_ids)}")
+        ids = [int(b) for b in block_ids[first_block : last_block + 1]]
+        if min(ids) < 0 or max(ids) >= self.num_kv_blocks:
+            raise ValueError(f"block ids must be in [0, {self.num_kv_blocks}), got {ids}")
+        ids_host = torch.tensor(ids, dtype=torch.int64)
+        skip = lo - first_block * self.block_size
+        if self._copy_stream is None:
+            # index_select returns a private tensor: the rows are already safe on the host.
+            rows = self._select_rows(ids_host, skip, hi - lo)
+            return _RowCopy(first_row=lo, num_rows=hi - lo, host=rows)
+        return self._enqueue_cuda_copy(ids_host, lo, skip, hi - lo)
+
+    def _select_rows(self, block_index: torch.Tensor, skip: int, count: int) -> torch.Tensor:
+        blocks = self.block_routing.index_select(0, block_index)
+        return blocks.view(-1, self.num_moe_layers, self.topk)[skip : skip + count]
+
+    def _enqueue_cuda_copy(
+        self, ids_host: torch.Tensor, first_row: int, skip: int, count: int
+    ) -> _RowCopy:
+        compute = torch.cuda.current_stream(self.device)
+        # From pageable memory this host->device copy would be synchronous.
+        ids_pinned = ids_host.pin_memory()
+        ids = ids_pinned.to(self.device, non_blocking=True)
+        # On the compute stream: ordered before any later step's write into these blocks.
+        rows = self._select_rows(ids, skip, count)
+        gathered = torch.cuda.Event()
+        gathered.record(compute)
+        host = torch.empty(
+            (count, self.num_moe_layers, self.topk), dtype=self.dtype, pin_memory=True
+        )
+        self._copy_stream.wait_event(gathered)
+        with torch.cuda.stream(self._copy_stream):
+            host.copy_(rows, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(self._copy_stream)
+        return _RowCopy(
+            first_row=first_row,
+            num_rows=count,
+            host=host,
+            keepalive=(ids_pinned, ids, rows),
+            done=done,
+        )
