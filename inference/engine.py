@@ -35,6 +35,32 @@ class _PhaseTimes:
     finalize: float = 0.0
 
 
+class _GpuTimer:
+    """CUDA events around one step's forward. Read only after the sampled-token readback,
+    which has already waited for them, so reading never adds a sync. No-op on CPU."""
+
+    def __init__(self, begin: torch.cuda.Event | None) -> None:
+        self.begin, self.end = begin, None
+
+    @classmethod
+    def start(cls, device: torch.device) -> "_GpuTimer":
+        if device.type != "cuda":
+            return cls(None)
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        return cls(begin)
+
+    def stop(self) -> None:
+        if self.begin is not None:
+            self.end = torch.cuda.Event(enable_timing=True)
+            self.end.record()
+
+    def elapsed_ms(self) -> float | None:
+        if self.begin is None or self.end is None or not self.end.query():
+            return None
+        return self.begin.elapsed_time(self.end)
+
+
 class LLMEngine:
     """Serves requests step by step. Invariant: every added request ends as exactly one
     ``RequestResult`` returned by ``step()``; with recording on, a result is returned only
@@ -79,6 +105,7 @@ class LLMEngine:
         self._live_ids: set[str] = set()
         self._awaiting_routing: dict[str, RequestResult] = {}
         self._phase = _PhaseTimes()
+        self._to_reconstruct: list[tuple[str, list[int], int, int]] = []
 
     def _make_recorder(self):
         mc = self.model_config
@@ -148,14 +175,18 @@ class LLMEngine:
         graph_size = self._graph_size(output)
         if output.chunks:
             prepared = self.batch.prepare(output.chunks, graph_size)
-            sampled = (self._graph_forward_and_sample(prepared, graph_size) if graph_size
-                       else self._forward_and_sample(prepared))
+            timer = _GpuTimer.start(self.device)
+            sampled = (self._graph_forward_and_sample(prepared, graph_size, timer) if graph_size
+                       else self._forward_and_sample(prepared, timer))
             for request in self.scheduler.update(output, sampled, self._eos(), self.max_model_len):
                 finished.append(self._finish(request))
+            if self.recorder is not None:
+                self._reconstruct_finished()
         ready = [r for r in finished if r.request_id not in self._awaiting_routing]
         ready += self._finalize_routing()
         if output.chunks or output.preempted:
-            self._record_step(output, prepared, (time.perf_counter() - start) * 1e3, graph_size is not None)
+            gpu_ms = timer.elapsed_ms() if output.chunks else None
+            self._record_step(output, prepared, (time.perf_counter() - start) * 1e3, graph_size is not None, gpu_ms)
         return ready
 
     def _graph_size(self, output: SchedulerOutput) -> int | None:
@@ -167,8 +198,9 @@ class LLMEngine:
             return None
         return runner.padded_size(len(output.chunks))
 
-    def _graph_forward_and_sample(self, prepared: PreparedStep, size: int) -> dict[str, int]:
+    def _graph_forward_and_sample(self, prepared: PreparedStep, size: int, timer: "_GpuTimer") -> dict[str, int]:
         logits = self.graph_runner.run(size, len(prepared.sampling_chunks))
+        timer.stop()
         if self.recorder is not None and not self.graph_runner.gather_in_graph:
             t = time.perf_counter()
             self.recorder.gather(prepared.token_to_block, prepared.token_to_offset)
@@ -178,7 +210,7 @@ class LLMEngine:
             tokens = self.sampler.sample(logits, requests)
         return {r.request_id: t for r, t in zip(requests, tokens)}
 
-    def _forward_and_sample(self, prepared: PreparedStep) -> dict[str, int]:
+    def _forward_and_sample(self, prepared: PreparedStep, timer: "_GpuTimer") -> dict[str, int]:
         recorder = self.recorder
         staging = recorder.staging[: prepared.num_padded_tokens] if recorder is not None else None
         ctx = ForwardContext(prepared.attn, self.kv_cache.per_layer, self.attention_fn, staging)
@@ -189,8 +221,10 @@ class LLMEngine:
                 recorder.gather(prepared.token_to_block, prepared.token_to_offset)
                 self._phase.gather += (time.perf_counter() - t) * 1e3
             if not prepared.sampling_chunks:
+                timer.stop()
                 return {}
             logits = self.model.compute_logits(hidden.index_select(0, prepared.logits_indices))
+            timer.stop()
             requests = [c.request for c in prepared.sampling_chunks]
             tokens = self.sampler.sample(logits, requests)
         return {r.request_id: t for r, t in zip(requests, tokens)}
@@ -215,8 +249,15 @@ class LLMEngine:
 
     def _on_finish(self, request: Request) -> None:
         if self.recorder is not None:
+            # Batched into one gather per step (_reconstruct_finished), still before any
+            # later forward can write into these blocks.
+            self._to_reconstruct.append((request.request_id, list(request.block_ids), request.num_tokens - 1, 0))
+
+    def _reconstruct_finished(self) -> None:
+        if self._to_reconstruct:
             t = time.perf_counter()
-            self.recorder.reconstruct(request.request_id, request.block_ids, request.num_tokens - 1)
+            self.recorder.reconstruct_many(self._to_reconstruct)
+            self._to_reconstruct = []
             self._phase.reconstruct += (time.perf_counter() - t) * 1e3
 
     def _finalize_routing(self, wait: bool = False) -> list[RequestResult]:
@@ -234,7 +275,7 @@ class LLMEngine:
         return ready
 
     def _record_step(self, output: SchedulerOutput, prepared: PreparedStep | None, step_ms: float,
-                     cuda_graph: bool) -> None:
+                     cuda_graph: bool, gpu_ms: float | None) -> None:
         chunks = output.chunks
         decode = [c for c in chunks if output.is_decode(c)]
         self.step_log.record({
@@ -254,6 +295,7 @@ class LLMEngine:
             "finished_requests": sum(1 for c in chunks if c.request.is_finished),
             "preempted_requests": len(output.preempted),
             "time_s": time.perf_counter() - self._start_time,
+            **({"gpu_forward_ms": gpu_ms} if gpu_ms is not None else {}),
         })
         self._step_index += 1
 

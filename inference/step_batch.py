@@ -32,7 +32,8 @@ class PreparedStep:
 
 class StepBatch:
     """Static tensors of ``max_step_tokens`` token rows and ``max_requests`` request rows.
-    Invariant: rows past ``num_tokens`` point at the dummy block with offset 0."""
+    Invariant: token rows past ``num_tokens`` point at the dummy block with offset 0;
+    block-table row r starts with the block ids of the step's r-th request."""
 
     _TOKEN_FIELDS = ("input_ids", "positions", "token_to_block", "token_to_offset", "slot_mapping")
 
@@ -57,6 +58,9 @@ class StepBatch:
         self._host["query_start_loc"], self.query_start_loc = pair((r + 1,), torch.int32)
         self._host["seq_lens"], self.seq_lens = pair((r,), torch.int32)
         self._host["logits_indices"], self.logits_indices = pair((r,), torch.int64)
+        self._host_np = {k: v.numpy() for k, v in self._host.items()}
+        # Per block-table row: (request, blocks written, first block) of its last writer.
+        self._row_owners: list[tuple | None] = [None] * r
 
     def prepare(self, chunks: list[ScheduledChunk], num_padded_tokens: int | None = None) -> PreparedStep:
         """Fill the static tensors for ``chunks`` (host work, then one non-blocking copy per
@@ -64,32 +68,18 @@ class StepBatch:
         readback guarantees their earlier copies have completed).
 
         With ``num_padded_tokens`` (decode graphs: one token per request) the request rows
-        are padded to the same count: padding rows have seq_len 0 and a dummy block table."""
-        host = {k: v.numpy() for k, v in self._host.items()}
+        are padded to the same count: padding rows have seq_len 0 and are never read."""
+        host = self._host_np
         bs = self.block_size
-        n = 0
-        starts, seq_lens, sampling, logits_rows = [0], [], [], []
         num_reqs = len(chunks)
         padded_reqs = num_reqs if num_padded_tokens is None else num_padded_tokens
-        # Columns past a row's blocks are never read (kernels stop at seq_len); resetting
-        # only the used width keeps the per-step host work proportional to the batch.
-        width = max((len(c.request.block_ids) for c in chunks), default=0)
-        host["block_tables"][:padded_reqs, :width] = self.dummy_block_id
-        for r, chunk in enumerate(chunks):
-            req = chunk.request
-            pos = np.arange(chunk.start, chunk.start + chunk.num_tokens)
-            blocks = np.asarray(req.block_ids, dtype=np.int64)
-            host["input_ids"][n:n + chunk.num_tokens] = req.token_slice(chunk.start, chunk.start + chunk.num_tokens)
-            host["positions"][n:n + chunk.num_tokens] = pos
-            host["token_to_block"][n:n + chunk.num_tokens] = blocks[pos // bs]
-            host["token_to_offset"][n:n + chunk.num_tokens] = pos % bs
-            host["block_tables"][r, : len(blocks)] = blocks
-            n += chunk.num_tokens
-            starts.append(n)
-            seq_lens.append(chunk.start + chunk.num_tokens)
-            if chunk.samples:
-                sampling.append(chunk)
-                logits_rows.append(n - 1)
+        if all(c.num_tokens == 1 for c in chunks):
+            n, starts, seq_lens = self._fill_single_tokens(chunks)
+        else:
+            n, starts, seq_lens = self._fill_chunks(chunks)
+        self._fill_block_tables(chunks)
+        sampling = [c for c in chunks if c.samples]
+        logits_rows = [starts[r + 1] - 1 for r, c in enumerate(chunks) if c.samples]
         padded = n if num_padded_tokens is None else num_padded_tokens
         if padded < n:
             raise ValueError(f"num_padded_tokens={padded} is less than the step's {n} tokens")
@@ -114,6 +104,51 @@ class StepBatch:
             positions=self.positions[:padded], token_to_block=self.token_to_block[:padded],
             token_to_offset=self.token_to_offset[:padded], attn=attn,
             logits_indices=self.logits_indices[: len(logits_rows)], sampling_chunks=sampling)
+
+    def _fill_single_tokens(self, chunks: list[ScheduledChunk]) -> tuple[int, list[int], list[int]]:
+        """Decode steps: one token per request, filled with list comprehensions (the
+        per-request host cost is what limits large decode batches)."""
+        host, bs, n = self._host_np, self.block_size, len(chunks)
+        positions = [c.start for c in chunks]
+        host["input_ids"][:n] = [c.request.token_slice(c.start, c.start + 1)[0] for c in chunks]
+        host["positions"][:n] = positions
+        host["token_to_block"][:n] = [c.request.block_ids[c.start // bs] for c in chunks]
+        host["token_to_offset"][:n] = [p % bs for p in positions]
+        return n, list(range(n + 1)), [p + 1 for p in positions]
+
+    def _fill_chunks(self, chunks: list[ScheduledChunk]) -> tuple[int, list[int], list[int]]:
+        host, bs = self._host_np, self.block_size
+        n, starts, seq_lens = 0, [0], []
+        for chunk in chunks:
+            req, k = chunk.request, chunk.num_tokens
+            pos = np.arange(chunk.start, chunk.start + k)
+            blocks = np.asarray(req.block_ids, dtype=np.int64)
+            host["input_ids"][n:n + k] = req.token_slice(chunk.start, chunk.start + k)
+            host["positions"][n:n + k] = pos
+            host["token_to_block"][n:n + k] = blocks[pos // bs]
+            host["token_to_offset"][n:n + k] = pos % bs
+            n += k
+            starts.append(n)
+            seq_lens.append(chunk.start + k)
+        return n, starts, seq_lens
+
+    def _fill_block_tables(self, chunks: list[ScheduledChunk]) -> None:
+        """Row r gets request r's block ids. A row that holds the same request (and the same
+        blocks) as last step only receives the blocks appended since; columns past a row's
+        blocks are never read (kernels stop at seq_len), so they are not cleared."""
+        table = self._host_np["block_tables"]
+        owners = self._row_owners
+        for r, chunk in enumerate(chunks):
+            req = chunk.request
+            blocks = req.block_ids
+            owner = owners[r]
+            if owner is not None and owner[0] is req and owner[1] <= len(blocks) and owner[2] == blocks[0]:
+                written = owner[1]
+            else:
+                written = 0
+            if written < len(blocks):
+                table[r, written:len(blocks)] = blocks[written:]
+            owners[r] = (req, len(blocks), blocks[0] if blocks else None)
 
     def _upload(self, num_tokens: int, num_reqs: int, num_samples: int) -> None:
         if self.device.type != "cuda":

@@ -72,6 +72,10 @@ class HostSyncRecorder:
         routing = np.concatenate(parts, axis=0) if parts else np.zeros((0, self.num_moe_layers, self.topk), np.int32)
         self._ready[key] = routing[start:]
 
+    def reconstruct_many(self, requests: Sequence[tuple[str, Sequence[int], int, int]]) -> None:
+        for key, block_ids, num_rows, start in requests:
+            self.reconstruct(key, block_ids, num_rows, start)
+
     def poll(self) -> dict[str, np.ndarray]:
         ready, self._ready = self._ready, {}
         return ready

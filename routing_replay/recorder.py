@@ -223,14 +223,27 @@ class RoutingRecorder:
         merging preemption snapshots. Rows after the snapshots are gathered on the compute
         stream now, so later writes into these blocks cannot affect them.
         """
-        if not 0 <= start <= num_rows:
-            raise ValueError(f"need 0 <= start <= num_rows, got start={start} num_rows={num_rows}")
-        state = self._requests.setdefault(key, _RequestRouting())
-        if state.final is not None:
-            raise ValueError(f"request {key!r} was already reconstructed")
-        first = max(start, state.covered)
-        state.final = self._enqueue_copy(block_ids, first, max(first, num_rows))
-        state.start, state.num_rows = start, num_rows
+        self.reconstruct_many([(key, block_ids, num_rows, start)])
+
+    def reconstruct_many(self, requests: Sequence[tuple[str, Sequence[int], int, int]]) -> None:
+        """`reconstruct` for several finished requests ``(key, block_ids, num_rows, start)``
+        at once: one block gather, one device->host copy and one event for all of them, so
+        the per-request host cost stays small when many requests finish in one step.
+        Call it before any later forward can write into the requests' blocks."""
+        spans, states = [], []
+        for key, block_ids, num_rows, start in requests:
+            if not 0 <= start <= num_rows:
+                raise ValueError(f"need 0 <= start <= num_rows, got start={start} num_rows={num_rows}")
+            state = self._requests.get(key)
+            if state is not None and state.final is not None:
+                raise ValueError(f"request {key!r} was already reconstructed")
+            first = max(start, state.covered if state is not None else 0)
+            spans.append((block_ids, first, max(first, num_rows)))
+            states.append((key, start, num_rows))
+        for (key, start, num_rows), copy in zip(states, self._enqueue_copies(spans)):
+            state = self._requests.setdefault(key, _RequestRouting())
+            state.final = copy
+            state.start, state.num_rows = start, num_rows
 
     def poll(self) -> dict[str, np.ndarray]:
         """Routing of the requests whose copies have completed; never blocks.
@@ -267,50 +280,56 @@ class RoutingRecorder:
 
     def _enqueue_copy(self, block_ids: Sequence[int], lo: int, hi: int) -> _RowCopy:
         """Gather rows [lo, hi) of a request whose row i sits in block_ids[i // block_size]."""
-        if hi <= lo:
-            empty = torch.empty((0, self.num_moe_layers, self.topk), dtype=self.dtype)
-            return _RowCopy(first_row=lo, num_rows=0, host=empty)
-        first_block, last_block = lo // self.block_size, (hi - 1) // self.block_size
-        if len(block_ids) <= last_block:
-            raise ValueError(f"{hi} rows need {last_block + 1} blocks, got {len(block_ids)}")
-        ids = [int(b) for b in block_ids[first_block : last_block + 1]]
-        if min(ids) < 0 or max(ids) >= self.num_kv_blocks:
-            raise ValueError(f"block ids must be in [0, {self.num_kv_blocks}), got {ids}")
+        return self._enqueue_copies([(block_ids, lo, hi)])[0]
+
+    def _enqueue_copies(self, spans: Sequence[tuple[Sequence[int], int, int]]) -> list[_RowCopy]:
+        """One batched gather for several (block_ids, lo, hi) spans; each returned copy is a
+        view of the shared result, kept alive by every copy that uses it."""
+        ids: list[int] = []
+        layout = []  # per span: (first block in the batch, rows to skip, rows) or None
+        for block_ids, lo, hi in spans:
+            if hi <= lo:
+                layout.append(None)
+                continue
+            first_block, last_block = lo // self.block_size, (hi - 1) // self.block_size
+            if len(block_ids) <= last_block:
+                raise ValueError(f"{hi} rows need {last_block + 1} blocks, got {len(block_ids)}")
+            span_ids = [int(b) for b in block_ids[first_block : last_block + 1]]
+            if min(span_ids) < 0 or max(span_ids) >= self.num_kv_blocks:
+                raise ValueError(f"block ids must be in [0, {self.num_kv_blocks}), got {span_ids}")
+            layout.append((len(ids), lo - first_block * self.block_size, hi - lo))
+            ids.extend(span_ids)
+        blocks, keepalive, done = self._gather_blocks(ids) if ids else (None, (), None)
+        copies = []
+        for (_, lo, _), place in zip(spans, layout):
+            if place is None:
+                empty = torch.empty((0, self.num_moe_layers, self.topk), dtype=self.dtype)
+                copies.append(_RowCopy(first_row=lo, num_rows=0, host=empty))
+                continue
+            first, skip, count = place
+            rows = blocks[first:].view(-1, self.num_moe_layers, self.topk)[skip : skip + count]
+            copies.append(_RowCopy(first_row=lo, num_rows=count, host=rows, keepalive=keepalive, done=done))
+        return copies
+
+    def _gather_blocks(self, ids: list[int]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.cuda.Event | None]:
+        """Host tensor [len(ids), block_size, layers, topk] of those blocks' rows, the
+        tensors to keep alive until the copy is done, and its done event (None on CPU,
+        where index_select already returns a private copy)."""
         ids_host = torch.tensor(ids, dtype=torch.int64)
-        skip = lo - first_block * self.block_size
         if self._copy_stream is None:
-            # index_select returns a private tensor: the rows are already safe on the host.
-            rows = self._select_rows(ids_host, skip, hi - lo)
-            return _RowCopy(first_row=lo, num_rows=hi - lo, host=rows)
-        return self._enqueue_cuda_copy(ids_host, lo, skip, hi - lo)
-
-    def _select_rows(self, block_index: torch.Tensor, skip: int, count: int) -> torch.Tensor:
-        blocks = self.block_routing.index_select(0, block_index)
-        return blocks.view(-1, self.num_moe_layers, self.topk)[skip : skip + count]
-
-    def _enqueue_cuda_copy(
-        self, ids_host: torch.Tensor, first_row: int, skip: int, count: int
-    ) -> _RowCopy:
+            return self.block_routing.index_select(0, ids_host), (), None
         compute = torch.cuda.current_stream(self.device)
         # From pageable memory this host->device copy would be synchronous.
         ids_pinned = ids_host.pin_memory()
-        ids = ids_pinned.to(self.device, non_blocking=True)
+        ids_dev = ids_pinned.to(self.device, non_blocking=True)
         # On the compute stream: ordered before any later step's write into these blocks.
-        rows = self._select_rows(ids, skip, count)
+        gathered_rows = self.block_routing.index_select(0, ids_dev)
         gathered = torch.cuda.Event()
         gathered.record(compute)
-        host = torch.empty(
-            (count, self.num_moe_layers, self.topk), dtype=self.dtype, pin_memory=True
-        )
+        host = torch.empty(gathered_rows.shape, dtype=self.dtype, pin_memory=True)
         self._copy_stream.wait_event(gathered)
         with torch.cuda.stream(self._copy_stream):
-            host.copy_(rows, non_blocking=True)
+            host.copy_(gathered_rows, non_blocking=True)
         done = torch.cuda.Event()
         done.record(self._copy_stream)
-        return _RowCopy(
-            first_row=first_row,
-            num_rows=count,
-            host=host,
-            keepalive=(ids_pinned, ids, rows),
-            done=done,
-        )
+        return host, (ids_pinned, ids_dev, gathered_rows), done

@@ -70,6 +70,8 @@ def decode_stats(entries: list[dict]) -> dict:
         "routing_share_of_decode_step": (sum(routing) / step_ms) if step_ms else 0.0,
         "phase_ms_per_decode_step": {k: statistics.fmean(e[k] for e in decode) if decode else 0.0 for k in PHASES},
         "graph_steps": sum(1 for e in decode if e["cuda_graph"]),
+        "mean_gpu_forward_ms": (statistics.fmean(e["gpu_forward_ms"] for e in decode if "gpu_forward_ms" in e)
+                                if any("gpu_forward_ms" in e for e in decode) else None),
     }
 
 

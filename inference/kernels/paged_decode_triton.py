@@ -1,0 +1,235 @@
+"""Paged decode attention: one new query token per row against its cached context.
+
+Two implementations with one contract:
+
+- ``paged_decode_attention_triton``: a flash-decoding Triton kernel. One program per
+  (row, kv head, context split) handles the whole query group of that kv head, so GQA
+  reads each K/V block once per group. Long contexts with few rows are split along the
+  context and merged by a second small kernel (log-sum-exp weighting).
+- ``paged_decode_attention_reference``: plain torch, vectorized (gather every row's blocks,
+  mask by ``seq_lens``). Used on CPU and as the fallback.
+
+Both are CUDA-graph capturable: no host sync, every allocation and launch grid depends on
+tensor shapes only, never on values such as ``seq_lens``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path needs no Triton
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+# A split should stream enough tokens to amortise its partial-result write and merge.
+MIN_TOKENS_PER_SPLIT = 128
+MAX_SPLITS = 32
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can be launched at all (GPU or TRITON_INTERPRET=1)."""
+    return triton is not None
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """Decode attention over a paged KV cache, Triton on CUDA, plain torch elsewhere.
+
+    q: [B, num_heads, head_dim]; k_cache, v_cache: [num_blocks + 1, block_size, kv_heads,
+    head_dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (the current token's
+    KV is already in the cache). Rows with ``seq_lens == 0`` return zeros.
+    """
+    if q.is_cuda and triton is not None:
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                                     scale: float) -> torch.Tensor:
+    """Plain-torch decode attention (fp32 math), same contract as ``paged_decode_attention``.
+
+    Gathers all ``max_blocks`` blocks of every row, so memory is
+    ``B * max_blocks * block_size * kv_heads * head_dim``: fine for CPU and fallback use.
+    """
+    batch, num_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = num_heads // kv_heads
+    # Entries past a row's last block may hold any filler; clamping keeps the gather in
+    # bounds and the seq_lens mask discards what it reads.
+    blocks = block_tables.long().clamp(0, k_cache.shape[0] - 1)
+    ctx = blocks.shape[1] * block_size
+    k = k_cache[blocks].reshape(batch, ctx, kv_heads, head_dim).float()
+    v = v_cache[blocks].reshape(batch, ctx, kv_heads, head_dim).float()
+    qg = q.float().reshape(batch, kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,bthd->bhgt", qg, k) * scale
+    valid = torch.arange(ctx, device=q.device)[None, :] < seq_lens.long()[:, None]
+    valid = valid[:, None, None, :]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    # Rows with no valid token would softmax to NaN; a finite max keeps them at zero.
+    row_max = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+    probs = torch.exp(scores - row_max) * valid
+    denom = probs.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    out = torch.einsum("bhgt,bthd->bhgd", probs / denom, v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def choose_num_splits(batch: int, kv_heads: int, max_blocks: int, block_size: int,
+                      device: torch.device) -> int:
+    """Context splits per (row, kv head): enough programs to fill the GPU, from shapes only."""
+    if device.type != "cuda":
+        return 1
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    programs = batch * kv_heads
+    wanted = math.ceil(2 * num_sms / programs)
+    worthwhile = math.ceil(max_blocks * block_size / MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, worthwhile, MAX_SPLITS))
+
+
+def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                                  num_splits: int | None = None) -> torch.Tensor:
+    """Triton flash-decoding kernel; ``num_splits`` overrides the shape-based heuristic."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    batch, num_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = num_heads // kv_heads
+    max_blocks = block_tables.shape[1]
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache need a contiguous head_dim")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    if num_splits is None:
+        num_splits = choose_num_splits(batch, kv_heads, max_blocks, block_size, q.device)
+    use_dot = group > 1
+    block_n = 64 if use_dot else 32
+    # Splits cover whole BLOCK_N tiles so only the last tile of a row is ever partial.
+    tokens_per_split = triton.cdiv(triton.cdiv(max_blocks * block_size, num_splits), block_n) * block_n
+    block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
+    if num_splits == 1:
+        partial_out, partial_lse = out, out  # lse is never written in single-split mode
+    else:
+        partial_out = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
+        partial_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
+    _decode_split_kernel[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, partial_out, partial_lse,
+        scale * LOG2E, tokens_per_split,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, KV_BLOCK_SIZE=block_size,
+        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        NUM_SPLITS=num_splits, USE_DOT=use_dot, num_warps=4,
+    )
+    if num_splits > 1:
+        _decode_merge_kernel[(batch, num_heads)](
+            partial_out, partial_lse, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+        )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr,
+        qk_scale, tokens_per_split,
+        stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_bt,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(seq_lens_ptr + row)
+        lo = split * tokens_per_split
+        hi = tl.minimum(seq_len, lo + tokens_per_split)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        heads = kv_head * GROUP + offs_g
+        g_mask = offs_g < GROUP
+        d_mask = offs_d < HEAD_DIM
+        q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            tok = start + tl.arange(0, BLOCK_N)
+            t_mask = tok < hi
+            block_id = tl.load(block_tables_ptr + row * stride_bt + tok // KV_BLOCK_SIZE,
+                               mask=t_mask, other=0).to(tl.int64)
+            slot = tok % KV_BLOCK_SIZE
+            kv_mask = t_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + block_id[:, None] * stride_kb + slot[:, None] * stride_kt
+                        + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + block_id[:, None] * stride_vb + slot[:, None] * stride_vt
+                        + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            if USE_DOT:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.sum(q[:, None, :].to(tl.float32) * k[None, :, :].to(tl.float32), axis=2)
+            s = tl.where(t_mask[None, :], s * qk_scale, float("-inf"))
+            # Every tile holds at least one valid token, so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if USE_DOT:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
+            m_i = m_new
+
+        # Empty rows/splits keep l_i == 0: emit zeros (and lse = -inf) instead of NaN.
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        out_mask = g_mask[:, None] & d_mask[None, :]
+        if NUM_SPLITS == 1:
+            tl.store(out_ptr + row * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            # partial_out: [B, H, NUM_SPLITS, HEAD_DIM], partial_lse: [B, H, NUM_SPLITS], contiguous
+            row_head = row * (GROUP * tl.num_programs(1)) + heads
+            tl.store(out_ptr + (row_head[:, None] * NUM_SPLITS + split) * HEAD_DIM + offs_d[None, :],
+                     o, mask=out_mask)
+            lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            tl.store(lse_ptr + row_head * NUM_SPLITS + split, lse, mask=g_mask)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, stride_oh,
+        HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        head = tl.program_id(1)
+        row_head = row * tl.num_programs(1) + head
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < NUM_SPLITS
+        d_mask = offs_d < HEAD_DIM
+        lse = tl.load(partial_lse_ptr + row_head * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+        o = tl.load(partial_out_ptr + (row_head * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+        lse_max = tl.max(lse, axis=0)
+        # All splits empty (seq_len 0): every weight is exp2(-inf) = 0 and the row stays zero.
+        weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+        total = tl.sum(weight, axis=0)
+        merged = tl.sum(o * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + row * stride_ob + head * stride_oh + offs_d,
+                 merged.to(out_ptr.dtype.element_ty), mask=d_mask)

@@ -1,0 +1,191 @@
+"""Prefill attention over a cached prefix: chunks of new tokens attend causally to their
+request's whole paged context (the new tokens' K/V are already written into the cache).
+
+- ``prefill_attention_triton``: a paged flash-attention forward, one program per
+  (query tile, request, head); K/V tiles are gathered through the block table.
+- ``prefill_attention_reference``: plain torch over a padded [requests, max_query_len]
+  layout, vectorized and free of host syncs.
+
+Layout: request ``r`` owns query rows ``query_start_loc[r]:query_start_loc[r+1]``; they are
+the last ``q_len`` tokens of its ``seq_lens[r]``-token context. Rows past
+``query_start_loc[-1]`` are padding and come back as zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the reference path needs no Triton
+    triton = None
+    tl = None
+
+LOG2E = 1.4426950408889634
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                      scale: float, max_query_len: int, max_seq_len: int) -> torch.Tensor:
+    """Causal attention of ``q [T, num_heads, head_dim]`` over each request's paged context.
+
+    Triton on CUDA, plain torch elsewhere. ``max_query_len`` / ``max_seq_len`` are host-side
+    upper bounds (they size launch grids and buffers, so no device value is read back).
+    """
+    if q.is_cuda and triton is not None:
+        return prefill_attention_triton(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+                                        scale, max_query_len, max_seq_len)
+    return prefill_attention_reference(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
+                                       scale, max_query_len, max_seq_len)
+
+
+def _token_layout(query_start_loc: torch.Tensor, num_tokens: int, max_query_len: int):
+    """Per query row: its request, its index inside the request's chunk, and validity."""
+    num_reqs = query_start_loc.shape[0] - 1
+    tokens = torch.arange(num_tokens, device=query_start_loc.device)
+    starts = query_start_loc.long()
+    req = torch.searchsorted(starts[1:], tokens, right=True)
+    valid = req < num_reqs
+    req = req.clamp(max=max(num_reqs - 1, 0))
+    local = tokens - starts[req]
+    valid &= local < max_query_len
+    return req, local, valid
+
+
+def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                                seq_lens: torch.Tensor, scale: float, max_query_len: int,
+                                max_seq_len: int) -> torch.Tensor:
+    """Plain-torch prefill attention in fp32, same contract as ``prefill_attention``.
+
+    Memory is ``R * num_heads * max_query_len * max_seq_len`` scores: a reference and CPU
+    path, not meant for long mixed batches on a GPU.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_reqs = block_tables.shape[0]
+    _, block_size, kv_heads, _ = k_cache.shape
+    group = num_heads // kv_heads
+    if num_tokens == 0 or num_reqs == 0 or max_query_len == 0:
+        return torch.zeros_like(q)
+    req, local, valid = _token_layout(query_start_loc, num_tokens, max_query_len)
+    # Padding rows are parked in one spare slot past the padded layout.
+    slot = torch.where(valid, req * max_query_len + local, num_reqs * max_query_len)
+    q_pad = q.new_zeros(num_reqs * max_query_len + 1, num_heads, head_dim, dtype=torch.float32)
+    q_pad.index_copy_(0, slot, q.float())
+    q_pad = q_pad[:-1].reshape(num_reqs, max_query_len, kv_heads, group, head_dim)
+
+    num_ctx_blocks = -(-max_seq_len // block_size)
+    blocks = block_tables[:, :num_ctx_blocks].long().clamp(0, k_cache.shape[0] - 1)
+    k = k_cache[blocks].reshape(num_reqs, -1, kv_heads, head_dim)[:, :max_seq_len].float()
+    v = v_cache[blocks].reshape(num_reqs, -1, kv_heads, head_dim)[:, :max_seq_len].float()
+    scores = torch.einsum("rqhgd,rkhd->rhgqk", q_pad, k) * scale
+
+    seq = seq_lens.long()
+    q_lens = (query_start_loc[1:] - query_start_loc[:-1]).long()
+    q_pos = (seq - q_lens)[:, None] + torch.arange(max_query_len, device=q.device)[None, :]
+    key_pos = torch.arange(k.shape[1], device=q.device)
+    allowed = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < seq[:, None, None])
+    allowed = allowed[:, None, None, :, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+    probs = torch.exp(scores - row_max) * allowed
+    probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    out_pad = torch.einsum("rhgqk,rkhd->rqhgd", probs, v).reshape(num_reqs * max_query_len, num_heads, head_dim)
+    out_pad = torch.cat([out_pad, out_pad.new_zeros(1, num_heads, head_dim)])
+    return out_pad.index_select(0, slot).to(q.dtype)
+
+
+def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             block_tables: torch.Tensor, query_start_loc: torch.Tensor,
+                             seq_lens: torch.Tensor, scale: float, max_query_len: int,
+                             max_seq_len: int) -> torch.Tensor:
+    """Triton paged flash-attention forward; same contract as ``prefill_attention``."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    del max_seq_len  # the kernel bounds each program's loop by its own seq_len
+    num_tokens, num_heads, head_dim = q.shape
+    num_reqs = block_tables.shape[0]
+    _, block_size, kv_heads, _ = k_cache.shape
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache need a contiguous head_dim")
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or num_reqs == 0 or max_query_len == 0:
+        return out
+    wide = q.element_size() >= 4  # fp32 tiles need twice the registers
+    block_m = 32 if wide else 64
+    block_n = 32 if wide else 64
+    grid = (triton.cdiv(max_query_len, block_m), num_reqs, num_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        GROUP=num_heads // kv_heads, HEAD_DIM=head_dim, KV_BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+    )
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _prefill_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, qk_scale,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh, stride_bt,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        q_tile = tl.program_id(0)
+        req = tl.program_id(1)
+        head = tl.program_id(2)
+        kv_head = head // GROUP
+        q_start = tl.load(query_start_loc_ptr + req)
+        q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+        if q_tile * BLOCK_M >= q_len:
+            return
+        seq_len = tl.load(seq_lens_ptr + req)
+        ctx_len = seq_len - q_len
+
+        offs_m = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < q_len
+        d_mask = offs_d < HEAD_DIM
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        q_pos = ctx_len + offs_m
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        # Keys past this tile's last query are causally invisible to all of its rows.
+        hi = tl.minimum(seq_len, ctx_len + (q_tile + 1) * BLOCK_M)
+        for start in range(0, hi, BLOCK_N):
+            tok = start + tl.arange(0, BLOCK_N)
+            t_mask = tok < hi
+            block_id = tl.load(block_tables_ptr + req * stride_bt + tok // KV_BLOCK_SIZE,
+                               mask=t_mask, other=0).to(tl.int64)
+            slot = tok % KV_BLOCK_SIZE
+            kv_mask = t_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_ptr + block_id[:, None] * stride_kb + slot[:, None] * stride_kt
+                        + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + block_id[:, None] * stride_vb + slot[:, None] * stride_vt
+                        + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            visible = t_mask[None, :] & (tok[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            # Key 0 is visible to every row, so after the first tile m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            m_i = m_new
+
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])

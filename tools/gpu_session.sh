@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call: install carried wheels, GPU tests, kernel checks, then benchmarks.
+# Usage (on the GPU machine, repo root): bash tools/gpu_session.sh [quick|full]
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+mode=${1:-quick}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [ "$mode" = quick ]; then
+  python3 -m pytest -q -x tests/gpu tests/routing_replay/test_recorder.py 2>&1 | tail -15
+  python3 tools/bench_routing.py --model olmoe-1b-7b-shape --num-requests 64 --prompt-len 128 --output-len 64 \
+      --repetitions 1 --output "$OUT/bench_quick.json" 2>&1 | tail -12
+else
+  python3 -m pytest -q tests/gpu tests/inference/kernels tests/routing_replay 2>&1 | tee "$OUT/pytest_gpu.log" | tail -5
+  python3 tools/bench_routing.py --model olmoe-1b-7b-shape --output "$OUT/bench_routing_olmoe.json" 2>&1 | tee "$OUT/bench_routing_olmoe.log" | tail -8
+  python3 tools/bench_decode.py --model olmoe-1b-7b-shape --batch 64 --output "$OUT/bench_decode_olmoe.json" 2>&1 | tee "$OUT/bench_decode_olmoe.log" | tail -14
+fi
