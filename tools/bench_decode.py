@@ -85,12 +85,12 @@ def engine_decode(model, args, prompts) -> dict:
     start = time.perf_counter()
     results = engine.generate([p.prompt_token_ids for p in prompts], params)
     wall = time.perf_counter() - start
-    full = [e for e in engine.step_log.entries if step_kind(e) == "decode" and e["decode_requests"] == args.batch]
+    full = [e for e in engine.step_log.entries if step_kind(e) == "decode" and e["decode_requests"] == len(prompts)]
     step_ms = statistics.median(e["step_time_ms"] for e in full)
     gpu = [e["gpu_forward_ms"] for e in full if "gpu_forward_ms" in e]
     out = {"wall_s": wall, "median_decode_step_ms_at_batch": step_ms,
            "median_gpu_forward_ms_at_batch": statistics.median(gpu) if gpu else None,
-           "decode_tokens_per_s_at_batch": args.batch / (step_ms / 1e3),
+           "decode_tokens_per_s_at_batch": len(prompts) / (step_ms / 1e3),
            "generated_tokens_per_s_wall": sum(len(r.output_token_ids) for r in results) / wall,
            "tokens": [r.output_token_ids for r in results]}
     del engine
@@ -107,7 +107,7 @@ def hf_generate(config: ModelConfig, args, prompts, workdir: Path) -> dict:
     from tools.hf_shapes import hf_config_for
     hf_config = hf_config_for(config)
     with torch.device("cuda"):
-        hf_model = transformers.AutoModelForCausalLM.from_config(hf_config, torch_dtype=torch_dtype(args.dtype))
+        hf_model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype(args.dtype))
     hf_model.eval()
     hf_model.save_pretrained(workdir / "hf")
     ours = load_hf_model(workdir / "hf", device="cuda", dtype=torch_dtype(args.dtype))

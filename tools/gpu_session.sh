@@ -15,8 +15,10 @@ if [ "$mode" = quick ]; then
   python3 -m pytest -q -x tests/gpu tests/routing_replay/test_recorder.py 2>&1 | tail -15
   python3 tools/bench_routing.py --model olmoe-1b-7b-shape --num-requests 64 --prompt-len 128 --output-len 64 \
       --repetitions 1 --output "$OUT/bench_quick.json" 2>&1 | tail -12
-else
-  python3 -m pytest -q tests/gpu tests/inference/kernels tests/routing_replay 2>&1 | tee "$OUT/pytest_gpu.log" | tail -5
-  python3 tools/bench_routing.py --model olmoe-1b-7b-shape --output "$OUT/bench_routing_olmoe.json" 2>&1 | tee "$OUT/bench_routing_olmoe.log" | tail -8
+elif [ "$mode" = full ]; then
   python3 tools/bench_decode.py --model olmoe-1b-7b-shape --batch 64 --output "$OUT/bench_decode_olmoe.json" 2>&1 | tee "$OUT/bench_decode_olmoe.log" | tail -14
+elif [ "$mode" = routing ]; then
+  python3 tools/bench_routing.py --model olmoe-1b-7b-shape --repetitions 5 --output "$OUT/bench_routing_olmoe.json" 2>&1 | tee "$OUT/bench_routing_olmoe.log" | tail -9
+elif [ "$mode" = qwen ]; then
+  python3 tools/bench_routing.py --model qwen3-30b-a3b-shape --num-requests 128 --output "$OUT/bench_routing_qwen3.json" 2>&1 | tee "$OUT/bench_routing_qwen3.log" | tail -9
 fi

@@ -7,7 +7,9 @@ from torch import nn
 
 from inference.config import ModelConfig
 from inference.model.context import ForwardContext
-from inference.model.layers import RMSNorm, RotaryEmbedding
+from inference.model.layers import RMSNorm, apply_rotary
+
+RotaryTables = tuple[torch.Tensor, torch.Tensor]
 from inference.paged_attention import causal_attention, write_kv
 
 
@@ -32,8 +34,7 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor,
-                rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, rope: RotaryTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "full":
@@ -43,18 +44,17 @@ class Attention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
-        return rotary(q, positions), rotary(k, positions), v
+        return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.project(x, positions, rotary)
+    def forward(self, x: torch.Tensor, rope: RotaryTables, ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.project(x, rope)
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
         write_kv(k_cache, v_cache, ctx.attn.slot_mapping, k, v)
         out = ctx.attention_fn(q, k_cache, v_cache, ctx.attn, self.scale)
         return self.o_proj(out.reshape(x.shape[0], self.q_size))
 
-    def forward_full(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
+    def forward_full(self, x: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
         """Causal attention over one whole sequence, no KV cache (the reference path)."""
-        q, k, v = self.project(x, positions, rotary)
+        q, k, v = self.project(x, rope)
         out = causal_attention(q, k, v, self.scale)
         return self.o_proj(out.reshape(x.shape[0], self.q_size))

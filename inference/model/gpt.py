@@ -59,8 +59,9 @@ class MoEGPT(nn.Module):
         """Paged forward over one step's tokens; returns final hidden states [T, H]."""
         h = self.embed_tokens(input_ids)
         staging = ctx.routing_staging
+        rope = self.rotary.tables(positions)
         for layer in self.layers:
-            a = layer.self_attn(layer.input_layernorm(h), positions, self.rotary, ctx)
+            a = layer.self_attn(layer.input_layernorm(h), rope, ctx)
             h = h + a
             out = staging[:, layer.moe_index] if staging is not None and layer.moe_index is not None else None
             h = h + layer.mlp_forward(layer.post_attention_layernorm(h), out)
@@ -78,8 +79,9 @@ class MoEGPT(nn.Module):
         positions = torch.arange(s, device=token_ids.device)
         h = self.embed_tokens(token_ids)
         routing = torch.empty(s, self.config.num_moe_layers, self.config.topk, dtype=torch.int64, device=h.device)
+        rope = self.rotary.tables(positions)
         for layer in self.layers:
-            h = h + layer.self_attn.forward_full(layer.input_layernorm(h), positions, self.rotary)
+            h = h + layer.self_attn.forward_full(layer.input_layernorm(h), rope)
             j = layer.moe_index
             out = routing[:, j] if j is not None else None
             forced = forced_routing[:, j] if forced_routing is not None and j is not None else None

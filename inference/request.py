@@ -1,0 +1,180 @@
+"""Sampling parameters, the mutable per-request state the scheduler drives, and results."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from inference.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass, but True as a token id or a count is always a caller mistake.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token and when to stop.
+
+    Invariant: immutable; `stop_token_ids` is always a tuple (a list given to the constructor
+    is converted), so instances are hashable. Values are checked by `validate`, not at
+    construction, so the error can name the request that carried them.
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = disabled
+    top_p: float = 1.0  # 1 = disabled
+    seed: int | None = None  # per-request generator seed
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop_token_ids, list):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    def validate(self, request_id: str | None = None) -> None:
+        """Raise InvalidRequestError naming the first bad field, its value and what is allowed."""
+
+        def bad(name: str, allowed: str) -> InvalidRequestError:
+            value = getattr(self, name)
+            return InvalidRequestError(f"{name}={value!r} is invalid: {allowed}", request_id)
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "must be an int >= 1")
+        temperature = self.temperature
+        if (
+            not isinstance(temperature, (int, float))
+            or isinstance(temperature, bool)
+            or not math.isfinite(temperature)
+            or temperature < 0
+        ):
+            raise bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", "must be an int >= 0 (0 = disabled)")
+        top_p = self.top_p
+        if (
+            not isinstance(top_p, (int, float))
+            or isinstance(top_p, bool)
+            or not (0.0 < top_p <= 1.0)
+        ):
+            raise bad("top_p", "must be in (0, 1] (1 = disabled)")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise bad("seed", "must be None or an int >= 0")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "must be a bool")
+        if not isinstance(self.stop_token_ids, tuple) or not all(
+            _is_int(t) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise bad("stop_token_ids", "must be a tuple of ints >= 0")
+
+
+class RequestStatus(Enum):
+    """Where a request is in its life: queued, holding KV blocks, or done."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request, mutated in place by the scheduler.
+
+    Invariant: `num_computed_tokens <= num_tokens`; the KV (and routing) of positions
+    `[0, num_computed_tokens)` lives in `block_ids`, in position order, `block_size` positions
+    per block. A WAITING request holds no blocks and has `num_computed_tokens == 0`; a
+    FINISHED one holds no blocks. Identity equality: two requests are never "equal" just
+    because their fields match.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_index: int = 0
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens whose KV (and routing) is in block_ids
+    num_cached_tokens: int = 0  # prompt tokens served by prefix-cache hits on first admission
+    block_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_preemptions: int = 0
+    finish_reason: str | None = None  # "stop" | "length"; None while unfinished or aborted
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens; the last generated one has not been computed yet."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """A new list: prompt followed by generated tokens."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Tokens at positions `[start, stop)` of `all_token_ids`, without building it whole."""
+        num_prompt = len(self.prompt_token_ids)
+        if stop <= num_prompt:
+            return self.prompt_token_ids[start:stop]
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : stop - num_prompt]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - num_prompt]
+
+
+@dataclass
+class RequestResult:
+    """What the caller gets back for one request.
+
+    Invariant: `error` is set exactly when `finish_reason == "error"`; `routing`, once the
+    engine fills it in, has `len(prompt_token_ids) + len(output_token_ids) - 1` rows.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    finish_reason: str  # "stop" | "length" | "error"
+    error: str | None = None
+    routing: np.ndarray | None = None
+    num_cached_tokens: int = 0
+    num_preemptions: int = 0
+
+    @classmethod
+    def from_request(cls, request: Request) -> RequestResult:
+        """Snapshot a finished request; the lists are copies, so the request may be reused."""
+        if request.finish_reason is None:
+            raise ValueError(
+                f"request {request.request_id!r} has no finish reason "
+                f"(status {request.status.value}); only finished requests have results"
+            )
+        return cls(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            output_token_ids=list(request.output_token_ids),
+            finish_reason=request.finish_reason,
+            num_cached_tokens=request.num_cached_tokens,
+            num_preemptions=request.num_preemptions,
+        )
+
+    @classmethod
+    def failed(cls, request_id: str, prompt_token_ids: list[int], message: str) -> RequestResult:
+        """A result for a request that was rejected or could not be served."""
+        return cls(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            output_token_ids=[],
+            finish_reason="error",
+            error=message,
+        )

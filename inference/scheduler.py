@@ -1,0 +1,386 @@
+"""Token-budget scheduler: decodes and prefill chunks share one budget per step.
+
+Every request has `num_computed_tokens` catching up to `num_tokens` (prompt + generated), so
+chunked prefill, decode and recompute after preemption are one mechanism: each step a
+request gets the next slice of its uncomputed positions. When KV blocks run out, the most
+recently arrived running request is preempted: its blocks are freed (they stay in the prefix
+cache while nothing evicts them) and it is recomputed later, outputs kept.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from inference.block_pool import BlockPool
+from inference.errors import InvalidRequestError, NoFreeBlocksError
+from inference.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one step.
+
+    Invariant: every field is a positive int (checked at construction).
+    """
+
+    max_requests: int  # max running requests at once
+    max_step_tokens: int  # token budget per step (decodes + prefill chunks)
+    block_size: int
+    chunked_prefill: bool = True  # if False a prompt must fit the budget whole
+
+    def __post_init__(self) -> None:
+        for name in ("max_requests", "max_step_tokens", "block_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be an int >= 1, got {value!r}")
+
+
+@dataclass
+class ScheduledChunk:
+    """Positions `[start, start + num_tokens)` of `request` to compute this step.
+
+    Invariant: `start` is the request's `num_computed_tokens` when scheduled; `samples` is
+    True exactly when the chunk reaches the request's last token, so the engine samples the
+    next one; `is_decode` is fixed at construction (the request changes afterwards).
+    """
+
+    request: Request
+    start: int
+    num_tokens: int
+    samples: bool
+    is_decode: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        req = self.request
+        self.is_decode = (
+            self.num_tokens == 1
+            and self.start == req.num_tokens - 1
+            and bool(req.output_token_ids)
+        )
+
+
+@dataclass
+class SchedulerOutput:
+    """What to run this step.
+
+    Invariant: decode chunks come before prefill chunks; no request appears twice;
+    `num_tokens` never exceeds the config's `max_step_tokens`.
+    """
+
+    chunks: list[ScheduledChunk]  # empty when there is nothing to do
+    preempted: list[Request]  # preempted during this schedule() call, now WAITING
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(chunk.num_tokens for chunk in self.chunks)
+
+    @staticmethod
+    def is_decode(chunk: ScheduledChunk) -> bool:
+        """Whether `chunk` is a one-token decode (the same as `chunk.is_decode`)."""
+        return chunk.is_decode
+
+    @property
+    def num_decode_requests(self) -> int:
+        return sum(chunk.is_decode for chunk in self.chunks)
+
+    @property
+    def num_prefill_requests(self) -> int:
+        return len(self.chunks) - self.num_decode_requests
+
+
+class Scheduler:
+    """Waiting and running queues over one BlockPool.
+
+    Invariant: every unfinished request is in exactly one of waiting / running; running is
+    ordered by arrival; a running request's block_ids cover positions
+    [0, num_computed_tokens + scheduled tokens); waiting requests hold no blocks.
+    """
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        block_pool: BlockPool,
+        on_preempt: Callable[[Request], None] | None = None,
+        on_finish: Callable[[Request], None] | None = None,
+    ) -> None:
+        if config.block_size != block_pool.block_size:
+            raise ValueError(
+                f"scheduler block_size {config.block_size} != pool block_size "
+                f"{block_pool.block_size}"
+            )
+        self.config = config
+        self.block_pool = block_pool
+        self._on_preempt = on_preempt
+        self._on_finish = on_finish
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._requests: dict[str, Request] = {}
+        # Ties in arrival_index fall back to add() order, so ordering is total and stable.
+        self._order: dict[str, tuple[int, int]] = {}
+        self._num_added = 0
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def add(self, request: Request) -> None:
+        """Queue a new request at the back of waiting (FIFO)."""
+        request_id = request.request_id
+        if request_id in self._requests:
+            raise InvalidRequestError("a request with this id is already queued", request_id)
+        if request.status is not RequestStatus.WAITING or request.block_ids:
+            raise InvalidRequestError("only a fresh WAITING request can be added", request_id)
+        if request.num_tokens == 0:
+            raise InvalidRequestError("prompt is empty", request_id)
+        self._requests[request_id] = request
+        self._order[request_id] = (request.arrival_index, self._num_added)
+        self._num_added += 1
+        self._waiting.append(request)
+
+    def abort(self, request_id: str) -> Request | None:
+        """Remove a request wherever it is and free its blocks; None if unknown.
+
+        The request ends FINISHED with `finish_reason` None; `on_finish` is not called.
+        """
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return None
+        del self._order[request_id]
+        if request.status is RequestStatus.RUNNING:
+            self._running.remove(request)
+            self.block_pool.free(request.block_ids)
+            request.block_ids = []
+        else:
+            self._waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        return request
+
+    # ----------------------------------------------------------------- schedule
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's chunks: running requests first (decodes before prefill
+        continuations, each in arrival order), then waiting requests while budget, request
+        slots and blocks allow. Admission never preempts and is skipped in a step that
+        preempted, so a request just pushed out is not pulled straight back in."""
+        scheduled: dict[str, ScheduledChunk] = {}
+        preempted: list[Request] = []
+        budget = self.config.max_step_tokens
+        decodes_first = sorted(
+            self._running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1
+        )
+        for request in decodes_first:
+            if budget == 0:
+                break
+            if request.status is RequestStatus.RUNNING:  # else preempted earlier in this loop
+                budget -= self._schedule_running(request, budget, scheduled, preempted)
+        if not preempted:
+            budget = self._admit_waiting(budget, scheduled)
+        chunks = list(scheduled.values())
+        chunks.sort(key=lambda chunk: not chunk.is_decode)  # stable: keeps arrival order
+        return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def _schedule_running(
+        self,
+        request: Request,
+        budget: int,
+        scheduled: dict[str, ScheduledChunk],
+        preempted: list[Request],
+    ) -> int:
+        """Schedule the request's next chunk, preempting the newest running requests until
+        its blocks fit. Returns the tokens spent (0 if it preempted itself).
+
+        A victim already scheduled this step loses its chunk; its tokens are not handed to
+        anyone else this step (rare, and keeps the budget accounting one-way)."""
+        start = request.num_computed_tokens
+        num_tokens = min(request.num_tokens - start, budget)
+        while not self._grow_blocks(request, start + num_tokens):
+            victim = max(self._running, key=lambda r: self._order[r.request_id])
+            if victim is request and len(self._running) == 1:
+                raise NoFreeBlocksError(
+                    f"request {request.request_id!r} needs "
+                    f"{self._blocks_for(start + num_tokens)} KV blocks alone, more than the "
+                    f"pool's {self.block_pool.num_blocks}"
+                )
+            scheduled.pop(victim.request_id, None)
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return 0
+        samples = start + num_tokens == request.num_tokens
+        scheduled[request.request_id] = ScheduledChunk(request, start, num_tokens, samples)
+        return num_tokens
+
+    def _admit_waiting(self, budget: int, scheduled: dict[str, ScheduledChunk]) -> int:
+        """Move waiting requests to running in FIFO order; returns the budget left."""
+        while self._waiting and budget > 0 and len(self._running) < self.config.max_requests:
+            request = self._waiting[0]
+            chunk = self._admit(request, budget)
+            if chunk is None:
+                break  # FIFO: nobody overtakes the head of the queue
+            self._waiting.popleft()
+            bisect.insort(self._running, request, key=lambda r: self._order[r.request_id])
+            scheduled[request.request_id] = chunk
+            budget -= chunk.num_tokens
+        return budget
+
+    def _admit(self, request: Request, budget: int) -> ScheduledChunk | None:
+        """Give a waiting request its prefix hits and first chunk's blocks, or return None
+        (changing nothing) when the budget or the pool cannot take it this step."""
+        pool, block_size = self.block_pool, self.config.block_size
+        # The last token is always recomputed (its logits are needed), and hits are whole
+        # blocks, so a shared block is never written.
+        hits = pool.match_prefix(request.all_token_ids, (request.num_tokens - 1) // block_size)
+        start = len(hits) * block_size
+        remaining = request.num_tokens - start
+        num_tokens = min(remaining, budget)
+        if num_tokens < remaining and not self.config.chunked_prefill:
+            if not self._running:  # a whole budget is free and still too small: never fits
+                raise InvalidRequestError(
+                    f"needs {remaining} tokens in one step but max_step_tokens is "
+                    f"{self.config.max_step_tokens}; enable chunked_prefill or make "
+                    "max_step_tokens >= max_model_len",
+                    request.request_id,
+                )
+            return None
+        num_new_blocks = self._blocks_for(start + num_tokens) - len(hits)
+        revived = sum(pool.ref_count(block_id) == 0 for block_id in hits)
+        if num_new_blocks > pool.num_available - revived:
+            if not self._running:  # every block is available and still too few
+                raise NoFreeBlocksError(
+                    f"request {request.request_id!r} cannot start even with every KV "
+                    f"block free ({pool.num_blocks} blocks of {block_size})"
+                )
+            return None
+        pool.take(hits)
+        request.block_ids = hits + pool.allocate(num_new_blocks)
+        request.num_computed_tokens = start
+        if request.num_preemptions == 0:  # only a request's first admission counts
+            request.num_cached_tokens = start
+        request.status = RequestStatus.RUNNING
+        return ScheduledChunk(request, start, num_tokens, num_tokens == remaining)
+
+    # ----------------------------------------------------------------- update
+
+    def update(
+        self,
+        output: SchedulerOutput,
+        sampled: Mapping[str, int],
+        eos_token_id: int | None,
+        max_model_len: int,
+    ) -> list[Request]:
+        """Apply a step's results: advance computed tokens, commit newly full blocks to the
+        prefix cache, append sampled tokens, and finish requests. Returns the finished
+        requests in chunk order; `on_finish` sees each before its blocks are freed."""
+        finished: list[Request] = []
+        for chunk in output.chunks:
+            request = chunk.request
+            if request.status is not RequestStatus.RUNNING:
+                continue  # aborted between schedule() and update()
+            if chunk.start != request.num_computed_tokens:
+                raise ValueError(
+                    f"request {request.request_id!r}: chunk starts at {chunk.start} but "
+                    f"{request.num_computed_tokens} tokens are computed (output applied twice?)"
+                )
+            request.num_computed_tokens += chunk.num_tokens
+            self._commit_full_blocks(request, chunk.start, request.num_computed_tokens)
+            if not chunk.samples:
+                continue
+            if request.request_id not in sampled:
+                raise ValueError(f"request {request.request_id!r}: no sampled token for it")
+            token = sampled[request.request_id]
+            request.output_token_ids.append(token)
+            reason = _finish_reason(request, token, eos_token_id, max_model_len)
+            if reason is not None:
+                self._finish(request, reason)
+                finished.append(request)
+        return finished
+
+    def _commit_full_blocks(self, request: Request, old_computed: int, new_computed: int) -> None:
+        block_size = self.config.block_size
+        for index in range(old_computed // block_size, new_computed // block_size):
+            parent = request.block_ids[index - 1] if index > 0 else None
+            tokens = request.token_slice(index * block_size, (index + 1) * block_size)
+            self.block_pool.commit_full_block(request.block_ids[index], parent, tokens)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason
+        if self._on_finish is not None:
+            self._on_finish(request)
+        self.block_pool.free(request.block_ids)
+        request.block_ids = []
+        self._running.remove(request)
+        del self._requests[request.request_id]
+        del self._order[request.request_id]
+
+    # ----------------------------------------------------------------- blocks
+
+    def _blocks_for(self, num_positions: int) -> int:
+        return -(-num_positions // self.config.block_size)
+
+    def _grow_blocks(self, request: Request, num_positions: int) -> bool:
+        """Give the request blocks for positions [0, num_positions); False if the pool is short."""
+        missing = self._blocks_for(num_positions) - len(request.block_ids)
+        if missing <= 0:
+            return True
+        if missing > self.block_pool.num_available:
+            return False
+        request.block_ids.extend(self.block_pool.allocate(missing))
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        if self._on_preempt is not None:
+            self._on_preempt(request)  # still holds its blocks: routing can be snapshotted
+        self.block_pool.free(request.block_ids)
+        request.block_ids = []
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self._running.remove(request)
+        self._waiting.appendleft(request)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if a request is in the wrong queue or lacks blocks."""
+        block_size = self.config.block_size
+        seen: set[str] = set()
+        queues = ((self._waiting, RequestStatus.WAITING), (self._running, RequestStatus.RUNNING))
+        for queue, status in queues:
+            for request in queue:
+                rid = request.request_id
+                tracked = self._requests.get(rid) is request
+                if rid in seen or not tracked or request.status is not status:
+                    raise AssertionError(f"request {rid!r} is misplaced ({request.status})")
+                seen.add(rid)
+                holds = bool(request.block_ids) or request.num_computed_tokens > 0
+                if status is RequestStatus.WAITING and holds:
+                    raise AssertionError(f"waiting request {rid!r} holds blocks or computed tokens")
+                if len(request.block_ids) * block_size < request.num_computed_tokens:
+                    raise AssertionError(f"running request {rid!r} has too few blocks")
+        if seen != set(self._requests):
+            raise AssertionError("a known request is in neither waiting nor running")
+        keys = [self._order[r.request_id] for r in self._running]
+        if keys != sorted(keys):
+            raise AssertionError("running requests are not in arrival order")
+
+def _finish_reason(
+    request: Request, token: int, eos_token_id: int | None, max_model_len: int
+) -> str | None:
+    # Like vLLM: ignore_eos only disables EOS; explicit stop_token_ids still stop.
+    params = request.sampling_params
+    if (not params.ignore_eos and token == eos_token_id) or token in params.stop_token_ids:
+        return "stop"
+    if len(request.output_token_ids) >= params.max_new_tokens:
+        return "length"
+    if request.num_tokens >= max_model_len:
+        return "length"
+    return None
