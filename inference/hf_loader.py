@@ -1,0 +1,155 @@
+"""Load a local Hugging Face MoE checkpoint (config.json + safetensors) into MoEGPT.
+
+Only safetensors are read (never pickle). A checkpoint is one ``model.safetensors`` or
+shards listed by ``model.safetensors.index.json`` (any ``*.safetensors`` set works too).
+Everything wrong with a checkpoint (missing tensors, wrong shapes, tensors the model would
+silently ignore) is reported in one ``HFCheckpointError``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from inference.config import ModelConfig
+from inference.hf_arch import (IGNORED_SUFFIXES, HFArchitecture, HFCheckpointError, TensorRecipe, model_recipes,
+                               parse_hf_config)
+from inference.model import MoEGPT
+from inference.model.layers import RotaryEmbedding
+
+__all__ = ["HFCheckpointError", "load_hf_config", "load_hf_model", "load_tokenizer", "read_hf_config"]
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise HFCheckpointError(str(path.parent), [f"no {path.name} (expected a local Hugging Face checkpoint)"])
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HFCheckpointError(str(path), [f"not valid JSON: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise HFCheckpointError(str(path), ["expected a JSON object"])
+    return data
+
+
+def read_hf_config(checkpoint_dir: str | os.PathLike) -> tuple[ModelConfig, HFArchitecture]:
+    path = Path(checkpoint_dir) / "config.json"
+    return parse_hf_config(_read_json(path), str(path))
+
+
+def load_hf_config(checkpoint_dir: str | os.PathLike) -> ModelConfig:
+    """Our ModelConfig for the checkpoint's config.json (no weights are read)."""
+    return read_hf_config(checkpoint_dir)[0]
+
+
+def tensor_files(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
+    """Map tensor name -> safetensors file holding it."""
+    from safetensors import safe_open
+    root = Path(checkpoint_dir)
+    index = root / INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map", {})
+        return {name: root / file for name, file in weight_map.items()}
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in root.glob("*.bin")) + sorted(p.name for p in root.glob("*.pt"))
+        hint = f" (found {', '.join(pickled)}: pickle files are never loaded; convert them to safetensors)" if pickled else ""
+        raise HFCheckpointError(str(root), [f"no *.safetensors files{hint}"])
+    names: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            names.update((name, file) for name in handle.keys())
+    return names
+
+
+def _check(recipes: list[TensorRecipe], files: dict[str, Path], config: ModelConfig) -> list[str]:
+    """Problems with the checkpoint's names and shapes, read from headers only."""
+    from safetensors import safe_open
+    problems: list[str] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(files.values())):
+        if not file.is_file():
+            problems.append(f"shard {file.name} listed in {INDEX_FILE} does not exist")
+            continue
+        with safe_open(str(file), framework="pt") as handle:
+            shapes.update((n, tuple(handle.get_slice(n).get_shape())) for n in handle.keys() if files.get(n) == file)
+    used: set[str] = set()
+    for recipe in recipes:
+        for name, expected in recipe.sources:
+            used.add(name)
+            if name not in files:
+                problems.append(f"missing tensor {name} (expected shape {list(expected)})")
+            elif name in shapes and shapes[name] != expected:
+                problems.append(f"tensor {name} has shape {list(shapes[name])}, expected {list(expected)}")
+    if config.tie_word_embeddings:
+        used.add("lm_head.weight")   # a tied head may be saved or not; it is the embedding either way
+    for name in sorted(set(files) - used):
+        if not name.endswith(IGNORED_SUFFIXES):
+            problems.append(f"unexpected tensor {name} (the model has no place for it: an unsupported feature?)")
+    return problems
+
+
+def _assemble(recipe: TensorRecipe, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    tensors = [read(name) for name, _ in recipe.sources]
+    if recipe.combine == "stack":
+        return torch.stack(tensors)
+    if recipe.combine == "stack_pairs":
+        return torch.stack([torch.cat(tensors[j:j + 2]) for j in range(0, len(tensors), 2)])
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _empty_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> MoEGPT:
+    """Parameters allocated but not initialised (every one is overwritten from the
+    checkpoint); the rotary table and expert biases are rebuilt since they are not saved."""
+    with torch.device("meta"):
+        model = MoEGPT(config)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:      # to_empty materialises the shared parameter twice
+        model.lm_head.weight = model.embed_tokens.weight
+    with torch.device(device):
+        model.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+    for name, buf in model.named_buffers():
+        if name.endswith("expert_bias"):
+            buf.zero_()
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+
+@torch.no_grad()
+def load_hf_model(checkpoint_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> MoEGPT:
+    """MoEGPT with the checkpoint's weights, on ``device`` in ``dtype``, in eval mode."""
+    from safetensors import safe_open
+    config, arch = read_hf_config(checkpoint_dir)
+    files = tensor_files(checkpoint_dir)
+    recipes = model_recipes(config, arch, set(files))
+    problems = _check(recipes, files, config)
+    if problems:
+        raise HFCheckpointError(f"checkpoint {checkpoint_dir} does not match its config ({arch.model_type})", problems)
+    device = torch.device(device)
+    model = _empty_model(config, device, dtype)
+    params = dict(model.named_parameters())
+    with ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in sorted(set(files.values()))}
+        for recipe in recipes:
+            tensor = _assemble(recipe, lambda name: handles[files[name]].get_tensor(name))
+            params[recipe.target].copy_(tensor.to(device=device, dtype=dtype))
+    return model.eval()
+
+
+def load_tokenizer(checkpoint_dir: str | os.PathLike):
+    """The checkpoint's own tokenizer (tokenizer.json and friends), read from the local
+    directory only. Returns a transformers tokenizer: ``encode(text)`` / ``decode(ids)``."""
+    from transformers import AutoTokenizer
+    root = Path(checkpoint_dir)
+    if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise HFCheckpointError(str(root), ["no tokenizer files (tokenizer.json / tokenizer_config.json)"])
+    return AutoTokenizer.from_pretrained(str(root), local_files_only=True)

@@ -1,0 +1,247 @@
+"""Our MoEGPT weights -> a megatron-core ``GPTModel`` (local, non-Transformer-Engine spec),
+plus the shims that let megatron-core 0.16 run on CPU in one process (tests, tools).
+
+megatron-core is optional: importing this module does not import it; the functions do.
+
+Layout notes (megatron-core 0.16.1):
+- ``linear_qkv`` rows are grouped per query group: ``[q heads of group g; k_g; v_g]`` for
+  each g, not ``[q; k; v]`` as ours.
+- SwiGLU ``linear_fc1`` is ``[gate; up]`` like ours; experts are a ``SequentialMLP``.
+- Router semantics: softmax with renormalised top-k is ``moe_router_pre_softmax=False``
+  (softmax over the chosen logits); without renormalisation it is ``pre_softmax=True``.
+  Sigmoid routing always renormalises top-k (k > 1), so sigmoid without ``norm_topk_prob``
+  cannot be expressed and is refused.
+- Per-head q/k norm is megatron's ``qk_layernorm``; OLMoE's whole-projection norm has no
+  megatron equivalent and is refused.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Iterator
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+from inference.config import ModelConfig
+from inference.model import MoEGPT
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer import TransformerConfig
+
+
+class UnsupportedForMegatron(ValueError):
+    """Our model uses a feature the megatron-core GPT spec cannot express."""
+
+
+def _check_supported(config: ModelConfig) -> None:
+    problems = []
+    if config.qk_norm == "full":
+        problems.append("qk_norm='full' (OLMoE) has no megatron-core equivalent (qk_layernorm is per head)")
+    if config.router.score_function == "sigmoid" and not config.router.norm_topk_prob and config.topk > 1:
+        problems.append("sigmoid routing without norm_topk_prob (megatron always renormalises sigmoid top-k)")
+    if problems:
+        raise UnsupportedForMegatron("cannot export to megatron-core: " + "; ".join(problems))
+
+
+def megatron_config(config: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
+                    routing_replay: bool = True, recompute: bool = False, **overrides: Any) -> "TransformerConfig":
+    """The TransformerConfig of a GPTModel equivalent to ours (dropout off, no aux loss,
+    fp32 router logits like ours, allgather dispatcher so one process needs no all-to-all)."""
+    from megatron.core.transformer import TransformerConfig
+    _check_supported(config)
+    r = config.router
+    kwargs: dict[str, Any] = dict(
+        num_layers=config.num_layers, hidden_size=config.hidden_size, num_attention_heads=config.num_heads,
+        num_query_groups=config.num_kv_heads, kv_channels=config.head_dim, ffn_hidden_size=config.intermediate_size,
+        moe_ffn_hidden_size=config.moe_intermediate_size, num_moe_experts=config.num_experts,
+        moe_router_topk=config.topk,
+        moe_layer_freq=[0 if i in config.dense_layers else 1 for i in range(config.num_layers)],
+        normalization="RMSNorm", layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=config.attention_bias,
+        qk_layernorm=config.qk_norm == "per_head",
+        moe_router_score_function=r.score_function,
+        moe_router_pre_softmax=r.score_function == "softmax" and not r.norm_topk_prob,
+        moe_router_enable_expert_bias=r.use_expert_bias,
+        moe_router_num_groups=r.num_groups if r.num_groups > 1 else None,
+        moe_router_group_topk=r.topk_groups if r.num_groups > 1 else None,
+        moe_router_topk_scaling_factor=r.scaling_factor if r.scaling_factor != 1.0 else None,
+        moe_shared_expert_intermediate_size=config.shared_expert_intermediate_size or None,
+        moe_shared_expert_gate=config.shared_expert_gate,
+        moe_token_dispatcher_type="allgather", moe_enable_routing_replay=routing_replay, moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0, moe_router_fusion=False,
+        hidden_dropout=0.0, attention_dropout=0.0, params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=True, apply_rope_fusion=False, bias_activation_fusion=False,
+        masked_softmax_fusion=False, persist_layer_norm=False)
+    if recompute:
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_megatron_gpt(config: ModelConfig, tconfig: "TransformerConfig") -> "GPTModel":
+    """An uninitialised-weights GPTModel of our shape (local spec, neox rotary)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=False, normalization="RMSNorm")
+    return GPTModel(config=tconfig, transformer_layer_spec=spec, vocab_size=config.vocab_size,
+                    max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
+                    rotary_percent=1.0, rotary_base=int(config.rope_theta),
+                    share_embeddings_and_output_weights=config.tie_word_embeddings)
+
+
+def _grouped_qkv(qkv: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Our [q; k; v] rows -> megatron's per-group [q_g; k_g; v_g] rows (weight or bias)."""
+    d, g = config.head_dim, config.num_kv_heads
+    per_group = config.num_heads // g
+    q, k, v = qkv.split([config.num_heads * d, g * d, g * d])
+    q = q.reshape(g, per_group * d, *q.shape[1:])
+    k, v = k.reshape(g, d, *k.shape[1:]), v.reshape(g, d, *v.shape[1:])
+    return torch.cat([q, k, v], dim=1).reshape(qkv.shape)
+
+
+def megatron_state(model: MoEGPT) -> dict[str, torch.Tensor]:
+    """Our weights under megatron-core GPTModel parameter names (local spec)."""
+    c = model.config
+    sd = {"embedding.word_embeddings.weight": model.embed_tokens.weight,
+          "decoder.final_layernorm.weight": model.norm.weight}
+    if not c.tie_word_embeddings:
+        sd["output_layer.weight"] = model.lm_head.weight
+    for i, layer in enumerate(model.layers):
+        p, attn = f"decoder.layers.{i}", layer.self_attn
+        sd[f"{p}.input_layernorm.weight"] = layer.input_layernorm.weight
+        sd[f"{p}.self_attention.linear_qkv.weight"] = _grouped_qkv(attn.qkv_proj.weight, c)
+        if attn.qkv_proj.bias is not None:
+            sd[f"{p}.self_attention.linear_qkv.bias"] = _grouped_qkv(attn.qkv_proj.bias, c)
+        sd[f"{p}.self_attention.linear_proj.weight"] = attn.o_proj.weight
+        if attn.q_norm is not None:
+            sd[f"{p}.self_attention.q_layernorm.weight"] = attn.q_norm.weight
+            sd[f"{p}.self_attention.k_layernorm.weight"] = attn.k_norm.weight
+        sd[f"{p}.pre_mlp_layernorm.weight"] = layer.post_attention_layernorm.weight
+        mlp = layer.mlp
+        if layer.moe_index is None:
+            sd[f"{p}.mlp.linear_fc1.weight"] = mlp.gate_up_proj.weight
+            sd[f"{p}.mlp.linear_fc2.weight"] = mlp.down_proj.weight
+            continue
+        sd[f"{p}.mlp.router.weight"] = mlp.router.weight
+        if mlp.router.expert_bias is not None:
+            sd[f"{p}.mlp.router.expert_bias"] = mlp.router.expert_bias
+        for e in range(c.num_experts):
+            sd[f"{p}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = mlp.w13[e]
+            sd[f"{p}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = mlp.w2[e]
+        if mlp.shared_expert is not None:
+            sd[f"{p}.mlp.shared_experts.linear_fc1.weight"] = mlp.shared_expert.gate_up_proj.weight
+            sd[f"{p}.mlp.shared_experts.linear_fc2.weight"] = mlp.shared_expert.down_proj.weight
+        if mlp.shared_expert_gate is not None:
+            sd[f"{p}.mlp.shared_experts.gate_weight"] = mlp.shared_expert_gate.weight
+    return sd
+
+
+@torch.no_grad()
+def copy_weights_to_megatron(model: MoEGPT, gpt: "GPTModel") -> None:
+    """Copy every weight; raises ValueError naming any parameter left uncopied or any
+    shape that disagrees (a silent partial copy would corrupt a comparison)."""
+    targets = dict(gpt.named_parameters())
+    targets.update((n, b) for n, b in gpt.named_buffers() if n.endswith("expert_bias"))
+    source = megatron_state(model)
+    problems = [f"no megatron parameter {n}" for n in source if n not in targets]
+    problems += [f"{n}: ours {list(t.shape)}, megatron {list(targets[n].shape)}"
+                 for n, t in source.items() if n in targets and targets[n].shape != t.shape]
+    problems += [f"megatron parameter {n} has no source" for n, p in gpt.named_parameters() if n not in source]
+    if problems:
+        raise ValueError("weights do not map onto the megatron model:\n  " + "\n  ".join(problems))
+    for name, tensor in source.items():
+        targets[name].copy_(tensor.to(targets[name].dtype))
+
+
+def export_to_megatron(model: MoEGPT, *, params_dtype: torch.dtype = torch.float32, routing_replay: bool = True,
+                       recompute: bool = False, **overrides: Any) -> "GPTModel":
+    """A megatron-core GPTModel computing what ``model`` computes (needs an initialised
+    model-parallel state, e.g. ``cpu_megatron_runtime()`` on CPU). In bf16/fp16 it comes
+    wrapped in megatron's ``Float16Module``, as training runs it (fp32 logits out)."""
+    from megatron.core.transformer.module import Float16Module
+    tconfig = megatron_config(model.config, params_dtype=params_dtype, routing_replay=routing_replay,
+                              recompute=recompute, **overrides)
+    gpt = build_megatron_gpt(model.config, tconfig)
+    copy_weights_to_megatron(model, gpt)
+    return Float16Module(tconfig, gpt) if params_dtype in (torch.bfloat16, torch.float16) else gpt
+
+
+def causal_mask(batch: int, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Megatron's boolean attention mask [batch, 1, seq, seq] (True = masked)."""
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
+    return mask.expand(batch, 1, seq_len, seq_len)
+
+
+def packed_causal_mask(cu_seqlens: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """[1, 1, T, T] mask of packed sequences (block-diagonal causal): the local spec has no
+    THD kernel, so packing is expressed as a mask over one [T, 1] batch, the same token
+    order a THD forward routes."""
+    total = cu_seqlens[-1]
+    seq_id = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), torch.diff(torch.tensor(cu_seqlens)))
+    same = seq_id[:, None] == seq_id[None, :]
+    allowed = same & torch.ones(total, total, dtype=torch.bool).tril()
+    return (~allowed).to(device).view(1, 1, total, total)
+
+
+def packed_position_ids(cu_seqlens: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """[1, T] positions restarting at 0 at every packed sequence."""
+    return torch.cat([torch.arange(b - a) for a, b in zip(cu_seqlens, cu_seqlens[1:])]).to(device).view(1, -1)
+
+
+class _NoOpRngTracker:
+    """Stands in for megatron's CUDA RNG tracker on CPU: dropout is off, so forking an RNG
+    stream has nothing to protect. Invariant: holds no state."""
+
+    def fork(self, name: str = "") -> Any:
+        return nullcontext()
+
+    def get_states(self) -> dict:
+        return {}
+
+    def set_states(self, states: dict) -> None:
+        pass
+
+    def add(self, name: str, seed: int) -> None:
+        pass
+
+    def is_initialized(self) -> bool:
+        return True
+
+
+@contextmanager
+def cpu_megatron_runtime() -> Iterator[None]:
+    """Run megatron-core 0.16 on CPU in this process: a gloo process group of one rank
+    (in-process store: no port, so concurrent runs cannot collide),
+    model-parallel state of size 1, and patches (undone on exit) for its CUDA assumptions:
+    ``torch.cuda.current_device`` (router buffers), the CUDA RNG tracker (attention
+    dropout fork, activation-recompute RNG save/restore) and the missing TE router GEMM name (``moe_utils.te_general_gemm``, undefined without
+    Transformer Engine, read by the fp32 router)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.moe import moe_utils
+
+    created_group = not dist.is_initialized()
+    if created_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: "cpu"))
+        stack.enter_context(mock.patch.object(mrandom, "_CUDA_RNG_STATE_TRACKER", _NoOpRngTracker()))
+        stack.enter_context(mock.patch.object(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True))
+        stack.enter_context(mock.patch.object(mrandom, "_get_cuda_rng_state", lambda *a, **k: None))
+        stack.enter_context(mock.patch.object(mrandom, "_set_cuda_rng_state", lambda *a, **k: None))
+        stack.enter_context(mock.patch.object(moe_utils, "te_general_gemm", None, create=True))
+        created_state = not parallel_state.model_parallel_is_initialized()
+        if created_state:
+            parallel_state.initialize_model_parallel(1, 1)
+        try:
+            yield
+        finally:
+            if created_state:
+                parallel_state.destroy_model_parallel()
+            if created_group:
+                dist.destroy_process_group()
