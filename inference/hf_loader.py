@@ -20,7 +20,7 @@ from inference.config import ModelConfig
 from inference.hf_arch import (IGNORED_SUFFIXES, HFArchitecture, HFCheckpointError, TensorRecipe, model_recipes,
                                parse_hf_config)
 from inference.model import MoEGPT
-from inference.model.layers import RotaryEmbedding
+from inference.model.gpt import allocate_model
 
 __all__ = ["HFCheckpointError", "load_hf_config", "load_hf_model", "load_tokenizer", "read_hf_config"]
 
@@ -105,24 +105,6 @@ def _assemble(recipe: TensorRecipe, read: Callable[[str], torch.Tensor]) -> torc
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def _empty_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> MoEGPT:
-    """Parameters allocated but not initialised (every one is overwritten from the
-    checkpoint); the rotary table and expert biases are rebuilt since they are not saved."""
-    with torch.device("meta"):
-        model = MoEGPT(config)
-    model.to_empty(device=device)
-    if config.tie_word_embeddings:      # to_empty materialises the shared parameter twice
-        model.lm_head.weight = model.embed_tokens.weight
-    with torch.device(device):
-        model.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
-    for name, buf in model.named_buffers():
-        if name.endswith("expert_bias"):
-            buf.zero_()
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
-    return model
-
-
 @torch.no_grad()
 def load_hf_model(checkpoint_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
                   dtype: torch.dtype = torch.float32) -> MoEGPT:
@@ -135,7 +117,7 @@ def load_hf_model(checkpoint_dir: str | os.PathLike, *, device: str | torch.devi
     if problems:
         raise HFCheckpointError(f"checkpoint {checkpoint_dir} does not match its config ({arch.model_type})", problems)
     device = torch.device(device)
-    model = _empty_model(config, device, dtype)
+    model = allocate_model(config, device, dtype)
     params = dict(model.named_parameters())
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in sorted(set(files.values()))}

@@ -14,6 +14,7 @@ import torch
 
 from inference.config import DTYPES, ModelConfig, RouterConfig
 from inference.model import MoEGPT
+from inference.model.gpt import allocate_model
 
 PRESETS = MappingProxyType({
     "tiny-moe": ModelConfig(
@@ -65,7 +66,7 @@ def init_random_weights(model: MoEGPT, seed: int) -> None:
             continue
         fan_in = p.shape[-1]
         std = 0.02 if name.startswith("embed_tokens") else 1.0 / math.sqrt(fan_in)
-        p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std)
+        p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std))
     for name, buf in model.named_buffers():
         if name.endswith("expert_bias"):
             buf.copy_(torch.randn(buf.shape, generator=gen, device=device) * 0.05)
@@ -74,9 +75,6 @@ def init_random_weights(model: MoEGPT, seed: int) -> None:
 def build_model(config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> MoEGPT:
     """A model with seeded random weights, on ``device`` in ``dtype`` (buffers stay fp32)."""
-    with torch.device(device):
-        model = MoEGPT(config)
+    model = allocate_model(config, device, dtype)
     init_random_weights(model, seed)
-    for p in model.parameters():
-        p.data = p.data.to(dtype)
     return model.eval()

@@ -9,6 +9,7 @@ from inference.config import ModelConfig
 from inference.model.attention import Attention
 from inference.model.context import ForwardContext
 from inference.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
+from inference.model.router import TopKRouter
 from inference.model.moe import MoEMLP
 
 
@@ -87,3 +88,21 @@ class MoEGPT(nn.Module):
             forced = forced_routing[:, j] if forced_routing is not None and j is not None else None
             h = h + layer.mlp_forward(layer.post_attention_layernorm(h), out, forced)
         return self.compute_logits(self.norm(h)), routing
+
+
+def allocate_model(config: ModelConfig, device: str | torch.device, dtype: torch.dtype) -> MoEGPT:
+    """A model whose parameters are allocated directly in ``dtype`` on ``device`` but not
+    initialised (a 30B-parameter shape never exists in fp32). The rotary tables and expert
+    biases, which no checkpoint carries, are fp32 and set (bias zero)."""
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = MoEGPT(config).to(dtype)
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:      # to_empty materialises the shared parameter twice
+        model.lm_head.weight = model.embed_tokens.weight
+    with torch.device(device):
+        model.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+    for module in model.modules():
+        if isinstance(module, TopKRouter) and module.expert_bias is not None:
+            module.expert_bias = torch.zeros(module.num_experts, device=device)
+    return model
