@@ -104,6 +104,7 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._live_ids: set[str] = set()
         self._awaiting_routing: dict[str, RequestResult] = {}
+        self._routing_start: dict[str, int] = {}
         self._phase = _PhaseTimes()
         self._to_reconstruct: list[tuple[str, list[int], int, int]] = []
 
@@ -117,13 +118,19 @@ class LLMEngine:
 
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, routing_start: int = 0) -> str:
         """Validate and queue a request; raises ``InvalidRequestError`` naming it when bad
-        (nothing else is affected)."""
+        (nothing else is affected). ``routing_start`` > 0 returns only routing rows from that
+        position on (multi-turn callers already hold the rows of earlier turns)."""
         arrival = next(self._arrivals)
         request_id = str(arrival) if request_id is None else str(request_id)
         params = sampling_params or SamplingParams()
         self._validate(request_id, prompt_token_ids, params)
+        if isinstance(routing_start, bool) or not isinstance(routing_start, int) or not 0 <= routing_start <= len(prompt_token_ids):
+            raise InvalidRequestError(
+                f"routing_start={routing_start!r} must be an int in [0, prompt length {len(prompt_token_ids)}]", request_id)
+        if routing_start:
+            self._routing_start[request_id] = routing_start
         request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
                           sampling_params=params, arrival_index=arrival)
         self._live_ids.add(request_id)
@@ -156,6 +163,7 @@ class LLMEngine:
         if request is None:
             return False
         self._live_ids.discard(request_id)
+        self._routing_start.pop(request_id, None)
         self.sampler.release(request_id)
         if self.recorder is not None:
             self.recorder.discard(request_id)
@@ -234,6 +242,8 @@ class LLMEngine:
 
     def _finish(self, request: Request) -> RequestResult:
         result = RequestResult.from_request(request)
+        start = self._routing_start.pop(request.request_id, 0)
+        result.routing_start = start if self.recorder is not None else 0
         self.sampler.release(request.request_id)
         self._live_ids.discard(request.request_id)
         if self.recorder is not None:
@@ -251,7 +261,8 @@ class LLMEngine:
         if self.recorder is not None:
             # Batched into one gather per step (_reconstruct_finished), still before any
             # later forward can write into these blocks.
-            self._to_reconstruct.append((request.request_id, list(request.block_ids), request.num_tokens - 1, 0))
+            start = self._routing_start.get(request.request_id, 0)
+            self._to_reconstruct.append((request.request_id, list(request.block_ids), request.num_tokens - 1, start))
 
     def _reconstruct_finished(self) -> None:
         if self._to_reconstruct:
@@ -303,7 +314,8 @@ class LLMEngine:
     def generate(self, prompts: Iterable[Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  request_ids: Sequence[str] | None = None,
-                 on_result: Callable[[RequestResult], None] | None = None) -> list[RequestResult]:
+                 on_result: Callable[[RequestResult], None] | None = None,
+                 routing_starts: Sequence[int] | None = None) -> list[RequestResult]:
         """Serve ``prompts`` to completion; results come back in input order. A bad prompt
         yields a result with ``finish_reason == "error"`` and the others are served."""
         prompts = list(prompts)
@@ -311,10 +323,13 @@ class LLMEngine:
                   else [sampling_params] * len(prompts))
         ids = [str(i) for i in (request_ids if request_ids is not None else
                                 (next(self._arrivals) for _ in prompts))]
+        if len(set(ids)) != len(ids):
+            raise ValueError("generate: request_ids must be unique")
+        starts = list(routing_starts) if routing_starts is not None else [0] * len(prompts)
         results: dict[str, RequestResult] = {}
-        for rid, prompt, p in zip(ids, prompts, params):
+        for rid, prompt, p, start in zip(ids, prompts, params, starts):
             try:
-                self.add_request(prompt, p, rid)
+                self.add_request(prompt, p, rid, routing_start=start)
             except InvalidRequestError as exc:
                 results[rid] = RequestResult.failed(rid, list(prompt) if isinstance(prompt, (list, tuple)) else [], str(exc))
                 if on_result:

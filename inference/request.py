@@ -139,7 +139,8 @@ class RequestResult:
     """What the caller gets back for one request.
 
     Invariant: `error` is set exactly when `finish_reason == "error"`; `routing`, once the
-    engine fills it in, has `len(prompt_token_ids) + len(output_token_ids) - 1` rows.
+    engine fills it in, has `len(prompt_token_ids) + len(output_token_ids) - 1 - routing_start`
+    rows (row j is the routing of token `routing_start + j`).
     """
 
     request_id: str
@@ -148,6 +149,7 @@ class RequestResult:
     finish_reason: str  # "stop" | "length" | "error"
     error: str | None = None
     routing: np.ndarray | None = None
+    routing_start: int = 0  # first routing row returned (suffix output for multi-turn callers)
     num_cached_tokens: int = 0
     num_preemptions: int = 0
 

@@ -20,9 +20,7 @@ import torch
 from inference.engine import LLMEngine
 from inference.request import RequestResult
 from routing_replay import RoutingMeta, load_routing, numpy_dtype, save_routing
-
-RESULTS_FILE = "results.jsonl"
-STEP_DETAILS_FILE = "step_details.json"
+from routing_replay.run_dir_schema import RESULTS_FILE, STEP_DETAILS_FILE
 
 
 def result_record(result: RequestResult) -> dict:
@@ -35,6 +33,8 @@ def result_record(result: RequestResult) -> dict:
     if result.routing is not None:
         record["routing_shape"] = list(result.routing.shape)
         record["routing_dtype"] = str(result.routing.dtype)
+        if result.routing_start:
+            record["routing_start"] = result.routing_start
     return record
 
 

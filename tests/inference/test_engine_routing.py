@@ -124,3 +124,16 @@ def test_host_sync_baseline_recorder(make_engine, tiny_model, reference):
         expected = reference.routing(tiny_model, r.prompt_token_ids, r.output_token_ids).numpy()
         assert r.routing.dtype == np.int32
         np.testing.assert_array_equal(r.routing, expected)
+
+
+def test_suffix_output_for_multi_turn_callers(make_engine, tiny_model, reference):
+    prompts = _prompts(4, seed=18, low=10, high=20)
+    starts = [0, 3, 9, len(prompts[3])]
+    engine = make_engine(record_routing=True)
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=5), routing_starts=starts)
+    for r, start in zip(results, starts):
+        full = reference.routing(tiny_model, r.prompt_token_ids, r.output_token_ids).numpy()
+        assert r.routing_start == start
+        np.testing.assert_array_equal(r.routing.astype(np.int64), full[start:])
+    with pytest.raises(Exception, match="routing_start"):
+        engine.add_request([5, 6, 7], routing_start=4)
