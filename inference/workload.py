@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -11,22 +12,34 @@ import orjson
 
 @dataclass(frozen=True)
 class PromptSpec:
-    """One request to serve: its id, tokens and optional per-request token limit."""
+    """One request to serve: its id, tokens and optional per-request token limit. For a
+    text prompt, ``prompt_token_ids`` is the tokenizer's encoding of ``prompt_text``."""
 
     request_id: str
     prompt_token_ids: list[int]
     max_new_tokens: int | None = None
+    prompt_text: str | None = None
+    routing_start: int = 0          # first routing row to return (multi-turn suffix output)
+
+
+class TextEncoder(Protocol):
+    """What a text prompt needs of a tokenizer (a transformers tokenizer qualifies)."""
+
+    def encode(self, text: str) -> list[int]: ...
 
 
 class PromptsFileError(ValueError):
     """The prompts file cannot be read; the message names the file and line."""
 
 
-def read_prompts_file(path: str | Path) -> list[PromptSpec]:
-    """JSONL, one object per line: ``{"id": str|int, "prompt_token_ids": [int, ...]}`` and
-    optionally ``"max_new_tokens"``. Blank lines are skipped. Structural problems (bad JSON,
-    missing keys, duplicate ids) fail the whole file; bad token values are left for the
-    engine, which fails that request alone."""
+def read_prompts_file(path: str | Path, tokenizer: TextEncoder | None = None) -> list[PromptSpec]:
+    """JSONL, one object per line: ``{"id": str|int, "prompt_token_ids": [int, ...]}`` or
+    ``{"id": ..., "prompt": "text"}`` (exactly one of the two), optionally with
+    ``"max_new_tokens"`` and ``"routing_start"``. Text is encoded by ``tokenizer.encode(text)`` (special tokens as the
+    tokenizer adds them by default); the tokenizer is asked for nothing unless a text line
+    exists. Blank lines are skipped. Structural problems (bad JSON, missing keys, duplicate
+    ids) fail the whole file; bad token values are left for the engine, which fails that
+    request alone."""
     path = Path(path)
     if not path.is_file():
         raise PromptsFileError(f"--prompts-file: {path} does not exist or is not a file")
@@ -34,30 +47,53 @@ def read_prompts_file(path: str | Path) -> list[PromptSpec]:
     for lineno, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
-        where = f"--prompts-file {path}, line {lineno}"
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            raise PromptsFileError(f"{where}: not valid JSON ({exc})") from None
-        if not isinstance(obj, dict):
-            raise PromptsFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        for key in ("id", "prompt_token_ids"):
-            if key not in obj:
-                raise PromptsFileError(f"{where}: missing key {key!r}")
-        rid = str(obj["id"])
-        if rid in seen:
-            raise PromptsFileError(f"{where}: duplicate id {rid!r}")
-        seen.add(rid)
-        tokens = obj["prompt_token_ids"]
-        if not isinstance(tokens, list):
-            raise PromptsFileError(f"{where}: prompt_token_ids must be a list of ints")
-        limit = obj.get("max_new_tokens")
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
-            raise PromptsFileError(f"{where}: max_new_tokens must be an int >= 1")
-        specs.append(PromptSpec(rid, tokens, limit))
+        spec = _parse_line(line, f"--prompts-file {path}, line {lineno}", tokenizer)
+        if spec.request_id in seen:
+            raise PromptsFileError(f"--prompts-file {path}, line {lineno}: duplicate id {spec.request_id!r}")
+        seen.add(spec.request_id)
+        specs.append(spec)
     if not specs:
         raise PromptsFileError(f"--prompts-file {path}: no prompts in the file")
     return specs
+
+
+def _parse_line(line: bytes, where: str, tokenizer: TextEncoder | None) -> PromptSpec:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError as exc:
+        raise PromptsFileError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise PromptsFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "id" not in obj:
+        raise PromptsFileError(f"{where}: missing key 'id'")
+    has_ids, has_text = "prompt_token_ids" in obj, "prompt" in obj
+    if has_ids == has_text:
+        which = "both" if has_ids else "neither"
+        raise PromptsFileError(f"{where}: give exactly one of 'prompt_token_ids' and 'prompt' (found {which})")
+    limit = obj.get("max_new_tokens")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise PromptsFileError(f"{where}: max_new_tokens must be an int >= 1")
+    start = obj.get("routing_start", 0)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise PromptsFileError(f"{where}: routing_start must be an int >= 0")
+    if has_ids:
+        if not isinstance(obj["prompt_token_ids"], list):
+            raise PromptsFileError(f"{where}: prompt_token_ids must be a list of ints")
+        return PromptSpec(str(obj["id"]), obj["prompt_token_ids"], limit, routing_start=start)
+    text = obj["prompt"]
+    return PromptSpec(str(obj["id"]), _encode(text, where, tokenizer), limit, prompt_text=text, routing_start=start)
+
+
+def _encode(text: Any, where: str, tokenizer: TextEncoder | None) -> list[int]:
+    if not isinstance(text, str) or not text:
+        raise PromptsFileError(f"{where}: prompt must be a non-empty string")
+    if tokenizer is None:
+        raise PromptsFileError(f"{where}: text prompts need --hf-checkpoint with a tokenizer")
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as exc:  # e.g. the checkpoint has no tokenizer files (loaded lazily)
+        raise PromptsFileError(f"{where}: {exc}") from None
+    return [int(t) for t in ids]
 
 
 def synthetic_prompts(*, num_requests: int, prompt_len: int, vocab_size: int, seed: int,

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weights/KV dtype (default: float32 on CPU, bfloat16 on CUDA)")
     g.add_argument("--seed", type=int, default=0, help="seed for weights, synthetic prompts and sampling")
     g = p.add_argument_group("workload (a prompts file, or a synthetic workload)")
-    g.add_argument("--prompts-file", metavar="JSONL", help='one JSON object per line: {"id": ..., "prompt_token_ids": [...]}')
+    g.add_argument("--prompts-file", metavar="JSONL", help='one JSON object per line: {"id": ..., "prompt_token_ids": [...]} or {"id": ..., "prompt": "text"} '
+                        '(text needs --hf-checkpoint with a tokenizer); optional "max_new_tokens", "routing_start"')
     g.add_argument("--num-requests", type=int, default=8, help="synthetic: number of requests")
     g.add_argument("--prompt-len", type=int, default=32, help="synthetic: prompt tokens per request")
     g.add_argument("--output-len", type=int, default=32, help="synthetic: tokens to generate per request")

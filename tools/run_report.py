@@ -32,7 +32,8 @@ def serve_and_report(engine: LLMEngine, args: argparse.Namespace, dist: Distribu
     start = time.perf_counter()
     results = engine.generate([s.prompt_token_ids for s in my_specs],
                               [params_for(args, s, index_of[s.request_id]) for s in my_specs],
-                              request_ids=[s.request_id for s in my_specs], on_result=on_result)
+                              request_ids=[s.request_id for s in my_specs], on_result=on_result,
+                              routing_starts=[s.routing_start for s in my_specs])
     wall = time.perf_counter() - start
     progress.close()
     files: list[Path] = []

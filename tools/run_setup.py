@@ -73,9 +73,35 @@ def build_engine(loader: ModelLoader, config: EngineConfig, device: torch.device
     return LLMEngine(model, config)
 
 
+class _CheckpointTokenizer:
+    """The --hf-checkpoint tokenizer, loaded on the first ``encode`` and kept: a prompts file
+    of token ids never reads it, so checkpoints without tokenizer files still serve those."""
+
+    def __init__(self, checkpoint_dir: str) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self._tokenizer = None
+
+    def encode(self, text: str) -> list[int]:
+        if self._tokenizer is None:
+            self._tokenizer = self._load()
+        return self._tokenizer.encode(text)
+
+    def _load(self):
+        from inference.hf_loader import HFCheckpointError, load_tokenizer
+        try:
+            return load_tokenizer(self.checkpoint_dir)
+        except HFCheckpointError as exc:
+            reason = "; ".join(exc.problems)
+        except (ImportError, OSError, ValueError) as exc:  # transformers missing, or files it cannot read
+            reason = str(exc)
+        raise ValueError(f"text prompts need a tokenizer, but --hf-checkpoint {self.checkpoint_dir} "
+                         f"has none that loads: {reason}")
+
+
 def load_prompts(args: argparse.Namespace, model_config: ModelConfig) -> list[PromptSpec]:
     if args.prompts_file:
-        return read_prompts_file(args.prompts_file)
+        tokenizer = _CheckpointTokenizer(args.hf_checkpoint) if args.hf_checkpoint else None
+        return read_prompts_file(args.prompts_file, tokenizer)
     return synthetic_prompts(num_requests=args.num_requests, prompt_len=args.prompt_len,
                              vocab_size=model_config.vocab_size, seed=args.seed,
                              shared_prefix_len=args.shared_prefix_len)

@@ -47,17 +47,21 @@ def test_prompts_file_with_a_bad_request(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "ok1", "prompt_token_ids": [5, 6, 7]}\n'
                        '{"id": "oov", "prompt_token_ids": [5, 99999]}\n'
-                       '\n{"id": 3, "prompt_token_ids": [8, 9], "max_new_tokens": 2}\n')
+                       '\n{"id": 3, "prompt_token_ids": [8, 9], "max_new_tokens": 2}\n'
+                       '{"id": "turn2", "prompt_token_ids": [5, 6, 7, 8, 9], "routing_start": 3}\n')
     out = tmp_path / "out"
     proc = _run(["--prompts-file", str(prompts), "--max-new-tokens", "4", "--record-routing", "--output-dir", str(out)])
     assert proc.returncode == 0, proc.stderr
     by_id = {r["id"]: r for r in _results(out)}
-    assert list(by_id) == ["ok1", "oov", "3"]
+    assert list(by_id) == ["ok1", "oov", "3", "turn2"]
+    turn2 = by_id["turn2"]
+    assert turn2["routing_start"] == 3
+    assert turn2["routing_shape"][0] == 5 + len(turn2["output_token_ids"]) - 1 - 3
     assert by_id["oov"]["finish_reason"] == "error" and "outside the vocabulary" in by_id["oov"]["error"]
     assert "oov" in proc.stderr
     assert len(by_id["3"]["output_token_ids"]) <= 2 and by_id["ok1"]["output_token_ids"]
     routings, _ = load_routing(out)
-    assert set(routings) == {"ok1", "3"}
+    assert set(routings) == {"ok1", "3", "turn2"}
 
 
 @pytest.mark.parametrize("content, message", [

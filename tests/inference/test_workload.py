@@ -1,0 +1,77 @@
+"""read_prompts_file: token-id and text prompts, and the errors that name file and line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inference.workload import PromptsFileError, read_prompts_file
+
+
+class FakeTokenizer:
+    """Encodes each word as its length plus 100 after a BOS of 7; numpy ints, as some
+    tokenizers return, so the caller's conversion to plain ints is exercised."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def encode(self, text: str) -> list[int]:
+        self.calls.append(text)
+        return [np.int64(7)] + [np.int64(100 + len(w)) for w in text.split()]
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(text)
+    return path
+
+
+def test_text_and_token_id_lines_mix(tmp_path):
+    path = _write(tmp_path, '{"id": "t", "prompt": "ab cde", "max_new_tokens": 5}\n'
+                            '\n{"id": 2, "prompt_token_ids": [4, 5]}\n')
+    tok = FakeTokenizer()
+    text_spec, ids_spec = read_prompts_file(path, tok)
+    assert tok.calls == ["ab cde"]
+    assert text_spec.request_id == "t" and text_spec.prompt_text == "ab cde" and text_spec.max_new_tokens == 5
+    assert text_spec.prompt_token_ids == [7, 102, 103]
+    assert all(type(t) is int for t in text_spec.prompt_token_ids)
+    assert ids_spec.request_id == "2" and ids_spec.prompt_token_ids == [4, 5] and ids_spec.prompt_text is None
+
+
+def test_token_id_file_never_asks_the_tokenizer(tmp_path):
+    path = _write(tmp_path, '{"id": 1, "prompt_token_ids": [3]}\n{"id": 2, "prompt_token_ids": [4, 5]}\n')
+    tok = FakeTokenizer()
+    assert [s.prompt_token_ids for s in read_prompts_file(path, tok)] == [[3], [4, 5]]
+    assert tok.calls == []
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"id": 1, "prompt_token_ids": [1]}\n{"id": 2, "prompt": "x", "prompt_token_ids": [1]}\n',
+     "line 2: give exactly one of 'prompt_token_ids' and 'prompt' (found both)"),
+    ('{"id": 1}\n', "line 1: give exactly one of 'prompt_token_ids' and 'prompt' (found neither)"),
+    ('{"id": 1, "prompt": ""}\n', "line 1: prompt must be a non-empty string"),
+    ('{"id": 1, "prompt": [1, 2]}\n', "line 1: prompt must be a non-empty string"),
+    ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "line 2: duplicate id '1'"),
+])
+def test_malformed_text_lines(tmp_path, content, message):
+    path = _write(tmp_path, content)
+    with pytest.raises(PromptsFileError) as info:
+        read_prompts_file(path, FakeTokenizer())
+    assert str(info.value) == f"--prompts-file {path}, {message}"
+
+
+def test_text_without_tokenizer_names_the_flag(tmp_path):
+    path = _write(tmp_path, '{"id": 1, "prompt_token_ids": [1]}\n{"id": 2, "prompt": "hello"}\n')
+    with pytest.raises(PromptsFileError) as info:
+        read_prompts_file(path)
+    assert str(info.value) == f"--prompts-file {path}, line 2: text prompts need --hf-checkpoint with a tokenizer"
+
+
+def test_tokenizer_failure_is_reported_with_its_line(tmp_path):
+    class Broken:
+        def encode(self, text: str) -> list[int]:
+            raise ValueError("no tokenizer files in /ckpt")
+
+    path = _write(tmp_path, '{"id": 1, "prompt": "hello"}\n')
+    with pytest.raises(PromptsFileError, match=r"line 1: no tokenizer files in /ckpt"):
+        read_prompts_file(path, Broken())
