@@ -92,12 +92,11 @@ class RoutingMeta:
         if not isinstance(data, Mapping):
             raise TypeError(f"routing meta must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
-        required = names - {"schema_version"}
-        missing = sorted(required - data.keys())
-        unknown = sorted(data.keys() - names)
-        if missing or unknown:
-            raise ValueError(f"routing meta: missing keys {missing}, unknown keys {unknown}")
-        return cls(**data)
+        missing = sorted(names - {"schema_version"} - data.keys())
+        if missing:
+            raise ValueError(f"routing meta: missing keys {missing}")
+        # Unknown keys are ignored: later schema additions must not break older readers.
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     def check_array(self, key: str, routing: np.ndarray) -> None:
         """Raise ValueError unless `routing` is [rows, num_moe_layers, topk] of `dtype`."""

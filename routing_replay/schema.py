@@ -1,13 +1,15 @@
-"""Hand-written validators for the files a recorded run writes (see docs/SCHEMAS.md).
+"""Hand-written validators for the files a recorded run writes (see docs/SCHEMAS.md):
+step_details.json, results.jsonl lines and routing_meta.json, each on its own.
 
 Every ``validate_*`` function returns a list of human-readable problems; an empty list means
 valid. Readers must tolerate missing optional fields and unknown extra fields, so the
 validators check only what the contract promises. This module never imports ``inference``.
+routing.npz and whole-run-folder checks live in ``routing_replay.run_dir_schema``; its
+public names are re-exported here.
 """
 from __future__ import annotations
 
 import math
-import zipfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -15,13 +17,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import orjson
 
-from routing_replay.outputs import META_FILE as ROUTING_META_FILE
-from routing_replay.outputs import ROUTING_FILE
 from routing_replay.step_details import ROUTING_PHASES, SCHEMA_VERSION, STEP_KINDS
 
-STEP_DETAILS_FILE = "step_details.json"
-RESULTS_FILE = "results.jsonl"
-RUN_FILES = (STEP_DETAILS_FILE, RESULTS_FILE, ROUTING_FILE, ROUTING_META_FILE)
 ROUTING_DTYPES = ("uint8", "int16", "int32")
 FINISH_REASONS = ("stop", "length", "error")
 _MAX_PROBLEMS_IN_ERROR = 5
@@ -54,6 +51,7 @@ _time = _rule(lambda v: _is_number(v) and v >= 0, "must be a finite number >= 0"
 _boolean = _rule(lambda v: isinstance(v, bool), "must be a bool")
 _string = _rule(lambda v: isinstance(v, str), "must be a string")
 _object = _rule(lambda v: isinstance(v, dict), "must be an object")
+_list = _rule(lambda v: isinstance(v, list), "must be a list")
 _token_ids = _rule(
     lambda v: isinstance(v, list) and all(_is_int(i) and i >= 0 for i in v), "must be a list of ints >= 0"
 )
@@ -70,34 +68,45 @@ _ENTRY_SPEC: Spec = (
     (("step_time_ms",) + tuple(f"routing_{p}_ms" for p in ROUTING_PHASES), _time, True),
     (("cuda_graph",), _boolean, True),
     (("prefill_tokens", "decode_tokens", "finished_requests", "preempted_requests"), _count, False),
-    (("time_s", "gpu_step_time_ms"), _time, False),
+    (("time_s", "gpu_forward_ms"), _time, False),
 )
 _STEP_META_SPEC: Spec = (
     (("schema_version",), _positive, True),
     (("kind",), _string, True),
-    (("model", "engine", "versions"), _object, False),
+    (("model", "engine", "versions", "workload"), _object, False),
     (("device", "created"), _string, False),
+    (("record_routing",), _boolean, False),
+    (("rank",), _count, False),
+    (("world_size",), _positive, False),
 )
 _MODEL_SPEC: Spec = (
     (("num_layers", "hidden_size", "num_experts", "topk"), _positive, False),
-    (("preset",), _string, False),
+    (("name",), _string, False),
 )
 _ENGINE_SPEC: Spec = (
-    (("block_size", "num_kv_blocks", "max_requests", "max_step_tokens"), _positive, False),
-    (("enable_prefix_caching", "cuda_graphs", "record_routing"), _boolean, False),
-    (("dtype",), _string, False),
+    (("block_size", "num_kv_blocks", "max_requests", "max_step_tokens", "cuda_graph_max_batch"), _positive, False),
+    (("enable_prefix_caching", "chunked_prefill", "record_routing", "cuda_graphs", "padded_decode"), _boolean, False),
+    (("dtype", "device", "routing_recorder"), _string, False),
 )
 _SUMMARY_SPEC: Spec = (
-    (("num_steps", "total_step_time_ms", "total_tokens", "prefill_tokens", "decode_tokens", "wall_time_s",
-      "tokens_per_s", "decode_tokens_per_s", "routing_share"), _time, False),
-    (("by_kind",), _object, False),
+    (("num_steps", "total_tokens", "prefill_tokens", "decode_tokens"), _count, False),
+    (("total_step_time_ms", "wall_time_s", "tokens_per_s", "decode_tokens_per_s", "routing_share"), _time, False),
+    (("routing", "by_kind"), _object, False),
 )
+# One group of steps: all of them (top level of summary) or one step kind (summary.by_kind.<kind>).
+_GROUP_SPEC: Spec = (
+    (("steps",), _count, False),
+    (("routing_total_ms", "routing_share"), _time, False),
+    (("step_time_ms", "routing"), _object, False),
+)
+_TOTAL_MEAN_SPEC: Spec = ((("total", "mean"), _time, False),)
+_PHASE_SPEC: Spec = ((("total_ms", "mean_ms", "share"), _time, False),)
 _RESULT_SPEC: Spec = (
     (("id", "finish_reason"), _string, True),
-    (("prompt_token_ids", "output_token_ids"), _token_ids, True),
+    (("output_token_ids",), _token_ids, True),
     (("error", "routing_dtype"), _string, False),
     (("routing_shape",), _shape, False),
-    (("num_cached_tokens", "num_preemptions"), _count, False),
+    (("num_cached_tokens", "num_preemptions", "routing_start"), _count, False),
 )
 _ROUTING_META_SPEC: Spec = (
     (("schema_version", "num_layers", "num_experts", "topk", "block_size"), _positive, True),
@@ -190,6 +199,15 @@ def _validate_step_meta(meta: Any) -> list[str]:
     return problems
 
 
+def _routing_phase_problems(routing: dict, where: str) -> list[str]:
+    # Phases and kinds the reader does not know are extra fields, so they are not problems.
+    problems: list[str] = []
+    for phase in ROUTING_PHASES:
+        if _check(routing, phase, _object, where, problems, required=False):
+            _check_spec(routing[phase], _PHASE_SPEC, f"{where}.{phase}", problems)
+    return problems
+
+
 def _validate_summary(summary: Any, entries: Any) -> list[str]:
     if not isinstance(summary, dict):
         return ["summary must be an object"]
@@ -197,17 +215,23 @@ def _validate_summary(summary: Any, entries: Any) -> list[str]:
     valid = _check_spec(summary, _SUMMARY_SPEC, "summary", problems)
     if "num_steps" in valid and isinstance(entries, list) and summary["num_steps"] != len(entries):
         problems.append(f"summary.num_steps {summary['num_steps']} != {len(entries)} entries")
-    for kind, stats in summary["by_kind"].items() if "by_kind" in valid else ():
-        phases = stats.get("phases", {}) if isinstance(stats, dict) else None
-        if kind not in STEP_KINDS:
-            problems.append(f"summary.by_kind has unknown step kind {kind!r}")
-        elif not isinstance(phases, dict) or not set(phases) <= set(ROUTING_PHASES):
-            problems.append(f"summary.by_kind.{kind} must be an object whose phases are {ROUTING_PHASES}")
+    if "routing" in valid:
+        problems += _routing_phase_problems(summary["routing"], "summary.routing")
+    for kind in STEP_KINDS if "by_kind" in valid else ():
+        where = f"summary.by_kind.{kind}"
+        if not _check(summary["by_kind"], kind, _object, "summary.by_kind", problems, required=False):
+            continue
+        group_valid = _check_spec(summary["by_kind"][kind], _GROUP_SPEC, where, problems)
+        if "step_time_ms" in group_valid:
+            _check_spec(summary["by_kind"][kind]["step_time_ms"], _TOTAL_MEAN_SPEC, f"{where}.step_time_ms", problems)
+        if "routing" in group_valid:
+            problems += _routing_phase_problems(summary["by_kind"][kind]["routing"], f"{where}.routing")
     return problems
 
 
-def _record_routing(step_obj: Any) -> Optional[bool]:
-    """meta.engine.record_routing (else meta.record_routing) when stated as a bool, else None."""
+def stated_record_routing(step_obj: Any) -> Optional[bool]:
+    """meta.engine.record_routing (else meta.record_routing) of a parsed step_details.json
+    when stated as a bool, else None."""
     meta = step_obj.get("meta") if isinstance(step_obj, dict) else None
     if not isinstance(meta, dict):
         return None
@@ -225,7 +249,7 @@ def validate_step_details(obj: Any) -> list[str]:
         problems += _validate_step_meta(obj["meta"])
     entries = obj.get("step_details")
     if isinstance(entries, list):
-        problems += _validate_entries(entries, _record_routing(obj))
+        problems += _validate_entries(entries, stated_record_routing(obj))
     elif "step_details" in obj:
         problems.append("step_details must be a list")
     if obj.get("summary") is not None:
@@ -260,34 +284,56 @@ def load_step_details(path: str | Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- results.jsonl
+def _prompt_problems(obj: dict, valid: set[str], problems: list[str]) -> None:
+    """Check prompt_token_ids; add it to ``valid`` when it is a usable list of token ids."""
+    if obj.get("finish_reason") == "error":
+        # A rejected request echoes its prompt as given: that prompt may be why it was rejected.
+        _check(obj, "prompt_token_ids", _list, "result", problems)
+        return
+    if _check(obj, "prompt_token_ids", _token_ids, "result", problems):
+        valid.add("prompt_token_ids")
+        if not obj["prompt_token_ids"]:
+            problems.append("result.prompt_token_ids must not be empty")
+
+
+def _routing_rows_problems(obj: dict, valid: set[str]) -> list[str]:
+    needed = {"routing_shape", "prompt_token_ids", "output_token_ids"}
+    if not needed <= valid:
+        return []
+    start = obj["routing_start"] if "routing_start" in valid else 0
+    if start > len(obj["prompt_token_ids"]):
+        return [f"result.routing_start {start} > len(prompt) {len(obj['prompt_token_ids'])}"]
+    expected = len(obj["prompt_token_ids"]) + len(obj["output_token_ids"]) - 1 - start
+    if obj["routing_shape"][0] == expected:
+        return []
+    minus_start = f" - routing_start {start}" if start else ""
+    return [f"result {obj.get('id')!r}: routing rows {obj['routing_shape'][0]} != "
+            f"len(prompt) + len(output) - 1{minus_start} = {expected}"]
+
+
 def validate_results_line(obj: Any) -> list[str]:
     """Problems of one parsed results.jsonl line; [] when valid."""
     if not isinstance(obj, dict):
         return ["result must be an object"]
     problems: list[str] = []
     valid = _check_spec(obj, _RESULT_SPEC, "result", problems)
+    _prompt_problems(obj, valid, problems)
     if "id" in valid and not obj["id"]:
         problems.append("result.id must not be empty")
-    if "prompt_token_ids" in valid and not obj["prompt_token_ids"]:
-        problems.append("result.prompt_token_ids must not be empty")
     if "finish_reason" in valid and obj["finish_reason"] not in FINISH_REASONS:
         problems.append(f"result.finish_reason must be one of {FINISH_REASONS}, got {obj['finish_reason']!r}")
     if ("routing_shape" in obj) != ("routing_dtype" in obj):
         problems.append("result: routing_shape and routing_dtype must be present together")
+    if "routing_start" in obj and "routing_shape" not in obj:
+        problems.append("result: routing_start without routing_shape")
     if "routing_dtype" in valid and obj["routing_dtype"] not in ROUTING_DTYPES:
         problems.append(f"result.routing_dtype must be one of {ROUTING_DTYPES}, got {obj['routing_dtype']!r}")
-    needed = {"routing_shape", "prompt_token_ids", "output_token_ids", "finish_reason"}
-    if needed <= valid and obj["finish_reason"] != "error":
-        expected = len(obj["prompt_token_ids"]) + len(obj["output_token_ids"]) - 1
-        if obj["routing_shape"][0] != expected:
-            problems.append(
-                f"result {obj.get('id')!r}: routing rows {obj['routing_shape'][0]} != "
-                f"len(prompt) + len(output) - 1 = {expected}"
-            )
+    if "finish_reason" in valid and obj["finish_reason"] != "error":
+        problems += _routing_rows_problems(obj, valid)
     return problems
 
 
-# ----------------------------------------------------------------------------- routing meta + npz
+# ----------------------------------------------------------------------------- routing_meta.json
 def _layer_index_problems(indices: Any, num_layers: Any, where: str) -> list[str]:
     if not (isinstance(indices, list) and indices and all(_is_int(i) and i >= 0 for i in indices)):
         return [f"{where}.moe_layer_indices must be a non-empty list of ints >= 0"]
@@ -320,134 +366,15 @@ def validate_routing_meta(obj: Any) -> list[str]:
     return problems
 
 
-def _routing_array_problems(key: str, array: np.ndarray, meta: dict) -> list[str]:
-    where = f"routing.npz[{key!r}]"
-    layers, topk = len(meta["moe_layer_indices"]), meta["topk"]
-    if array.ndim != 3 or array.shape[1:] != (layers, topk):
-        return [f"{where}: shape {array.shape} is not [rows, {layers}, {topk}]"]
-    if array.dtype.name != meta["dtype"]:
-        return [f"{where}: dtype {array.dtype.name} != routing_meta.dtype {meta['dtype']}"]
-    if array.size == 0:
-        return []
-    problems = []
-    if int(array.min()) < 0 or int(array.max()) >= meta["num_experts"]:
-        problems.append(f"{where}: expert ids outside [0, {meta['num_experts']})")
-    ordered = np.sort(array, axis=-1)
-    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
-        problems.append(f"{where}: a token chose the same expert twice in one layer")
-    return problems
+# ----------------------------------------------------------------------------- re-exports
+_RUN_DIR_NAMES = ("RESULTS_FILE", "RUN_FILES", "STEP_DETAILS_FILE", "validate_routing_npz", "validate_run_dir")
 
 
-def _results_vs_npz(shapes: dict[str, tuple], results: list, meta: dict) -> list[str]:
-    problems = []
-    routed = {}
-    for result in results:
-        if not isinstance(result, dict) or not isinstance(result.get("id"), str):
-            continue
-        if "routing_shape" in result:
-            routed[result["id"]] = result
-        elif result.get("finish_reason") != "error":
-            problems.append(f"result {result['id']!r} has no routing although routing was recorded")
-    problems += [f"routing.npz has no array for result {key!r}" for key in sorted(routed.keys() - shapes.keys())]
-    problems += [f"routing.npz[{key!r}] has no result with routing" for key in sorted(shapes.keys() - routed.keys())]
-    for key in sorted(routed.keys() & shapes.keys()):
-        declared = routed[key]["routing_shape"]
-        if not isinstance(declared, list) or tuple(declared) != shapes[key]:
-            problems.append(f"routing.npz[{key!r}] shape {list(shapes[key])} != routing_shape {declared}")
-        if routed[key].get("routing_dtype") != meta["dtype"]:
-            problems.append(f"result {key!r} routing_dtype {routed[key].get('routing_dtype')!r} != {meta['dtype']!r}")
-    return problems
+def __getattr__(name: str) -> Any:
+    # Resolved on first use, not imported at the top: run_dir_schema imports this module, so
+    # an eager import would fail whenever run_dir_schema is imported first.
+    if name in _RUN_DIR_NAMES:
+        from routing_replay import run_dir_schema
 
-
-def validate_routing_npz(path: str | Path, meta: dict, results: Optional[list[dict]] = None) -> list[str]:
-    """Problems of routing.npz against routing meta and, when given, the results' routing_shape."""
-    if validate_routing_meta(meta):
-        return ["cannot check routing.npz: routing meta is invalid"]
-    problems: list[str] = []
-    shapes: dict[str, tuple] = {}
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                return [f"{path} is not an .npz archive"]
-            for key in archive.files:
-                try:
-                    array = archive[key]
-                except ValueError as exc:  # object arrays need pickle, which we refuse
-                    problems.append(f"routing.npz[{key!r}]: cannot load without pickle ({exc})")
-                    continue
-                shapes[key] = array.shape
-                problems += _routing_array_problems(key, array, meta)
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        return [f"cannot read {path}: {exc}"]
-    if results is not None:
-        problems += _results_vs_npz(shapes, results, meta)
-    return problems
-
-
-# ----------------------------------------------------------------------------- a whole run dir
-def _read_json(path: Path, problems: list[str]) -> Any:
-    try:
-        return orjson.loads(path.read_bytes())
-    except (OSError, orjson.JSONDecodeError) as exc:
-        problems.append(f"{path.name}: cannot read JSON ({exc})")
-        return None
-
-
-def _read_results(path: Path, problems: list[str]) -> list[dict]:
-    results: list[dict] = []
-    seen: set[Any] = set()
-    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            problems.append(f"{path.name}:{number}: not valid JSON ({exc})")
-            continue
-        problems += [f"{path.name}:{number}: {p}" for p in validate_results_line(obj)]
-        if isinstance(obj, dict):
-            if obj.get("id") in seen:
-                problems.append(f"{path.name}:{number}: duplicate id {obj['id']!r}")
-            seen.add(obj.get("id"))
-            results.append(obj)
-    return results
-
-
-def _model_vs_routing_meta(step_obj: Any, routing_meta: dict) -> list[str]:
-    meta = step_obj.get("meta") if isinstance(step_obj, dict) else None
-    model = meta.get("model") if isinstance(meta, dict) else None
-    if not isinstance(model, dict):
-        return []
-    return [
-        f"step_details meta.model.{key} {model[key]!r} != routing_meta.{key} {routing_meta[key]!r}"
-        for key in ("num_layers", "num_experts", "topk", "moe_layer_indices")
-        if key in model and model[key] != routing_meta.get(key)
-    ]
-
-
-def validate_run_dir(out_dir: str | Path) -> list[str]:
-    """Problems of whichever run files exist in ``out_dir`` and of their mutual consistency."""
-    out = Path(out_dir)
-    present = {name: (out / name).is_file() for name in RUN_FILES}
-    if not any(present.values()):
-        return [f"{out}: none of {', '.join(RUN_FILES)} found"]
-    problems: list[str] = []
-    step_obj = _read_json(out / STEP_DETAILS_FILE, problems) if present[STEP_DETAILS_FILE] else None
-    if step_obj is not None:
-        problems += [f"{STEP_DETAILS_FILE}: {p}" for p in validate_step_details(step_obj)]
-    results = _read_results(out / RESULTS_FILE, problems) if present[RESULTS_FILE] else None
-    routing_meta = _read_json(out / ROUTING_META_FILE, problems) if present[ROUTING_META_FILE] else None
-    meta_problems = validate_routing_meta(routing_meta) if routing_meta is not None else []
-    problems += [f"{ROUTING_META_FILE}: {p}" for p in meta_problems]
-    meta_ok = routing_meta is not None and not meta_problems
-    if present[ROUTING_FILE] != present[ROUTING_META_FILE]:
-        have, lack = (ROUTING_FILE, ROUTING_META_FILE) if present[ROUTING_FILE] else (ROUTING_META_FILE, ROUTING_FILE)
-        problems.append(f"{have} present without {lack}")
-    if present[ROUTING_FILE] and meta_ok:
-        problems += validate_routing_npz(out / ROUTING_FILE, routing_meta, results)
-        problems += _model_vs_routing_meta(step_obj, routing_meta)
-    if not present[ROUTING_FILE] and results and any("routing_shape" in r for r in results):
-        problems.append(f"{RESULTS_FILE} declares routing_shape but {ROUTING_FILE} is missing")
-    if _record_routing(step_obj) is True and results and not present[ROUTING_FILE]:
-        problems.append(f"meta.engine.record_routing is true but {ROUTING_FILE} is missing")
-    return problems
+        return getattr(run_dir_schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

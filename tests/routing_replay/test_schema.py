@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 import pytest
 
+from routing_replay import StepDetailsLog
 from routing_replay.schema import (
     SchemaError,
     load_step_details,
@@ -44,11 +45,11 @@ def make_step_details(rng: np.random.Generator, num_steps: int = 12, record_rout
             "step_time_ms": step_ms, "routing_gather_ms": float(phases[0]), "routing_store_ms": float(phases[1]),
             "routing_reconstruct_ms": float(phases[2]), "routing_finalize_ms": float(phases[3]),
             "prefill_tokens": prefill_tokens, "decode_tokens": decode, "finished_requests": int(step % 5 == 4),
-            "preempted_requests": 0, "time_s": clock, "gpu_step_time_ms": None,
+            "preempted_requests": 0, "time_s": clock, "gpu_forward_ms": None,
         })
     meta = {
         "schema_version": 1, "kind": "step_details", "device": "cpu",
-        "model": {"preset": "tiny-moe", "num_layers": NUM_LAYERS, "hidden_size": 64, "num_experts": NUM_EXPERTS,
+        "model": {"name": "tiny-moe", "num_layers": NUM_LAYERS, "hidden_size": 64, "num_experts": NUM_EXPERTS,
                   "topk": TOPK, "moe_layer_indices": MOE_LAYERS},
         "engine": {"block_size": 16, "num_kv_blocks": 64, "max_requests": 8, "max_step_tokens": 256,
                    "enable_prefix_caching": True, "cuda_graphs": True, "record_routing": record_routing,
@@ -117,7 +118,7 @@ def test_valid_run_dir_has_no_problems(run_dir: Path) -> None:
 
 def test_step_details_tolerates_missing_optional_and_extra_fields(doc: dict) -> None:
     optional = ("prefill_tokens", "decode_tokens", "finished_requests", "preempted_requests", "time_s",
-                "gpu_step_time_ms")
+                "gpu_forward_ms")
     for entry in doc["step_details"]:
         for key in optional:
             entry.pop(key)
@@ -160,6 +161,14 @@ CORRUPTIONS = {
     "entries not list": (lambda d: d.update(step_details={}), "step_details must be a list"),
     "bad created": (lambda d: d["meta"].update(created="yesterday"), "meta.created"),
     "summary count": (lambda d: d.update(summary={"num_steps": 3}), "summary.num_steps 3 != 12"),
+    "negative gpu time": (_entry(2, gpu_forward_ms=-1.0), "gpu_forward_ms must be a finite number >= 0"),
+    "summary phase share": (
+        lambda d: d.update(summary={"by_kind": {"decode": {"routing": {"gather": {"share": -0.5}}}}}),
+        "summary.by_kind.decode.routing.gather.share must be a finite number >= 0"),
+    "summary kind mean": (lambda d: d.update(summary={"by_kind": {"mixed": {"step_time_ms": {"mean": "x"}}}}),
+                          "summary.by_kind.mixed.step_time_ms.mean must be a finite number"),
+    "summary routing": (lambda d: d.update(summary={"routing": {"store": []}}),
+                        "summary.routing.store must be an object"),
     "routing off but timed": (lambda d: d["meta"]["engine"].update(record_routing=False),
                               "record_routing is false"),
 }
@@ -172,6 +181,18 @@ def test_step_details_corruption_is_named(doc: dict, name: str) -> None:
     mutate(doc)
     problems = validate_step_details(doc)
     assert any(expected in p for p in problems), problems
+
+
+def test_writer_summary_is_valid(doc: dict) -> None:
+    log = StepDetailsLog()
+    for entry in doc["step_details"]:
+        log.record(entry)
+    doc["summary"] = log.summary()
+    assert validate_step_details(doc) == []
+    # No steps: means, shares and rates are null, which the validator accepts.
+    empty = {"meta": doc["meta"], "summary": StepDetailsLog().summary(), "step_details": []}
+    assert empty["summary"]["tokens_per_s"] is None
+    assert validate_step_details(empty) == []
 
 
 def test_corrupted_step_details_fails_the_run_dir(run_dir: Path) -> None:
@@ -226,6 +247,9 @@ def test_results_lines_of_a_run_are_valid(run_dir: Path) -> None:
     ({"routing_dtype": "float32"}, "routing_dtype must be one of"),
     ({"id": 7}, "result.id must be a string"),
     ({"num_preemptions": -1}, "num_preemptions must be an int >= 0"),
+    ({"routing_start": 2}, "len(prompt) + len(output) - 1 - routing_start 2 = 2"),
+    ({"routing_start": 4, "routing_shape": [0, 3, 2]}, "routing_start 4 > len(prompt) 3"),
+    ({"routing_start": -1}, "routing_start must be an int >= 0"),
 ])
 def test_results_line_problems(change: dict, expected: str) -> None:
     line = {"id": "a", "prompt_token_ids": [1, 2, 3], "output_token_ids": [4, 5], "finish_reason": "stop",
@@ -239,6 +263,25 @@ def test_results_line_needs_shape_and_dtype_together() -> None:
     line = {"id": "a", "prompt_token_ids": [1], "output_token_ids": [2], "finish_reason": "stop",
             "routing_shape": [1, 3, 2]}
     assert any("present together" in p for p in validate_results_line(line))
+
+
+def test_results_line_with_routing_start() -> None:
+    # Suffix routing: rows start at token routing_start, so 3 + 2 - 1 - 2 = 2 rows.
+    line = {"id": "a", "prompt_token_ids": [1, 2, 3], "output_token_ids": [4, 5], "finish_reason": "stop",
+            "routing_shape": [2, 3, 2], "routing_dtype": "uint8", "routing_start": 2}
+    assert validate_results_line(line) == []
+    unrouted = {k: v for k, v in line.items() if k not in ("routing_shape", "routing_dtype")}
+    assert any("routing_start without routing_shape" in p for p in validate_results_line(unrouted))
+
+
+def test_error_result_echoes_any_prompt() -> None:
+    # The engine rejects empty prompts and bad token ids, and the failed result echoes them.
+    for prompt in ([], [-1, 7], ["x"]):
+        line = {"id": "a", "prompt_token_ids": prompt, "output_token_ids": [], "finish_reason": "error",
+                "error": "bad prompt"}
+        assert validate_results_line(line) == []
+    line["prompt_token_ids"] = "not a list"
+    assert any("prompt_token_ids must be a list" in p for p in validate_results_line(line))
 
 
 def test_error_result_may_lack_routing_and_rows() -> None:
@@ -361,7 +404,6 @@ def test_run_dir_with_some_files_only(run_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- a real run
-@pytest.mark.xfail(not RUN_INFERENCE.exists(), reason="tools/run_inference.py not written yet", strict=False)
 @pytest.mark.parametrize("record", [True, False], ids=["recording", "not-recording"])
 def test_real_cpu_run_is_valid(tmp_path: Path, record: bool) -> None:
     out = tmp_path / "out"
