@@ -27,10 +27,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MoEMLP(config) if self.moe_index is not None else SwiGLUMLP(config.hidden_size, config.intermediate_size)
 
     def mlp_forward(self, x: torch.Tensor, routing_out: torch.Tensor | None,
-                    forced: torch.Tensor | None = None) -> torch.Tensor:
+                    forced: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
         if self.moe_index is None:
             return self.mlp(x)
-        return self.mlp(x, routing_out, forced)
+        return self.mlp(x, routing_out, forced, reference)
 
 
 class MoEGPT(nn.Module):
@@ -86,7 +86,7 @@ class MoEGPT(nn.Module):
             j = layer.moe_index
             out = routing[:, j] if j is not None else None
             forced = forced_routing[:, j] if forced_routing is not None and j is not None else None
-            h = h + layer.mlp_forward(layer.post_attention_layernorm(h), out, forced)
+            h = h + layer.mlp_forward(layer.post_attention_layernorm(h), out, forced, reference=True)
         return self.compute_logits(self.norm(h)), routing
 
 

@@ -53,13 +53,16 @@ class MoEMLP(nn.Module):
         self.experts_fn = experts_reference
 
     def forward(self, x: torch.Tensor, routing_out: torch.Tensor | None = None,
-                forced_topk_ids: torch.Tensor | None = None) -> torch.Tensor:
+                forced_topk_ids: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
+        """``reference=True`` uses the plain expert loop whatever ``experts_fn`` the engine
+        chose, so the full-sequence reference stays independent of the fast kernels."""
         topk_ids, topk_weights = self.router(x)
         if forced_topk_ids is not None:
             topk_ids, topk_weights = self._replay(x, forced_topk_ids)
         if routing_out is not None:
             routing_out.copy_(topk_ids)
-        y = self.experts_fn(x, topk_ids, topk_weights, self.w13, self.w2)
+        experts = experts_reference if reference else self.experts_fn
+        y = experts(x, topk_ids, topk_weights, self.w13, self.w2)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
