@@ -143,6 +143,24 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 if triton is not None:
 
     @triton.jit
+    def load_paged_kv_tile(
+        k_ptr, v_ptr, block_table_ptr, tok, t_mask, kv_head, offs_d, d_mask,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        KV_BLOCK_SIZE: tl.constexpr,
+    ):
+        """K and V rows [len(tok), len(offs_d)] of one kv head for context positions ``tok``,
+        gathered through one request's block table row; masked tokens and dims read 0."""
+        # Masked tokens may point past the row's blocks, where the table holds any filler.
+        block_id = tl.load(block_table_ptr + tok // KV_BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+        slot = tok % KV_BLOCK_SIZE
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + block_id[:, None] * stride_kb + slot[:, None] * stride_kt
+                    + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + block_id[:, None] * stride_vb + slot[:, None] * stride_vt
+                    + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+        return k, v
+
+    @triton.jit
     def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr,
         qk_scale, tokens_per_split,
@@ -173,14 +191,9 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             tok = start + tl.arange(0, BLOCK_N)
             t_mask = tok < hi
-            block_id = tl.load(block_tables_ptr + row * stride_bt + tok // KV_BLOCK_SIZE,
-                               mask=t_mask, other=0).to(tl.int64)
-            slot = tok % KV_BLOCK_SIZE
-            kv_mask = t_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + block_id[:, None] * stride_kb + slot[:, None] * stride_kt
-                        + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + block_id[:, None] * stride_vb + slot[:, None] * stride_vt
-                        + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v = load_paged_kv_tile(k_ptr, v_ptr, block_tables_ptr + row * stride_bt, tok, t_mask,
+                                      kv_head, offs_d, d_mask, stride_kb, stride_kt, stride_kh,
+                                      stride_vb, stride_vt, stride_vh, KV_BLOCK_SIZE)
             if USE_DOT:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:

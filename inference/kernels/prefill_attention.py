@@ -130,6 +130,7 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 
 if triton is not None:
+    from inference.kernels.paged_decode_triton import load_paged_kv_tile
 
     @triton.jit
     def _prefill_kernel(
@@ -167,14 +168,9 @@ if triton is not None:
         for start in range(0, hi, BLOCK_N):
             tok = start + tl.arange(0, BLOCK_N)
             t_mask = tok < hi
-            block_id = tl.load(block_tables_ptr + req * stride_bt + tok // KV_BLOCK_SIZE,
-                               mask=t_mask, other=0).to(tl.int64)
-            slot = tok % KV_BLOCK_SIZE
-            kv_mask = t_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + block_id[:, None] * stride_kb + slot[:, None] * stride_kt
-                        + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_ptr + block_id[:, None] * stride_vb + slot[:, None] * stride_vt
-                        + kv_head * stride_vh + offs_d[None, :], mask=kv_mask, other=0.0)
+            k, v = load_paged_kv_tile(k_ptr, v_ptr, block_tables_ptr + req * stride_bt, tok, t_mask,
+                                      kv_head, offs_d, d_mask, stride_kb, stride_kt, stride_kh,
+                                      stride_vb, stride_vt, stride_vh, KV_BLOCK_SIZE)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
             visible = t_mask[None, :] & (tok[None, :] <= q_pos[:, None])
             s = tl.where(visible, s, float("-inf"))

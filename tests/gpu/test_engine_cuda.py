@@ -81,3 +81,23 @@ def test_decode_steps_have_no_host_sync_besides_readback(cuda_model):
     assert sum(e["routing_reconstruct_ms"] > 0 for e in checked) > 0, "some requests should finish in the checked steps"
     while engine.has_unfinished():
         engine.step()
+
+
+def test_cuda_graphs_with_prefix_hits_and_preemption(cuda_model):
+    """Graph decode + Triton prefill over cached prefixes + preemption snapshots, all on
+    the GPU path, against the full-sequence reference."""
+    rng = np.random.default_rng(3)
+    shared = rng.integers(2, 512, size=24).tolist()
+    prompts = [shared[: int(rng.integers(0, 25))] + rng.integers(2, 512, size=int(rng.integers(1, 12))).tolist()
+               for _ in range(24)]
+    engine = _engine(cuda_model, block_size=8, num_kv_blocks=40, max_requests=12, max_step_tokens=48)
+    results = engine.generate(prompts, [SamplingParams(max_new_tokens=6 + i % 11, ignore_eos=True) for i in range(24)])
+    assert sum(r.num_preemptions for r in results) > 0
+    assert sum(r.num_cached_tokens for r in results) > 0
+    assert any(e["cuda_graph"] for e in engine.step_log.entries)
+    for r in results:
+        seq = torch.tensor(r.prompt_token_ids + r.output_token_ids, device="cuda")
+        logits, routing = cuda_model.forward_reference(seq[:-1])
+        assert logits[len(r.prompt_token_ids) - 1:].argmax(-1).tolist() == r.output_token_ids
+        assert torch.equal(torch.from_numpy(r.routing.astype(np.int64)).cuda(), routing), r.request_id
+    engine.block_pool.check_invariants()

@@ -3,8 +3,6 @@ vs a naive per-(token, k) evaluation of the MoE formula."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,8 +15,7 @@ from inference.kernels import (
     moe_experts_grouped_mm,
     moe_experts_reference,
 )
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+from tests.inference.kernels.harness import forbid_host_sync, needs_cuda
 
 
 def make_moe(num_tokens, topk, num_experts, hidden, intermediate, seed, dtype=torch.float32,
@@ -104,15 +101,6 @@ def test_grouped_mm_path_on_cpu_when_torch_provides_it():
 def test_grouped_mm_is_not_chosen_on_cpu_or_for_unaligned_shapes():
     x, _, _, w13, w2 = make_moe(4, 2, 8, 16, 8, seed=0, dtype=torch.bfloat16)
     assert not grouped_mm_supported(x, w13, w2)
-
-
-@contextlib.contextmanager
-def forbid_host_sync():
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 def assert_close_relative(out, ref, tol):

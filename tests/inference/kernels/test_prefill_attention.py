@@ -1,18 +1,11 @@
 """Prefill attention over a cached prefix: reference vs dense causal attention, Triton vs reference.
 
-The Triton kernel runs on CPU through Triton's interpreter in a subprocess (this file run as
-a script with TRITON_INTERPRET=1), so the interpreter setting never leaks into other tests.
+The Triton kernel also runs on CPU, through Triton's interpreter in a subprocess (harness.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import itertools
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,10 +17,14 @@ from inference.kernels import (
     prefill_attention_reference,
     prefill_attention_triton,
 )
+from tests.inference.kernels.harness import (
+    assert_interpreter_checks_pass,
+    forbid_host_sync,
+    needs_cuda,
+    needs_triton,
+    run_interpreter_checks,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 SCALE = 0.2
 PAD_ROWS = 3
 
@@ -122,64 +119,20 @@ def interpreter_cases():
                    block_size=block_size, seed=i)
 
 
-INTERPRETER_BROKEN = "SKIP: this Triton interpreter cannot use a loaded scalar as a loop bound"
-
-
-def interpreter_handles_scalar_loop_bounds() -> bool:
-    """Triton 3.6's interpreter turns a loaded scalar into a loop bound with int() on a
-    1-element array, which numpy >= 2.4 refuses; later Triton squeezes first."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def count_kernel(n_ptr, out_ptr):
-        total = 0
-        for _ in range(0, tl.load(n_ptr)):
-            total += 1
-        tl.store(out_ptr, total)
-
-    out = torch.zeros(1, dtype=torch.int32)
-    try:
-        count_kernel[(1,)](torch.tensor([3], dtype=torch.int32), out)
-    except Exception as exc:  # noqa: BLE001  (the interpreter wraps the TypeError)
-        if "0-dimensional" in str(exc):
-            return False
-        raise
-    return int(out) == 3
-
-
-def run_interpreter_checks() -> None:
-    if not interpreter_handles_scalar_loop_bounds():
-        print(INTERPRETER_BROKEN)
-        return
+def check_interpreter_cases() -> int:
+    """The Triton kernel vs the reference on every interpreter case; returns how many ran."""
     checked = 0
     for case in interpreter_cases():
         args, _, _ = make_batch(**case)
         err = (prefill_attention_triton(**args) - prefill_attention_reference(**args)).abs().max().item()
         assert err < 1e-4, f"{case}: max abs err {err}"
         checked += 1
-    print(f"checked {checked} interpreter cases")
+    return checked
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@needs_triton
 def test_triton_kernel_matches_reference_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, __file__], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    if INTERPRETER_BROKEN in proc.stdout:
-        pytest.skip(INTERPRETER_BROKEN.removeprefix("SKIP: ") + " (upstream bug, fixed in later Triton)")
-    assert f"checked {len(list(interpreter_cases()))} interpreter cases" in proc.stdout
-
-
-@contextlib.contextmanager
-def forbid_host_sync():
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())))
 
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -192,7 +145,7 @@ GPU_SHAPES = [  # (q_lens, seq_lens, kv_heads, group, head_dim, block_size)
 
 
 @needs_cuda
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("q_lens,seq_lens,kv_heads,group,head_dim,block_size", GPU_SHAPES)
 def test_triton_matches_reference_on_gpu(dtype, q_lens, seq_lens, kv_heads, group, head_dim, block_size):
@@ -207,4 +160,4 @@ def test_triton_matches_reference_on_gpu(dtype, q_lens, seq_lens, kv_heads, grou
 
 
 if __name__ == "__main__":
-    run_interpreter_checks()
+    run_interpreter_checks(check_interpreter_cases)
