@@ -49,7 +49,8 @@ class _RowCopy:
 
     first_row: int
     num_rows: int
-    host: torch.Tensor | None
+    host: torch.Tensor | None          # [..., layers, topk]; this copy's rows start at `offset`
+    offset: int = 0
     keepalive: tuple[torch.Tensor, ...] = ()
     done: torch.cuda.Event | None = None
     array: np.ndarray | None = None
@@ -66,7 +67,10 @@ class _RowCopy:
         if self.array is None:
             # Copy out of the (pinned) host tensor: pinned memory is scarce, so it goes back
             # to the caching host allocator instead of living as long as the result.
-            self.array = self.host.numpy().copy()
+            # Slicing in numpy, not torch: far cheaper per request on the host.
+            flat = self.host.numpy()
+            flat = flat.reshape(-1, *flat.shape[-2:])
+            self.array = flat[self.offset : self.offset + self.num_rows].copy()
             self.host, self.keepalive, self.done = None, (), None
         return self.array
 
@@ -167,6 +171,7 @@ class RoutingRecorder:
         self._copy_stream = (
             torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         )
+        self._device_index = self.device.index  # a tensor's CUDA device always has an index
         self._requests: dict[str, _RequestRouting] = {}
         # Copies of discarded requests still in flight: kept until done (see _RowCopy).
         self._retired: list[_RowCopy] = []
@@ -307,8 +312,8 @@ class RoutingRecorder:
                 copies.append(_RowCopy(first_row=lo, num_rows=0, host=empty))
                 continue
             first, skip, count = place
-            rows = blocks[first:].view(-1, self.num_moe_layers, self.topk)[skip : skip + count]
-            copies.append(_RowCopy(first_row=lo, num_rows=count, host=rows, keepalive=keepalive, done=done))
+            copies.append(_RowCopy(first_row=lo, num_rows=count, host=blocks, offset=first * self.block_size + skip,
+                                   keepalive=keepalive, done=done))
         return copies
 
     def _gather_blocks(self, ids: list[int]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.cuda.Event | None]:
@@ -318,7 +323,7 @@ class RoutingRecorder:
         ids_host = torch.tensor(ids, dtype=torch.int64)
         if self._copy_stream is None:
             return self.block_routing.index_select(0, ids_host), (), None
-        compute = torch.cuda.current_stream(self.device)
+        compute = torch.cuda.current_stream(self._device_index)
         # From pageable memory this host->device copy would be synchronous.
         ids_pinned = ids_host.pin_memory()
         ids_dev = ids_pinned.to(self.device, non_blocking=True)
