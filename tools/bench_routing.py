@@ -163,12 +163,20 @@ def build_report(args, config, modes, per_mode, last_results) -> dict:
         return summary[mode]["decode_tokens_per_s_median"] / off if off and mode in summary else None
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    def gpu_ratio(mode: str):
+        times = {m: [s["mean_gpu_forward_ms"] for s in per_mode[m] if s.get("mean_gpu_forward_ms")] for m in ("off", mode)}
+        if mode not in per_mode or "off" not in per_mode or not all(times.values()):
+            return None
+        return statistics.median(times["off"]) / statistics.median(times[mode])
+
     report = {
         "device": device, "model": config.name, "dtype": args.dtype, "num_layers": config.num_layers,
         "workload": {"num_requests": args.num_requests, "prompt_len": args.prompt_len,
                      "output_len": args.output_len, "ignore_eos": True},
         "cuda_graphs": args.cuda_graphs, "repetitions": args.repetitions,
         "ratio_gpu_vs_off": ratio("gpu"), "ratio_host_sync_vs_off": ratio("host-sync"),
+        # Same ratios from the GPU time of the decode forward (CUDA events): free of host jitter.
+        "gpu_time_ratio_gpu_vs_off": gpu_ratio("gpu"), "gpu_time_ratio_host_sync_vs_off": gpu_ratio("host-sync"),
         "modes": summary, "torch": torch.__version__,
     }
     if "gpu" in last_results and "host-sync" in last_results:
