@@ -90,7 +90,7 @@ def test_cuda_graphs_with_prefix_hits_and_preemption(cuda_model):
     shared = rng.integers(2, 512, size=24).tolist()
     prompts = [shared[: int(rng.integers(0, 25))] + rng.integers(2, 512, size=int(rng.integers(1, 12))).tolist()
                for _ in range(24)]
-    engine = _engine(cuda_model, block_size=8, num_kv_blocks=40, max_requests=12, max_step_tokens=48)
+    engine = _engine(cuda_model, block_size=8, num_kv_blocks=20, max_requests=12, max_step_tokens=48)
     results = engine.generate(prompts, [SamplingParams(max_new_tokens=6 + i % 11, ignore_eos=True) for i in range(24)])
     assert sum(r.num_preemptions for r in results) > 0
     assert sum(r.num_cached_tokens for r in results) > 0

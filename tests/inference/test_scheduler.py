@@ -1,8 +1,7 @@
-"""Scheduler: token budget, chunked prefill, admission, preemption, prefix hits, finishing.
+"""Scheduler policy: config, budget, ordering, chunked prefill, admission, finishing, abort.
 
-A fake sampler picks each token as a fixed function of the sequence so far, so the tokens a
-request ends with do not depend on how it was scheduled; every scenario can be checked
-against plain one-token-at-a-time generation.
+Preemption and prefix-cache interplay live in test_scheduler_preemption.py, the randomized
+simulation in test_scheduler_simulation.py; the shared harness in scheduler_helpers.py.
 """
 
 from __future__ import annotations
@@ -13,75 +12,23 @@ import pytest
 
 from inference.block_pool import BlockPool
 from inference.errors import InvalidRequestError, NoFreeBlocksError
-from inference.request import Request, RequestStatus, SamplingParams
-from inference.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from inference.request import Request, RequestStatus
+from inference.scheduler import Scheduler, SchedulerConfig
 
-BS = 4
-VOCAB = 50
-NO_LIMIT = 10**9
-
-
-def fake_token(tokens: list[int]) -> int:
-    return (sum(tokens[-3:]) * 7 + len(tokens)) % VOCAB
-
-
-def make(
-    num_blocks=64, max_requests=8, max_step_tokens=32, chunked=True, caching=True, **callbacks
-) -> tuple[Scheduler, BlockPool]:
-    pool = BlockPool(num_blocks, BS, enable_prefix_caching=caching)
-    config = SchedulerConfig(max_requests, max_step_tokens, BS, chunked_prefill=chunked)
-    return Scheduler(config, pool, **callbacks), pool
-
-
-def req(rid: str, prompt, max_new=4, arrival=0, **params) -> Request:
-    sampling = SamplingParams(max_new_tokens=max_new, **params)
-    return Request(rid, list(prompt), sampling, arrival_index=arrival)
-
-
-def step(sched: Scheduler, eos=None, max_model_len=NO_LIMIT, sampler=fake_token):
-    out = sched.schedule()
-    for chunk in out.chunks:  # what the engine relies on before running the forward
-        assert chunk.start == chunk.request.num_computed_tokens
-        assert len(chunk.request.block_ids) * BS >= chunk.start + chunk.num_tokens
-    sampled = {
-        c.request.request_id: sampler(c.request.all_token_ids) for c in out.chunks if c.samples
-    }
-    finished = sched.update(out, sampled, eos, max_model_len)
-    sched.check_invariants()
-    sched.block_pool.check_invariants()
-    return out, finished
-
-
-def run_all(sched: Scheduler, max_steps=10_000, **kw) -> list[SchedulerOutput]:
-    outputs = []
-    while sched.has_unfinished():
-        assert len(outputs) < max_steps, "scheduler made no progress"
-        outputs.append(step(sched, **kw)[0])
-    return outputs
-
-
-def reference_output(prompt, params: SamplingParams, eos=None, max_model_len=NO_LIMIT):
-    """One token at a time, no scheduler: what every request must end with."""
-    tokens, out = list(prompt), []
-    while True:
-        token = fake_token(tokens + out)
-        out.append(token)
-        if (token == eos and not params.ignore_eos) or token in params.stop_token_ids:
-            return out, "stop"
-        if len(out) >= params.max_new_tokens or len(tokens) + len(out) >= max_model_len:
-            return out, "length"
-
-
-def assert_served(request: Request, eos=None, max_model_len=NO_LIMIT) -> None:
-    params = request.sampling_params
-    expected = reference_output(request.prompt_token_ids, params, eos, max_model_len)
-    assert (request.output_token_ids, request.finish_reason) == expected, request.request_id
-
-
-def chunk_of(out: SchedulerOutput, rid: str):
-    matches = [c for c in out.chunks if c.request.request_id == rid]
-    assert len(matches) <= 1
-    return matches[0] if matches else None
+# Registered before the import so the helpers' asserts keep pytest's detailed failure reports.
+pytest.register_assert_rewrite("tests.inference.scheduler_helpers")
+from tests.inference.scheduler_helpers import (  # noqa: E402
+    BS,
+    NO_LIMIT,
+    VOCAB,
+    assert_served,
+    fake_token,
+    make,
+    req,
+    reference_output,
+    run_all,
+    step,
+)
 
 
 # ------------------------------------------------------------------ config and queues
@@ -265,147 +212,6 @@ def test_a_request_that_cannot_fit_the_whole_pool_is_an_error_not_a_hang():
             step(chunked)
 
 
-# ------------------------------------------------------------------ preemption
-
-
-def test_preemption_frees_the_newest_request_after_the_callback_and_it_resumes():
-    seen = []
-
-    def on_preempt(request: Request) -> None:
-        pool = sched.block_pool
-        assert request.block_ids and all(pool.ref_count(b) > 0 for b in request.block_ids)
-        assert request.status is RequestStatus.RUNNING
-        seen.append((request.request_id, list(request.block_ids), request.num_computed_tokens,
-                     list(request.output_token_ids)))
-
-    sched, pool = make(num_blocks=6, on_preempt=on_preempt)
-    a = req("a", range(1, 9), max_new=12, arrival=0)
-    b = req("b", range(11, 19), max_new=12, arrival=1)
-    sched.add(a)
-    sched.add(b)
-    outputs = []
-    while not b.num_preemptions:
-        assert len(outputs) < 50, "b was never preempted"
-        outputs.append(step(sched)[0])
-    assert outputs[-1].preempted == [b] and chunk_of(outputs[-1], "b") is None
-    assert [s[0] for s in seen] == ["b"]
-    _, blocks_at_preempt, computed_at_preempt, outputs_at_preempt = seen[0]
-    assert computed_at_preempt > 8 and len(blocks_at_preempt) * BS >= computed_at_preempt
-    assert b.status is RequestStatus.WAITING and b.block_ids == [] and b.num_computed_tokens == 0
-    assert b.output_token_ids == outputs_at_preempt  # kept, to be recomputed as prompt
-    assert a.num_preemptions == 0
-
-    resumed = []
-    for out in run_all(sched):
-        chunk = chunk_of(out, "b")
-        if chunk is not None and not resumed:
-            resumed.append((chunk.start, chunk.start + chunk.num_tokens, chunk.samples))
-    start, end, samples = resumed[0]
-    # One chunk recomputes prompt and kept outputs; only then is a new token sampled.
-    assert (end, samples) == (8 + len(outputs_at_preempt), True)
-    assert start % BS == 0 and 0 < start < end  # a prefix hit, and the last token is redone
-    assert b.num_cached_tokens == 0  # recorded on first admission only
-    for r in (a, b):
-        assert_served(r)
-    assert pool.num_available == pool.num_blocks
-
-
-def test_a_preempted_request_goes_back_to_the_front_of_the_queue():
-    sched, _ = make(num_blocks=4, max_requests=2)
-    a = req("a", range(1, 9), max_new=3, arrival=0)
-    b = req("b", range(11, 18), max_new=3, arrival=1)
-    c = req("c", [30, 31], max_new=1, arrival=2)  # small enough to slip in ahead of b
-    for r in (a, b, c):
-        sched.add(r)
-    first_step: dict[str, tuple[int, int]] = {}
-    for index, out in enumerate(run_all(sched)):
-        if out.preempted:
-            assert out.preempted == [b] and first_step.keys() == {"a", "b"}
-            first_step.pop("b")
-        for position, chunk in enumerate(out.chunks):
-            first_step.setdefault(chunk.request.request_id, (index, position))
-    assert b.num_preemptions == 1
-    assert first_step["b"] < first_step["c"]  # resumed b is served before the later c
-
-
-def test_the_newest_request_preempts_itself_when_it_is_the_one_short_of_blocks():
-    sched, _ = make(num_blocks=4)
-    a = req("a", range(6), max_new=5, arrival=0)  # position 6 still fits in its 2nd block
-    b = req("b", range(10, 18), max_new=5, arrival=1)  # position 8 needs a 3rd block
-    sched.add(a)
-    sched.add(b)
-    step(sched)
-    out, _ = step(sched)
-    assert out.preempted == [b]
-    assert [c.request.request_id for c in out.chunks] == ["a"]
-    run_all(sched)
-    assert b.finish_reason == "length" and len(b.output_token_ids) == 5
-
-
-def test_preempting_an_already_scheduled_request_withdraws_its_chunk():
-    sched, _ = make(num_blocks=3, max_step_tokens=8)
-    newer = req("newer", [1, 2, 3], max_new=4, arrival=1)
-    older = req("older", list(range(20, 32)), max_new=1, arrival=0)
-    sched.add(newer)
-    sched.add(older)
-    step(sched)  # newer: 3 tokens, 1 block; older: 5 tokens, 2 blocks; pool full
-    out, _ = step(sched)
-    # newer's decode was scheduled first, then older's chunk needed its block.
-    assert out.preempted == [newer]
-    assert [(c.request.request_id, c.start, c.num_tokens) for c in out.chunks] == [("older", 5, 7)]
-    assert out.num_tokens <= 8
-    run_all(sched)
-    for r in (newer, older):
-        assert_served(r)
-
-
-# ------------------------------------------------------------------ prefix cache
-
-
-def test_prefix_hits_skip_cached_blocks_but_never_the_last_token():
-    sched, pool = make()
-    prompt = list(range(1, 19))  # 18 tokens: 4 full blocks
-    sched.add(req("first", prompt, max_new=1))
-    run_all(sched)
-    again = req("again", prompt, max_new=1)
-    sched.add(again)
-    out, _ = step(sched)
-    assert [(c.start, c.num_tokens) for c in out.chunks] == [(16, 2)]
-    assert again.num_cached_tokens == 16 and again.num_computed_tokens == 18
-
-    aligned = list(range(1, 17))  # exactly 4 blocks: the 4th holds the last token
-    sched.add(req("aligned", aligned, max_new=1))
-    out, _ = step(sched)
-    assert [(c.start, c.num_tokens) for c in out.chunks] == [(12, 4)]
-    assert pool.num_available == pool.num_blocks
-
-
-def test_running_requests_share_prefix_blocks():
-    sched, pool = make()
-    owner = req("owner", list(range(1, 13)), max_new=20)
-    sched.add(owner)
-    step(sched)
-    sharer = req("sharer", list(range(1, 9)) + [40, 41, 42], max_new=2)
-    sched.add(sharer)
-    out, _ = step(sched)
-    assert sharer.block_ids[:2] == owner.block_ids[:2]
-    assert sharer.block_ids[2] != owner.block_ids[2]
-    assert [pool.ref_count(b) for b in owner.block_ids[:3]] == [2, 2, 1]
-    assert chunk_of(out, "sharer").start == 8 and sharer.num_cached_tokens == 8
-
-
-def test_prefix_caching_off_recomputes_everything():
-    sched, _ = make(caching=False)
-    prompt = list(range(1, 19))
-    sched.add(req("first", prompt, max_new=1))
-    run_all(sched)
-    again = req("again", prompt, max_new=1)
-    sched.add(again)
-    out, _ = step(sched)
-    assert [(c.start, c.num_tokens) for c in out.chunks] == [(0, 18)]
-    assert again.num_cached_tokens == 0
-
-
 # ------------------------------------------------------------------ finishing
 
 
@@ -484,77 +290,3 @@ def test_abort_removes_running_and_waiting_requests_and_frees_blocks():
     assert not sched.has_unfinished()
     assert pool.num_available == pool.num_blocks
     sched.check_invariants()
-
-
-# ------------------------------------------------------------------ randomized simulation
-
-
-class _KVModel:
-    """Which sequence prefix each (block, offset) slot holds, to prove that cached and
-    shared blocks always hold exactly the KV a request expects."""
-
-    def __init__(self) -> None:
-        self.slots: dict[tuple[int, int], tuple[int, ...]] = {}
-
-    def check_and_write(self, chunk, pool: BlockPool, newly_admitted: bool) -> None:
-        request, tokens = chunk.request, chunk.request.all_token_ids
-        if newly_admitted:  # the computed prefix came from the cache
-            for p in range(chunk.start):
-                slot = (request.block_ids[p // BS], p % BS)
-                assert self.slots.get(slot) == tuple(tokens[: p + 1]), (request.request_id, p)
-        for p in range(chunk.start, chunk.start + chunk.num_tokens):
-            block = request.block_ids[p // BS]
-            assert pool.ref_count(block) == 1, "writing into a shared block"
-            self.slots[(block, p % BS)] = tuple(tokens[: p + 1])
-
-
-def test_randomized_simulation_serves_every_request_exactly():
-    rng = random.Random(7)
-    eos, max_model_len, num_requests = 0, 48, 300
-    sched, pool = make(num_blocks=16, max_requests=6, max_step_tokens=20)
-    kv = _KVModel()
-    bases = [[rng.randrange(1, VOCAB) for _ in range(24)] for _ in range(3)]
-    pending = []
-    for i in range(num_requests):
-        shared = rng.choice(bases)[: rng.randrange(0, 20)]
-        prompt = shared + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 12))]
-        params = {"max_new": rng.randrange(1, 20), "ignore_eos": rng.random() < 0.2}
-        if rng.random() < 0.2:
-            params["stop_token_ids"] = (rng.randrange(1, VOCAB),)
-        pending.append(req(f"r{i}", prompt, arrival=i, **params))
-    added, aborted, steps, preemptions = [], set(), 0, 0
-    while pending or sched.has_unfinished():
-        for _ in range(rng.randrange(0, 4) if pending else 0):
-            added.append(pending.pop(0))
-            sched.add(added[-1])
-        if added and rng.random() < 0.01:
-            victim = rng.choice(added)
-            if not victim.is_finished and sched.abort(victim.request_id) is victim:
-                aborted.add(victim.request_id)
-        running_before = {id(r) for r in added if r.status is RequestStatus.RUNNING}
-        out = sched.schedule()
-        preemptions += len(out.preempted)
-        assert out.num_tokens <= 20 and len(out.chunks) <= 6
-        kinds = [c.is_decode for c in out.chunks]
-        assert kinds == sorted(kinds, reverse=True)  # decodes first
-        for chunk in out.chunks:
-            newly_admitted = id(chunk.request) not in running_before
-            assert not (newly_admitted and out.preempted), "admitted in a step that preempted"
-            kv.check_and_write(chunk, pool, newly_admitted)
-        sampled = {
-            c.request.request_id: fake_token(c.request.all_token_ids)
-            for c in out.chunks
-            if c.samples
-        }
-        sched.update(out, sampled, eos, max_model_len)
-        sched.check_invariants()
-        pool.check_invariants()
-        steps += 1
-        assert steps < 20_000, "simulation did not converge"
-    assert preemptions > 0 and len(aborted) > 0  # the hard paths were exercised
-    assert any(r.num_cached_tokens > 0 for r in added)
-    for r in added:
-        assert r.is_finished and r.block_ids == []
-        if r.request_id not in aborted:
-            assert_served(r, eos, max_model_len)
-    assert pool.num_available == pool.num_blocks

@@ -105,7 +105,7 @@ def test_help_is_grouped():
 
 
 def test_two_torchrun_ranks_merge_outputs(tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     proc = _run(["--record-routing", "--num-requests", "5", "--shared-prefix-len", "16", "--output-dir", str(tmp_path)],
                 launcher=launcher)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,0 +1,99 @@
+"""Randomized scheduler simulation: arrivals, aborts, preemption and prefix hits together.
+
+A shadow model of the KV slots proves that cached and shared blocks always hold the KV a
+request expects, and every request that was not aborted ends with its reference output.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from inference.block_pool import BlockPool
+from inference.request import RequestStatus
+
+# Registered before the import so the helpers' asserts keep pytest's detailed failure reports.
+pytest.register_assert_rewrite("tests.inference.scheduler_helpers")
+from tests.inference.scheduler_helpers import (  # noqa: E402
+    BS,
+    VOCAB,
+    assert_served,
+    fake_token,
+    make,
+    req,
+)
+
+
+# ------------------------------------------------------------------ randomized simulation
+
+
+class _KVModel:
+    """Which sequence prefix each (block, offset) slot holds, to prove that cached and
+    shared blocks always hold exactly the KV a request expects."""
+
+    def __init__(self) -> None:
+        self.slots: dict[tuple[int, int], tuple[int, ...]] = {}
+
+    def check_and_write(self, chunk, pool: BlockPool, newly_admitted: bool) -> None:
+        request, tokens = chunk.request, chunk.request.all_token_ids
+        if newly_admitted:  # the computed prefix came from the cache
+            for p in range(chunk.start):
+                slot = (request.block_ids[p // BS], p % BS)
+                assert self.slots.get(slot) == tuple(tokens[: p + 1]), (request.request_id, p)
+        for p in range(chunk.start, chunk.start + chunk.num_tokens):
+            block = request.block_ids[p // BS]
+            assert pool.ref_count(block) == 1, "writing into a shared block"
+            self.slots[(block, p % BS)] = tuple(tokens[: p + 1])
+
+
+def test_randomized_simulation_serves_every_request_exactly():
+    rng = random.Random(7)
+    eos, max_model_len, num_requests = 0, 48, 300
+    sched, pool = make(num_blocks=16, max_requests=6, max_step_tokens=20)
+    kv = _KVModel()
+    bases = [[rng.randrange(1, VOCAB) for _ in range(24)] for _ in range(3)]
+    pending = []
+    for i in range(num_requests):
+        shared = rng.choice(bases)[: rng.randrange(0, 20)]
+        prompt = shared + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 12))]
+        params = {"max_new": rng.randrange(1, 20), "ignore_eos": rng.random() < 0.2}
+        if rng.random() < 0.2:
+            params["stop_token_ids"] = (rng.randrange(1, VOCAB),)
+        pending.append(req(f"r{i}", prompt, arrival=i, **params))
+    added, aborted, steps, preemptions = [], set(), 0, 0
+    while pending or sched.has_unfinished():
+        for _ in range(rng.randrange(0, 4) if pending else 0):
+            added.append(pending.pop(0))
+            sched.add(added[-1])
+        if added and rng.random() < 0.01:
+            victim = rng.choice(added)
+            if not victim.is_finished and sched.abort(victim.request_id) is victim:
+                aborted.add(victim.request_id)
+        running_before = {id(r) for r in added if r.status is RequestStatus.RUNNING}
+        out = sched.schedule()
+        preemptions += len(out.preempted)
+        assert out.num_tokens <= 20 and len(out.chunks) <= 6
+        kinds = [c.is_decode for c in out.chunks]
+        assert kinds == sorted(kinds, reverse=True)  # decodes first
+        for chunk in out.chunks:
+            newly_admitted = id(chunk.request) not in running_before
+            assert not (newly_admitted and out.preempted), "admitted in a step that preempted"
+            kv.check_and_write(chunk, pool, newly_admitted)
+        sampled = {
+            c.request.request_id: fake_token(c.request.all_token_ids)
+            for c in out.chunks
+            if c.samples
+        }
+        sched.update(out, sampled, eos, max_model_len)
+        sched.check_invariants()
+        pool.check_invariants()
+        steps += 1
+        assert steps < 20_000, "simulation did not converge"
+    assert preemptions > 0 and len(aborted) > 0  # the hard paths were exercised
+    assert any(r.num_cached_tokens > 0 for r in added)
+    for r in added:
+        assert r.is_finished and r.block_ids == []
+        if r.request_id not in aborted:
+            assert_served(r, eos, max_model_len)
+    assert pool.num_available == pool.num_blocks
