@@ -110,6 +110,8 @@ class LLMEngine:
 
     def _make_recorder(self):
         mc = self.model_config
+        if mc.num_moe_layers == 0:
+            raise ValueError(f"--record-routing: model {mc.name!r} has no MoE layers, so there is no routing to record")
         cls = RoutingRecorder if self.config.routing_recorder == "gpu" else HostSyncRecorder
         return cls(
             num_kv_blocks=self.config.num_kv_blocks, block_size=self.config.block_size,

@@ -130,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_memory_plan(model_config, engine_config, num_requests=len(specs)))
         return 0
     my_specs = specs[dist.rank::dist.world_size]
-    engine = build_engine(model_loader, engine_config, dist.device)
+    try:
+        engine = build_engine(model_loader, engine_config, dist.device)
+    except ValueError as exc:
+        parser.error(str(exc))
     return serve_and_report(engine, args, dist, specs, my_specs, sampling_params_for)
 
 

@@ -57,3 +57,16 @@ def test_generation_limited_by_kv_capacity(make_engine):
     result = engine.generate([[4, 5, 6, 7, 8, 9]], SamplingParams(max_new_tokens=100, ignore_eos=True))[0]
     assert result.finish_reason == "length"
     assert len(result.prompt_token_ids) + len(result.output_token_ids) == 16
+
+
+def test_recording_a_model_without_moe_layers_is_a_clear_error(tiny_model):
+    from dataclasses import replace
+
+    from inference.config import EngineConfig
+    from inference.engine import LLMEngine
+    from inference.presets import build_model
+
+    dense = build_model(replace(tiny_model.config, name="dense", dense_layers=(0, 1, 2, 3)))
+    with pytest.raises(ValueError, match="has no MoE layers"):
+        LLMEngine(dense, EngineConfig(record_routing=True))
+    assert LLMEngine(dense, EngineConfig(record_routing=False)).generate([[4, 5]], SamplingParams(max_new_tokens=2))
