@@ -59,7 +59,7 @@ class StepBatch:
         self._host["seq_lens"], self.seq_lens = pair((r,), torch.int32)
         self._host["logits_indices"], self.logits_indices = pair((r,), torch.int64)
         self._host_np = {k: v.numpy() for k, v in self._host.items()}
-        # Per block-table row: (request, blocks written, first block) of its last writer.
+        # Per block-table row: (block_ids list, blocks written) of its last writer.
         self._row_owners: list[tuple | None] = [None] * r
 
     def prepare(self, chunks: list[ScheduledChunk], num_padded_tokens: int | None = None) -> PreparedStep:
@@ -133,22 +133,21 @@ class StepBatch:
         return n, starts, seq_lens
 
     def _fill_block_tables(self, chunks: list[ScheduledChunk]) -> None:
-        """Row r gets request r's block ids. A row that holds the same request (and the same
-        blocks) as last step only receives the blocks appended since; columns past a row's
-        blocks are never read (kernels stop at seq_len), so they are not cleared."""
+        """Row r gets request r's block ids. A row whose last writer was the very same
+        ``block_ids`` list only receives the blocks appended since: the scheduler only ever
+        appends to a request's list and replaces the list object when it re-admits, preempts
+        or finishes the request (and ``_row_owners`` keeps the old list alive, so identity is
+        never reused). Columns past a row's blocks are never read (kernels stop at seq_len),
+        so they are not cleared."""
         table = self._host_np["block_tables"]
         owners = self._row_owners
         for r, chunk in enumerate(chunks):
-            req = chunk.request
-            blocks = req.block_ids
+            blocks = chunk.request.block_ids
             owner = owners[r]
-            if owner is not None and owner[0] is req and owner[1] <= len(blocks) and owner[2] == blocks[0]:
-                written = owner[1]
-            else:
-                written = 0
+            written = owner[1] if owner is not None and owner[0] is blocks and owner[1] <= len(blocks) else 0
             if written < len(blocks):
                 table[r, written:len(blocks)] = blocks[written:]
-            owners[r] = (req, len(blocks), blocks[0] if blocks else None)
+            owners[r] = (blocks, len(blocks))
 
     def _upload(self, num_tokens: int, num_reqs: int, num_samples: int) -> None:
         if self.device.type != "cuda":
