@@ -7,33 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference.config import ModelConfig
+from inference.kernels.moe_grouped import moe_experts_reference
 from inference.model.layers import SwiGLUMLP
 from inference.model.router import TopKRouter
 
 
-def experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                      w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """Loop over the experts that received tokens. Syncs on CUDA (data-dependent indexing),
-    so it serves the eager path and tests; GPU graphs use the grouped kernels."""
-    out = torch.zeros_like(x, dtype=torch.float32)
-    inter = w2.shape[-1]
-    flat_ids = topk_ids.reshape(-1)
-    token_of_pair = torch.arange(x.shape[0], device=x.device).repeat_interleave(topk_ids.shape[1])
-    weight_of_pair = topk_weights.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w13.shape[0]).tolist()
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        pairs = order[start:start + count]
-        start += count
-        tokens = token_of_pair[pairs]
-        h = x.index_select(0, tokens) @ w13[expert].t()
-        h = F.silu(h[:, :inter]) * h[:, inter:]
-        y = (h @ w2[expert].t()).float() * weight_of_pair[pairs].unsqueeze(-1)
-        out.index_add_(0, tokens, y)
-    return out.to(x.dtype)
+# The plain loop over experts (fp32, syncs on CUDA): the CPU path and the reference that
+# the sync-free kernels are checked against.
+experts_reference = moe_experts_reference
 
 
 class MoEMLP(nn.Module):
