@@ -10,12 +10,12 @@ the step must hand back. Nothing here synchronises with the GPU: the only host w
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from inference.cuda_graphs import DecodeGraphRunner
+from inference.device_wait import wait_for_event
 from inference.kv_cache import KVCache
 from inference.model import ForwardContext, MoEGPT
 from inference.model.context import AttentionFn
@@ -24,13 +24,6 @@ from inference.sampler import Sampler
 from inference.scheduler import SchedulerOutput
 from inference.step_batch import PreparedStep, StepBatch, TokenFeed
 from routing_replay.phase_timer import PhaseTimer
-
-
-def wait_for_event(event: torch.cuda.Event) -> None:
-    """Block the host until ``event`` completed, by polling (``event.query`` never counts as
-    a synchronising call, and yielding keeps other host threads running)."""
-    while not event.query():
-        time.sleep(0)
 
 
 @dataclass

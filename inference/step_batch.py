@@ -17,6 +17,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from inference.device_wait import wait_for_event
 from inference.model.context import AttentionMetadata
 from inference.scheduler import ScheduledChunk
 from routing_replay.phase_timer import PhaseTimer
@@ -61,8 +62,7 @@ class _StagingSlot:
 
     def wait_until_free(self) -> None:
         if self.uploaded is not None:
-            # Only when the GPU lags the host by a whole ring of steps.
-            self.uploaded.synchronize()
+            wait_for_event(self.uploaded)   # returns at once unless the GPU lags a whole ring behind
             self.uploaded = None
 
 
