@@ -101,29 +101,31 @@ def run_mode(model, args, recorder: str, scheduling: str, prompts, params) -> di
 
 
 def count_syncs(model, args, recorder: str, scheduling: str, prompts, params) -> float | None:
-    """Host syncs per decode step over a steady-state decode stretch (untimed run)."""
-    if not args.device.startswith("cuda"):
-        return None
+    """Host syncs per decode step over a steady-state decode stretch (untimed run; None on
+    CPU, where there is nothing to count)."""
+    cuda = args.device.startswith("cuda")
     engine = _engine(model, args, recorder, scheduling)
-    for p, sp in zip(prompts, params):
-        engine.add_request(p.prompt_token_ids, sp, request_id=p.request_id)
+    for p in prompts:
+        engine.add_request(p.prompt_token_ids, params, request_id=p.request_id)
     while not engine.step_log.entries or step_kind(engine.step_log.entries[-1]) != "decode":
         engine.step()
     for _ in range(2):
         engine.step()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
         try:
             for _ in range(args.sync_count_steps):
                 engine.step()
         finally:
-            torch.cuda.set_sync_debug_mode(0)
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     while engine.has_unfinished():
         engine.step()
     _release(engine)
-    return syncs / args.sync_count_steps
+    return syncs / args.sync_count_steps if cuda else None
 
 
 def main(argv=None) -> int:

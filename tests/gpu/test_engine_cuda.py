@@ -94,12 +94,12 @@ def _lagging(engine: LLMEngine, cycles: int) -> LLMEngine:
 
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 def test_a_device_that_lags_the_host_changes_nothing(cuda_model, async_scheduling):
-    """Long prompts chunked into many prefill-only steps (no token readback in between)
-    while every step starts behind a ~10 ms device sleep: the staging ring must keep each
-    queued step's inputs intact."""
+    """Long prompts chunked into many prefill-only steps that sample nothing, while every
+    step starts behind a ~10 ms device sleep: the staging ring must keep each queued step's
+    inputs intact."""
     prompts = _prompts(6, seed=4, low=150, high=300)
     params = [SamplingParams(max_new_tokens=6, ignore_eos=True) for _ in prompts]
-    engine = _lagging(_engine(cuda_model, max_step_tokens=64, max_requests=4, async_scheduling=async_scheduling),
+    engine = _lagging(_engine(cuda_model, max_step_tokens=64, max_requests=1, async_scheduling=async_scheduling),
                       cycles=20_000_000)
     results = engine.generate(prompts, params)
     assert sum(e["prefill_requests"] > 0 and e["decode_requests"] == 0 for e in engine.step_log.entries) > 10
