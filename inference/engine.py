@@ -25,7 +25,7 @@ from inference.attention_backends import select_attention
 from inference.block_pool import BlockPool
 from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphRunner
-from inference.errors import InvalidRequestError
+from inference.errors import InvalidRequestError, allocating
 from inference.kv_cache import KVCache
 from inference.model import MoEGPT
 from inference.model_runner import LaunchedStep, ModelRunner
@@ -56,7 +56,8 @@ class LLMEngine:
         self.config = config
         self.max_model_len = min(self.model_config.max_position_embeddings, config.kv_capacity_tokens)
         self.block_pool = BlockPool(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.kv_cache = KVCache(self.model_config, config.num_kv_blocks, config.block_size, self.dtype, self.device)
+        with allocating("KV cache", "lower num_kv_blocks (--num-kv-blocks / --kv-cache-memory)"):
+            self.kv_cache = KVCache(self.model_config, config.num_kv_blocks, config.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(max_requests=config.max_requests, max_step_tokens=config.max_step_tokens,
                             block_size=config.block_size, chunked_prefill=config.chunked_prefill,
@@ -67,13 +68,15 @@ class LLMEngine:
             max_blocks_per_request=-(-self.max_model_len // config.block_size),
             block_size=config.block_size, dummy_block_id=self.kv_cache.dummy_block_id, device=self.device)
         self.sampler = Sampler(config.seed, self.device)
-        self.recorder = self._make_recorder() if config.record_routing else None
+        with allocating("routing buffer", "lower num_kv_blocks (--num-kv-blocks / --kv-cache-memory)"):
+            self.recorder = self._make_recorder() if config.record_routing else None
         self.routing = RoutingCollector(self.recorder) if self.recorder is not None else None
         attention_fn = select_attention(self.device)
         if self.device.type == "cuda":
             from inference.kernels import moe_experts_grouped
             model.set_experts_fn(moe_experts_grouped)
-        self.graph_runner = self._make_graph_runner()
+        with allocating("CUDA graphs", "lower max_requests (--max-requests) or turn graphs off (--no-cuda-graphs)"):
+            self.graph_runner = self._make_graph_runner()
         self.runner = ModelRunner(model, self.kv_cache, self.batch, self.sampler, attention_fn, self.recorder,
                                   self.graph_runner, cuda_graphs=config.cuda_graphs)
         self.step_log = StepDetailsLog()
