@@ -98,7 +98,9 @@ def _writable_problem(path: Path) -> str | None:
 
 
 def _existing_run_files(path: Path) -> list[str]:
-    names = [n for n in RUN_FILES if (path / n).exists()]
+    """Files that make ``path`` hold a run. routing_meta.json alone does not: it is written
+    just before run.json, so on its own it is what a run killed while starting leaves."""
+    names = [n for n in RUN_FILES if n != META_FILE and (path / n).exists()]
     if (path / CHECKPOINT_DIR).is_dir():
         names.append(CHECKPOINT_DIR + "/")
     names += sorted(p.name + "/" for p in path.glob("rank*") if p.is_dir() and (p / STEP_DETAILS_FILE).exists())
@@ -199,6 +201,15 @@ def prepare_output_dir(plan: OutputDirPlan, manifest_fields: dict, routing_meta:
         (path / RESULTS_FILE).unlink(missing_ok=True)
         (path / ROUTING_FILE).unlink(missing_ok=True)
     return attempt
+
+
+def finish_complete_run(path: str | Path) -> None:
+    """Remove what a complete run no longer needs (shards the consolidation made redundant,
+    crash leftovers); run.json already says "complete", so readers never use them."""
+    path = Path(path)
+    shutil.rmtree(path / CHECKPOINT_DIR, ignore_errors=True)
+    for leftover in path.glob("*" + TMP_SUFFIX):
+        leftover.unlink(missing_ok=True)
 
 
 def set_status(path: str | Path, status: str) -> None:

@@ -32,7 +32,8 @@ from inference.workload import PromptsFileError
 from routing_replay.run_layout import read_manifest
 from tools.interrupts import InterruptGuard
 from tools.memory_plan import plan_memory
-from tools.output_dir import finished_ids, inspect_output_dir, prepare_output_dir, run_fingerprint
+from tools.output_dir import (finish_complete_run, finished_ids, inspect_output_dir, prepare_output_dir,
+                              run_fingerprint)
 from tools.run_report import EXIT_OK, EXIT_USAGE, RunPlan, serve_and_report
 from tools.run_setup import (build_engine, degenerate_config_warnings, describe_memory_plan, distributed_context,
                              load_prompts, model_source, output_limit, parse_memory_size, sampling_params_for)
@@ -204,6 +205,8 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard):
     for warning in warnings:
         log.warning("%s", warning)
     if out_plan is not None and out_plan.action == "done":
+        if dist.is_main:
+            finish_complete_run(out_plan.path)   # a run killed while tidying up after completion
         print(f"{out_plan.path}: the run is already complete ({len(specs)} requests); nothing to resume")
         return EXIT_OK
     engine = build_engine(model_loader, engine_config, dist.device)

@@ -30,9 +30,8 @@ from inference.run_writer import CheckpointError, CheckpointPolicy, CheckpointWr
 from inference.workload import PromptSpec
 from routing_replay.outputs import load_results
 from routing_replay.run_dir_schema import STEP_DETAILS_FILE
-from routing_replay.run_layout import CHECKPOINT_DIR
 from tools.interrupts import InterruptGuard
-from tools.output_dir import set_status
+from tools.output_dir import finish_complete_run, set_status
 from tools.run_setup import DistributedContext
 from tools.serve_loop import ServeStats, serve_requests
 
@@ -126,7 +125,7 @@ def _finish_directory(engine: LLMEngine, args, dist: DistributedContext, plan: R
             files = consolidate_run(out, [s.request_id for s in plan.specs], meta) + files
             files += [out / "routing_meta.json"] if meta is not None else []
             set_status(out, "complete")
-            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+            finish_complete_run(out)
         else:
             set_status(out, "interrupted")
     if complete:

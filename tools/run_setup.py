@@ -180,7 +180,7 @@ def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, plan: 
                       f"top-{model_config.topk}")]
     rows += plan.rows()
     if not config.record_routing:
-        rows.append(("routing buffer", "off (--record-routing not given)"))
+        rows.insert(len(rows) - 1, ("routing buffer", "off (--record-routing not given)"))
     async_scheduling = config.device.startswith("cuda") if config.async_scheduling is None else config.async_scheduling
     rows += [("engine", f"device={config.device} dtype={config.dtype} max_requests={config.max_requests} "
                         f"max_step_tokens={config.max_step_tokens} prefix_caching={config.enable_prefix_caching} "

@@ -80,6 +80,18 @@ def test_hf_backend(tmp_path):
     assert report["router_disagreement_with_replay"] == 0 and report["router_disagreement_without_replay"] > 0
 
 
-def test_hf_backend_needs_a_checkpoint():
-    with pytest.raises(SystemExit, match="--backend hf needs --hf-checkpoint"):
+def test_hf_backend_needs_a_checkpoint(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--backend", "hf", *SMALL])
+    assert exit_info.value.code == 2 and "--backend hf needs --hf-checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [None, b"not json", b'{"model_type": "llama"}'], ids=["missing", "bad-json", "unsupported"])
+def test_unusable_checkpoint_is_a_usage_error(tmp_path, capsys, content):
+    ckpt = tmp_path / "ckpt"
+    if content is not None:
+        ckpt.mkdir()
+        (ckpt / "config.json").write_bytes(content)
+    assert main(["--backend", "reference", "--hf-checkpoint", str(ckpt), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(ckpt) in err and "Traceback" not in err
