@@ -17,8 +17,10 @@ class InterruptGuard:
     """Installs SIGINT/SIGTERM handlers for the duration of a ``with`` block.
 
     Invariant: ``signum`` is the first signal received (None before); ``exit_code`` is
-    ``128 + signum`` (130 for SIGINT, 143 for SIGTERM); the previous handlers are restored
-    on exit. Outside the main thread it installs nothing (Python allows handlers only there).
+    ``128 + signum`` (130 for SIGINT, 143 for SIGTERM). On exit the previous handlers are
+    restored, unless a signal arrived: the process is then on its way out, and a further
+    signal must still exit at once rather than raise KeyboardInterrupt into the shutdown.
+    Outside the main thread it installs nothing (Python allows handlers only there).
     """
 
     def __init__(self) -> None:
@@ -32,8 +34,9 @@ class InterruptGuard:
         return self
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        if self.signum is None:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
         self._previous.clear()
 
     @property

@@ -174,7 +174,7 @@ def summarize(engine: LLMEngine, stats: ServeStats, wall_s: float, files: Sequen
     summary = engine.step_log.summary()
     resumed = f" ({plan.num_done} more were already on disk)" if plan is not None and plan.num_done else ""
     lines = [
-        "run summary" + (f" (rank 0 of {world_size}; files merged over all ranks)" if world_size > 1 else ""),
+        "run summary" + (f" (rank 0 of {world_size}; its share of the requests)" if world_size > 1 else ""),
         f"  requests        {stats.finished} finished, {stats.failed} failed"
         + (f", {len(stats.unserved)} not served (interrupted)" if stats.unserved else "") + resumed,
         f"  tokens          {stats.prompt_tokens} prompt, {stats.output_tokens} generated, "
