@@ -55,8 +55,8 @@ class LLMEngine:
             config = dataclasses.replace(config, async_scheduling=self.device.type == "cuda")
         self.config = config
         self.max_model_len = min(self.model_config.max_position_embeddings, config.kv_capacity_tokens)
-        self.block_pool = BlockPool(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         with allocating("KV cache", "lower num_kv_blocks (--num-kv-blocks / --kv-cache-memory)"):
+            self.block_pool = BlockPool(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
             self.kv_cache = KVCache(self.model_config, config.num_kv_blocks, config.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(max_requests=config.max_requests, max_step_tokens=config.max_step_tokens,

@@ -77,7 +77,7 @@ def serve_requests(engine: LLMEngine, specs: Sequence[PromptSpec], params_for: C
                 break
             continue
         _step(engine, hand_on)
-        if progress is not None:
+        if progress is not None and progress.enabled:
             progress.update(snapshot(engine, stats, done_before))
     if stop_requested():
         stats.unserved = [i for i in list(in_flight) if engine.abort(i)] + [s.request_id for s in pending]
