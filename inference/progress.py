@@ -45,7 +45,7 @@ class ProgressBar:
     def update(self, snapshot: ProgressSnapshot) -> None:
         now = self.clock()
         self._samples.append((now, snapshot.tokens, snapshot.done))
-        while len(self._samples) > 2 and self._samples[1][0] < now - self.window_s:
+        while len(self._samples) > 2 and self._samples[1][0] <= now - self.window_s:
             self._samples.popleft()
         self._last = snapshot
         finished = snapshot.done >= self.total
