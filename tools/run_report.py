@@ -24,7 +24,7 @@ import torch
 
 from inference.engine import LLMEngine
 from inference.progress import ProgressBar
-from inference.request import RequestResult, SamplingParams
+from inference.request import SamplingParams
 from inference.run_outputs import consolidate_run, routing_meta_for, run_meta, write_step_details
 from inference.run_writer import CheckpointError, CheckpointPolicy, CheckpointWriter
 from inference.workload import PromptSpec

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import orjson  # noqa: E402
 
-import torch._dynamo  # noqa: E402,F401 - imported lazily by the first meta-device model build: 2-5 s
+import torch._dynamo  # noqa: E402,F401  # pyflakes: ignore - imported lazily by the first meta-device model build: 2-5 s
 from tools.run_inference import main  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def _child(request: dict) -> None:
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
     for fd, path in ((1, request["out"]), (2, request["err"])):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        os.dup2(os.open(path, os.O_WRONLY | os.O_APPEND), fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
     for module in request.get("block", []):
@@ -95,6 +95,8 @@ def serve() -> None:
     for line in sys.stdin:
         request = orjson.loads(line)
         if request["op"] == "start":
+            for path in (request["out"], request["err"]):   # exist even for a child killed at once
+                open(path, "wb").close()
             pid = os.fork()
             if pid == 0:
                 _child(request)

@@ -26,7 +26,8 @@ from routing_replay.run_dir_schema import validate_run_dir
 
 WORKLOAD = ["--record-routing", "--num-requests", "24", "--prompt-len", "6", "--output-len", "10",
             "--max-requests", "4", "--checkpoint-every", "1", "--log-level", "debug"]
-SAMPLED = ["--temperature", "0.9", "--top-p", "0.95", "--seed", "7"]
+# The sampled runs also use the asynchronous step pipeline (the CPU default is synchronous).
+SAMPLED = ["--temperature", "0.9", "--top-p", "0.95", "--seed", "7", "--async-scheduling"]
 
 
 def committed_ids(stderr: str) -> set[str]:

@@ -51,7 +51,7 @@ def reference(cli, tmp_path_factory) -> Path:
     return out
 
 
-def assert_partial_and_resumable(cli, out: Path, reference: Path) -> None:
+def assert_partial_and_resumable(cli, out: Path, reference: Path, extra: tuple = ()) -> None:
     assert validate_run_dir(out) == []
     assert read_manifest(out)["status"] in ("interrupted", "running")
     partial = {r["id"]: r for r in load_results(out)}
@@ -61,16 +61,19 @@ def assert_partial_and_resumable(cli, out: Path, reference: Path) -> None:
     for request_id, record in partial.items():
         assert record["output_token_ids"] == expected[request_id]["output_token_ids"]
         np.testing.assert_array_equal(routing[request_id], ref_routing[request_id])
-    resumed = cli.run(WORKLOAD + ["--output-dir", out, "--resume"])
+    resumed = cli.run(WORKLOAD + list(extra) + ["--output-dir", out, "--resume"])
     assert resumed.status == 0, resumed.stderr
     assert [r["output_token_ids"] for r in load_results(out)] == [r["output_token_ids"] for r in load_results(reference)]
     assert (out / "routing.npz").read_bytes() == (reference / "routing.npz").read_bytes()
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_run_saves_and_resumes(cli, reference, tmp_path, sig, code):
+@pytest.mark.parametrize("sig, code, extra", [(signal.SIGINT, 130, ()), (signal.SIGTERM, 143, ("--async-scheduling",))],
+                         ids=["SIGINT", "SIGTERM-async"])
+def test_signal_mid_run_saves_and_resumes(cli, reference, tmp_path, sig, code, extra):
+    """The reference ran synchronously: the asynchronous pipeline, interrupted and resumed,
+    also ends bit-identical to it."""
     out = tmp_path / "out"
-    proc = start(WORKLOAD + ["--output-dir", out])
+    proc = start(WORKLOAD + list(extra) + ["--output-dir", out])
     seen = wait_for_commits(proc, 2)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=120)
@@ -79,7 +82,7 @@ def test_signal_mid_run_saves_and_resumes(cli, reference, tmp_path, sig, code):
     assert f"interrupted by {sig.name}" in stderr and "--resume" in stderr
     assert "Traceback" not in stderr and "run summary" in stdout
     assert read_manifest(out)["status"] == "interrupted" and (out / "step_details.json").is_file()
-    assert_partial_and_resumable(cli, out, reference)
+    assert_partial_and_resumable(cli, out, reference, extra)
 
 
 def test_second_sigint_exits_at_once_with_valid_files(cli, reference, tmp_path):
