@@ -131,8 +131,11 @@ def available_memory(device: torch.device, local_processes: int = 1) -> tuple[in
 
 
 def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    """``512 B``, ``1.5 KiB`` ... ``977.0 GiB`` (never a larger unit: GiB is what flags take)."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-    return f"{n:.1f} GiB"
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:,.1f} {unit}"

@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     with InterruptGuard() as guard:
         try:
             ready = _set_up(args, guard)
-        except (ValueError, PromptsFileError, FileNotFoundError, MissingDependencyError, AllocationError) as exc:
-            parser.error(str(exc))
+        except (ValueError, PromptsFileError, OSError, MissingDependencyError, AllocationError) as exc:
+            parser.error(str(exc))   # setup only: nothing was served yet
         if isinstance(ready, int):
             return ready
         engine, dist, specs, plan = ready

@@ -79,7 +79,12 @@ def serve_and_report(engine: LLMEngine, args: argparse.Namespace, dist: Distribu
         raise
     progress.close()
     wall = time.perf_counter() - start
-    files = _finish_directory(engine, args, dist, plan, stats, interrupted=guard.requested)
+    try:
+        files = _finish_directory(engine, args, dist, plan, stats, interrupted=guard.requested)
+    except OSError as exc:   # e.g. the disk filled up while consolidating: the shards are intact
+        log.error("cannot finish %s (%s); every checkpoint in it is valid: fix the cause and run the same "
+                  "command with --resume", plan.out_dir, exc)
+        return EXIT_RUNTIME_ERROR
     if dist.is_main:
         print(summarize(engine, stats, wall, files, dist.world_size, plan))
     if guard.requested:

@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "hf" and not args.hf_checkpoint:
         parser.error("--backend hf needs --hf-checkpoint DIR (a transformers checkpoint)")
     try:
+        if args.backend == "hf":   # checked before any work, not after the rollouts
+            require("transformers", "hf", "--backend hf")
         if args.backend == "megatron":
             require("megatron.core", "megatron", "--backend megatron")
             from inference.megatron_export import cpu_megatron_runtime

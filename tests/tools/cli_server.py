@@ -5,7 +5,7 @@ moments) that starts in milliseconds instead of the seconds a fresh interpreter 
 import torch. The server never runs a torch op itself, so forking it is safe.
 
 Protocol, one JSON object per line: on stdin ``{"op": "start", "argv": [...], "out": path,
-"err": path, "block": [module, ...], "enospc_after": n}`` -> ``{"pid": n}``;
+"err": path, "block": [module, ...], "enospc_after": n, "enospc_only": suffix}`` -> ``{"pid": n}``;
 ``{"op": "wait", "pid": n, "timeout": s | null}`` -> ``{"status": code | -signal | null}``.
 """
 
@@ -48,11 +48,18 @@ class _FullDisk:
         self._handle.close()
 
 
-def _inject_enospc(after_bytes: int) -> None:
+def _inject_enospc(after_bytes: int, only_names_ending: str | None) -> None:
+    """Writes fail once ``after_bytes`` were written (to files whose name ends with
+    ``only_names_ending``, when given; other files are written normally)."""
     from routing_replay import run_layout
     original = run_layout._open_for_write
     budget = [after_bytes]
-    run_layout._open_for_write = lambda path: _FullDisk(original(path), budget)
+
+    def open_for_write(path):
+        handle = original(path)
+        return handle if only_names_ending and not str(path).endswith(only_names_ending) else _FullDisk(handle, budget)
+
+    run_layout._open_for_write = open_for_write
 
 
 def _child(request: dict) -> None:
@@ -65,7 +72,7 @@ def _child(request: dict) -> None:
     for module in request.get("block", []):
         sys.modules[module] = None          # `import module` now raises ImportError
     if request.get("enospc_after") is not None:
-        _inject_enospc(request["enospc_after"])
+        _inject_enospc(request["enospc_after"], request.get("enospc_only"))
     try:
         code = main(request["argv"])
     except SystemExit as exc:

@@ -48,11 +48,12 @@ class CliServer:
             raise RuntimeError("cli_server exited")
         return orjson.loads(line)
 
-    def start(self, argv: list[str], *, block: list[str] = (), enospc_after: int | None = None) -> int:
+    def start(self, argv: list[str], *, block: list[str] = (), enospc_after: int | None = None,
+              enospc_only: str | None = None) -> int:
         n = next(self._names)
         out, err = self.workdir / f"cli{n}.out", self.workdir / f"cli{n}.err"
         pid = self._ask({"op": "start", "argv": [str(a) for a in argv], "out": str(out), "err": str(err),
-                         "block": list(block), "enospc_after": enospc_after})["pid"]
+                         "block": list(block), "enospc_after": enospc_after, "enospc_only": enospc_only})["pid"]
         self._files[pid] = (out, err)
         return pid
 

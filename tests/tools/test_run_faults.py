@@ -140,6 +140,20 @@ def test_disk_full_part_way_then_resume(cli, references, tmp_path):
     assert_equal_to_reference(out, ref_dir)
 
 
+def test_disk_full_while_consolidating_then_resume(cli, references, tmp_path):
+    """Every request is committed, then writing the final routing.npz fails: exit 1, the
+    shards stay the run's truth, and --resume only has to consolidate."""
+    ref_dir, _, _ = references["greedy"]
+    out = tmp_path / "out"
+    run = cli.run(WORKLOAD + ["--output-dir", out], enospc_after=0, enospc_only="/routing.npz.tmp")
+    assert run.status == 1 and "cannot finish" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    results, _ = snapshot(out)
+    assert len(results) == 24 and orjson.loads((out / "run.json").read_bytes())["status"] == "running"
+    resumed = cli.run(WORKLOAD + ["--output-dir", out, "--resume"])
+    assert resumed.status == 0 and "0 finished, 0 failed (24 more were already on disk)" in resumed.stdout
+    assert_equal_to_reference(out, ref_dir)
+
+
 def _make_unwritable(path: Path) -> bool:
     """chmod when not root; as root (permissions do not apply) the immutable attribute."""
     path.chmod(stat.S_IRUSR | stat.S_IXUSR)
