@@ -92,6 +92,7 @@ def test_second_sigint_exits_at_once_with_valid_files(cli, reference, tmp_path):
     proc.send_signal(signal.SIGINT)
     while "SIGINT received: stopping" not in seen[-1]:
         seen.append(proc.stderr.readline())
+        assert seen[-1], "the run ended without acknowledging SIGINT"
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     stderr = "".join(seen) + stderr
