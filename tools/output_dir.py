@@ -9,6 +9,7 @@ verdict. ``prepare_output_dir`` (rank 0) makes the directory ready and writes ru
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import os
 import shutil
@@ -28,6 +29,43 @@ from routing_replay.run_layout import (CHECKPOINT_DIR, MANIFEST_FILE, TMP_SUFFIX
                                        read_manifest, shard_name, shard_paths, shard_records, write_manifest)
 
 RUN_FILES = (MANIFEST_FILE, RESULTS_FILE, ROUTING_FILE, META_FILE, STEP_DETAILS_FILE)
+LOCK_FILE = ".run.lock"
+
+
+class RunLock:
+    """An exclusive, non-blocking ``flock`` on ``OUT/.run.lock`` held while a process works
+    on the run in OUT, so two processes (a requeued job and its still-running original)
+    never write one directory. Invariant: held between ``__enter__`` and ``__exit__``; the
+    kernel releases it when the holder dies, even by SIGKILL."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.path = Path(out_dir) / LOCK_FILE
+        self._fd: int | None = None
+        self._created = False
+
+    def __enter__(self) -> "RunLock":
+        self._created = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"--output-dir {self.path.parent} is in use by {holder} (it holds {self.path}); "
+                             f"wait for it to end, or choose another directory") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+            if self._created and not any(self.path.parent.iterdir()):
+                self.path.parent.rmdir()   # the run ended before writing anything
 
 
 def run_fingerprint(args, model_config: ModelConfig, engine_config: EngineConfig, specs: Sequence[PromptSpec],

@@ -12,6 +12,7 @@ Finished requests reach OUT as checkpoints while the run goes on; an interrupted
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -32,7 +33,7 @@ from inference.workload import PromptsFileError
 from routing_replay.run_layout import read_manifest
 from tools.interrupts import InterruptGuard
 from tools.memory_plan import plan_memory
-from tools.output_dir import (finish_complete_run, finished_ids, inspect_output_dir, prepare_output_dir,
+from tools.output_dir import (RunLock, finish_complete_run, finished_ids, inspect_output_dir, prepare_output_dir,
                               run_fingerprint)
 from tools.run_report import EXIT_OK, EXIT_USAGE, RunPlan, serve_and_report
 from tools.run_setup import (build_engine, degenerate_config_warnings, describe_memory_plan, distributed_context,
@@ -168,9 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    with InterruptGuard() as guard:
+    with InterruptGuard() as guard, contextlib.ExitStack() as held:
         try:
-            ready = _set_up(args, guard)
+            ready = _set_up(args, guard, held)
         except (ValueError, PromptsFileError, OSError, MissingDependencyError, AllocationError) as exc:
             parser.error(str(exc))   # setup only: nothing was served yet
         if isinstance(ready, int):
@@ -181,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                                 lambda spec: sampling_params_for(args, spec, index_of[spec.request_id]), guard)
 
 
-def _set_up(args: argparse.Namespace, guard: InterruptGuard):
-    """Validate everything (before any weights), build the engine, prepare --output-dir.
-    Returns an exit code when the run ends here, else (engine, dist, specs, plan)."""
+def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.ExitStack):
+    """Validate everything (before any weights), build the engine, prepare --output-dir
+    (rank 0 holds its lock in ``held`` until the run ends). Returns an exit code when the
+    run ends here, else (engine, dist, specs, plan)."""
     dist = distributed_context(args.device)
     if args.dtype is None:
         args.dtype = "bfloat16" if dist.device.type == "cuda" else "float32"
@@ -202,6 +204,8 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard):
     for problem in (memory.problem(), out_plan.problem if out_plan else None):
         if problem:
             raise ValueError(problem)
+    if out_plan is not None and dist.is_main:
+        held.enter_context(RunLock(out_plan.path))
     for warning in warnings:
         log.warning("%s", warning)
     if out_plan is not None and out_plan.action == "done":

@@ -218,3 +218,13 @@ def test_allocation_failure_names_the_component(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "KV cache: allocation failed" in err and "--kv-cache-memory" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_directory_in_use_by_another_process_is_refused(cli, tmp_path):
+    """A requeued job must not write into the directory its still-running original uses."""
+    from tools.output_dir import RunLock
+    out = tmp_path / "out"
+    with RunLock(out):
+        usage_error(cli.run(SMALL + ["--output-dir", out, "--resume"]), "is in use by pid", "another directory")
+    assert cli.run(SMALL + ["--output-dir", out, "--resume"]).status == 0
+    assert not (out / ".run.lock").exists()
