@@ -82,6 +82,8 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
     valid = pos < lens
     if window > 0:
         valid &= pos >= lens - window
+        # What lies before the window is never used, whatever it holds (even NaN).
+        v = v.masked_fill(~valid[:, :, None, None], 0.0)
     valid = valid[:, None, None, :]
     scores = scores.masked_fill(~valid, float("-inf"))
     # Rows with no valid token would softmax to NaN; a finite max keeps them at zero.
