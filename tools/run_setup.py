@@ -145,8 +145,8 @@ def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, num_re
                   f"layers {list(model_config.moe_layer_indices)}), {model_config.num_experts} experts top-{model_config.topk}"),
         ("weights", f"{params:,} parameters x {elem} B = {_fmt_bytes(params * elem)}"),
         ("KV cache", f"{config.num_kv_blocks} blocks (+1 dummy) x {config.block_size} tokens x "
-                     f"{_fmt_bytes(kv_block // config.block_size)}/token = {_fmt_bytes(kv_total)} "
-                     f"({config.kv_capacity_tokens:,} tokens)"),
+                     f"{_fmt_bytes(kv_block // config.block_size)}/token{_kv_layout(model_config)} = "
+                     f"{_fmt_bytes(kv_total)} ({config.kv_capacity_tokens:,} tokens)"),
         ("routing buffer", (f"{per_token_route} B/token -> {_fmt_bytes(route_total)} "
                             f"({100.0 * route_total / kv_total:.2f}% of KV)") if config.record_routing else "off (--record-routing not given)"),
         ("engine", f"device={config.device} dtype={config.dtype} max_requests={config.max_requests} "
@@ -156,6 +156,12 @@ def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, num_re
     ]
     width = max(len(k) for k, _ in rows)
     return "dry run: configuration is valid; memory plan\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _kv_layout(config: ModelConfig) -> str:
+    if config.mla is not None:
+        return f" (MLA: latent {config.mla.kv_lora_rank} + rotary key {config.mla.qk_rope_head_dim} per layer)"
+    return f" (K and V: {config.num_kv_heads} kv heads x {config.head_dim} per layer)"
 
 
 def _fmt_bytes(n: float) -> str:
