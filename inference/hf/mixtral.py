@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from inference.config import ModelConfig, RouterConfig
-from inference.hf.common import HFFamily, TensorRecipe, base_fields, build_config, copy, experts, get, gqa_attention, moe_prefix
+from inference.hf.common import (HFFamily, TensorRecipe, base_fields, build_config, copy, experts, get, gqa_attention,
+                                 moe_prefix)
 
 PREFIXES = ("block_sparse_moe", "mlp")   # classic first; transformers 5 fused saves use ``mlp``
 
