@@ -20,7 +20,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # 1. GPU tests (interpreter cases are CPU-side and already run in CI).
 timeout 270 python3 -m pytest -q -k "not interpreter" \
   tests/inference/kernels/test_mla_decode.py tests/inference/kernels/test_paged_decode.py \
-  tests/inference/kernels/test_prefill_attention.py tests/gpu/test_families_cuda.py tests/gpu/test_engine_cuda.py \
+  tests/inference/kernels/test_prefill_attention.py tests/inference/model/test_experts.py \
+  tests/gpu/test_families_cuda.py tests/gpu/test_engine_cuda.py \
   > "$OUT/pytest_gpu_issue10.log" 2>&1
 echo "pytest exit $? after $((SECONDS - start)) s"; tail -n 25 "$OUT/pytest_gpu_issue10.log"
 

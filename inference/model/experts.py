@@ -26,17 +26,19 @@ def swiglu_oai(h13: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
 
 
 def oai_experts_reference(x, topk_ids, topk_weights, w13, w2, b13, b2, alpha: float, limit: float) -> torch.Tensor:
-    """Loop over experts on the routed tokens only, in fp32 (syncs: CPU and tests)."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    """Loop over experts on the routed tokens only, in fp32 (syncs: CPU and tests). Each
+    (token, k) pair's output lands in its own slot and the weighted sum over k follows, so
+    no accumulating scatter is needed (CPU ``index_add_`` can be very slow when threads
+    are oversubscribed)."""
+    per_pair = torch.zeros(*topk_ids.shape, x.shape[1], dtype=torch.float32, device=x.device)
     xf = x.float()
     for e in range(w13.shape[0]):
         token_idx, k_idx = torch.nonzero(topk_ids == e, as_tuple=True)
         if token_idx.numel() == 0:
             continue
         h = xf[token_idx] @ w13[e].float().t() + b13[e].float()
-        y = swiglu_oai(h, alpha, limit) @ w2[e].float().t() + b2[e].float()
-        out.index_add_(0, token_idx, y * topk_weights[token_idx, k_idx].float().unsqueeze(-1))
-    return out.to(x.dtype)
+        per_pair[token_idx, k_idx] = swiglu_oai(h, alpha, limit) @ w2[e].float().t() + b2[e].float()
+    return (per_pair * topk_weights.float().unsqueeze(-1)).sum(dim=1).to(x.dtype)
 
 
 def oai_experts(x, topk_ids, topk_weights, w13, w2, b13, b2, alpha: float, limit: float) -> torch.Tensor:
