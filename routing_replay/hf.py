@@ -21,7 +21,8 @@ order: ``replay_targets.padded_targets(..., order="bs")``.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from types import MappingProxyType
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -67,7 +68,7 @@ def _sigmoid_normalised_weights(router, hidden, ids):
     return logits, w / w.sum(dim=-1, keepdim=True)
 
 
-SUPPORTED_ROUTERS: dict[str, Weights] = {
+SUPPORTED_ROUTERS: Mapping[str, Weights] = MappingProxyType({
     "MixtralTopKRouter": _softmax_weights(True, keep_fp32=True),   # Mixtral returns fp32 weights
     "Qwen2MoeTopKRouter": _softmax_weights(False, keep_fp32=False),
     "Qwen3MoeTopKRouter": _softmax_weights(False, keep_fp32=False),
@@ -76,7 +77,7 @@ SUPPORTED_ROUTERS: dict[str, Weights] = {
     "Glm4MoeTopkRouter": _sigmoid_scaled_weights,
     "GptOssTopKRouter": _topk_softmax_weights,
     "MiniMaxM2TopKRouter": _sigmoid_normalised_weights,
-}
+})
 
 
 class HFReplayError(RuntimeError):
