@@ -83,3 +83,15 @@ def test_hf_backend(tmp_path):
 def test_hf_backend_needs_a_checkpoint():
     with pytest.raises(SystemExit, match="--backend hf needs --hf-checkpoint"):
         main(["--backend", "hf", *SMALL])
+
+
+def test_hf_backend_on_gpt_oss(tmp_path):
+    """GPT-OSS's MoE block names its router ``router`` (not ``gate``)."""
+    pytest.importorskip("safetensors")
+    from tests.inference.hf.families import make_hf_model
+    make_hf_model("gpt_oss", vocab_size=128).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "h.json"
+    assert main(["--backend", "hf", "--hf-checkpoint", str(tmp_path / "ckpt"), "--perturb", "0.1",
+                 "--output", str(out), *SMALL]) == 0
+    report = _report(out)
+    assert report["router_disagreement_with_replay"] == 0 and report["router_disagreement_without_replay"] > 0
