@@ -79,3 +79,18 @@ def test_reference_forward_matches_transformers_logits(checkpoint):
     ref_logits, routing = model.forward_reference(torch.tensor(tokens))
     torch.testing.assert_close(ref_logits, hf_logits, atol=1e-4, rtol=0)
     assert routing.shape == (len(tokens), model.config.num_moe_layers, model.config.topk)
+
+
+def test_cuda_backend_dispatch_matches_transformers_on_cpu(checkpoint, monkeypatch):
+    """TritonBackend's choices (decode kernels for decode-only steps, paged prefill with
+    windows and sinks, the eager loop for latent prefill), run through their CPU fallbacks."""
+    name, hf, model = checkpoint
+    if name not in ("moonlight", "gpt_oss"):
+        pytest.skip("exercised for the MLA and windowed + sinks attention kinds")
+    import inference.engine
+    from inference.attention_backends import TritonBackend
+    monkeypatch.setattr(inference.engine, "select_attention", lambda device: TritonBackend())
+    engine = LLMEngine(model, EngineConfig(record_routing=True, block_size=4, num_kv_blocks=64, max_requests=4,
+                                           max_step_tokens=12))
+    results = engine.generate(_prompts(seed=11), SamplingParams(max_new_tokens=6, ignore_eos=True))
+    _check_against_transformers(hf, model, results)
