@@ -89,8 +89,24 @@ def test_cuda_backend_dispatch_matches_transformers_on_cpu(checkpoint, monkeypat
         pytest.skip("exercised for the MLA and windowed + sinks attention kinds")
     import inference.engine
     from inference.attention_backends import TritonBackend
-    monkeypatch.setattr(inference.engine, "select_attention", lambda device: TritonBackend())
+
+    class Counting(TritonBackend):
+        """Counts decode-only and mixed steps per attention kind."""
+        calls: dict = {}
+
+        def attend(self, q, k_cache, v_cache, meta, *args):
+            self.calls[("gqa", meta.decode_only)] = self.calls.get(("gqa", meta.decode_only), 0) + 1
+            return super().attend(q, k_cache, v_cache, meta, *args)
+
+        def attend_latent(self, q, cache, meta, *args):
+            self.calls[("mla", meta.decode_only)] = self.calls.get(("mla", meta.decode_only), 0) + 1
+            return super().attend_latent(q, cache, meta, *args)
+
+    backend = Counting()
+    monkeypatch.setattr(inference.engine, "select_attention", lambda device: backend)
     engine = LLMEngine(model, EngineConfig(record_routing=True, block_size=4, num_kv_blocks=64, max_requests=4,
                                            max_step_tokens=12))
     results = engine.generate(_prompts(seed=11), SamplingParams(max_new_tokens=6, ignore_eos=True))
+    kind = "mla" if name == "moonlight" else "gqa"
+    assert backend.calls.get((kind, True)) and backend.calls.get((kind, False)), backend.calls
     _check_against_transformers(hf, model, results)
