@@ -92,7 +92,10 @@ def test_cuda_backend_dispatch_matches_transformers_on_cpu(checkpoint, monkeypat
 
     class Counting(TritonBackend):
         """Counts decode-only and mixed steps per attention kind."""
-        calls: dict = {}
+
+        def __init__(self):
+            super().__init__()
+            self.calls: dict = {}
 
         def attend(self, q, k_cache, v_cache, meta, *args):
             self.calls[("gqa", meta.decode_only)] = self.calls.get(("gqa", meta.decode_only), 0) + 1
