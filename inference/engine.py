@@ -1,11 +1,22 @@
 """The dynamic inference engine: continuous batching over a paged KV cache, with optional
-routing recording that adds no host synchronisation to the step."""
+routing recording that adds no host synchronisation to the step.
+
+One ``step()`` runs the pipeline's stages, each a small method:
+
+    schedule N+1 -> prepare + launch N+1 -> complete N -> finalize routing
+
+With asynchronous scheduling the host completes step N (waits for its sampled tokens,
+applies stop conditions, frees what finished) only after step N+1 is already queued on the
+GPU, so the GPU never waits for the host; step N's tokens reach step N+1's inputs on the
+device. Synchronous scheduling completes each step right after launching it. Both run the
+same code, on CPU as on CUDA, and produce the same tokens and routing.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -16,68 +27,40 @@ from inference.config import EngineConfig
 from inference.cuda_graphs import DecodeGraphRunner
 from inference.errors import InvalidRequestError
 from inference.kv_cache import KVCache
-from inference.model import ForwardContext, MoEGPT
+from inference.model import MoEGPT
+from inference.model_runner import LaunchedStep, ModelRunner
 from inference.request import Request, RequestResult, SamplingParams
+from inference.routing_collector import RoutingCollector
 from inference.sampler import Sampler
-from inference.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from inference.step_batch import PreparedStep, StepBatch
+from inference.scheduler import Scheduler, SchedulerConfig
+from inference.step_batch import StepBatch
+from inference.step_entry import step_entry
 from routing_replay import RoutingRecorder, StepDetailsLog
 from routing_replay.host_sync_recorder import HostSyncRecorder
-
-
-@dataclass
-class _PhaseTimes:
-    """Host milliseconds spent in each routing phase during one step."""
-
-    gather: float = 0.0
-    store: float = 0.0
-    reconstruct: float = 0.0
-    finalize: float = 0.0
-
-
-class _GpuTimer:
-    """CUDA events around one step's forward. Read only after the sampled-token readback,
-    which has already waited for them, so reading never adds a sync. No-op on CPU."""
-
-    def __init__(self, begin: torch.cuda.Event | None) -> None:
-        self.begin, self.end = begin, None
-
-    @classmethod
-    def start(cls, device: torch.device) -> "_GpuTimer":
-        if device.type != "cuda":
-            return cls(None)
-        begin = torch.cuda.Event(enable_timing=True)
-        begin.record()
-        return cls(begin)
-
-    def stop(self) -> None:
-        if self.begin is not None:
-            self.end = torch.cuda.Event(enable_timing=True)
-            self.end.record()
-
-    def elapsed_ms(self) -> float | None:
-        if self.begin is None or self.end is None or not self.end.query():
-            return None
-        return self.begin.elapsed_time(self.end)
+from routing_replay.phase_timer import PhaseTimer
 
 
 class LLMEngine:
     """Serves requests step by step. Invariant: every added request ends as exactly one
-    ``RequestResult`` returned by ``step()``; with recording on, a result is returned only
-    once its routing is final (``prompt_len + generated_len - 1`` rows)."""
+    ``RequestResult`` returned by ``step()`` (unless aborted); with recording on, a result is
+    returned only once its routing is final (``prompt_len + generated_len - 1`` rows). At
+    most one step is in flight between ``step()`` calls (asynchronous scheduling)."""
 
     def __init__(self, model: MoEGPT, config: EngineConfig) -> None:
         self.model = model
         self.model_config = model.config
-        self.config = config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if config.async_scheduling is None:
+            config = dataclasses.replace(config, async_scheduling=self.device.type == "cuda")
+        self.config = config
         self.max_model_len = min(self.model_config.max_position_embeddings, config.kv_capacity_tokens)
         self.block_pool = BlockPool(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.kv_cache = KVCache(self.model_config, config.num_kv_blocks, config.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(
             SchedulerConfig(max_requests=config.max_requests, max_step_tokens=config.max_step_tokens,
-                            block_size=config.block_size, chunked_prefill=config.chunked_prefill),
+                            block_size=config.block_size, chunked_prefill=config.chunked_prefill,
+                            eos_token_id=self.model_config.eos_token_id, max_model_len=self.max_model_len),
             self.block_pool, on_preempt=self._on_preempt, on_finish=self._on_finish)
         self.batch = StepBatch(
             max_step_tokens=config.max_step_tokens, max_requests=config.max_requests,
@@ -85,28 +68,25 @@ class LLMEngine:
             block_size=config.block_size, dummy_block_id=self.kv_cache.dummy_block_id, device=self.device)
         self.sampler = Sampler(config.seed, self.device)
         self.recorder = self._make_recorder() if config.record_routing else None
-        self.attention_fn = select_attention(self.device)
+        self.routing = RoutingCollector(self.recorder) if self.recorder is not None else None
+        attention_fn = select_attention(self.device)
         if self.device.type == "cuda":
             from inference.kernels import moe_experts_grouped
             model.set_experts_fn(moe_experts_grouped)
-        self.graph_runner = None
-        if config.cuda_graphs or config.padded_decode:
-            if config.cuda_graphs and self.device.type != "cuda":
-                raise ValueError("cuda_graphs needs a CUDA device")
-            self.graph_runner = DecodeGraphRunner(
-                model, self.batch, self.kv_cache, self.recorder,
-                max_batch=min(config.max_requests, config.cuda_graph_max_batch, config.max_step_tokens),
-                use_graphs=config.cuda_graphs)
-            self.graph_runner.capture()
+        self.graph_runner = self._make_graph_runner()
+        self.runner = ModelRunner(model, self.kv_cache, self.batch, self.sampler, attention_fn, self.recorder,
+                                  self.graph_runner, cuda_graphs=config.cuda_graphs)
         self.step_log = StepDetailsLog()
-        self._step_index = 0
+        self.num_generated_tokens = 0          # tokens received by the host so far, all requests
         self._start_time = time.perf_counter()
         self._arrivals = itertools.count()
-        self._live_ids: set[str] = set()
-        self._awaiting_routing: dict[str, RequestResult] = {}
-        self._routing_start: dict[str, int] = {}
-        self._phase = _PhaseTimes()
-        self._to_reconstruct: list[tuple[str, list[int], int, int]] = []
+        self._step_index = 0
+        self._live: dict[str, Request] = {}    # caller id -> request, until its result is returned
+        self._routing_start: dict[Request, int] = {}
+        self._in_flight: LaunchedStep | None = None
+        self._schedule_timer = PhaseTimer()    # the timer of the schedule() call under way
+        self._last_gpu_end: torch.cuda.Event | None = None
+        self._unattributed_ms = 0.0            # host time of calls that completed no step
 
     def _make_recorder(self):
         mc = self.model_config
@@ -118,12 +98,26 @@ class LLMEngine:
             num_moe_layers=mc.num_moe_layers, topk=mc.topk, num_experts=mc.num_experts,
             max_step_tokens=self.config.max_step_tokens, device=self.device)
 
+    def _make_graph_runner(self) -> DecodeGraphRunner | None:
+        config = self.config
+        if not (config.cuda_graphs or config.padded_decode):
+            return None
+        if config.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs needs a CUDA device")
+        runner = DecodeGraphRunner(
+            self.model, self.batch, self.kv_cache, self.recorder,
+            max_batch=min(config.max_requests, config.cuda_graph_max_batch, config.max_step_tokens),
+            use_graphs=config.cuda_graphs)
+        runner.capture()
+        return runner
+
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, routing_start: int = 0) -> str:
         """Validate and queue a request; raises ``InvalidRequestError`` naming it when bad
         (nothing else is affected). ``routing_start`` > 0 returns only routing rows from that
-        position on (multi-turn callers already hold the rows of earlier turns)."""
+        position on (multi-turn callers already hold the rows of earlier turns). An id can
+        be reused once its result has been returned."""
         arrival = next(self._arrivals)
         request_id = str(arrival) if request_id is None else str(request_id)
         params = sampling_params or SamplingParams()
@@ -131,16 +125,16 @@ class LLMEngine:
         if isinstance(routing_start, bool) or not isinstance(routing_start, int) or not 0 <= routing_start <= len(prompt_token_ids):
             raise InvalidRequestError(
                 f"routing_start={routing_start!r} must be an int in [0, prompt length {len(prompt_token_ids)}]", request_id)
-        if routing_start:
-            self._routing_start[request_id] = routing_start
         request = Request(request_id=request_id, prompt_token_ids=list(prompt_token_ids),
                           sampling_params=params, arrival_index=arrival)
-        self._live_ids.add(request_id)
+        if routing_start:
+            self._routing_start[request] = routing_start
+        self._live[request_id] = request
         self.scheduler.add(request)
         return request_id
 
     def _validate(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> None:
-        if request_id in self._live_ids:
+        if request_id in self._live:
             raise InvalidRequestError("a request with this id is already being served", request_id)
         if not isinstance(prompt, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             raise InvalidRequestError("prompt_token_ids must be a list of ints", request_id)
@@ -158,159 +152,127 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"prompt has {len(prompt)} tokens; the KV cache can hold at most {self.config.kv_capacity_tokens} "
                 f"(num_kv_blocks={self.config.num_kv_blocks} x block_size={self.config.block_size})", request_id)
+        if not self.config.chunked_prefill and len(prompt) > self.config.max_step_tokens:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt)} tokens but max_step_tokens is {self.config.max_step_tokens} and "
+                "chunked prefill is off, so it can never be scheduled; enable chunked prefill or raise "
+                "max_step_tokens", request_id)
         params.validate(request_id)
 
     def abort(self, request_id: str) -> bool:
-        request = self.scheduler.abort(request_id)
+        """Stop serving a request wherever it is (queued, running, in flight, or finished
+        with its routing still on the way); its result is never returned. False if unknown."""
+        request = self._live.pop(request_id, None)
         if request is None:
             return False
-        self._live_ids.discard(request_id)
-        self._routing_start.pop(request_id, None)
-        self.sampler.release(request_id)
-        if self.recorder is not None:
-            self.recorder.discard(request_id)
+        self.scheduler.abort(request_id)   # None when it already finished
+        self._routing_start.pop(request, None)
+        self.sampler.release(request)
+        if self.routing is not None:
+            self.routing.discard(request)
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._awaiting_routing)
+        """Whether a request is queued, running, in flight, or waiting for its routing."""
+        return (self.scheduler.has_unfinished() or self._in_flight is not None
+                or (self.routing is not None and self.routing.num_awaiting > 0))
 
     # ---- the step -------------------------------------------------------------------
     def step(self) -> list[RequestResult]:
-        """Schedule, run one forward, sample, and return the results that became final."""
-        start = time.perf_counter()
-        self._phase = _PhaseTimes()
+        """Run one pipeline iteration; returns the results that became final."""
+        call_start = time.perf_counter()
+        launched = self._schedule_and_launch()
+        if self.config.async_scheduling:
+            completing, self._in_flight = self._in_flight, launched
+        else:
+            completing = launched
+        ready = self._complete(completing) if completing is not None else []
+        timer = completing.timer if completing is not None else PhaseTimer()
+        t = timer.now()
+        if self.routing is not None:
+            ready += self.routing.poll(timer)
+        timer.lap("stage_complete", "routing", t)
+        call_ms = (time.perf_counter() - call_start) * 1e3
+        if completing is None:
+            self._unattributed_ms += call_ms
+        else:
+            self._record(completing, call_ms + self._unattributed_ms)
+            self._unattributed_ms = 0.0
+        return self._returned(ready)
+
+    def _returned(self, results: list[RequestResult]) -> list[RequestResult]:
+        """Results leave the engine: their ids may be reused from now on."""
+        for result in results:
+            self._live.pop(result.request_id, None)
+        return results
+
+    def _schedule_and_launch(self) -> LaunchedStep | None:
+        """Stages schedule, prepare and launch of the next step (None: nothing to run)."""
+        timer = PhaseTimer()
+        t = timer.now()
+        self._schedule_timer = timer     # preemption snapshots in schedule() time into it
         output = self.scheduler.schedule()
-        finished: list[RequestResult] = []
-        prepared = None
-        graph_size = self._graph_size(output)
-        if output.chunks:
-            prepared = self.batch.prepare(output.chunks, graph_size)
-            timer = _GpuTimer.start(self.device)
-            sampled = (self._graph_forward_and_sample(prepared, graph_size, timer) if graph_size
-                       else self._forward_and_sample(prepared, timer))
-            for request in self.scheduler.update(output, sampled, self._eos(), self.max_model_len):
-                finished.append(self._finish(request))
-            if self.recorder is not None:
-                self._reconstruct_finished()
-        ready = [r for r in finished if r.request_id not in self._awaiting_routing]
-        ready += self._finalize_routing()
-        if output.chunks or output.preempted:
-            gpu_ms = timer.elapsed_ms() if output.chunks else None
-            self._record_step(output, prepared, (time.perf_counter() - start) * 1e3, graph_size is not None, gpu_ms)
-        return ready
-
-    def _graph_size(self, output: SchedulerOutput) -> int | None:
-        """Padded batch size when this step can run as a decode graph, else None."""
-        runner = self.graph_runner
-        if runner is None or not output.chunks or len(output.chunks) > runner.max_batch:
+        timer.lap("stage_schedule", "", t)
+        if not output.chunks and not output.preempted:
             return None
-        if not all(c.num_tokens == 1 and c.samples for c in output.chunks):
-            return None
-        return runner.padded_size(len(output.chunks))
+        index, self._step_index = self._step_index, self._step_index + 1
+        if not output.chunks:
+            return LaunchedStep(index=index, output=output, prepared=None, timer=timer)
+        return self.runner.launch(index, output, self._in_flight, timer)
 
-    def _graph_forward_and_sample(self, prepared: PreparedStep, size: int, timer: "_GpuTimer") -> dict[str, int]:
-        logits = self.graph_runner.run(size, len(prepared.sampling_chunks))
-        timer.stop()
-        if self.recorder is not None and not self.graph_runner.gather_in_graph:
-            t = time.perf_counter()
-            self.recorder.gather(prepared.token_to_block, prepared.token_to_offset)
-            self._phase.gather += (time.perf_counter() - t) * 1e3
-        requests = [c.request for c in prepared.sampling_chunks]
-        with torch.inference_mode():
-            tokens = self.sampler.sample(logits, requests)
-        return {r.request_id: t for r, t in zip(requests, tokens)}
+    def _complete(self, step: LaunchedStep) -> list[RequestResult]:
+        """Stage complete: wait for the step's tokens, apply them, finish requests, and
+        enqueue the final routing reads of those that finished."""
+        timer = step.timer
+        t = timer.now()
+        step.wait()
+        t = timer.lap("stage_complete", "wait", t)
+        sampled = step.sampled()
+        self.num_generated_tokens += sum(1 for r in step.sampling_requests if not r.is_finished)
+        finished = self.scheduler.update(step.output, sampled)
+        step.num_finished = len(finished)
+        results = [self._result_of(request) for request in finished]
+        t = timer.lap("stage_complete", "update", t)
+        if self.routing is not None:
+            self.routing.flush(timer)
+        timer.lap("stage_complete", "routing", t)
+        return [r for r in results if r is not None]
 
-    def _forward_and_sample(self, prepared: PreparedStep, timer: "_GpuTimer") -> dict[str, int]:
-        recorder = self.recorder
-        staging = recorder.staging[: prepared.num_padded_tokens] if recorder is not None else None
-        ctx = ForwardContext(prepared.attn, self.kv_cache.per_layer, self.attention_fn, staging)
-        with torch.inference_mode():
-            hidden = self.model(prepared.input_ids, prepared.positions, ctx)
-            if recorder is not None:
-                t = time.perf_counter()
-                recorder.gather(prepared.token_to_block, prepared.token_to_offset)
-                self._phase.gather += (time.perf_counter() - t) * 1e3
-            if not prepared.sampling_chunks:
-                timer.stop()
-                return {}
-            logits = self.model.compute_logits(hidden.index_select(0, prepared.logits_indices))
-            timer.stop()
-            requests = [c.request for c in prepared.sampling_chunks]
-            tokens = self.sampler.sample(logits, requests)
-        return {r.request_id: t for r, t in zip(requests, tokens)}
-
-    def _eos(self) -> int | None:
-        return self.model_config.eos_token_id
-
-    def _finish(self, request: Request) -> RequestResult:
+    def _result_of(self, request: Request) -> RequestResult | None:
+        """The result of a finished request, or None while its routing is on the way."""
         result = RequestResult.from_request(request)
-        start = self._routing_start.pop(request.request_id, 0)
-        result.routing_start = start if self.recorder is not None else 0
-        self.sampler.release(request.request_id)
-        self._live_ids.discard(request.request_id)
-        if self.recorder is not None:
-            self._awaiting_routing[request.request_id] = result
-        return result
+        start = self._routing_start.pop(request, 0)
+        self.sampler.release(request)
+        if self.routing is None:
+            return result
+        result.routing_start = start
+        self.routing.await_routing(request, result)
+        return None
 
-    # ---- routing hooks (called by the scheduler before blocks are freed) ------------------
+    def _record(self, step: LaunchedStep, step_ms: float) -> None:
+        gpu_ms = None
+        if step.gpu is not None:
+            gpu = step.gpu
+            gpu_ms = {"gpu_forward_ms": gpu.begin.elapsed_time(gpu.forward_end),
+                      "gpu_step_ms": gpu.begin.elapsed_time(gpu.end)}
+            if self._last_gpu_end is not None:
+                gpu_ms["gpu_idle_before_ms"] = max(0.0, self._last_gpu_end.elapsed_time(gpu.begin))
+            self._last_gpu_end = gpu.end
+        self.step_log.record(step_entry(step, step_ms, time.perf_counter() - self._start_time, gpu_ms))
+
+    # ---- scheduler hooks (called before blocks are freed) ----------------------------------
     def _on_preempt(self, request: Request) -> None:
-        if self.recorder is not None and request.num_computed_tokens > 0:
-            t = time.perf_counter()
-            self.recorder.snapshot_preempted(request.request_id, request.block_ids, request.num_computed_tokens)
-            self._phase.store += (time.perf_counter() - t) * 1e3
+        in_flight = self._in_flight
+        if in_flight is not None and self.scheduler.is_in_flight(request):
+            # The queued step still writes this request's blocks: they may be reused only
+            # once it is done (rare: preemption is the one place the host waits early).
+            in_flight.wait()
+        if self.routing is not None:
+            self.routing.snapshot_preempted(request, self._schedule_timer)
 
     def _on_finish(self, request: Request) -> None:
-        if self.recorder is not None:
-            # Batched into one gather per step (_reconstruct_finished), still before any
-            # later forward can write into these blocks.
-            start = self._routing_start.get(request.request_id, 0)
-            self._to_reconstruct.append((request.request_id, list(request.block_ids), request.num_tokens - 1, start))
-
-    def _reconstruct_finished(self) -> None:
-        if self._to_reconstruct:
-            t = time.perf_counter()
-            self.recorder.reconstruct_many(self._to_reconstruct)
-            self._to_reconstruct = []
-            self._phase.reconstruct += (time.perf_counter() - t) * 1e3
-
-    def _finalize_routing(self, wait: bool = False) -> list[RequestResult]:
-        if self.recorder is None or not self._awaiting_routing:
-            return []
-        t = time.perf_counter()
-        done = self.recorder.wait_all() if wait else self.recorder.poll()
-        ready = []
-        for key, routing in done.items():
-            result = self._awaiting_routing.pop(key, None)
-            if result is not None:
-                result.routing = routing
-                ready.append(result)
-        self._phase.finalize += (time.perf_counter() - t) * 1e3
-        return ready
-
-    def _record_step(self, output: SchedulerOutput, prepared: PreparedStep | None, step_ms: float,
-                     cuda_graph: bool, gpu_ms: float | None) -> None:
-        chunks = output.chunks
-        decode = [c for c in chunks if output.is_decode(c)]
-        self.step_log.record({
-            "step": self._step_index,
-            "prefill_requests": len(chunks) - len(decode),
-            "decode_requests": len(decode),
-            "active_tokens": prepared.num_tokens if prepared else 0,
-            "padded_tokens": prepared.num_padded_tokens if prepared else 0,
-            "cuda_graph": cuda_graph and self.config.cuda_graphs,
-            "step_time_ms": step_ms,
-            "routing_gather_ms": self._phase.gather,
-            "routing_store_ms": self._phase.store,
-            "routing_reconstruct_ms": self._phase.reconstruct,
-            "routing_finalize_ms": self._phase.finalize,
-            "prefill_tokens": sum(c.num_tokens for c in chunks) - len(decode),
-            "decode_tokens": len(decode),
-            "finished_requests": sum(1 for c in chunks if c.request.is_finished),
-            "preempted_requests": len(output.preempted),
-            "time_s": time.perf_counter() - self._start_time,
-            **({"gpu_forward_ms": gpu_ms} if gpu_ms is not None else {}),
-        })
-        self._step_index += 1
+        if self.routing is not None:
+            self.routing.request_finished(request, self._routing_start.get(request, 0))
 
     # ---- batch API ------------------------------------------------------------------
     def generate(self, prompts: Iterable[Sequence[int]],
@@ -319,7 +281,13 @@ class LLMEngine:
                  on_result: Callable[[RequestResult], None] | None = None,
                  routing_starts: Sequence[int] | None = None) -> list[RequestResult]:
         """Serve ``prompts`` to completion; results come back in input order. A bad prompt
-        yields a result with ``finish_reason == "error"`` and the others are served."""
+        yields a result with ``finish_reason == "error"`` and the others are served.
+
+        Needs an idle engine: requests queued earlier with ``add_request`` are never served
+        (or dropped) by ``generate``; drain them with ``step()`` first."""
+        if self.has_unfinished():
+            raise RuntimeError("generate() needs an idle engine, but requests added with add_request are still "
+                               "being served; call step() until has_unfinished() is False first")
         prompts = list(prompts)
         params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
                   else [sampling_params] * len(prompts))
@@ -329,19 +297,25 @@ class LLMEngine:
             raise ValueError("generate: request_ids must be unique")
         starts = list(routing_starts) if routing_starts is not None else [0] * len(prompts)
         results: dict[str, RequestResult] = {}
+
+        def deliver(result: RequestResult) -> None:
+            results[result.request_id] = result
+            if on_result:
+                on_result(result)
+
         for rid, prompt, p, start in zip(ids, prompts, params, starts):
             try:
                 self.add_request(prompt, p, rid, routing_start=start)
             except InvalidRequestError as exc:
-                results[rid] = RequestResult.failed(rid, list(prompt) if isinstance(prompt, (list, tuple)) else [], str(exc))
-                if on_result:
-                    on_result(results[rid])
+                deliver(RequestResult.failed(rid, list(prompt) if isinstance(prompt, (list, tuple)) else [], str(exc)))
         while self.has_unfinished():
             done = self.step()
-            if not done and not self.scheduler.has_unfinished():
-                done = self._finalize_routing(wait=True)
-            for r in done:
-                results[r.request_id] = r
-                if on_result:
-                    on_result(r)
+            if not done and not self.scheduler.has_unfinished() and self._in_flight is None:
+                done = self._drain_routing()
+            for result in done:
+                deliver(result)
         return [results[rid] for rid in ids]
+
+    def _drain_routing(self) -> list[RequestResult]:
+        """Off the step path: block until every finished request's routing is final."""
+        return self._returned(self.routing.poll(PhaseTimer(), wait=True) if self.routing is not None else [])

@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     import numpy as np
 
 
+# Below this a temperature is greedy (as in vLLM): dividing logits by 1e-40 overflows them
+# to inf and turns the softmax into NaN.
+GREEDY_TEMPERATURE = 1e-5
+
+
 def _is_int(value: object) -> bool:
     # bool is an int subclass, but True as a token id or a count is always a caller mistake.
     return isinstance(value, int) and not isinstance(value, bool)
@@ -28,7 +33,7 @@ class SamplingParams:
     """
 
     max_new_tokens: int = 16
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (anything below GREEDY_TEMPERATURE) = greedy
     top_k: int = 0  # 0 = disabled
     top_p: float = 1.0  # 1 = disabled
     seed: int | None = None  # per-request generator seed
@@ -38,6 +43,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self, request_id: str | None = None) -> None:
         """Raise InvalidRequestError naming the first bad field, its value and what is allowed."""
@@ -87,11 +96,13 @@ class RequestStatus(Enum):
 class Request:
     """One generation request, mutated in place by the scheduler.
 
-    Invariant: `num_computed_tokens <= num_tokens`; the KV (and routing) of positions
-    `[0, num_computed_tokens)` lives in `block_ids`, in position order, `block_size` positions
-    per block. A WAITING request holds no blocks and has `num_computed_tokens == 0`; a
-    FINISHED one holds no blocks. Identity equality: two requests are never "equal" just
-    because their fields match.
+    Invariant: `num_computed_tokens <= num_tokens + num_pending_tokens`; the KV (and
+    routing) of positions `[0, num_computed_tokens)` lives (or is being written by a launched
+    step) in `block_ids`, in position order, `block_size` positions per block. A WAITING
+    request holds no blocks and has `num_computed_tokens == 0`; a FINISHED one holds no
+    blocks. `num_pending_tokens` (0 or 1) counts tokens a launched step has sampled that the
+    host has not received yet: the next one sits at position `num_tokens`. Identity equality:
+    two requests are never "equal" just because their fields match.
     """
 
     request_id: str
@@ -99,7 +110,8 @@ class Request:
     sampling_params: SamplingParams
     arrival_index: int = 0
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0  # tokens whose KV (and routing) is in block_ids
+    num_computed_tokens: int = 0  # positions whose KV (and routing) a launched step writes into block_ids
+    num_pending_tokens: int = 0  # sampled on the device by a launched step, not yet on the host
     num_cached_tokens: int = 0  # prompt tokens served by prefix-cache hits on first admission
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
@@ -114,6 +126,11 @@ class Request:
     def num_tokens(self) -> int:
         """Prompt plus generated tokens; the last generated one has not been computed yet."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        """Tokens the schedule may compute: known ones plus those still on their way."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

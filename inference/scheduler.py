@@ -1,10 +1,20 @@
 """Token-budget scheduler: decodes and prefill chunks share one budget per step.
 
-Every request has `num_computed_tokens` catching up to `num_tokens` (prompt + generated), so
-chunked prefill, decode and recompute after preemption are one mechanism: each step a
-request gets the next slice of its uncomputed positions. When KV blocks run out, the most
-recently arrived running request is preempted: its blocks are freed (they stay in the prefix
-cache while nothing evicts them) and it is recomputed later, outputs kept.
+Every request has `num_computed_tokens` catching up to `num_scheduled_tokens` (prompt +
+generated + sampled-but-not-yet-received), so chunked prefill, decode and recompute after
+preemption are one mechanism: each step a request gets the next slice of its uncomputed
+positions. When KV blocks run out, the most recently arrived running request is preempted:
+its blocks are freed (they stay in the prefix cache while nothing evicts them) and it is
+recomputed later, outputs kept.
+
+Steps may be in flight. `schedule()` treats what it returns as launched: computed tokens
+advance at once and a sampling chunk leaves a pending token whose value reaches the host
+with `update()` one step later (asynchronous scheduling) or right away (synchronous). So
+`schedule()` for step N+1 may run before `update()` of step N. A request whose pending
+token is certainly its last (max_new_tokens, max_model_len) is not scheduled again; one
+that stops on EOS or a stop token learns it a step late, and the one extra chunk it was
+given is discarded by `update()`. Blocks of a request that finishes or is aborted while a
+chunk of it is still in flight are freed only once that chunk's output has been applied.
 """
 
 from __future__ import annotations
@@ -30,9 +40,11 @@ class SchedulerConfig:
     max_step_tokens: int  # token budget per step (decodes + prefill chunks)
     block_size: int
     chunked_prefill: bool = True  # if False a prompt must fit the budget whole
+    eos_token_id: int | None = None
+    max_model_len: int = 2**62  # a request stops ("length") when it holds this many tokens
 
     def __post_init__(self) -> None:
-        for name in ("max_requests", "max_step_tokens", "block_size"):
+        for name in ("max_requests", "max_step_tokens", "block_size", "max_model_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be an int >= 1, got {value!r}")
@@ -43,8 +55,10 @@ class ScheduledChunk:
     """Positions `[start, start + num_tokens)` of `request` to compute this step.
 
     Invariant: `start` is the request's `num_computed_tokens` when scheduled; `samples` is
-    True exactly when the chunk reaches the request's last token, so the engine samples the
-    next one; `is_decode` is fixed at construction (the request changes afterwards).
+    True exactly when the chunk reaches the request's last (possibly pending) token, so the
+    engine samples the next one; `input_pending` is True when the chunk's one input token is
+    still on the device (sampled by the previous step); `is_decode` and `input_pending` are
+    fixed at construction (the request changes afterwards).
     """
 
     request: Request
@@ -52,13 +66,15 @@ class ScheduledChunk:
     num_tokens: int
     samples: bool
     is_decode: bool = field(init=False)
+    input_pending: bool = field(init=False)
 
     def __post_init__(self) -> None:
         req = self.request
+        self.input_pending = self.start >= req.num_tokens
         self.is_decode = (
             self.num_tokens == 1
-            and self.start == req.num_tokens - 1
-            and bool(req.output_token_ids)
+            and self.start == req.num_scheduled_tokens - 1
+            and (bool(req.output_token_ids) or req.num_pending_tokens > 0)
         )
 
 
@@ -72,6 +88,7 @@ class SchedulerOutput:
 
     chunks: list[ScheduledChunk]  # empty when there is nothing to do
     preempted: list[Request]  # preempted during this schedule() call, now WAITING
+    applied: bool = False  # set by Scheduler.update(); an output is applied once
 
     @property
     def num_tokens(self) -> int:
@@ -96,7 +113,9 @@ class Scheduler:
 
     Invariant: every unfinished request is in exactly one of waiting / running; running is
     ordered by arrival; a running request's block_ids cover positions
-    [0, num_computed_tokens + scheduled tokens); waiting requests hold no blocks.
+    [0, num_computed_tokens); waiting requests hold no blocks. A request with chunks in
+    flight (scheduled, not yet passed to `update`) is counted in `_in_flight`; the blocks of
+    such a request that finished or was aborted wait in `_retiring` until its count is 0.
     """
 
     def __init__(
@@ -121,6 +140,8 @@ class Scheduler:
         # Ties in arrival_index fall back to add() order, so ordering is total and stable.
         self._order: dict[str, tuple[int, int]] = {}
         self._num_added = 0
+        self._in_flight: dict[Request, int] = {}
+        self._retiring: dict[Request, list[int]] = {}
 
     @property
     def num_waiting(self) -> int:
@@ -132,6 +153,15 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
+
+    @property
+    def num_retiring_blocks(self) -> int:
+        """Blocks of finished or aborted requests held until their last chunk lands."""
+        return sum(len(blocks) for blocks in self._retiring.values())
+
+    def is_in_flight(self, request: Request) -> bool:
+        """Whether a scheduled chunk of `request` has not been passed to `update` yet."""
+        return request in self._in_flight
 
     def add(self, request: Request) -> None:
         """Queue a new request at the back of waiting (FIFO)."""
@@ -150,7 +180,8 @@ class Scheduler:
     def abort(self, request_id: str) -> Request | None:
         """Remove a request wherever it is and free its blocks; None if unknown.
 
-        The request ends FINISHED with `finish_reason` None; `on_finish` is not called.
+        The request ends FINISHED with `finish_reason` None; `on_finish` is not called. Its
+        blocks are freed once no chunk of it is in flight.
         """
         request = self._requests.pop(request_id, None)
         if request is None:
@@ -158,11 +189,11 @@ class Scheduler:
         del self._order[request_id]
         if request.status is RequestStatus.RUNNING:
             self._running.remove(request)
-            self.block_pool.free(request.block_ids)
-            request.block_ids = []
         else:
             self._waiting.remove(request)
         request.status = RequestStatus.FINISHED
+        request.num_pending_tokens = 0
+        self._release_blocks(request)
         return request
 
     # ----------------------------------------------------------------- schedule
@@ -176,18 +207,32 @@ class Scheduler:
         preempted: list[Request] = []
         budget = self.config.max_step_tokens
         decodes_first = sorted(
-            self._running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1
+            self._running, key=lambda r: r.num_scheduled_tokens - r.num_computed_tokens > 1
         )
         for request in decodes_first:
             if budget == 0:
                 break
-            if request.status is RequestStatus.RUNNING:  # else preempted earlier in this loop
+            # Skipped: preempted earlier in this loop, or certain to stop on its pending token.
+            if request.status is RequestStatus.RUNNING and not self._stops_on_pending(request):
                 budget -= self._schedule_running(request, budget, scheduled, preempted)
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
         chunks = list(scheduled.values())
         chunks.sort(key=lambda chunk: not chunk.is_decode)  # stable: keeps arrival order
+        for chunk in chunks:  # launched from here on: advance the requests
+            request = chunk.request
+            request.num_computed_tokens = chunk.start + chunk.num_tokens
+            request.num_pending_tokens += chunk.samples
+            self._in_flight[request] = self._in_flight.get(request, 0) + 1
         return SchedulerOutput(chunks=chunks, preempted=preempted)
+
+    def _stops_on_pending(self, request: Request) -> bool:
+        """Whether the request's pending token is certainly its last (a length limit)."""
+        if request.num_pending_tokens == 0:
+            return False
+        num_outputs = len(request.output_token_ids) + request.num_pending_tokens
+        return (num_outputs >= request.sampling_params.max_new_tokens
+                or request.num_scheduled_tokens >= self.config.max_model_len)
 
     def _schedule_running(
         self,
@@ -197,13 +242,16 @@ class Scheduler:
         preempted: list[Request],
     ) -> int:
         """Schedule the request's next chunk, preempting the newest running requests until
-        its blocks fit. Returns the tokens spent (0 if it preempted itself).
+        its blocks fit. Returns the tokens spent (0 if it preempted itself, or if blocks of
+        finished requests are about to be freed: then it waits a step instead).
 
         A victim already scheduled this step loses its chunk; its tokens are not handed to
         anyone else this step (rare, and keeps the budget accounting one-way)."""
         start = request.num_computed_tokens
-        num_tokens = min(request.num_tokens - start, budget)
+        num_tokens = min(request.num_scheduled_tokens - start, budget)
         while not self._grow_blocks(request, start + num_tokens):
+            if self._retiring:
+                return 0  # blocks free up when the in-flight step lands: no need to preempt
             victim = max(self._running, key=lambda r: self._order[r.request_id])
             if victim is request and len(self._running) == 1:
                 raise NoFreeBlocksError(
@@ -216,7 +264,7 @@ class Scheduler:
             preempted.append(victim)
             if victim is request:
                 return 0
-        samples = start + num_tokens == request.num_tokens
+        samples = start + num_tokens == request.num_scheduled_tokens
         scheduled[request.request_id] = ScheduledChunk(request, start, num_tokens, samples)
         return num_tokens
 
@@ -224,6 +272,8 @@ class Scheduler:
         """Move waiting requests to running in FIFO order; returns the budget left."""
         while self._waiting and budget > 0 and len(self._running) < self.config.max_requests:
             request = self._waiting[0]
+            if request in self._in_flight:
+                break  # preempted with a chunk in flight: wait for its output (and token)
             chunk = self._admit(request, budget)
             if chunk is None:
                 break  # FIFO: nobody overtakes the head of the queue
@@ -243,7 +293,9 @@ class Scheduler:
         start = len(hits) * block_size
         remaining = request.num_tokens - start
         num_tokens = min(remaining, budget)
-        if num_tokens < remaining and not self.config.chunked_prefill:
+        # Without chunked prefill a prompt is admitted whole; a recompute after preemption
+        # (prompt + outputs, possibly past the budget) may still take several steps.
+        if num_tokens < remaining and not self.config.chunked_prefill and request.num_preemptions == 0:
             if not self._running:  # a whole budget is free and still too small: never fits
                 raise InvalidRequestError(
                     f"needs {remaining} tokens in one step but max_step_tokens is "
@@ -255,7 +307,7 @@ class Scheduler:
         num_new_blocks = self._blocks_for(start + num_tokens) - len(hits)
         revived = sum(pool.ref_count(block_id) == 0 for block_id in hits)
         if num_new_blocks > pool.num_available - revived:
-            if not self._running:  # every block is available and still too few
+            if not self._running and not self._retiring:  # every block is available and still too few
                 raise NoFreeBlocksError(
                     f"request {request.request_id!r} cannot start even with every KV "
                     f"block free ({pool.num_blocks} blocks of {block_size})"
@@ -271,39 +323,58 @@ class Scheduler:
 
     # ----------------------------------------------------------------- update
 
-    def update(
-        self,
-        output: SchedulerOutput,
-        sampled: Mapping[str, int],
-        eos_token_id: int | None,
-        max_model_len: int,
-    ) -> list[Request]:
-        """Apply a step's results: advance computed tokens, commit newly full blocks to the
-        prefix cache, append sampled tokens, and finish requests. Returns the finished
-        requests in chunk order; `on_finish` sees each before its blocks are freed."""
+    def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
+        """Apply a launched step's results: commit newly full blocks to the prefix cache,
+        append sampled tokens, and finish requests. Returns the finished requests in chunk
+        order; `on_finish` sees each before its blocks are freed.
+
+        `sampled` maps the request id of every sampling chunk to its token. Chunks of
+        requests that finished or were aborted after the step was scheduled are discarded
+        (their extra token included). A preempted request (now WAITING) still receives its
+        token, and may finish on it."""
+        if output.applied:
+            ids = [c.request.request_id for c in output.chunks]
+            raise ValueError(f"scheduler output for requests {ids} was already applied")
+        output.applied = True
         finished: list[Request] = []
         for chunk in output.chunks:
             request = chunk.request
-            if request.status is not RequestStatus.RUNNING:
-                continue  # aborted between schedule() and update()
-            if chunk.start != request.num_computed_tokens:
-                raise ValueError(
-                    f"request {request.request_id!r}: chunk starts at {chunk.start} but "
-                    f"{request.num_computed_tokens} tokens are computed (output applied twice?)"
-                )
-            request.num_computed_tokens += chunk.num_tokens
-            self._commit_full_blocks(request, chunk.start, request.num_computed_tokens)
+            self._chunk_landed(request)
+            if request.status is RequestStatus.FINISHED:
+                continue  # stopped a step earlier, or aborted: discard the extra work
+            if request.status is RequestStatus.RUNNING:
+                self._commit_full_blocks(request, chunk.start, chunk.start + chunk.num_tokens)
             if not chunk.samples:
                 continue
             if request.request_id not in sampled:
                 raise ValueError(f"request {request.request_id!r}: no sampled token for it")
             token = sampled[request.request_id]
+            request.num_pending_tokens -= 1
             request.output_token_ids.append(token)
-            reason = _finish_reason(request, token, eos_token_id, max_model_len)
+            reason = _finish_reason(request, token, self.config.eos_token_id, self.config.max_model_len)
             if reason is not None:
                 self._finish(request, reason)
                 finished.append(request)
         return finished
+
+    def _chunk_landed(self, request: Request) -> None:
+        count = self._in_flight[request] - 1
+        if count:
+            self._in_flight[request] = count
+            return
+        del self._in_flight[request]
+        blocks = self._retiring.pop(request, None)
+        if blocks is not None:
+            self.block_pool.free(blocks)
+
+    def _release_blocks(self, request: Request) -> None:
+        """Free a finished or aborted request's blocks now, or once its last chunk lands."""
+        if request.block_ids:
+            if request in self._in_flight:
+                self._retiring[request] = request.block_ids
+            else:
+                self.block_pool.free(request.block_ids)
+        request.block_ids = []
 
     def _commit_full_blocks(self, request: Request, old_computed: int, new_computed: int) -> None:
         block_size = self.config.block_size
@@ -313,13 +384,16 @@ class Scheduler:
             self.block_pool.commit_full_block(request.block_ids[index], parent, tokens)
 
     def _finish(self, request: Request, reason: str) -> None:
+        if request.status is RequestStatus.RUNNING:
+            self._running.remove(request)
+        else:  # preempted with its last token in flight
+            self._waiting.remove(request)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
+        request.num_pending_tokens = 0
         if self._on_finish is not None:
             self._on_finish(request)
-        self.block_pool.free(request.block_ids)
-        request.block_ids = []
-        self._running.remove(request)
+        self._release_blocks(request)
         del self._requests[request.request_id]
         del self._order[request.request_id]
 
@@ -339,8 +413,10 @@ class Scheduler:
         return True
 
     def _preempt(self, request: Request) -> None:
+        # Still holds its blocks: routing can be snapshotted, and the engine waits there for
+        # an in-flight step that writes them. Its pending token, if any, arrives later.
         if self._on_preempt is not None:
-            self._on_preempt(request)  # still holds its blocks: routing can be snapshotted
+            self._on_preempt(request)
         self.block_pool.free(request.block_ids)
         request.block_ids = []
         request.num_computed_tokens = 0
@@ -364,10 +440,17 @@ class Scheduler:
                 holds = bool(request.block_ids) or request.num_computed_tokens > 0
                 if status is RequestStatus.WAITING and holds:
                     raise AssertionError(f"waiting request {rid!r} holds blocks or computed tokens")
+                if request.num_pending_tokens not in (0, 1) or (
+                        request.num_pending_tokens and request not in self._in_flight):
+                    raise AssertionError(f"request {rid!r} has {request.num_pending_tokens} pending "
+                                         "tokens and no chunk in flight")
                 if len(request.block_ids) * block_size < request.num_computed_tokens:
                     raise AssertionError(f"running request {rid!r} has too few blocks")
         if seen != set(self._requests):
             raise AssertionError("a known request is in neither waiting nor running")
+        for request, blocks in self._retiring.items():
+            if not request.is_finished or request.block_ids or request not in self._in_flight or not blocks:
+                raise AssertionError(f"retiring request {request.request_id!r} is inconsistent")
         keys = [self._order[r.request_id] for r in self._running]
         if keys != sorted(keys):
             raise AssertionError("running requests are not in arrival order")

@@ -1,18 +1,28 @@
 """Preallocated per-step tensors: the batch layout the model and the routing recorder read.
 
-Every tensor is allocated once, at its maximum size, and updated in place each step, so
-CUDA graphs can capture reads of it and the recorder can rely on stable storage.
+Every device tensor is allocated once, at its maximum size, and updated in place each step,
+so CUDA graphs can capture reads of it and the recorder can rely on stable storage.
+
+Inputs travel through a ring of host staging slots (pinned on CUDA). A step fills one slot
+and enqueues non-blocking copies from it; the slot is written again only after the event
+recorded behind those copies has completed, so a step still queued on the GPU never reads
+the inputs of a later one, however far the host runs ahead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
 
+from inference.device_wait import wait_for_event
 from inference.model.context import AttentionMetadata
 from inference.scheduler import ScheduledChunk
+from routing_replay.phase_timer import PhaseTimer
+
+_TOKEN_FIELDS = ("input_ids", "positions", "token_to_block", "token_to_offset", "slot_mapping")
 
 
 @dataclass
@@ -30,54 +40,73 @@ class PreparedStep:
     sampling_chunks: list[ScheduledChunk]
 
 
+@dataclass(frozen=True)
+class TokenFeed:
+    """Input tokens still on the device: the previous step's sampled ``tokens``, row
+    ``source_rows[request]`` for each request whose chunk has ``input_pending``."""
+
+    tokens: torch.Tensor                # int64 [S_prev] on the device
+    source_rows: Mapping[object, int]   # Request -> row of ``tokens``
+
+
+class _StagingSlot:
+    """Host buffers for one step's inputs. Invariant: never written while ``uploaded`` (the
+    event recorded after the copies out of it) has not completed."""
+
+    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], pin: bool) -> None:
+        self.tensors = {name: torch.zeros(shape, dtype=dtype, pin_memory=pin) for name, (shape, dtype) in shapes.items()}
+        self.arrays = {name: t.numpy() for name, t in self.tensors.items()}
+        # Per block-table row: (block_ids list, blocks written) of its last writer in this slot.
+        self.row_owners: list[tuple | None] = [None] * shapes["block_tables"][0][0]
+        self.uploaded: torch.cuda.Event | None = None
+
+    def wait_until_free(self) -> None:
+        if self.uploaded is not None:
+            wait_for_event(self.uploaded)   # returns at once unless the GPU lags a whole ring behind
+            self.uploaded = None
+
+
 class StepBatch:
     """Static tensors of ``max_step_tokens`` token rows and ``max_requests`` request rows.
     Invariant: token rows past ``num_tokens`` point at the dummy block with offset 0;
     block-table row r starts with the block ids of the step's r-th request."""
 
-    _TOKEN_FIELDS = ("input_ids", "positions", "token_to_block", "token_to_offset", "slot_mapping")
-
     def __init__(self, *, max_step_tokens: int, max_requests: int, max_blocks_per_request: int,
-                 block_size: int, dummy_block_id: int, device: torch.device) -> None:
+                 block_size: int, dummy_block_id: int, device: torch.device, num_staging_slots: int = 2) -> None:
         self.block_size = block_size
         self.dummy_block_id = dummy_block_id
         self.max_blocks_per_request = max_blocks_per_request
         self.device = device
-        pin = device.type == "cuda"
         t, r = max_step_tokens, max_requests
+        shapes = {name: ((t,), torch.int64) for name in _TOKEN_FIELDS}
+        shapes.update(block_tables=((r, max_blocks_per_request), torch.int32), query_start_loc=((r + 1,), torch.int32),
+                      seq_lens=((r,), torch.int32), logits_indices=((r,), torch.int64),
+                      feed_rows=((r,), torch.int64), feed_sources=((r,), torch.int64))
+        for name, (shape, dtype) in shapes.items():
+            setattr(self, name, torch.zeros(shape, dtype=dtype, device=device))
+        pin = device.type == "cuda"
+        self._slots = [_StagingSlot(shapes, pin) for _ in range(max(1, num_staging_slots))]
+        self._next_slot = 0
 
-        def pair(shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-            host = torch.zeros(shape, dtype=dtype, pin_memory=pin)
-            return host, (torch.zeros(shape, dtype=dtype, device=device) if pin else host)
-
-        self._host: dict[str, torch.Tensor] = {}
-        for name in self._TOKEN_FIELDS:
-            self._host[name], dev = pair((t,), torch.int64)
-            setattr(self, name, dev)
-        self._host["block_tables"], self.block_tables = pair((r, max_blocks_per_request), torch.int32)
-        self._host["query_start_loc"], self.query_start_loc = pair((r + 1,), torch.int32)
-        self._host["seq_lens"], self.seq_lens = pair((r,), torch.int32)
-        self._host["logits_indices"], self.logits_indices = pair((r,), torch.int64)
-        self._host_np = {k: v.numpy() for k, v in self._host.items()}
-        # Per block-table row: (block_ids list, blocks written) of its last writer.
-        self._row_owners: list[tuple | None] = [None] * r
-
-    def prepare(self, chunks: list[ScheduledChunk], num_padded_tokens: int | None = None) -> PreparedStep:
-        """Fill the static tensors for ``chunks`` (host work, then one non-blocking copy per
-        tensor on CUDA: the host buffers are pinned and the previous step's sampled-token
-        readback guarantees their earlier copies have completed).
+    def prepare(self, chunks: list[ScheduledChunk], num_padded_tokens: int | None = None,
+                feed: TokenFeed | None = None, timer: PhaseTimer | None = None) -> PreparedStep:
+        """Fill the static tensors for ``chunks``: host work into the next staging slot,
+        then one non-blocking copy per tensor, then ``feed`` applied on the device.
 
         With ``num_padded_tokens`` (decode graphs: one token per request) the request rows
         are padded to the same count: padding rows have seq_len 0 and are never read."""
-        host = self._host_np
-        bs = self.block_size
+        t = timer.now() if timer is not None else 0.0
+        slot = self._slots[self._next_slot]
+        self._next_slot = (self._next_slot + 1) % len(self._slots)
+        slot.wait_until_free()
+        host = slot.arrays
         num_reqs = len(chunks)
         padded_reqs = num_reqs if num_padded_tokens is None else num_padded_tokens
         if all(c.num_tokens == 1 for c in chunks):
-            n, starts, seq_lens = self._fill_single_tokens(chunks)
+            n, starts, seq_lens = self._fill_single_tokens(host, chunks)
         else:
-            n, starts, seq_lens = self._fill_chunks(chunks)
-        self._fill_block_tables(chunks)
+            n, starts, seq_lens = self._fill_chunks(host, chunks)
+        self._fill_block_tables(slot, chunks)
         sampling = [c for c in chunks if c.samples]
         logits_rows = [starts[r + 1] - 1 for r, c in enumerate(chunks) if c.samples]
         padded = n if num_padded_tokens is None else num_padded_tokens
@@ -86,13 +115,21 @@ class StepBatch:
         for name, fill in (("input_ids", 0), ("positions", 0), ("token_to_block", self.dummy_block_id),
                            ("token_to_offset", 0)):
             host[name][n:padded] = fill
-        host["slot_mapping"][:padded] = host["token_to_block"][:padded] * bs + host["token_to_offset"][:padded]
+        host["slot_mapping"][:padded] = host["token_to_block"][:padded] * self.block_size + host["token_to_offset"][:padded]
         host["query_start_loc"][: num_reqs + 1] = starts
         host["query_start_loc"][num_reqs + 1: padded_reqs + 1] = n
         host["seq_lens"][:num_reqs] = seq_lens
         host["seq_lens"][num_reqs:padded_reqs] = 0
         host["logits_indices"][: len(logits_rows)] = logits_rows
-        self._upload(padded, padded_reqs, len(logits_rows))
+        num_fed = self._fill_feed(host, chunks, starts, feed)
+        if timer is not None:
+            t = timer.lap("stage_prepare", "inputs", t)
+        self._upload(slot, {"block_tables": padded_reqs, "query_start_loc": padded_reqs + 1, "seq_lens": padded_reqs,
+                            "logits_indices": len(logits_rows), "feed_rows": num_fed, "feed_sources": num_fed}, padded)
+        if num_fed:
+            self.input_ids.index_copy_(0, self.feed_rows[:num_fed], feed.tokens.index_select(0, self.feed_sources[:num_fed]))
+        if timer is not None:
+            timer.lap("stage_prepare", "upload", t)
         attn = AttentionMetadata(
             slot_mapping=self.slot_mapping[:padded], block_tables=self.block_tables[:padded_reqs],
             query_start_loc=self.query_start_loc[: padded_reqs + 1], seq_lens=self.seq_lens[:padded_reqs],
@@ -105,25 +142,26 @@ class StepBatch:
             token_to_offset=self.token_to_offset[:padded], attn=attn,
             logits_indices=self.logits_indices[: len(logits_rows)], sampling_chunks=sampling)
 
-    def _fill_single_tokens(self, chunks: list[ScheduledChunk]) -> tuple[int, list[int], list[int]]:
+    def _fill_single_tokens(self, host: dict[str, np.ndarray], chunks: list[ScheduledChunk]) -> tuple[int, list[int], list[int]]:
         """Decode steps: one token per request, filled with list comprehensions (the
-        per-request host cost is what limits large decode batches)."""
-        host, bs, n = self._host_np, self.block_size, len(chunks)
+        per-request host cost is what limits large decode batches). A pending input token
+        is written as 0 here and fed on the device."""
+        bs, n = self.block_size, len(chunks)
         positions = [c.start for c in chunks]
-        host["input_ids"][:n] = [c.request.token_slice(c.start, c.start + 1)[0] for c in chunks]
+        host["input_ids"][:n] = [0 if c.input_pending else c.request.token_slice(c.start, c.start + 1)[0] for c in chunks]
         host["positions"][:n] = positions
         host["token_to_block"][:n] = [c.request.block_ids[c.start // bs] for c in chunks]
         host["token_to_offset"][:n] = [p % bs for p in positions]
         return n, list(range(n + 1)), [p + 1 for p in positions]
 
-    def _fill_chunks(self, chunks: list[ScheduledChunk]) -> tuple[int, list[int], list[int]]:
-        host, bs = self._host_np, self.block_size
+    def _fill_chunks(self, host: dict[str, np.ndarray], chunks: list[ScheduledChunk]) -> tuple[int, list[int], list[int]]:
+        bs = self.block_size
         n, starts, seq_lens = 0, [0], []
         for chunk in chunks:
             req, k = chunk.request, chunk.num_tokens
             pos = np.arange(chunk.start, chunk.start + k)
             blocks = np.asarray(req.block_ids, dtype=np.int64)
-            host["input_ids"][n:n + k] = req.token_slice(chunk.start, chunk.start + k)
+            host["input_ids"][n:n + k] = 0 if chunk.input_pending else req.token_slice(chunk.start, chunk.start + k)
             host["positions"][n:n + k] = pos
             host["token_to_block"][n:n + k] = blocks[pos // bs]
             host["token_to_offset"][n:n + k] = pos % bs
@@ -132,15 +170,32 @@ class StepBatch:
             seq_lens.append(chunk.start + k)
         return n, starts, seq_lens
 
-    def _fill_block_tables(self, chunks: list[ScheduledChunk]) -> None:
-        """Row r gets request r's block ids. A row whose last writer was the very same
-        ``block_ids`` list only receives the blocks appended since: the scheduler only ever
-        appends to a request's list and replaces the list object when it re-admits, preempts
-        or finishes the request (and ``_row_owners`` keeps the old list alive, so identity is
-        never reused). Columns past a row's blocks are never read (kernels stop at seq_len),
-        so they are not cleared."""
-        table = self._host_np["block_tables"]
-        owners = self._row_owners
+    @staticmethod
+    def _fill_feed(host: dict[str, np.ndarray], chunks: list[ScheduledChunk], starts: list[int],
+                   feed: TokenFeed | None) -> int:
+        """Rows (token offsets) of pending input tokens and where ``feed.tokens`` holds them."""
+        k = 0
+        for r, chunk in enumerate(chunks):
+            if chunk.input_pending:
+                source = feed.source_rows.get(chunk.request) if feed is not None else None
+                if source is None:
+                    raise RuntimeError(f"request {chunk.request.request_id!r}: its pending input token "
+                                       "was not sampled by the step launched just before")
+                host["feed_rows"][k] = starts[r]
+                host["feed_sources"][k] = source
+                k += 1
+        return k
+
+    @staticmethod
+    def _fill_block_tables(slot: _StagingSlot, chunks: list[ScheduledChunk]) -> None:
+        """Row r gets request r's block ids. A row whose last writer in this slot was the
+        very same ``block_ids`` list only receives the blocks appended since: the scheduler
+        only ever appends to a request's list and replaces the list object when it
+        re-admits, preempts or finishes the request (and ``row_owners`` keeps the old list
+        alive, so identity is never reused). Columns past a row's blocks are never read
+        (kernels stop at seq_len), so they are not cleared."""
+        table = slot.arrays["block_tables"]
+        owners = slot.row_owners
         for r, chunk in enumerate(chunks):
             blocks = chunk.request.block_ids
             owner = owners[r]
@@ -149,12 +204,12 @@ class StepBatch:
                 table[r, written:len(blocks)] = blocks[written:]
             owners[r] = (blocks, len(blocks))
 
-    def _upload(self, num_tokens: int, num_reqs: int, num_samples: int) -> None:
-        if self.device.type != "cuda":
-            return
-        rows = {"block_tables": num_reqs, "query_start_loc": num_reqs + 1, "seq_lens": num_reqs,
-                "logits_indices": num_samples}
-        for name, host in self._host.items():
+    def _upload(self, slot: _StagingSlot, rows: dict[str, int], num_tokens: int) -> None:
+        cuda = self.device.type == "cuda"
+        for name, host in slot.tensors.items():
             count = rows.get(name, num_tokens)
             if count:
-                getattr(self, name)[:count].copy_(host[:count], non_blocking=True)
+                getattr(self, name)[:count].copy_(host[:count], non_blocking=cuda)
+        if cuda:
+            slot.uploaded = torch.cuda.Event()
+            slot.uploaded.record()

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from routing_replay.phase_timer import PhaseTimer
+
 
 class HostSyncRecorder:
     """Per-step host copies into ``{block_id: ndarray[block_size, layers, topk]}``.
@@ -40,7 +42,14 @@ class HostSyncRecorder:
     def num_pending(self) -> int:
         return len(self._ready)
 
-    def gather(self, token_to_block: torch.Tensor, token_to_offset: torch.Tensor) -> None:
+    def gather(self, token_to_block: torch.Tensor, token_to_offset: torch.Tensor,
+               timer: PhaseTimer | None = None) -> None:
+        t = timer.now() if timer is not None else 0.0
+        self._store_step(token_to_block, token_to_offset)
+        if timer is not None:  # the whole host copy + dict update is Megatron's "scatter"
+            timer.lap("routing_gather", "scatter", t)
+
+    def _store_step(self, token_to_block: torch.Tensor, token_to_offset: torch.Tensor) -> None:
         n = token_to_block.shape[0]
         flat = self.staging[:n].cpu().numpy()
         blocks = token_to_block.cpu().numpy()
@@ -58,10 +67,18 @@ class HostSyncRecorder:
                 stored[sorted_offsets[start:start + count]] = sorted_rows[start:start + count]
             start += count
 
-    def snapshot_preempted(self, key: str, block_ids: Sequence[int], num_rows: int) -> None:
+    def snapshot_preempted(self, key: str, block_ids: Sequence[int], num_rows: int,
+                           timer: PhaseTimer | None = None) -> None:
         """Megatron keeps nothing here; the resumed request re-records its rows."""
 
-    def reconstruct(self, key: str, block_ids: Sequence[int], num_rows: int, start: int = 0) -> None:
+    def reconstruct(self, key: str, block_ids: Sequence[int], num_rows: int, start: int = 0,
+                    timer: PhaseTimer | None = None) -> None:
+        t = timer.now() if timer is not None else 0.0
+        self._concat(key, block_ids, num_rows, start)
+        if timer is not None:
+            timer.lap("routing_reconstruct", "copy", t)
+
+    def _concat(self, key: str, block_ids: Sequence[int], num_rows: int, start: int) -> None:
         parts, collected = [], 0
         for block in block_ids:
             if collected >= num_rows:
@@ -72,16 +89,17 @@ class HostSyncRecorder:
         routing = np.concatenate(parts, axis=0) if parts else np.zeros((0, self.num_moe_layers, self.topk), np.int32)
         self._ready[key] = routing[start:]
 
-    def reconstruct_many(self, requests: Sequence[tuple[str, Sequence[int], int, int]]) -> None:
+    def reconstruct_many(self, requests: Sequence[tuple[str, Sequence[int], int, int]],
+                         timer: PhaseTimer | None = None) -> None:
         for key, block_ids, num_rows, start in requests:
-            self.reconstruct(key, block_ids, num_rows, start)
+            self.reconstruct(key, block_ids, num_rows, start, timer)
 
-    def poll(self) -> dict[str, np.ndarray]:
+    def poll(self, timer: PhaseTimer | None = None) -> dict[str, np.ndarray]:
         ready, self._ready = self._ready, {}
         return ready
 
-    def wait_all(self) -> dict[str, np.ndarray]:
-        return self.poll()
+    def wait_all(self, timer: PhaseTimer | None = None) -> dict[str, np.ndarray]:
+        return self.poll(timer)
 
     def discard(self, key: str) -> None:
         self._ready.pop(key, None)

@@ -6,11 +6,12 @@ append, so a prefix-cache hit shares rows for free and a reallocated block is si
 overwritten. Rows leave the device only when a request finishes (or is preempted), through
 an index_select on the compute stream and an asynchronous copy on a side stream.
 
-Timing: the recorder does not time itself. Each public call is exactly one step_details
-phase, and the engine wraps it with `time.perf_counter`: `gather` -> routing_gather_ms,
-`snapshot_preempted` -> routing_store_ms, `reconstruct` -> routing_reconstruct_ms,
-`poll` / `wait_all` -> routing_finalize_ms. None of the step-path calls synchronises, so
-these host times are what enqueueing the work costs the engine's thread.
+Timing: each public call is exactly one step_details phase and, given a `PhaseTimer`,
+times its own sub-phases (which add up to the phase): `gather` -> routing_gather_{check,
+scatter}, `snapshot_preempted` -> routing_store_{plan,gather,copy}, `reconstruct` ->
+routing_reconstruct_{plan,gather,copy}, `poll` / `wait_all` -> routing_finalize_{poll,
+assemble}. None of the step-path calls synchronises, so these host times are what enqueueing
+the work costs the engine's thread.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from routing_replay.dtypes import numpy_dtype, routing_dtype
+from routing_replay.phase_timer import PhaseTimer
 
 
 def expected_num_rows(prompt_len: int, generated_len: int) -> int:
@@ -186,12 +188,14 @@ class RoutingRecorder:
         """Requests passed to `reconstruct` whose routing has not been returned yet."""
         return sum(1 for state in self._requests.values() if state.final is not None)
 
-    def gather(self, token_to_block: torch.Tensor, token_to_offset: torch.Tensor) -> None:
+    def gather(self, token_to_block: torch.Tensor, token_to_offset: torch.Tensor,
+               timer: PhaseTimer | None = None) -> None:
         """Scatter `staging[:n]` into `block_routing` at (token_to_block, token_to_offset).
 
         n = len(token_to_block). Both are int64 tensors on the recorder's device. Checks
         read only tensor metadata, so this never syncs and can be captured in a CUDA graph.
         """
+        t = timer.now() if timer is not None else 0.0
         n = token_to_block.shape[0]
         for name, index in (("token_to_block", token_to_block), ("token_to_offset", token_to_offset)):
             if index.dtype != torch.int64 or index.dim() != 1:
@@ -202,9 +206,14 @@ class RoutingRecorder:
             raise ValueError(f"token_to_offset has {token_to_offset.shape[0]} rows, token_to_block {n}")
         if n > self.max_step_tokens:
             raise ValueError(f"{n} tokens exceed max_step_tokens={self.max_step_tokens}")
+        if timer is not None:
+            t = timer.lap("routing_gather", "check", t)
         self.block_routing.index_put_((token_to_block, token_to_offset), self.staging[:n])
+        if timer is not None:
+            timer.lap("routing_gather", "scatter", t)
 
-    def snapshot_preempted(self, key: str, block_ids: Sequence[int], num_rows: int) -> None:
+    def snapshot_preempted(self, key: str, block_ids: Sequence[int], num_rows: int,
+                           timer: PhaseTimer | None = None) -> None:
         """Save rows [0, num_rows) of `key` before its blocks are freed for preemption.
 
         Row i sits at block_ids[i // block_size], offset i % block_size. Snapshot rows are
@@ -216,11 +225,13 @@ class RoutingRecorder:
             raise ValueError(f"request {key!r} was already reconstructed")
         if num_rows <= state.covered:
             return
-        state.snapshots.append(self._enqueue_copy(block_ids, state.covered, num_rows))
+        state.snapshots.append(self._enqueue_copies([(block_ids, state.covered, num_rows)],
+                                                    timer, "routing_store")[0])
         state.covered = num_rows
 
     def reconstruct(
-        self, key: str, block_ids: Sequence[int], num_rows: int, start: int = 0
+        self, key: str, block_ids: Sequence[int], num_rows: int, start: int = 0,
+        timer: PhaseTimer | None = None,
     ) -> None:
         """Enqueue the final read of `key`'s routing rows; call before freeing its blocks.
 
@@ -228,9 +239,10 @@ class RoutingRecorder:
         merging preemption snapshots. Rows after the snapshots are gathered on the compute
         stream now, so later writes into these blocks cannot affect them.
         """
-        self.reconstruct_many([(key, block_ids, num_rows, start)])
+        self.reconstruct_many([(key, block_ids, num_rows, start)], timer)
 
-    def reconstruct_many(self, requests: Sequence[tuple[str, Sequence[int], int, int]]) -> None:
+    def reconstruct_many(self, requests: Sequence[tuple[str, Sequence[int], int, int]],
+                         timer: PhaseTimer | None = None) -> None:
         """`reconstruct` for several finished requests ``(key, block_ids, num_rows, start)``
         at once: one block gather, one device->host copy and one event for all of them, so
         the per-request host cost stays small when many requests finish in one step.
@@ -245,28 +257,35 @@ class RoutingRecorder:
             first = max(start, state.covered if state is not None else 0)
             spans.append((block_ids, first, max(first, num_rows)))
             states.append((key, start, num_rows))
-        for (key, start, num_rows), copy in zip(states, self._enqueue_copies(spans)):
+        for (key, start, num_rows), copy in zip(states, self._enqueue_copies(spans, timer, "routing_reconstruct")):
             state = self._requests.setdefault(key, _RequestRouting())
             state.final = copy
             state.start, state.num_rows = start, num_rows
 
-    def poll(self) -> dict[str, np.ndarray]:
+    def poll(self, timer: PhaseTimer | None = None) -> dict[str, np.ndarray]:
         """Routing of the requests whose copies have completed; never blocks.
 
         Each array is [num_rows - start, num_moe_layers, topk] of the compact dtype and
         owns its memory.
         """
+        t = timer.now() if timer is not None else 0.0
         self._retired = [copy for copy in self._retired if not copy.is_done()]
-        ready: dict[str, np.ndarray] = {}
-        for key, state in list(self._requests.items()):
+        final: list[str] = []
+        for key, state in self._requests.items():
             if state.is_final():
-                ready[key] = state.assemble((self.num_moe_layers, self.topk), self._numpy_dtype)
-                del self._requests[key]
+                final.append(key)
             else:
                 state.release_completed()
+        if timer is not None:
+            t = timer.lap("routing_finalize", "poll", t)
+        ready: dict[str, np.ndarray] = {}
+        for key in final:
+            ready[key] = self._requests.pop(key).assemble((self.num_moe_layers, self.topk), self._numpy_dtype)
+        if timer is not None:
+            timer.lap("routing_finalize", "assemble", t)
         return ready
 
-    def wait_all(self) -> dict[str, np.ndarray]:
+    def wait_all(self, timer: PhaseTimer | None = None) -> dict[str, np.ndarray]:
         """Block until every reconstructed request is final and return them (off the step
         path only: this synchronises). Snapshots of still-preempted requests are kept."""
         for state in self._requests.values():
@@ -275,7 +294,7 @@ class RoutingRecorder:
                     copy.wait()
         for copy in self._retired:
             copy.wait()
-        return self.poll()
+        return self.poll(timer)
 
     def discard(self, key: str) -> None:
         """Forget the snapshots and pending result of an aborted request."""
@@ -283,13 +302,13 @@ class RoutingRecorder:
         if state is not None:
             self._retired.extend(copy for copy in state.copies() if not copy.is_done())
 
-    def _enqueue_copy(self, block_ids: Sequence[int], lo: int, hi: int) -> _RowCopy:
-        """Gather rows [lo, hi) of a request whose row i sits in block_ids[i // block_size]."""
-        return self._enqueue_copies([(block_ids, lo, hi)])[0]
-
-    def _enqueue_copies(self, spans: Sequence[tuple[Sequence[int], int, int]]) -> list[_RowCopy]:
-        """One batched gather for several (block_ids, lo, hi) spans; each returned copy is a
-        view of the shared result, kept alive by every copy that uses it."""
+    def _enqueue_copies(self, spans: Sequence[tuple[Sequence[int], int, int]],
+                        timer: PhaseTimer | None, phase: str) -> list[_RowCopy]:
+        """One batched gather for several (block_ids, lo, hi) spans (rows [lo, hi) of a
+        request whose row i sits in block_ids[i // block_size]); each returned copy is a
+        view of the shared result, kept alive by every copy that uses it. Times the
+        sub-phases plan / gather / copy of `phase`."""
+        t = timer.now() if timer is not None else 0.0
         ids: list[int] = []
         layout = []  # per span: (first block in the batch, rows to skip, rows) or None
         for block_ids, lo, hi in spans:
@@ -304,7 +323,9 @@ class RoutingRecorder:
                 raise ValueError(f"block ids must be in [0, {self.num_kv_blocks}), got {span_ids}")
             layout.append((len(ids), lo - first_block * self.block_size, hi - lo))
             ids.extend(span_ids)
-        blocks, keepalive, done = self._gather_blocks(ids) if ids else (None, (), None)
+        if timer is not None:
+            t = timer.lap(phase, "plan", t)
+        blocks, keepalive, done = self._gather_blocks(ids, timer, phase, t) if ids else (None, (), None)
         copies = []
         for (_, lo, _), place in zip(spans, layout):
             if place is None:
@@ -316,13 +337,17 @@ class RoutingRecorder:
                                    keepalive=keepalive, done=done))
         return copies
 
-    def _gather_blocks(self, ids: list[int]) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.cuda.Event | None]:
+    def _gather_blocks(self, ids: list[int], timer: PhaseTimer | None, phase: str, t: float
+                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.cuda.Event | None]:
         """Host tensor [len(ids), block_size, layers, topk] of those blocks' rows, the
         tensors to keep alive until the copy is done, and its done event (None on CPU,
         where index_select already returns a private copy)."""
         ids_host = torch.tensor(ids, dtype=torch.int64)
         if self._copy_stream is None:
-            return self.block_routing.index_select(0, ids_host), (), None
+            rows = self.block_routing.index_select(0, ids_host)
+            if timer is not None:
+                timer.lap(phase, "gather", t)
+            return rows, (), None
         compute = torch.cuda.current_stream(self._device_index)
         # From pageable memory this host->device copy would be synchronous.
         ids_pinned = ids_host.pin_memory()
@@ -331,10 +356,14 @@ class RoutingRecorder:
         gathered_rows = self.block_routing.index_select(0, ids_dev)
         gathered = torch.cuda.Event()
         gathered.record(compute)
+        if timer is not None:
+            t = timer.lap(phase, "gather", t)
         host = torch.empty(gathered_rows.shape, dtype=self.dtype, pin_memory=True)
         self._copy_stream.wait_event(gathered)
         with torch.cuda.stream(self._copy_stream):
             host.copy_(gathered_rows, non_blocking=True)
         done = torch.cuda.Event()
         done.record(self._copy_stream)
+        if timer is not None:
+            timer.lap(phase, "copy", t)
         return host, (ids_pinned, ids_dev, gathered_rows), done

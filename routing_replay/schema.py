@@ -17,7 +17,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import orjson
 
-from routing_replay.step_details import ROUTING_PHASES, SCHEMA_VERSION, STEP_KINDS
+from routing_replay.outputs import SCHEMA_VERSION as ROUTING_SCHEMA_VERSION
+from routing_replay.phase_timer import phase_keys
+from routing_replay.step_details import (ENGINE_STAGES, ROUTING_PHASES, ROUTING_SUBPHASES,
+                                         SCHEMA_VERSION, STEP_KINDS, SUPPORTED_SCHEMA_VERSIONS)
 
 ROUTING_DTYPES = ("uint8", "int16", "int32")
 FINISH_REASONS = ("stop", "length", "error")
@@ -68,7 +71,10 @@ _ENTRY_SPEC: Spec = (
     (("step_time_ms",) + tuple(f"routing_{p}_ms" for p in ROUTING_PHASES), _time, True),
     (("cuda_graph",), _boolean, True),
     (("prefill_tokens", "decode_tokens", "finished_requests", "preempted_requests"), _count, False),
-    (("time_s", "gpu_forward_ms"), _time, False),
+    (("time_s", "gpu_forward_ms", "gpu_step_ms", "gpu_idle_before_ms"), _time, False),
+    # schema version 2: routing sub-phases and engine stages
+    (phase_keys(ROUTING_SUBPHASES, totals=False), _time, False),
+    (phase_keys(ENGINE_STAGES), _time, False),
 )
 _STEP_META_SPEC: Spec = (
     (("schema_version",), _positive, True),
@@ -85,7 +91,8 @@ _MODEL_SPEC: Spec = (
 )
 _ENGINE_SPEC: Spec = (
     (("block_size", "num_kv_blocks", "max_requests", "max_step_tokens", "cuda_graph_max_batch"), _positive, False),
-    (("enable_prefix_caching", "chunked_prefill", "record_routing", "cuda_graphs", "padded_decode"), _boolean, False),
+    (("enable_prefix_caching", "chunked_prefill", "record_routing", "cuda_graphs", "padded_decode",
+      "async_scheduling"), _boolean, False),
     (("dtype", "device", "routing_recorder"), _string, False),
 )
 _SUMMARY_SPEC: Spec = (
@@ -150,6 +157,12 @@ def validate_step_entry(entry: Any, where: str = "entry") -> list[str]:
         split = entry["prefill_tokens"] + entry["decode_tokens"]
         if split != active:
             problems.append(f"{where}: prefill_tokens + decode_tokens = {split} != active_tokens {active}")
+    for phase, subs in (*ROUTING_SUBPHASES.items(), *ENGINE_STAGES.items()):
+        keys = [f"{phase}_{sub}_ms" for sub in subs]
+        if subs and f"{phase}_ms" in valid and all(k in valid for k in keys):
+            total = sum(entry[k] for k in keys)
+            if abs(total - entry[f"{phase}_ms"]) > 1e-6 * max(1.0, total):
+                problems.append(f"{where}: sub-phases of {phase} add up to {total}, not {phase}_ms {entry[f'{phase}_ms']}")
     return problems
 
 
@@ -180,8 +193,9 @@ def _validate_step_meta(meta: Any) -> list[str]:
         return ["meta must be an object"]
     problems: list[str] = []
     valid = _check_spec(meta, _STEP_META_SPEC, "meta", problems)
-    if "schema_version" in valid and meta["schema_version"] != SCHEMA_VERSION:
-        problems.append(f"meta.schema_version {meta['schema_version']} is not supported (expected {SCHEMA_VERSION})")
+    if "schema_version" in valid and meta["schema_version"] not in SUPPORTED_SCHEMA_VERSIONS:
+        problems.append(f"meta.schema_version {meta['schema_version']} is not supported "
+                        f"(expected one of {SUPPORTED_SCHEMA_VERSIONS}; this writer writes {SCHEMA_VERSION})")
     if "kind" in valid and meta["kind"] != "step_details":
         problems.append(f"meta.kind must be 'step_details', got {meta['kind']!r}")
     if "created" in valid:
@@ -351,7 +365,7 @@ def validate_routing_meta(obj: Any) -> list[str]:
         return ["routing_meta must be an object"]
     problems: list[str] = []
     valid = _check_spec(obj, _ROUTING_META_SPEC, "routing_meta", problems)
-    if "schema_version" in valid and obj["schema_version"] != SCHEMA_VERSION:
+    if "schema_version" in valid and obj["schema_version"] != ROUTING_SCHEMA_VERSION:
         problems.append(f"routing_meta.schema_version {obj['schema_version']} is not supported")
     if "moe_layer_indices" not in obj:
         problems.append("routing_meta: missing key 'moe_layer_indices'")

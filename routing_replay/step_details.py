@@ -3,7 +3,10 @@
 Routing phases (host time, `time.perf_counter`, i.e. the cost of enqueueing the work):
 gather (scatter of the step's routing into blocks), store (preemption snapshots toward the
 host), reconstruct (block gather + async copy of finished requests), finalize (turning
-completed copies into numpy results).
+completed copies into numpy results). Since schema version 2 each phase is also split into
+sub-phases (`ROUTING_SUBPHASES`, keys `routing_<phase>_<sub>_ms`) that add up to it, and an
+engine may time its own stages (`ENGINE_STAGES`, keys `stage_<stage>[_<sub>]_ms`). Readers
+accept version 1 files, which have neither.
 """
 
 from __future__ import annotations
@@ -28,8 +31,23 @@ STEP_KEYS = (
     "routing_finalize_ms",
 )
 ROUTING_PHASES = ("gather", "store", "reconstruct", "finalize")
+# Sub-phases of each routing phase, in the order they run (PhaseTimer keys "routing_<phase>").
+ROUTING_SUBPHASES = {
+    "routing_gather": ("check", "scatter"),              # index checks; scatter enqueue
+    "routing_store": ("plan", "gather", "copy"),         # block ids; index_select + event; D2H enqueue
+    "routing_reconstruct": ("plan", "gather", "copy"),
+    "routing_finalize": ("poll", "assemble"),            # event queries; numpy merge + trim
+}
+# An engine's own host stages of one step (optional keys; see docs/SCHEMAS.md).
+ENGINE_STAGES = {
+    "stage_schedule": (),                                # the scheduler (preemption snapshots inside)
+    "stage_prepare": ("inputs", "upload"),               # host staging; H2D copies + device token feed
+    "stage_launch": ("forward", "sample", "copy"),       # forward enqueue; sampler; tokens D2H + event
+    "stage_complete": ("wait", "update", "routing"),     # token event; scheduler update; reconstruct + finalize
+}
 STEP_KINDS = ("prefill", "decode", "mixed")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 
 
 def step_kind(entry: Mapping) -> str:

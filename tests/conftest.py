@@ -28,13 +28,36 @@ def sigmoid_model():
     return build_model(get_preset("tiny-moe-sigmoid"), seed=1, dtype=torch.float32)
 
 
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def scheduling(request) -> bool:
+    """Every engine-level test runs with synchronous and asynchronous scheduling."""
+    return request.param
+
+
 @pytest.fixture
-def make_engine(tiny_model):
+def make_engine(tiny_model, scheduling):
+    """Engines of the tiny model; ``block_pool.check_invariants()`` (and the scheduler's)
+    run after every step of every engine it makes."""
     def make(model=None, **overrides) -> LLMEngine:
-        kwargs = dict(block_size=4, num_kv_blocks=256, max_requests=16, max_step_tokens=64)
+        kwargs = dict(block_size=4, num_kv_blocks=256, max_requests=16, max_step_tokens=64,
+                      async_scheduling=scheduling)
         kwargs.update(overrides)
-        return LLMEngine(model or tiny_model, EngineConfig(**kwargs))
+        engine = LLMEngine(model or tiny_model, EngineConfig(**kwargs))
+        return _checked(engine)
     return make
+
+
+def _checked(engine: LLMEngine) -> LLMEngine:
+    step = engine.step
+
+    def step_and_check():
+        results = step()
+        engine.block_pool.check_invariants()
+        engine.scheduler.check_invariants()
+        return results
+
+    engine.step = step_and_check
+    return engine
 
 
 def reference_greedy(model, prompt: list[int], max_new_tokens: int, eos: int | None,

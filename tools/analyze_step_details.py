@@ -1,5 +1,6 @@
-"""Analyze step_details.json files: routing-phase cost by step kind, throughput over time,
-and a side-by-side comparison of runs (e.g. routing recording on vs off).
+"""Analyze step_details.json files: routing-phase cost by step kind, engine stages and
+routing sub-phases (schema version 2), throughput over time, and a side-by-side comparison
+of runs (e.g. routing recording on vs off, or synchronous vs asynchronous scheduling).
 
     python tools/analyze_step_details.py OFF/step_details.json ON/step_details.json \\
         --labels off,on --plot-dir plots --json analysis.json
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +28,11 @@ if __package__ in (None, ""):  # run as a script: the repository root is not on 
 
 from routing_replay.schema import SchemaError, load_step_details  # noqa: E402
 from routing_replay.step_details import ROUTING_PHASES, STEP_KINDS, step_kind  # noqa: E402
+from tools.step_breakdown import BREAKDOWN_HEADERS, breakdown_by_kind, breakdown_rows, gpu_idle_share  # noqa: E402
+from tools.step_plots import PlottingUnavailable, pyplot, write_plots  # noqa: E402
 
 STEP_MODES = ("graph", "eager")
 DEFAULT_NUM_WINDOWS = 20
-PNG_FILES = ("phase_share.png", "throughput.png")
-
-
-class PlottingUnavailable(RuntimeError):
-    """--plot-dir was asked for but matplotlib cannot be imported."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +147,7 @@ def run_summary(entries: Sequence[dict]) -> dict[str, Any]:
         "tokens_per_s": _ratio(total_tokens, total_ms / 1000.0),
         "decode_tokens_per_s": _ratio(decode_step_tokens, decode_ms / 1000.0),
         "routing_share": stats["all"]["routing_ms"]["share"],
+        "gpu_idle_share": gpu_idle_share(entries),
         "mean_step_time_ms": {kind: s["step_time_ms"]["mean"] for kind, s in stats["by_kind"].items()},
         "routing_share_by_kind": {kind: s["routing_ms"]["share"] for kind, s in stats["by_kind"].items()},
     }
@@ -192,6 +190,7 @@ COMPARED_METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("decode_tokens_per_s", ("decode_tokens_per_s",)),
     ("tokens_per_s", ("tokens_per_s",)),
     ("routing_share", ("routing_share",)),
+    ("gpu_idle_share", ("gpu_idle_share",)),
     *((f"mean_step_time_ms/{kind}", ("mean_step_time_ms", kind)) for kind in STEP_KINDS),
     *((f"routing_share/{kind}", ("routing_share_by_kind", kind)) for kind in STEP_KINDS),
 )
@@ -220,7 +219,7 @@ def analyze(runs: Sequence[Run], window_steps: Optional[int] = None,
     for run in runs:
         analysis["runs"].append({
             "label": run.label, "path": str(run.path), "summary": run_summary(run.entries),
-            "phases": phase_stats(run.entries),
+            "phases": phase_stats(run.entries), "breakdown": breakdown_by_kind(run.entries),
             "throughput": throughput_windows(run.entries, window_steps, window_s),
         })
     if len(runs) > 1:
@@ -272,7 +271,11 @@ def render_report(analysis: dict) -> str:
         keys = ("num_steps", "total_tokens", "decode_tokens", "wall_time_s", "tokens_per_s", "decode_tokens_per_s")
         summary_rows = [[k, _fmt(summary[k])] for k in keys]
         summary_rows.append(["routing_share", _fmt(summary["routing_share"], "share")])
+        summary_rows.append(["gpu_idle_share", _fmt(summary["gpu_idle_share"], "share")])
         blocks.append(format_table(["summary", "value"], summary_rows))
+        if run["breakdown"]:
+            blocks.append("engine stages (share of step) and sub-phases (share of their phase)\n"
+                          + format_table(BREAKDOWN_HEADERS, breakdown_rows(run["breakdown"], _fmt), left=(0, 1, 2)))
         windows = [[str(i), _fmt(w["start_s"]), _fmt(w["end_s"]), str(w["steps"]), str(w["tokens"]),
                     _fmt(w["tokens_per_s"]), _fmt(w["decode_tokens_per_s"])] for i, w in enumerate(run["throughput"])]
         headers = ["window", "start_s", "end_s", "steps", "tokens", "tok/s", "decode_tok/s"]
@@ -284,81 +287,6 @@ def render_report(analysis: dict) -> str:
                  *[_fmt(r, "ratio") for r in m["ratios"][1:]]] for m in analysis["comparison"]["metrics"]]
         blocks.append(f"== comparison (ratios to {labels[0]})\n" + format_table(headers, rows))
     return "\n\n".join(blocks)
-
-
-# ----------------------------------------------------------------------------- plots
-def _pyplot() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        raise PlottingUnavailable(
-            "--plot-dir needs matplotlib: pip install 'moe-routing-replay[plot]' (or pip install matplotlib)"
-        ) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label) or "run"
-
-
-def _plot_steps(plt: Any, run: Run, path: Path) -> None:
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(10, 6))
-    steps = [e["step"] for e in run.entries]
-    top.plot(steps, [e["step_time_ms"] for e in run.entries], lw=0.8)
-    top.set_ylabel("step time (ms)")
-    for phase in ROUTING_PHASES:
-        bottom.plot(steps, [e[f"routing_{phase}_ms"] for e in run.entries], lw=0.8, label=phase)
-    bottom.set(xlabel="step", ylabel="routing host time (ms)")
-    bottom.legend(loc="upper right")
-    top.set_title(f"{run.label}: step time and routing phases")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_shares(plt: Any, analysis: dict, path: Path) -> None:
-    bars = [(f"{r['label']}\n{kind}", s) for r in analysis["runs"] for kind, s in r["phases"]["by_kind"].items()]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(bars)), 5))
-    bottoms = np.zeros(len(bars))
-    for phase in ROUTING_PHASES:
-        shares = np.array([100.0 * (s["phases"][phase]["share"] or 0.0) for _, s in bars])
-        ax.bar(range(len(bars)), shares, bottom=bottoms, label=phase)
-        bottoms += shares
-    ax.set_xticks(range(len(bars)), [name for name, _ in bars])
-    ax.set(ylabel="share of step time (%)", title="routing phases by step kind")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plot_throughput(plt: Any, analysis: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(10, 5))
-    for run in analysis["runs"]:
-        mids = [(w["start_s"] + w["end_s"]) / 2 for w in run["throughput"]]
-        line, = ax.plot(mids, [w["tokens_per_s"] or 0.0 for w in run["throughput"]], marker=".", label=run["label"])
-        ax.plot(mids, [w["decode_tokens_per_s"] or 0.0 for w in run["throughput"]], ls="--", color=line.get_color(),
-                label=f"{run['label']} (decode tokens)")
-    ax.set(xlabel=f"time (s, {analysis['runs'][0]['summary']['time_source']})", ylabel="tokens/s",
-           title="throughput over time")
-    ax.legend()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_plots(runs: Sequence[Run], analysis: dict, plot_dir: str | Path) -> list[Path]:
-    """PNG files: steps_<label>.png per run, phase_share.png, throughput.png."""
-    plt = _pyplot()
-    out = Path(plot_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for run in runs:
-        paths.append(out / f"steps_{_slug(run.label)}.png")
-        _plot_steps(plt, run, paths[-1])
-    _plot_shares(plt, analysis, out / PNG_FILES[0])
-    _plot_throughput(plt, analysis, out / PNG_FILES[1])
-    return paths + [out / name for name in PNG_FILES]
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -386,7 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("throughput windows must be positive")
     try:
         if args.plot_dir:
-            _pyplot()  # fail before the work, not after it
+            pyplot()  # fail before the work, not after it
     except PlottingUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

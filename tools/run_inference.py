@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse KV (and routing) of identical full-block prefixes")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA-graph decode (default: on when running on CUDA)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and prepare step N+1 while the GPU runs step N; sampled tokens reach the next "
+                        "step on the device (default: on when running on CUDA)")
     g = p.add_argument_group("routing recording")
     g.add_argument("--record-routing", action="store_true",
                    help="record every token's top-k experts per MoE layer (routing.npz, routing_meta.json)")
@@ -90,7 +93,7 @@ def engine_config_from_args(args: argparse.Namespace, model_config, device: torc
     return EngineConfig(block_size=args.block_size, num_kv_blocks=num_blocks or 1024, max_requests=args.max_requests,
                         max_step_tokens=args.max_step_tokens, enable_prefix_caching=args.enable_prefix_caching,
                         record_routing=args.record_routing, cuda_graphs=cuda_graphs, dtype=args.dtype,
-                        device=str(device), seed=args.seed)
+                        device=str(device), seed=args.seed, async_scheduling=args.async_scheduling)
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -151,7 +151,8 @@ def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, num_re
                             f"({100.0 * route_total / kv_total:.2f}% of KV)") if config.record_routing else "off (--record-routing not given)"),
         ("engine", f"device={config.device} dtype={config.dtype} max_requests={config.max_requests} "
                    f"max_step_tokens={config.max_step_tokens} prefix_caching={config.enable_prefix_caching} "
-                   f"cuda_graphs={config.cuda_graphs}"),
+                   f"cuda_graphs={config.cuda_graphs} async_scheduling="
+                   f"{config.device.startswith('cuda') if config.async_scheduling is None else config.async_scheduling}"),
         ("workload", f"{num_requests} requests"),
     ]
     width = max(len(k) for k, _ in rows)

@@ -49,6 +49,10 @@ class AttentionBackend(ABC):
         ``latent_dim`` (L) elements of each row. Returns [T, heads, L]."""
 
 
+# Older name of the backend type (a function, before attention kinds multiplied).
+AttentionFn = AttentionBackend
+
+
 @dataclass
 class ForwardContext:
     """Everything a paged forward needs besides token ids and positions. ``kv_caches[i]``

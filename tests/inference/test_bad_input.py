@@ -48,8 +48,25 @@ def test_duplicate_request_id_is_rejected(make_engine):
     engine.add_request([4, 5, 6], request_id="x")
     with pytest.raises(InvalidRequestError, match="already being served"):
         engine.add_request([7, 8], request_id="x")
-    results = engine.generate([[9, 10]], SamplingParams(max_new_tokens=2), request_ids=["y"])
-    assert results[0].finish_reason in ("stop", "length")
+    results = []
+    while engine.has_unfinished():
+        results += engine.step()
+    assert [r.request_id for r in results] == ["x"] and results[0].prompt_token_ids == [4, 5, 6]
+    # Its result was returned, so the id is free again.
+    results = engine.generate([[9, 10]], SamplingParams(max_new_tokens=2), request_ids=["x"])
+    assert results[0].finish_reason in ("stop", "length") and results[0].prompt_token_ids == [9, 10]
+
+
+def test_generate_leaves_requests_it_did_not_add_untouched(make_engine):
+    engine = make_engine(record_routing=True)
+    engine.add_request([4, 5, 6], SamplingParams(max_new_tokens=3), request_id="queued")
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.generate([[9, 10]], SamplingParams(max_new_tokens=2), request_ids=["y"])
+    results = []
+    while engine.has_unfinished():
+        results += engine.step()
+    assert [r.request_id for r in results] == ["queued"] and len(results[0].output_token_ids) == 3
+    assert results[0].routing.shape[0] == 3 + 3 - 1
 
 
 def test_generation_limited_by_kv_capacity(make_engine):

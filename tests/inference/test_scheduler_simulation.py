@@ -18,8 +18,8 @@ pytest.register_assert_rewrite("tests.inference.scheduler_helpers")
 from tests.inference.scheduler_helpers import (  # noqa: E402
     BS,
     VOCAB,
+    FakeDevice,
     assert_served,
-    fake_token,
     make,
     req,
 )
@@ -30,13 +30,15 @@ from tests.inference.scheduler_helpers import (  # noqa: E402
 
 class _KVModel:
     """Which sequence prefix each (block, offset) slot holds, to prove that cached and
-    shared blocks always hold exactly the KV a request expects."""
+    shared blocks always hold exactly the KV a request expects. Tokens come from the fake
+    device's record, which may run ahead of what the host has received."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: FakeDevice) -> None:
+        self.device = device
         self.slots: dict[tuple[int, int], tuple[int, ...]] = {}
 
     def check_and_write(self, chunk, pool: BlockPool, newly_admitted: bool) -> None:
-        request, tokens = chunk.request, chunk.request.all_token_ids
+        request, tokens = chunk.request, self.device.record_of(chunk.request)
         if newly_admitted:  # the computed prefix came from the cache
             for p in range(chunk.start):
                 slot = (request.block_ids[p // BS], p % BS)
@@ -47,11 +49,15 @@ class _KVModel:
             self.slots[(block, p % BS)] = tuple(tokens[: p + 1])
 
 
-def test_randomized_simulation_serves_every_request_exactly():
+@pytest.mark.parametrize("lag", [0, 1], ids=["sync", "async"])
+def test_randomized_simulation_serves_every_request_exactly(lag):
+    """``lag=1``: step N's output is applied after step N+1 was scheduled and launched
+    (asynchronous scheduling), so requests learn they stopped a step late."""
     rng = random.Random(7)
     eos, max_model_len, num_requests = 0, 48, 300
-    sched, pool = make(num_blocks=16, max_requests=6, max_step_tokens=20)
-    kv = _KVModel()
+    sched, pool = make(num_blocks=16, max_requests=6, max_step_tokens=20, eos=eos, max_model_len=max_model_len)
+    device = FakeDevice()
+    kv = _KVModel(device)
     bases = [[rng.randrange(1, VOCAB) for _ in range(24)] for _ in range(3)]
     pending = []
     for i in range(num_requests):
@@ -61,8 +67,9 @@ def test_randomized_simulation_serves_every_request_exactly():
         if rng.random() < 0.2:
             params["stop_token_ids"] = (rng.randrange(1, VOCAB),)
         pending.append(req(f"r{i}", prompt, arrival=i, **params))
-    added, aborted, steps, preemptions = [], set(), 0, 0
-    while pending or sched.has_unfinished():
+    added, aborted, steps, preemptions, discarded = [], set(), 0, 0, 0
+    in_flight: list = []
+    while pending or sched.has_unfinished() or in_flight:
         for _ in range(rng.randrange(0, 4) if pending else 0):
             added.append(pending.pop(0))
             sched.add(added[-1])
@@ -80,20 +87,22 @@ def test_randomized_simulation_serves_every_request_exactly():
             newly_admitted = id(chunk.request) not in running_before
             assert not (newly_admitted and out.preempted), "admitted in a step that preempted"
             kv.check_and_write(chunk, pool, newly_admitted)
-        sampled = {
-            c.request.request_id: fake_token(c.request.all_token_ids)
-            for c in out.chunks
-            if c.samples
-        }
-        sched.update(out, sampled, eos, max_model_len)
+        if out.chunks or out.preempted:
+            in_flight.append((out, device.launch(out)))
+        while len(in_flight) > (lag if out.chunks else 0):
+            landed, sampled = in_flight.pop(0)
+            discarded += sum(c.request.is_finished for c in landed.chunks)
+            sched.update(landed, sampled)
         sched.check_invariants()
         pool.check_invariants()
         steps += 1
         assert steps < 20_000, "simulation did not converge"
     assert preemptions > 0 and len(aborted) > 0  # the hard paths were exercised
     assert any(r.num_cached_tokens > 0 for r in added)
+    assert (discarded > 0) == (lag > 0), "async runs discard the extra chunk of requests that stopped"
     for r in added:
         assert r.is_finished and r.block_ids == []
         if r.request_id not in aborted:
             assert_served(r, eos, max_model_len)
     assert pool.num_available == pool.num_blocks
+    assert sched.num_retiring_blocks == 0

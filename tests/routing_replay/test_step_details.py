@@ -122,7 +122,7 @@ def test_write_produces_json(tmp_path):
     path = tmp_path / "nested" / "step_details.json"
     log.write(path, {"model": "tiny-moe", "kind": "overridden"})
     data = json.loads(path.read_text())
-    assert data["meta"] == {"model": "tiny-moe", "kind": "step_details", "schema_version": 1}
+    assert data["meta"] == {"model": "tiny-moe", "kind": "step_details", "schema_version": 2}
     assert data["summary"]["num_steps"] == 6
     assert data["summary"]["total_step_time_ms"] == pytest.approx(sum(e["step_time_ms"] for e in entries))
     assert [e["step"] for e in data["step_details"]] == list(range(6))

@@ -231,7 +231,8 @@ def test_plots_are_written_as_png(tmp_path: Path, run_file: Path, capsys: pytest
     plots = tmp_path / "plots"
     assert main([str(run_file), str(other), "--plot-dir", str(plots)]) == 0
     names = {p.name for p in plots.iterdir()}
-    assert names == {"steps_run_a.png", "steps_run_b.png", "phase_share.png", "throughput.png"}
+    assert names == {"steps_run_a.png", "steps_run_b.png", "phase_share.png", "throughput.png", "stages.png",
+                     "subphases.png"}
     for path in plots.iterdir():
         data = path.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 1000
@@ -305,3 +306,49 @@ def test_real_cpu_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         assert summary["tokens_per_s"] == pytest.approx(document["summary"]["tokens_per_s"])
     assert "prefill/" in capsys.readouterr().out
 
+
+
+# ----------------------------------------------------------------------------- schema v2: stages and sub-phases
+@pytest.fixture(scope="module")
+def engine_step_details(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real version-2 file: the tiny engine with asynchronous scheduling and recording."""
+    from inference.config import EngineConfig
+    from inference.engine import LLMEngine
+    from inference.presets import build_model, get_preset
+    from inference.request import SamplingParams
+
+    model = build_model(get_preset("tiny-moe"), seed=0)
+    engine = LLMEngine(model, EngineConfig(block_size=4, num_kv_blocks=64, max_requests=4, max_step_tokens=16,
+                                           record_routing=True, async_scheduling=True))
+    rng = np.random.default_rng(5)
+    engine.generate([rng.integers(2, 512, size=int(rng.integers(3, 20))).tolist() for _ in range(6)],
+                    SamplingParams(max_new_tokens=5, ignore_eos=True))
+    path = tmp_path_factory.mktemp("v2") / "step_details.json"
+    engine.step_log.write(path, {"device": "cpu"})
+    return path
+
+
+def test_stages_and_sub_phases_are_reported_and_add_up(engine_step_details: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "analysis.json"
+    assert main([str(engine_step_details), "--json", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "engine stages" in report and "stage_launch" in report and "routing_reconstruct" in report
+    entries = orjson.loads(engine_step_details.read_bytes())["step_details"]
+    breakdown = orjson.loads(out.read_bytes())["runs"][0]["breakdown"]["all"]
+    step_total = sum(e["step_time_ms"] for e in entries)
+    for phase in ("stage_prepare", "stage_launch", "stage_complete", "routing_gather", "routing_finalize"):
+        total = sum(e[f"{phase}_ms"] for e in entries)
+        assert breakdown[phase]["total"] == pytest.approx(total)
+        assert breakdown[phase]["share_of_step"] == pytest.approx(total / step_total)
+        subs = breakdown[phase]["subs"]
+        assert subs and sum(s["total"] for s in subs.values()) == pytest.approx(total)
+        assert sum(s["share_of_phase"] for s in subs.values()) == pytest.approx(1.0)
+    p99 = np.percentile([e["stage_launch_forward_ms"] for e in entries], 99)
+    assert breakdown["stage_launch"]["subs"]["forward"]["p99"] == pytest.approx(p99)
+
+
+def test_version_1_files_have_no_breakdown(run_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "analysis.json"
+    assert main([str(run_file), "--json", str(out)]) == 0
+    assert orjson.loads(out.read_bytes())["runs"][0]["breakdown"] == {}

@@ -1,0 +1,159 @@
+"""Launching one scheduled step on the device, without waiting for it.
+
+``ModelRunner.launch`` turns a ``SchedulerOutput`` into enqueued work on the compute stream
+(inputs, forward as a decode graph or eagerly, routing gather, sampling, a non-blocking copy
+of the sampled tokens into pinned memory) and returns a ``LaunchedStep`` that carries what
+the step must hand back. Nothing here synchronises with the GPU: the only host wait is
+``LaunchedStep.wait`` on a step's own done event, which the engine calls one step later
+(asynchronous scheduling) or at once (synchronous).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from inference.cuda_graphs import DecodeGraphRunner
+from inference.device_wait import wait_for_event
+from inference.kv_cache import KVCache
+from inference.model import ForwardContext, MoEGPT
+from inference.model.context import AttentionFn
+from inference.request import Request
+from inference.sampler import Sampler
+from inference.scheduler import SchedulerOutput
+from inference.step_batch import PreparedStep, StepBatch, TokenFeed
+from routing_replay.phase_timer import PhaseTimer
+
+
+@dataclass
+class GpuSpan:
+    """CUDA events around a step's whole GPU work; read only once ``end`` completed."""
+
+    begin: torch.cuda.Event
+    forward_end: torch.cuda.Event
+    end: torch.cuda.Event
+
+    @classmethod
+    def start(cls) -> "GpuSpan":
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+        events[0].record()
+        return cls(*events)
+
+
+@dataclass(eq=False)
+class LaunchedStep:
+    """A scheduled step whose device work has been enqueued.
+
+    Invariant: until ``done`` has completed, everything the queued work reads or writes on
+    the host (``tokens_host``) and every device tensor a later step may read from it
+    (``tokens``, which feeds the next step's input ids) is referenced here; ``sample_rows``
+    maps each sampling request to its row of ``tokens``. ``done is None`` on CPU, where the
+    work has already run when ``launch`` returns.
+    """
+
+    index: int
+    output: SchedulerOutput
+    prepared: PreparedStep | None
+    timer: PhaseTimer
+    cuda_graph: bool = False
+    sampling_requests: list[Request] = field(default_factory=list)
+    tokens: torch.Tensor | None = None
+    tokens_host: torch.Tensor | None = None
+    done: torch.cuda.Event | None = None
+    gpu: GpuSpan | None = None
+    sample_rows: dict[Request, int] = field(default_factory=dict)
+    num_finished: int = 0              # requests that finished when the step completed
+
+    def is_done(self) -> bool:
+        return self.done is None or self.done.query()
+
+    def wait(self) -> None:
+        if self.done is not None:
+            wait_for_event(self.done)
+
+    def sampled(self) -> dict[str, int]:
+        """Request id -> sampled token; only once the step is done."""
+        if self.tokens_host is None:
+            return {}
+        values = self.tokens_host.tolist()   # host memory: no device sync
+        return {r.request_id: t for r, t in zip(self.sampling_requests, values)}
+
+
+class ModelRunner:
+    """Prepares inputs, runs the forward and samples, for one step at a time. Invariant:
+    ``launch`` never waits for the device; a step's pending input tokens are read on the
+    device from the step launched just before it."""
+
+    def __init__(self, model: MoEGPT, kv_cache: KVCache, batch: StepBatch, sampler: Sampler,
+                 attention_fn: AttentionFn, recorder=None, graph_runner: DecodeGraphRunner | None = None,
+                 cuda_graphs: bool = False) -> None:
+        self.model, self.kv_cache, self.batch, self.sampler = model, kv_cache, batch, sampler
+        self.attention_fn, self.recorder, self.graph_runner = attention_fn, recorder, graph_runner
+        self.cuda_graphs = cuda_graphs
+        self.device = batch.device
+
+    def graph_size(self, output: SchedulerOutput) -> int | None:
+        """Padded batch size when this step can run as a decode graph, else None."""
+        runner = self.graph_runner
+        if runner is None or not output.chunks or len(output.chunks) > runner.max_batch:
+            return None
+        if not all(c.num_tokens == 1 and c.samples for c in output.chunks):
+            return None
+        return runner.padded_size(len(output.chunks))
+
+    @torch.inference_mode()
+    def launch(self, index: int, output: SchedulerOutput, previous: LaunchedStep | None,
+               timer: PhaseTimer) -> LaunchedStep:
+        step = LaunchedStep(index=index, output=output, prepared=None, timer=timer)
+        gpu = GpuSpan.start() if self.device.type == "cuda" else None
+        size = self.graph_size(output)
+        t = timer.now()
+        feed = TokenFeed(previous.tokens, previous.sample_rows) if previous is not None and previous.tokens is not None else None
+        step.prepared = prepared = self.batch.prepare(output.chunks, size, feed, timer)
+        t = timer.now()
+        if size is not None:
+            logits = self.graph_runner.run(size, len(prepared.sampling_chunks))
+            step.cuda_graph = self.cuda_graphs
+            if self.recorder is not None and not self.graph_runner.gather_in_graph:
+                self.recorder.gather(prepared.token_to_block, prepared.token_to_offset, timer)
+        else:
+            logits = self._eager_forward(prepared, timer)
+        if gpu is not None:
+            gpu.forward_end.record()
+        t = timer.lap("stage_launch", "forward", t)
+        if prepared.sampling_chunks:
+            step.sampling_requests = [c.request for c in prepared.sampling_chunks]
+            step.sample_rows = {r: i for i, r in enumerate(step.sampling_requests)}
+            step.tokens = self.sampler.sample(logits, step.sampling_requests)
+        t = timer.lap("stage_launch", "sample", t)
+        step.gpu = gpu
+        self._copy_tokens_to_host(step)
+        timer.lap("stage_launch", "copy", t)
+        return step
+
+    def _eager_forward(self, prepared: PreparedStep, timer: PhaseTimer) -> torch.Tensor | None:
+        recorder = self.recorder
+        staging = recorder.staging[: prepared.num_padded_tokens] if recorder is not None else None
+        ctx = ForwardContext(prepared.attn, self.kv_cache.per_layer, self.attention_fn, staging)
+        hidden = self.model(prepared.input_ids, prepared.positions, ctx)
+        if recorder is not None:
+            recorder.gather(prepared.token_to_block, prepared.token_to_offset, timer)
+        if not prepared.sampling_chunks:
+            return None
+        return self.model.compute_logits(hidden.index_select(0, prepared.logits_indices))
+
+    def _copy_tokens_to_host(self, step: LaunchedStep) -> None:
+        """Sampled tokens into pinned memory, then the done event (recorded last, so every
+        event of the step has completed once it has)."""
+        if self.device.type != "cuda":
+            step.tokens_host = step.tokens
+            return
+        if step.tokens is not None:
+            step.tokens_host = torch.empty(step.tokens.shape, dtype=step.tokens.dtype, pin_memory=True)
+            step.tokens_host.copy_(step.tokens, non_blocking=True)
+        if step.gpu is not None:
+            step.gpu.end.record()
+        step.done = torch.cuda.Event()
+        step.done.record()
+
