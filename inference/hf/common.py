@@ -215,9 +215,9 @@ def experts(config: ModelConfig, i: int, p: str, names: set[str], expert_names: 
             TensorRecipe(f"{t}.w2", tuple((f"{p}.experts.{x}.{down}.weight", (h, w)) for x in range(e)), "stack")]
 
 
-def first_k_dense(raw: dict[str, Any], num_layers: int, problems: list[str]) -> tuple[int, ...]:
+def first_k_dense(raw: dict[str, Any], num_layers: int, problems: list[str], default: int) -> tuple[int, ...]:
     """DeepSeek-V3 / GLM-4.5 rule: layers below ``first_k_dense_replace`` are dense."""
-    k = int(get(raw, "first_k_dense_replace", default=0))
+    k = int(get(raw, "first_k_dense_replace", default=default))
     if int(get(raw, "moe_layer_freq", default=1)) != 1:
         problems.append(f"moe_layer_freq {raw['moe_layer_freq']} is not supported (transformers ignores it; only 1)")
     if not 0 <= k < num_layers:

@@ -44,7 +44,7 @@ def parse(raw: dict[str, Any], problems: list[str]) -> ModelConfig | None:
     return build_config(
         problems, **base, mla=mla, intermediate_size=int(raw["intermediate_size"]), moe_intermediate_size=moe_width,
         num_experts=int(raw["n_routed_experts"]), topk=int(raw["num_experts_per_tok"]),
-        dense_layers=first_k_dense(raw, base["num_layers"], problems),
+        dense_layers=first_k_dense(raw, base["num_layers"], problems, default=3),
         shared_expert_intermediate_size=moe_width * int(get(raw, "n_shared_experts", default=1)), router=router)
 
 

@@ -28,7 +28,7 @@ def parse(raw: dict[str, Any], problems: list[str]) -> ModelConfig | None:
         problems, **base, rotary_dim=partial_rotary_dim(raw, base["head_dim"], default_factor=0.5),
         intermediate_size=int(raw["intermediate_size"]), moe_intermediate_size=moe_width,
         num_experts=int(raw["n_routed_experts"]), topk=int(raw["num_experts_per_tok"]),
-        dense_layers=first_k_dense(raw, base["num_layers"], problems),
+        dense_layers=first_k_dense(raw, base["num_layers"], problems, default=1),
         shared_expert_intermediate_size=moe_width * int(get(raw, "n_shared_experts", default=1)), router=router,
         qk_norm="per_head" if raw.get("use_qk_norm") else "none", attention_bias=bool(raw.get("attention_bias", False)))
 

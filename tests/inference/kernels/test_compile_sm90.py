@@ -15,7 +15,7 @@ import pytest
 
 from tests.inference.kernels.harness import needs_triton
 
-pytestmark = needs_triton
+pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")]
 
 
 def _compile(fn, types: dict[str, str], consts: dict):

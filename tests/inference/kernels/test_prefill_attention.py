@@ -9,7 +9,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from inference.kernels import (
     paged_decode_attention_reference,
