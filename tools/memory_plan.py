@@ -91,7 +91,7 @@ def plan_memory(mc: ModelConfig, config: EngineConfig, device: torch.device, *, 
         ("weights", params * elem, f"{params:,} parameters x {elem} B"),
         ("KV cache", kv_block * (config.num_kv_blocks + 1),
          f"{config.num_kv_blocks} blocks (+1 dummy) x {config.block_size} tokens x "
-         f"{fmt_bytes(kv_block // config.block_size)}/token = {config.kv_capacity_tokens:,} tokens"),
+         f"{fmt_bytes(kv_block // config.block_size)}/token{kv_layout(mc)} = {config.kv_capacity_tokens:,} tokens"),
     ]
     if config.record_routing:
         route_elem = torch.empty((), dtype=routing_dtype(mc.num_experts)).element_size()
@@ -109,6 +109,13 @@ def plan_memory(mc: ModelConfig, config: EngineConfig, device: torch.device, *, 
                            f"estimate for a graph pool up to batch {batch}"))
     available, source = available_memory(device, local_processes)
     return MemoryPlan(str(device), tuple(components), available, source)
+
+
+def kv_layout(config: ModelConfig) -> str:
+    """What one token's KV is made of, for the plan's KV row."""
+    if config.mla is not None:
+        return f" (MLA: latent {config.mla.kv_lora_rank} + rotary key {config.mla.qk_rope_head_dim} per layer)"
+    return f" (K and V: {config.num_kv_heads} kv heads x {config.head_dim} per layer)"
 
 
 def available_memory(device: torch.device, local_processes: int = 1) -> tuple[int | None, str]:

@@ -196,7 +196,7 @@ def hf_pass(hf_model: torch.nn.Module, rollouts: list[Rollout], replay: bool) ->
         attention[b, :len(r.tokens)] = 1
     num_experts = moe_routers(hf_model)[0].num_experts
     masks: list[torch.Tensor] = []
-    blocks = [m for m in hf_model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+    blocks = [m for m in hf_model.modules() if (hasattr(m, "gate") or hasattr(m, "router")) and hasattr(m, "experts")]
     hooks = [blk.experts.register_forward_pre_hook(lambda mod, args: masks.append(_mask_of(args[1], num_experts)))
              for blk in blocks]
     try:

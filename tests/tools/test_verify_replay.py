@@ -105,3 +105,15 @@ def test_missing_backend_dependency_names_the_extra(tmp_path, capsys, monkeypatc
     code = main(args)   # checked before the (empty) checkpoint directory is even read
     err = capsys.readouterr().err
     assert code == 2 and f'pip install -e ".[{extra}]"' in err and "Traceback" not in err, err
+
+
+def test_hf_backend_on_gpt_oss(tmp_path):
+    """GPT-OSS's MoE block names its router ``router`` (not ``gate``)."""
+    pytest.importorskip("safetensors")
+    from tests.inference.hf.families import make_hf_model
+    make_hf_model("gpt_oss", vocab_size=128).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "h.json"
+    assert main(["--backend", "hf", "--hf-checkpoint", str(tmp_path / "ckpt"), "--perturb", "0.1",
+                 "--output", str(out), *SMALL]) == 0
+    report = _report(out)
+    assert report["router_disagreement_with_replay"] == 0 and report["router_disagreement_without_replay"] > 0
