@@ -9,6 +9,7 @@ import torch
 from inference.config import EngineConfig
 from inference.model import MoEGPT
 from inference.presets import PRESETS
+from tools.memory_plan import plan_memory
 from tools.run_setup import describe_memory_plan
 
 
@@ -26,9 +27,13 @@ def test_shape_presets(name, billions, moe_layers, kv_per_token):
     assert config.num_moe_layers == moe_layers and config.kv_bytes_per_token == kv_per_token
 
 
+def _plan(preset: str, engine_config: EngineConfig) -> str:
+    config = PRESETS[preset]
+    return describe_memory_plan(config, engine_config, plan_memory(config, engine_config, torch.device("cpu")), 1)
+
+
 def test_memory_plan_counts_the_latent_cache():
-    plan = describe_memory_plan(PRESETS["moonlight-16b-a3b-shape"],
-                                EngineConfig(num_kv_blocks=100, block_size=16, dtype="bfloat16"), 1)
+    plan = _plan("moonlight-16b-a3b-shape", EngineConfig(num_kv_blocks=100, block_size=16, dtype="bfloat16"))
     assert "30.4 KiB/token (MLA: latent 512 + rotary key 64 per layer)" in plan
-    gqa = describe_memory_plan(PRESETS["gpt-oss-20b-shape"], EngineConfig(num_kv_blocks=100, dtype="bfloat16"), 1)
+    gqa = _plan("gpt-oss-20b-shape", EngineConfig(num_kv_blocks=100, dtype="bfloat16"))
     assert "48.0 KiB/token (K and V: 8 kv heads x 64 per layer)" in gqa

@@ -96,6 +96,7 @@ def test_config_semantics_of_each_family(tmp_path):
 
 
 def test_latent_kv_size_and_memory_plan(tmp_path):
+    from tools.memory_plan import plan_memory
     from tools.run_setup import describe_memory_plan
     make_hf_model("deepseek_v3").save_pretrained(tmp_path)
     config = load_hf_config(tmp_path)
@@ -105,8 +106,9 @@ def test_latent_kv_size_and_memory_plan(tmp_path):
     assert KVCache.bytes_per_block(config, 4, torch.bfloat16) * 6 == cache.nbytes
     rows, latent = cache.per_layer[1]
     assert rows.shape == (6, 4, 1, 24) and latent.shape == (6, 4, 1, 16) and latent.data_ptr() == rows.data_ptr()
-    plan = describe_memory_plan(config, EngineConfig(num_kv_blocks=5, block_size=4, dtype="bfloat16"), 1)
-    assert f"{config.num_layers * 24 * 2} B/token" in plan
+    engine_config = EngineConfig(num_kv_blocks=5, block_size=4, dtype="bfloat16")
+    plan = describe_memory_plan(config, engine_config, plan_memory(config, engine_config, torch.device("cpu")), 1)
+    assert f"{config.num_layers * 24 * 2} B/token" in plan and "MLA: latent 16 + rotary key 8" in plan
 
 
 def test_expert_ids_above_255_survive_to_routing_npz(tmp_path):
