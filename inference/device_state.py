@@ -68,9 +68,15 @@ class DeviceState:
 
     def release(self) -> None:
         """Drop the CUDA graphs (their memory pool goes with them); the caller drops the
-        object, which frees every tensor."""
+        object, which frees every tensor. cuBLAS keeps a 32 MiB workspace for every stream
+        it ran on (the graph warm-up stream included) for the life of the process: those
+        are freed too (stream-ordered, so work still queued is safe), and come back lazily
+        with the next matrix product."""
         if self.graph_runner is not None:
             self.graph_runner.release()
+        clear_cublas_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if self.kv_cache.storage.is_cuda and clear_cublas_workspaces is not None:
+            clear_cublas_workspaces()
 
 
 def _make_recorder(model: MoEGPT, config: EngineConfig, device: torch.device):

@@ -96,6 +96,8 @@ def refit_and_rebuild(model, args, prompts, params) -> dict:
         _sync(args.device)
         refit_s.append(time.perf_counter() - start)
     nbytes = sum(t.numel() * t.element_size() for t in new_weights.values())
+    del targets
+    new_weights = {name: t.cpu() for name, t in new_weights.items()}   # off the device: not counted below
     awake = _allocated_gib(args.device)
     start = time.perf_counter()
     engine.sleep()
@@ -109,7 +111,7 @@ def refit_and_rebuild(model, args, prompts, params) -> dict:
     _sync(args.device)
     start = time.perf_counter()
     rebuilt = allocate_model(model.config, args.device, torch_dtype(args.dtype))
-    rebuilt.load_state_dict(new_weights, strict=False)
+    rebuilt.load_state_dict(new_weights, strict=False)   # host -> device, as from a trainer on the host
     with LLMEngine(rebuilt, config):
         _sync(args.device)
         rebuild_s = time.perf_counter() - start

@@ -135,7 +135,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     span = max_blocks * block_size if window <= 0 else min(window, max_blocks * block_size)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, -(-span // block_size), block_size, q.device)
-    use_dot = group > 1
+    use_dot = group > 1 and head_dim >= 16    # tl.dot needs K >= 16
     block_n = 64 if use_dot else 32
     # Splits cover whole BLOCK_N tiles so only the last tile of a row is ever partial.
     tokens_per_split = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n

@@ -24,7 +24,8 @@ ARGS = ["--device", "cuda", "--record-routing", "--num-requests", "96", "--promp
 
 
 def _cli(args: list, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Keep what PYTHONPATH already holds (the GPU machine carries orjson in a wheel directory).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, str(ROOT / "tools" / "run_inference.py")] + [str(a) for a in args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, **kwargs)
 
