@@ -177,7 +177,8 @@ def test_slime_multi_turn_appends_suffix_routing(engine, rollouts, meta):
     start = held.shape[0]
     params = SamplingParams(max_new_tokens=4, temperature=1.0, seed=7, ignore_eos=True)
     suffix, whole = engine.generate([prompt2, prompt2], [params, params], routing_starts=[start, 0])
-    assert suffix.output_token_ids == whole.output_token_ids and suffix.routing.shape[0] == whole.routing.shape[0] - start
+    assert suffix.output_token_ids == whole.output_token_ids
+    assert suffix.routing.shape[0] == whole.routing.shape[0] - start
     meta_info = to_slime(suffix.routing, meta, routing_start=suffix.routing_start)
     assert meta_info["routed_experts_start_len"] == start
     experts, layers = slime_layer_replays(meta_info, _tokens(suffix), held, meta.num_layers, meta.topk,
@@ -353,7 +354,8 @@ def vllm_routed_experts(routing, meta):
     routed_experts_capturer.py, RoutedExpertsManager): a zeroed [num_tokens - 1,
     num_hidden_layers, topk] buffer, uint8 for <= 256 experts else uint16, where each MoE
     layer's ``capture(layer_id, topk_ids)`` writes column layer_id (the global index)."""
-    out = np.zeros((routing.shape[0], meta.num_layers, meta.topk), dtype=np.uint8 if meta.num_experts <= 256 else np.uint16)
+    dtype = np.uint8 if meta.num_experts <= 256 else np.uint16
+    out = np.zeros((routing.shape[0], meta.num_layers, meta.topk), dtype=dtype)
     for j, layer_id in enumerate(meta.moe_layer_indices):
         out[:, layer_id] = routing[:, j]
     return out
