@@ -129,10 +129,13 @@ def _saved_tensors(path) -> dict[str, torch.Tensor]:
 
 
 def test_hf_saved_checkpoint_gives_what_the_loader_loads(hf_checkpoint):
-    model, path, loaded = hf_checkpoint
     import json
+    model, path, loaded = hf_checkpoint
     raw = json.loads((path / "config.json").read_text())
-    assert_bitwise(named_tensors_from_hf(_saved_tensors(path), raw), loaded)
+    saved = _saved_tensors(path)
+    assert_bitwise(named_tensors_from_hf(saved, raw), loaded)
+    items = sorted(saved.items(), reverse=True)          # experts before their router, down before gate/up
+    assert_bitwise(named_tensors_from_hf(iter(items), raw), loaded)
 
 
 def test_hf_in_memory_state_dict_and_a_shuffled_stream(hf_checkpoint):
