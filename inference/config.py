@@ -142,6 +142,7 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256
     padded_decode: bool = False      # decode steps through the static padded path without graphs (tests)
     async_scheduling: bool | None = None   # host runs one step ahead of the GPU; None: on for CUDA
+    compute_logprobs: bool = True    # log-prob of every sampled token (off only to measure its cost)
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0

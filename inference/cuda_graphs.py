@@ -83,6 +83,14 @@ class DecodeGraphRunner:
         b.block_tables.fill_(dummy)
         b.seq_lens.fill_(1)
 
+    def release(self) -> None:
+        """Drop every captured graph and its outputs; the shared memory pool is freed with
+        the last graph that uses it."""
+        for graph in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+        self._logits.clear()
+
     @torch.inference_mode()
     def run(self, size: int, num_rows: int) -> torch.Tensor:
         """Logits [num_rows, V] of a prepared decode step padded to ``size`` rows."""

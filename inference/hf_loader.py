@@ -17,12 +17,14 @@ from typing import Any, Callable
 import torch
 
 from inference.config import ModelConfig
+from inference.errors import require
 from inference.hf_arch import (IGNORED_SUFFIXES, HFArchitecture, HFCheckpointError, TensorRecipe, model_recipes,
                                parse_hf_config)
 from inference.model import MoEGPT
 from inference.model.gpt import allocate_model
 
-__all__ = ["HFCheckpointError", "load_hf_config", "load_hf_model", "load_tokenizer", "read_hf_config"]
+__all__ = ["HFCheckpointError", "check_hf_checkpoint", "load_hf_config", "load_hf_model", "load_tokenizer",
+           "read_hf_config"]
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -49,9 +51,18 @@ def load_hf_config(checkpoint_dir: str | os.PathLike) -> ModelConfig:
     return read_hf_config(checkpoint_dir)[0]
 
 
+def _safe_open(file: Path):
+    """``safetensors.safe_open`` that reports a garbage or truncated file as HFCheckpointError."""
+    safetensors = require("safetensors", "hf", "--hf-checkpoint (reading .safetensors files)")
+    try:
+        return safetensors.safe_open(str(file), framework="pt")
+    except Exception as exc:  # SafetensorError derives from Exception only
+        raise HFCheckpointError(str(file), [f"not a readable .safetensors file ({exc}); "
+                                            "is it truncated or not a safetensors file?"]) from None
+
+
 def tensor_files(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
     """Map tensor name -> safetensors file holding it."""
-    from safetensors import safe_open
     root = Path(checkpoint_dir)
     index = root / INDEX_FILE
     if index.is_file():
@@ -64,21 +75,20 @@ def tensor_files(checkpoint_dir: str | os.PathLike) -> dict[str, Path]:
         raise HFCheckpointError(str(root), [f"no *.safetensors files{hint}"])
     names: dict[str, Path] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with _safe_open(file) as handle:
             names.update((name, file) for name in handle.keys())
     return names
 
 
 def _check(recipes: list[TensorRecipe], files: dict[str, Path], config: ModelConfig) -> list[str]:
     """Problems with the checkpoint's names and shapes, read from headers only."""
-    from safetensors import safe_open
     problems: list[str] = []
     shapes: dict[str, tuple[int, ...]] = {}
     for file in sorted(set(files.values())):
         if not file.is_file():
             problems.append(f"shard {file.name} listed in {INDEX_FILE} does not exist")
             continue
-        with safe_open(str(file), framework="pt") as handle:
+        with _safe_open(file) as handle:
             shapes.update((n, tuple(handle.get_slice(n).get_shape())) for n in handle.keys() if files.get(n) == file)
     used: set[str] = set()
     for recipe in recipes:
@@ -105,22 +115,28 @@ def _assemble(recipe: TensorRecipe, read: Callable[[str], torch.Tensor]) -> torc
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-@torch.no_grad()
-def load_hf_model(checkpoint_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> MoEGPT:
-    """MoEGPT with the checkpoint's weights, on ``device`` in ``dtype``, in eval mode."""
-    from safetensors import safe_open
+def check_hf_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[ModelConfig, dict[str, Path], list[TensorRecipe]]:
+    """Read config.json and every safetensors header (no tensor data) and raise one
+    HFCheckpointError listing every problem; returns what ``load_hf_model`` needs."""
     config, arch = read_hf_config(checkpoint_dir)
     files = tensor_files(checkpoint_dir)
     recipes = model_recipes(config, arch, set(files))
     problems = _check(recipes, files, config)
     if problems:
         raise HFCheckpointError(f"checkpoint {checkpoint_dir} does not match its config ({arch.model_type})", problems)
+    return config, files, recipes
+
+
+@torch.no_grad()
+def load_hf_model(checkpoint_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32) -> MoEGPT:
+    """MoEGPT with the checkpoint's weights, on ``device`` in ``dtype``, in eval mode."""
+    config, files, recipes = check_hf_checkpoint(checkpoint_dir)
     device = torch.device(device)
     model = allocate_model(config, device, dtype)
     params = dict(model.named_parameters())
     with ExitStack() as stack:
-        handles = {f: stack.enter_context(safe_open(str(f), framework="pt")) for f in sorted(set(files.values()))}
+        handles = {f: stack.enter_context(_safe_open(f)) for f in sorted(set(files.values()))}
         for recipe in recipes:
             tensor = _assemble(recipe, lambda name: handles[files[name]].get_tensor(name))
             params[recipe.target].copy_(tensor.to(device=device, dtype=dtype))
@@ -130,8 +146,8 @@ def load_hf_model(checkpoint_dir: str | os.PathLike, *, device: str | torch.devi
 def load_tokenizer(checkpoint_dir: str | os.PathLike):
     """The checkpoint's own tokenizer (tokenizer.json and friends), read from the local
     directory only. Returns a transformers tokenizer: ``encode(text)`` / ``decode(ids)``."""
-    from transformers import AutoTokenizer
+    transformers = require("transformers", "hf", "text prompts (the checkpoint's tokenizer)")
     root = Path(checkpoint_dir)
     if not any((root / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise HFCheckpointError(str(root), ["no tokenizer files (tokenizer.json / tokenizer_config.json)"])
-    return AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+    return transformers.AutoTokenizer.from_pretrained(str(root), local_files_only=True)

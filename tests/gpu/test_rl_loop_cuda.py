@@ -7,10 +7,7 @@ import orjson
 import pytest
 import torch
 
-from inference.engine import LLMEngine
-
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
-              pytest.mark.skipif(not hasattr(LLMEngine, "update_weights"), reason="engine refit API not merged yet"),
               pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")]
 
 

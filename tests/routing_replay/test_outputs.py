@@ -37,7 +37,7 @@ def test_round_trip(tmp_path):
 def test_meta_dict_round_trip():
     meta = make_meta()
     assert RoutingMeta.from_dict(meta.to_dict()) == meta
-    assert meta.to_dict()["schema_version"] == 1
+    assert meta.to_dict()["schema_version"] == 2
 
 
 @pytest.mark.parametrize("overrides", [
@@ -49,7 +49,7 @@ def test_meta_dict_round_trip():
     dict(topk=9),
     dict(dtype="float32"),
     dict(dtype="uint8", num_experts=257),
-    dict(schema_version=2),
+    dict(schema_version=3),
     dict(num_layers=0),
 ])
 def test_meta_rejects_inconsistent_values(overrides):

@@ -13,16 +13,11 @@ import orjson
 import pytest
 import torch
 
-from inference.engine import LLMEngine
 from tools.rl_loop import main
 from tools.rl_trainers import group_advantages, grpo_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--num-prompts", "2", "--group-size", "2", "--prompt-len", "8", "--output-len", "8", "--device", "cpu"]
-# The engine's RL-loop API (update_weights, output_logprobs, weight_version) is issue 9's
-# engine part; until it is merged these runs cannot happen.
-needs_refit_api = pytest.mark.skipif(not hasattr(LLMEngine, "update_weights"),
-                                     reason="LLMEngine.update_weights (issue 9, engine part) not merged yet")
 
 
 @pytest.fixture
@@ -51,7 +46,6 @@ def _check_report(report: dict, iterations: int) -> list[dict]:
     return rows
 
 
-@needs_refit_api
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 def test_megatron_loop(tmp_path, capsys, one_thread):
     pytest.importorskip("megatron.core")
@@ -66,7 +60,6 @@ def test_megatron_loop(tmp_path, capsys, one_thread):
     assert any(row["router_disagreement_without_replay"] > 0 for row in rows)
 
 
-@needs_refit_api
 def test_hf_backend(tmp_path, capsys, one_thread):
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen3MoeConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
