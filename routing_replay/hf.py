@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from routing_replay.replay_targets import check_targets, per_layer
+from routing_replay.replay_targets import check_targets, layer_count_mismatch, per_layer
 
 Weights = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -137,7 +137,7 @@ def replay_routing(model: nn.Module, targets: np.ndarray | torch.Tensor) -> Iter
     routers = moe_routers(model)
     layers = per_layer(targets)
     if len(layers) != len(routers):
-        raise HFReplayError(f"{len(layers)} target layers for {len(routers)} MoE layers")
+        raise HFReplayError(layer_count_mismatch(len(layers), len(routers)))
     if not isinstance(targets, torch.Tensor) or targets.device.type == "cpu":   # no device sync
         check_targets(targets, routers[0].num_experts, routers[0].top_k)
     try:

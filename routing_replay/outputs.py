@@ -197,14 +197,23 @@ def load_results(out_dir: str | os.PathLike) -> list[dict]:
     return [record for record, _ in shard_records(committed_shards(out)).values()]
 
 
-def expand_to_all_layers(routing: np.ndarray, meta: RoutingMeta) -> np.ndarray:
-    """[rows, num_layers, topk] view of one request's routing; dense layers hold -1.
+def expand_to_all_layers(routing: np.ndarray, meta: RoutingMeta, fill: int = -1) -> np.ndarray:
+    """[rows, num_layers, topk] copy of one request's routing; dense layers hold ``fill``.
 
-    -1 (never 0, a valid expert id) marks layers without routing, so the result is signed:
-    int16 while expert ids fit, else int32.
+    ``fill=-1`` (the default) marks layers without routing unambiguously, so the result is
+    signed: int16 while expert ids fit, else int32. ``fill=0`` is the layout vLLM and SGLang
+    return (their capture buffers start zeroed, only MoE layers write), which consumers that
+    need non-negative ids everywhere (SkyRL) require; the result keeps ``meta.dtype``. A
+    0-filled array cannot tell a dense layer from expert 0: read it back only with the MoE
+    layer indices (``replay_targets`` takes ``moe_layer_indices``).
     """
+    if isinstance(fill, bool) or not isinstance(fill, (int, np.integer)) or fill not in (-1, 0):
+        raise ValueError(f"fill must be -1 or 0 (other values are valid expert ids), got {fill!r}")
     meta.check_array("routing", routing)
-    dtype = np.int16 if meta.num_experts - 1 <= np.iinfo(np.int16).max else np.int32
-    expanded = np.full((routing.shape[0], meta.num_layers, meta.topk), -1, dtype=dtype)
+    if fill == 0:
+        dtype = np.dtype(meta.dtype)
+    else:
+        dtype = np.int16 if meta.num_experts - 1 <= np.iinfo(np.int16).max else np.int32
+    expanded = np.full((routing.shape[0], meta.num_layers, meta.topk), fill, dtype=dtype)
     expanded[:, meta.moe_layer_indices, :] = routing
     return expanded

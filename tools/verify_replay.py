@@ -165,42 +165,48 @@ def _split(rollouts: list[Rollout], logits: torch.Tensor, masks: list[torch.Tens
                         [grid[i, :len(r.tokens)] for i, r in enumerate(rollouts)])
 
 
-def megatron_pass(gpt: torch.nn.Module, rollouts: list[Rollout], replay: bool) -> TrainingPass:
+def megatron_pass(gpt: torch.nn.Module, rollouts: list[Rollout], replay: bool, grad: bool = False) -> TrainingPass:
+    """``grad=True`` keeps the autograd graph of the logits (a training step's forward)."""
     from inference.megatron_export import causal_mask
     from megatron.core.transformer.moe.router import TopKRouter
     from routing_replay.megatron import replay_routing
     tokens, seq = _padded_tokens(rollouts)
+    device = next(gpt.parameters()).device
     maps: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: maps.append(out[1].detach().cpu()))
              for m in gpt.modules() if isinstance(m, TopKRouter)]
-    positions = torch.arange(seq).expand(len(rollouts), seq)
+    args = (tokens.to(device), torch.arange(seq, device=device).expand(len(rollouts), seq),
+            causal_mask(len(rollouts), seq, device))
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             if replay:
                 targets = padded_targets([r.routing for r in rollouts], seq, order="sb")
-                with replay_routing(gpt, targets):
-                    logits = gpt(tokens, positions, causal_mask(len(rollouts), seq))
+                with replay_routing(gpt, targets, device):
+                    logits = gpt(*args)
             else:
-                logits = gpt(tokens, positions, causal_mask(len(rollouts), seq))
+                logits = gpt(*args)
     finally:
         for h in hooks:
             h.remove()
     return _split(rollouts, logits, maps, "sb")
 
 
-def hf_pass(hf_model: torch.nn.Module, rollouts: list[Rollout], replay: bool) -> TrainingPass:
+def hf_pass(hf_model: torch.nn.Module, rollouts: list[Rollout], replay: bool, grad: bool = False) -> TrainingPass:
+    """``grad=True`` keeps the autograd graph of the logits (a training step's forward)."""
     from routing_replay.hf import moe_routers, replay_routing
     tokens, seq = _padded_tokens(rollouts)
     attention = torch.zeros_like(tokens)
     for b, r in enumerate(rollouts):
         attention[b, :len(r.tokens)] = 1
+    device = next(hf_model.parameters()).device
+    tokens, attention = tokens.to(device), attention.to(device)
     num_experts = moe_routers(hf_model)[0].num_experts
     masks: list[torch.Tensor] = []
     blocks = [m for m in hf_model.modules() if (hasattr(m, "gate") or hasattr(m, "router")) and hasattr(m, "experts")]
     hooks = [blk.experts.register_forward_pre_hook(lambda mod, args: masks.append(_mask_of(args[1], num_experts)))
              for blk in blocks]
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             if replay:
                 targets = padded_targets([r.routing for r in rollouts], seq, order="bs")
                 with replay_routing(hf_model, targets):
@@ -215,7 +221,8 @@ def hf_pass(hf_model: torch.nn.Module, rollouts: list[Rollout], replay: bool) ->
 
 def response_logprobs(logits: torch.Tensor, r: Rollout) -> torch.Tensor:
     """Log-probs of the generated tokens (positions prompt_len-1 .. n-2 predict them)."""
-    lp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(-1, torch.tensor(r.tokens[1:]).unsqueeze(-1))[:, 0]
+    ids = torch.tensor(r.tokens[1:], device=logits.device).unsqueeze(-1)
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(-1, ids)[:, 0]
     return lp[r.prompt_len - 1:]
 
 
