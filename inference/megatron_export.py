@@ -159,49 +159,83 @@ def _grouped_qkv(qkv: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     return torch.cat([q, k, v], dim=1).reshape(qkv.shape)
 
 
+# (our tensor name, megatron names, how): "copy" one tensor as it is; "qkv" regroup
+# [q; k; v] rows per query group; "stack" our [E, ...] tensor is megatron's per-expert list.
+WeightPlan = list[tuple[str, tuple[str, ...], str]]
+
+
+def megatron_weight_plan(model: MoEGPT) -> WeightPlan:
+    """How every weight of ``model`` (router expert biases included) maps onto megatron-core
+    GPTModel parameter names (local spec). One plan serves both directions: the export
+    (``megatron_state``) and the refit from a trained GPTModel
+    (``inference.weight_sync.named_tensors_from_megatron``). ``model`` may live on the meta
+    device: only its structure is read."""
+    c = model.config
+    plan: WeightPlan = [("embed_tokens.weight", ("embedding.word_embeddings.weight",), "copy")]
+    for i, layer in enumerate(model.layers):
+        p, o, attn = f"decoder.layers.{i}", f"layers.{i}", layer.self_attn
+        sa = f"{p}.self_attention"
+        plan += [(f"{o}.input_layernorm.weight", (f"{p}.input_layernorm.weight",), "copy"),
+                 (f"{o}.self_attn.qkv_proj.weight", (f"{sa}.linear_qkv.weight",), "qkv")]
+        if attn.qkv_proj.bias is not None:
+            plan.append((f"{o}.self_attn.qkv_proj.bias", (f"{sa}.linear_qkv.bias",), "qkv"))
+        plan.append((f"{o}.self_attn.o_proj.weight", (f"{sa}.linear_proj.weight",), "copy"))
+        if attn.o_proj.bias is not None:
+            plan.append((f"{o}.self_attn.o_proj.bias", (f"{sa}.linear_proj.bias",), "copy"))
+        if attn.sinks is not None:
+            plan.append((f"{o}.self_attn.sinks", (f"{sa}.core_attention.softmax_offset",), "copy"))
+        if attn.q_norm is not None:
+            plan += [(f"{o}.self_attn.q_norm.weight", (f"{sa}.q_layernorm.weight",), "copy"),
+                     (f"{o}.self_attn.k_norm.weight", (f"{sa}.k_layernorm.weight",), "copy")]
+        plan.append((f"{o}.post_attention_layernorm.weight", (f"{p}.pre_mlp_layernorm.weight",), "copy"))
+        plan += _mlp_plan(layer, c, p, o)
+    plan.append(("norm.weight", ("decoder.final_layernorm.weight",), "copy"))
+    if not c.tie_word_embeddings:
+        plan.append(("lm_head.weight", ("output_layer.weight",), "copy"))
+    return plan
+
+
+def _mlp_plan(layer, c: ModelConfig, p: str, o: str) -> WeightPlan:
+    mlp = layer.mlp
+    if layer.moe_index is None:
+        return [(f"{o}.mlp.gate_up_proj.weight", (f"{p}.mlp.linear_fc1.weight",), "copy"),
+                (f"{o}.mlp.down_proj.weight", (f"{p}.mlp.linear_fc2.weight",), "copy")]
+    plan: WeightPlan = [(f"{o}.mlp.router.weight", (f"{p}.mlp.router.weight",), "copy")]
+    if mlp.router.bias is not None:
+        plan.append((f"{o}.mlp.router.bias", (f"{p}.mlp.router.bias",), "copy"))
+    if mlp.router.expert_bias is not None:
+        plan.append((f"{o}.mlp.router.expert_bias", (f"{p}.mlp.router.expert_bias",), "copy"))
+    experts = f"{p}.mlp.experts.local_experts"
+    fc = [("w13", "linear_fc1.weight"), ("w2", "linear_fc2.weight")]
+    if mlp.b13 is not None:
+        fc += [("b13", "linear_fc1.bias"), ("b2", "linear_fc2.bias")]
+    plan += [(f"{o}.mlp.{ours}", tuple(f"{experts}.{e}.{theirs}" for e in range(c.num_experts)), "stack")
+             for ours, theirs in fc]
+    if mlp.shared_expert is not None:
+        plan += [(f"{o}.mlp.shared_expert.gate_up_proj.weight", (f"{p}.mlp.shared_experts.linear_fc1.weight",), "copy"),
+                 (f"{o}.mlp.shared_expert.down_proj.weight", (f"{p}.mlp.shared_experts.linear_fc2.weight",), "copy")]
+    if mlp.shared_expert_gate is not None:
+        plan.append((f"{o}.mlp.shared_expert_gate.weight", (f"{p}.mlp.shared_experts.gate_weight",), "copy"))
+    return plan
+
+
+def our_weights(model: MoEGPT) -> dict[str, torch.Tensor]:
+    """Every parameter of ``model`` by name, plus the routers' expert-bias buffers."""
+    weights = dict(model.named_parameters())
+    weights.update((n, b) for n, b in model.named_buffers() if n.endswith("expert_bias"))
+    return weights
+
+
 def megatron_state(model: MoEGPT) -> dict[str, torch.Tensor]:
     """Our weights under megatron-core GPTModel parameter names (local spec)."""
-    c = model.config
-    sd = {"embedding.word_embeddings.weight": model.embed_tokens.weight,
-          "decoder.final_layernorm.weight": model.norm.weight}
-    if not c.tie_word_embeddings:
-        sd["output_layer.weight"] = model.lm_head.weight
-    for i, layer in enumerate(model.layers):
-        p, attn = f"decoder.layers.{i}", layer.self_attn
-        sd[f"{p}.input_layernorm.weight"] = layer.input_layernorm.weight
-        sd[f"{p}.self_attention.linear_qkv.weight"] = _grouped_qkv(attn.qkv_proj.weight, c)
-        if attn.qkv_proj.bias is not None:
-            sd[f"{p}.self_attention.linear_qkv.bias"] = _grouped_qkv(attn.qkv_proj.bias, c)
-        sd[f"{p}.self_attention.linear_proj.weight"] = attn.o_proj.weight
-        if attn.o_proj.bias is not None:
-            sd[f"{p}.self_attention.linear_proj.bias"] = attn.o_proj.bias
-        if attn.sinks is not None:
-            sd[f"{p}.self_attention.core_attention.softmax_offset"] = attn.sinks
-        if attn.q_norm is not None:
-            sd[f"{p}.self_attention.q_layernorm.weight"] = attn.q_norm.weight
-            sd[f"{p}.self_attention.k_layernorm.weight"] = attn.k_norm.weight
-        sd[f"{p}.pre_mlp_layernorm.weight"] = layer.post_attention_layernorm.weight
-        mlp = layer.mlp
-        if layer.moe_index is None:
-            sd[f"{p}.mlp.linear_fc1.weight"] = mlp.gate_up_proj.weight
-            sd[f"{p}.mlp.linear_fc2.weight"] = mlp.down_proj.weight
-            continue
-        sd[f"{p}.mlp.router.weight"] = mlp.router.weight
-        if mlp.router.bias is not None:
-            sd[f"{p}.mlp.router.bias"] = mlp.router.bias
-        if mlp.router.expert_bias is not None:
-            sd[f"{p}.mlp.router.expert_bias"] = mlp.router.expert_bias
-        for e in range(c.num_experts):
-            sd[f"{p}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = mlp.w13[e]
-            sd[f"{p}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = mlp.w2[e]
-            if mlp.b13 is not None:
-                sd[f"{p}.mlp.experts.local_experts.{e}.linear_fc1.bias"] = mlp.b13[e]
-                sd[f"{p}.mlp.experts.local_experts.{e}.linear_fc2.bias"] = mlp.b2[e]
-        if mlp.shared_expert is not None:
-            sd[f"{p}.mlp.shared_experts.linear_fc1.weight"] = mlp.shared_expert.gate_up_proj.weight
-            sd[f"{p}.mlp.shared_experts.linear_fc2.weight"] = mlp.shared_expert.down_proj.weight
-        if mlp.shared_expert_gate is not None:
-            sd[f"{p}.mlp.shared_experts.gate_weight"] = mlp.shared_expert_gate.weight
+    ours = our_weights(model)
+    sd: dict[str, torch.Tensor] = {}
+    for name, targets, how in megatron_weight_plan(model):
+        tensor = ours[name]
+        if how == "stack":
+            sd.update((target, tensor[e]) for e, target in enumerate(targets))
+        else:
+            sd[targets[0]] = _grouped_qkv(tensor, model.config) if how == "qkv" else tensor
     return sd
 
 

@@ -6,8 +6,9 @@
   one rank holding every parameter) -> ours, un-grouping the fused QKV rows and stacking the
   ``SequentialMLP`` experts into ``w13`` / ``w2``.
 - ``named_tensors_from_hf(tensors, hf_config)``: a transformers state dict (or a stream of
-  ``(name, tensor)``) -> ours, through the HF loader's name mapping (``inference.hf_arch``
-  recipes, assembled as ``inference.hf_loader`` assembles them).
+  ``(name, tensor)``) -> ours, through the HF loader's name mapping (``inference.hf.registry``
+  recipes, assembled as ``inference.hf.loader`` assembles them; next-token-prediction layers
+  are skipped, as the loader skips them).
 
 Names are those of ``MoEGPT.named_parameters()`` plus the routers' ``expert_bias`` buffers.
 Tensors keep the trainer's dtype and device (the engine casts when it copies); tensors that
@@ -24,8 +25,10 @@ from typing import Any
 import torch
 
 from inference.config import ModelConfig
-from inference.hf_arch import IGNORED_SUFFIXES, HFCheckpointError, model_recipes, parse_hf_config
-from inference.hf_loader import _assemble
+from inference.hf.common import IGNORED_SUFFIXES, HFCheckpointError
+from inference.hf.loader import _assemble
+from inference.hf.registry import model_recipes, mtp_tensors, parse_hf_config
+from inference.megatron_export import megatron_weight_plan, our_weights
 from inference.model import MoEGPT
 
 NamedTensors = Iterator[tuple[str, torch.Tensor]]
@@ -51,52 +54,11 @@ def _ungrouped_qkv(qkv: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     return torch.cat([q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)])
 
 
-def _megatron_layer_plan(config: ModelConfig, i: int) -> list[tuple[str, tuple[str, ...], str]]:
-    """(our name, megatron sources, how) for layer i; how: "copy", "qkv" or "stack"."""
-    p, o = f"decoder.layers.{i}", f"layers.{i}"
-    plan = [(f"{o}.input_layernorm.weight", (f"{p}.input_layernorm.weight",), "copy"),
-            (f"{o}.self_attn.qkv_proj.weight", (f"{p}.self_attention.linear_qkv.weight",), "qkv")]
-    if config.attention_bias:
-        plan.append((f"{o}.self_attn.qkv_proj.bias", (f"{p}.self_attention.linear_qkv.bias",), "qkv"))
-    plan.append((f"{o}.self_attn.o_proj.weight", (f"{p}.self_attention.linear_proj.weight",), "copy"))
-    if config.qk_norm != "none":
-        plan += [(f"{o}.self_attn.q_norm.weight", (f"{p}.self_attention.q_layernorm.weight",), "copy"),
-                 (f"{o}.self_attn.k_norm.weight", (f"{p}.self_attention.k_layernorm.weight",), "copy")]
-    plan.append((f"{o}.post_attention_layernorm.weight", (f"{p}.pre_mlp_layernorm.weight",), "copy"))
-    if i not in config.moe_layer_indices:
-        return plan + [(f"{o}.mlp.gate_up_proj.weight", (f"{p}.mlp.linear_fc1.weight",), "copy"),
-                       (f"{o}.mlp.down_proj.weight", (f"{p}.mlp.linear_fc2.weight",), "copy")]
-    experts = range(config.num_experts)
-    plan.append((f"{o}.mlp.router.weight", (f"{p}.mlp.router.weight",), "copy"))
-    if config.router.use_expert_bias:
-        plan.append((f"{o}.mlp.router.expert_bias", (f"{p}.mlp.router.expert_bias",), "copy"))
-    plan += [(f"{o}.mlp.w13", tuple(f"{p}.mlp.experts.local_experts.{e}.linear_fc1.weight" for e in experts), "stack"),
-             (f"{o}.mlp.w2", tuple(f"{p}.mlp.experts.local_experts.{e}.linear_fc2.weight" for e in experts), "stack")]
-    if config.shared_expert_intermediate_size > 0:
-        plan += [(f"{o}.mlp.shared_expert.gate_up_proj.weight", (f"{p}.mlp.shared_experts.linear_fc1.weight",), "copy"),
-                 (f"{o}.mlp.shared_expert.down_proj.weight", (f"{p}.mlp.shared_experts.linear_fc2.weight",), "copy")]
-        if config.shared_expert_gate:
-            plan.append((f"{o}.mlp.shared_expert_gate.weight", (f"{p}.mlp.shared_experts.gate_weight",), "copy"))
-    return plan
-
-
-def _megatron_plan(config: ModelConfig) -> list[tuple[str, tuple[str, ...], str]]:
-    plan = [("embed_tokens.weight", ("embedding.word_embeddings.weight",), "copy")]
-    for i in range(config.num_layers):
-        plan += _megatron_layer_plan(config, i)
-    plan.append(("norm.weight", ("decoder.final_layernorm.weight",), "copy"))
-    if not config.tie_word_embeddings:
-        plan.append(("lm_head.weight", ("output_layer.weight",), "copy"))
-    return plan
-
-
-def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Our parameter shapes, from the config alone (no model is built)."""
+def _plan_and_shapes(config: ModelConfig):
+    """The export's weight plan and our tensor shapes, from a meta-device model."""
     with torch.device("meta"):
         model = MoEGPT(config)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    shapes.update((n, tuple(b.shape)) for n, b in model.named_buffers() if n.endswith("expert_bias"))
-    return shapes
+    return megatron_weight_plan(model), {n: tuple(t.shape) for n, t in our_weights(model).items()}
 
 
 def named_tensors_from_megatron(gpt_model: torch.nn.Module, config: ModelConfig) -> NamedTensors:
@@ -107,12 +69,11 @@ def named_tensors_from_megatron(gpt_model: torch.nn.Module, config: ModelConfig)
     gpt = _unwrap(gpt_model)
     source = dict(gpt.named_parameters())
     source.update((n, b) for n, b in gpt.named_buffers() if n.endswith("expert_bias"))
-    plan = _megatron_plan(config)
+    plan, shapes = _plan_and_shapes(config)
     used = {name for _, names, _ in plan for name in names}
     problems = [f"no megatron parameter {n}" for n in sorted(used - source.keys())]
     problems += [f"megatron parameter {n} has no place in our model" for n in sorted(source.keys() - used)]
     if not problems:
-        shapes = _expected_shapes(config)
         for target, names, how in plan:
             got = tuple(source[names[0]].shape)
             want = shapes[target][1:] if how == "stack" else shapes[target]
@@ -152,6 +113,7 @@ class _HFStream:
     that no current recipe uses makes them be recomputed from every name known so far."""
 
     def __init__(self, raw: dict[str, Any], names: Iterable[str] = ()) -> None:
+        self.raw = raw
         self.config, self.arch = parse_hf_config(raw, "hf_config")
         self.names: set[str] = set(names)
         self.arrived: set[str] = set()
@@ -160,12 +122,13 @@ class _HFStream:
         self._plan()
 
     def _plan(self) -> None:
-        self.recipes = model_recipes(self.config, self.arch, self.names)
+        self.recipes = model_recipes(self.config, self.arch, self.names, self.raw)
         self.by_source = {name: (r, shape) for r in self.recipes for name, shape in r.sources}
 
     def ignored(self, name: str) -> bool:
-        # a tied head may be saved or not; it is the embedding either way
-        return name.endswith(IGNORED_SUFFIXES) or (name == "lm_head.weight" and self.config.tie_word_embeddings)
+        # a tied head may be saved or not; it is the embedding either way; MTP layers are not served
+        return (name.endswith(IGNORED_SUFFIXES) or bool(mtp_tensors(self.config, self.arch, {name}, self.raw))
+                or (name == "lm_head.weight" and self.config.tie_word_embeddings))
 
     def check_mapping(self, tensors: Mapping[str, torch.Tensor]) -> list[str]:
         """Every problem of a whole state dict, from names and shapes only."""

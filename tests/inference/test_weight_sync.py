@@ -21,6 +21,13 @@ CASES = {
     "qwen2-like": dataclasses.replace(get_preset("tiny-moe"), attention_bias=True, tie_word_embeddings=True,
                                       shared_expert_intermediate_size=48, shared_expert_gate=True,
                                       router=RouterConfig(norm_topk_prob=False)),
+    # GLM-4.5: partial rotary, qkv bias, sigmoid + expert bias, groups, shared expert
+    "glm-like": dataclasses.replace(get_preset("tiny-moe-sigmoid"), rotary_dim=8, attention_bias=True),
+    # GPT-OSS: sinks, o_proj bias, router bias, expert biases
+    "gpt-oss-like": dataclasses.replace(
+        get_preset("tiny-moe"), dense_layers=(), attention_bias=True, o_proj_bias=True, attention_sinks=True,
+        layer_types=("sliding_attention", "full_attention") * 2, sliding_window=4, expert_activation="swiglu_oai",
+        expert_bias=True, swiglu_limit=1.5, router=RouterConfig(norm_topk_prob=True, bias=True)),
 }
 
 
@@ -150,7 +157,7 @@ def test_hf_in_memory_state_dict_and_a_shuffled_stream(hf_checkpoint):
 
 
 def test_hf_bad_tensors_are_named(hf_checkpoint):
-    from inference.hf_arch import HFCheckpointError
+    from inference.hf.common import HFCheckpointError
     model, path, _ = hf_checkpoint
     state = _saved_tensors(path)
     name = "model.layers.0.self_attn.q_proj.weight"
