@@ -39,18 +39,27 @@ def result_record(result: RequestResult) -> dict:
         record["routing_dtype"] = str(result.routing.dtype)
         if result.routing_start:
             record["routing_start"] = result.routing_start
+    if result.output_logprobs is not None:
+        record["output_logprobs"] = result.output_logprobs
+    if result.output_top_logprobs is not None:
+        record["output_top_logprobs"] = [[[token, value] for token, value in step] for step in result.output_top_logprobs]
+    if result.prompt_logprobs is not None:
+        record["prompt_logprobs"] = result.prompt_logprobs
+    if result.weight_version is not None:
+        record["weight_version"] = result.weight_version
     return record
 
 
-def routing_meta_for(mc: ModelConfig, block_size: int) -> RoutingMeta:
+def routing_meta_for(mc: ModelConfig, block_size: int, weight_version: int | str | None = 0) -> RoutingMeta:
     """routing_meta.json of a run of model ``mc`` (known before any weights are built)."""
     return RoutingMeta(moe_layer_indices=list(mc.moe_layer_indices), num_layers=mc.num_layers,
                        num_experts=mc.num_experts, topk=mc.topk, block_size=block_size,
-                       dtype=str(np.dtype(numpy_dtype(routing_dtype(mc.num_experts)))))
+                       dtype=str(np.dtype(numpy_dtype(routing_dtype(mc.num_experts)))),
+                       weight_version=weight_version)
 
 
 def routing_meta(engine: LLMEngine) -> RoutingMeta:
-    return routing_meta_for(engine.model_config, engine.config.block_size)
+    return routing_meta_for(engine.model_config, engine.config.block_size, engine.weight_version)
 
 
 def run_meta(engine: LLMEngine, extra: dict | None = None) -> dict:

@@ -53,6 +53,7 @@ class RoutingMeta:
     block_size: int
     dtype: str
     schema_version: int = SCHEMA_VERSION
+    weight_version: int | str | None = None   # the weights that produced the routing (None: not recorded)
 
     def __post_init__(self) -> None:
         if not isinstance(self.moe_layer_indices, (list, tuple)):
@@ -68,6 +69,9 @@ class RoutingMeta:
                              f"expected one of {SUPPORTED_SCHEMA_VERSIONS}")
         if self.topk > self.num_experts:
             raise ValueError(f"topk={self.topk} exceeds num_experts={self.num_experts}")
+        if self.weight_version is not None and (isinstance(self.weight_version, bool)
+                                                or not isinstance(self.weight_version, (int, str))):
+            raise TypeError(f"weight_version must be an int, a string or None, got {self.weight_version!r}")
         self._check_layers()
         self._check_dtype()
 

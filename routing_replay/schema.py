@@ -344,6 +344,42 @@ def validate_results_line(obj: Any) -> list[str]:
         problems.append(f"result.routing_dtype must be one of {ROUTING_DTYPES}, got {obj['routing_dtype']!r}")
     if "finish_reason" in valid and obj["finish_reason"] != "error":
         problems += _routing_rows_problems(obj, valid)
+    problems += _logprob_problems(obj, valid)
+    return problems
+
+
+def _is_logprob(value: Any) -> bool:
+    return _is_number(value) and value <= 0
+
+
+def _logprob_problems(obj: dict, valid: set[str]) -> list[str]:
+    """output_logprobs / output_top_logprobs: one entry per output token; prompt_logprobs:
+    one per prompt token, null first; log-probs are finite numbers <= 0."""
+    problems: list[str] = []
+    outputs = obj.get("output_token_ids") if "output_token_ids" in valid else None
+    lps = obj.get("output_logprobs")
+    if lps is not None:
+        if not isinstance(lps, list) or not all(_is_logprob(v) for v in lps):
+            problems.append("result.output_logprobs must be a list of finite numbers <= 0")
+        elif outputs is not None and len(lps) != len(outputs):
+            problems.append(f"result.output_logprobs has {len(lps)} values for {len(outputs)} output tokens")
+    top = obj.get("output_top_logprobs")
+    if top is not None:
+        pair = lambda p: isinstance(p, list) and len(p) == 2 and _is_int(p[0]) and p[0] >= 0 and _is_logprob(p[1])  # noqa: E731
+        if not isinstance(top, list) or not all(isinstance(step, list) and all(pair(p) for p in step) for step in top):
+            problems.append("result.output_top_logprobs must be a list (per output token) of [token, logprob] pairs")
+        elif outputs is not None and len(top) != len(outputs):
+            problems.append(f"result.output_top_logprobs has {len(top)} entries for {len(outputs)} output tokens")
+    prompt_lps, prompt = obj.get("prompt_logprobs"), obj.get("prompt_token_ids")
+    if prompt_lps is not None:
+        if (not isinstance(prompt_lps, list) or not prompt_lps or prompt_lps[0] is not None
+                or not all(_is_logprob(v) for v in prompt_lps[1:])):
+            problems.append("result.prompt_logprobs must be [null, logprob, ...] (finite numbers <= 0)")
+        elif isinstance(prompt, list) and len(prompt_lps) != len(prompt):
+            problems.append(f"result.prompt_logprobs has {len(prompt_lps)} entries for {len(prompt)} prompt tokens")
+    version = obj.get("weight_version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, (int, str))):
+        problems.append(f"result.weight_version must be an int or a string, got {version!r:.60}")
     return problems
 
 

@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = disabled")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = disabled")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS (benchmarks)")
+    g.add_argument("--logprobs", type=int, default=0, metavar="N",
+                   help="also return the top-N alternatives of every generated token (each token's own log-prob "
+                        "is always written)")
+    g.add_argument("--prompt-logprobs", action="store_true",
+                   help="also return each prompt token's log-prob (such requests take no prefix-cache hits)")
+    g.add_argument("--logprobs-mode", default="processed", choices=["processed", "tempered", "raw"],
+                   help="distribution of the log-probs: processed = the one sampled from (temperature, top-k, top-p), "
+                        "tempered = logits / temperature only, raw = softmax of the logits")
     g = p.add_argument_group("engine")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="usable KV blocks (default 1024, or from --kv-cache-memory)")
@@ -147,6 +155,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--top-k must be >= 0 (0 = disabled), got {args.top_k}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.logprobs <= 20:
+        parser.error(f"--logprobs must be in [0, 20], got {args.logprobs}")
     if not (math.isfinite(args.checkpoint_interval) and args.checkpoint_interval > 0):
         parser.error(f"--checkpoint-interval must be a finite number of seconds > 0, got {args.checkpoint_interval}")
     if args.num_kv_blocks is not None and args.kv_cache_memory:

@@ -425,3 +425,20 @@ def test_real_cpu_run_is_valid(tmp_path: Path, record: bool) -> None:
     for entry in document["step_details"]:
         assert all(key in entry for key in keys), sorted(set(keys) - set(entry))
         assert entry["stage_launch_ms"] > 0 or entry["active_tokens"] == 0
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"output_logprobs": [-0.5]}, "output_logprobs has 1 values for 2 output tokens"),
+    ({"output_logprobs": [-0.5, 0.25]}, "finite numbers <= 0"),
+    ({"output_top_logprobs": [[[3, -0.1]], [[4, "x"]]]}, "[token, logprob] pairs"),
+    ({"prompt_logprobs": [-1.0, -2.0]}, "[null, logprob, ...]"),
+    ({"prompt_logprobs": [None]}, "prompt_logprobs has 1 entries for 2 prompt tokens"),
+    ({"weight_version": True}, "weight_version must be an int or a string"),
+])
+def test_results_line_logprob_problems(change: dict, expected: str) -> None:
+    line = {"id": "a", "prompt_token_ids": [1, 2], "output_token_ids": [3, 4], "finish_reason": "length",
+            "output_logprobs": [-0.5, -1.5], "output_top_logprobs": [[[3, -0.5]], [[4, -1.5]]],
+            "prompt_logprobs": [None, -2.0], "weight_version": "step-3"}
+    assert validate_results_line(line) == []
+    problems = validate_results_line({**line, **change})
+    assert any(expected in p for p in problems), problems

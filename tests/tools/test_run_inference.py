@@ -121,3 +121,19 @@ def test_two_torchrun_ranks_merge_outputs(tmp_path):
     single_routing, _ = load_routing(single)
     for key, value in single_routing.items():
         np.testing.assert_array_equal(value, routings[key])
+
+
+def test_logprobs_and_weight_version_reach_results_and_routing_meta(tmp_path):
+    proc = _run(["--record-routing", "--temperature", "0.8", "--top-k", "40", "--logprobs", "2", "--prompt-logprobs",
+                 "--num-requests", "3", "--output-len", "5", "--output-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    from routing_replay.run_dir_schema import validate_run_dir
+    assert validate_run_dir(tmp_path) == []
+    for r in _results(tmp_path):
+        n = len(r["output_token_ids"])
+        assert len(r["output_logprobs"]) == n and all(v <= 0 for v in r["output_logprobs"])
+        assert len(r["output_top_logprobs"]) == n and all(len(step) == 2 for step in r["output_top_logprobs"])
+        assert len(r["prompt_logprobs"]) == len(r["prompt_token_ids"]) and r["prompt_logprobs"][0] is None
+        assert r["weight_version"] == 0
+    meta = orjson.loads((tmp_path / "routing_meta.json").read_bytes())
+    assert meta["weight_version"] == 0
