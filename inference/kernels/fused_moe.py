@@ -6,14 +6,16 @@ H, I]``; returns ``[T, H]`` in ``x.dtype``. bf16 / fp16 / fp32 with fp32 accumul
 (``input_precision="ieee"``: fp32 runs exact-fp32 dots, not TF32; 16-bit inputs use the
 tensor cores either way).
 
-Pipeline (5 launches in all, no host sync, sizes from shapes only, so graph-capturable):
+Pipeline (six launches, no host sync, sizes from shapes only, so graph-capturable); each
+stage is a public function so the tuner can time the GEMMs separately:
 
-1. ``moe_align_block_size``: pairs sorted by expert into ``block_m``-aligned segments.
-2. gate/up GEMM: each program takes ``block_m`` sorted pairs of one expert and a
+1. ``align_pairs`` (``moe_align_block_size``, three launches): pairs sorted by expert
+   into ``block_m``-aligned segments.
+2. ``gate_up_swiglu``: each program takes ``block_m`` sorted pairs of one expert and a
    ``block_n`` slice of the intermediate dimension, accumulates the gate and the up tile
    side by side, and stores ``silu(gate) * up`` (the SwiGLU epilogue) at the pairs'
    sorted positions, so the down GEMM reads contiguous rows.
-3. down GEMM: the same blocks against ``w2``; the epilogue multiplies by the pair's
+3. ``down_weighted``: the same blocks against ``w2``; the epilogue multiplies by the pair's
    routing weight (fp32) and stores the row at the pair's own index ``t * k + j``.
 4. top-k reduction in one pass: ``[T, k, H] -> [T, H]`` summed in fp32. Every pair row is
    written exactly once, so nothing is zeroed and no atomics make results order-dependent.
@@ -22,10 +24,11 @@ Pipeline (5 launches in all, no host sync, sizes from shapes only, so graph-capt
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
-from inference.kernels.fused_moe_configs import FusedMoEConfig, select_config
+from inference.kernels.fused_moe_configs import FusedMoEConfig, GemmTiles, select_config
 from inference.kernels.moe_align import moe_align_block_size
 
 try:
@@ -62,37 +65,73 @@ def fused_moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: tor
     """
     _check_inputs(x, topk_ids, topk_weights, w13, w2)
     num_tokens, hidden = x.shape
-    num_experts, intermediate = w13.shape[0], w2.shape[2]
     topk = topk_ids.shape[1]
     if num_tokens == 0:
         return torch.empty_like(x)
     if config is None:
-        config = select_config(num_tokens, topk, num_experts, hidden, intermediate, x.dtype, x.device)
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    weights = topk_weights.reshape(-1)
-    sorted_ids, block_expert, num_padded = moe_align_block_size(topk_ids, num_experts, config.block_m)
-    num_blocks = block_expert.shape[0]
-    h = torch.empty(sorted_ids.shape[0], intermediate, dtype=x.dtype, device=x.device)
-    y = torch.empty(num_tokens * topk, hidden, dtype=x.dtype, device=x.device)
-    # The interpreter multiplies bf16 tiles as raw bits; it checks everything else when fed fp32.
-    upcast = _interpreting() and x.dtype == torch.bfloat16
-    g = config.gate_up
-    _gate_up_swiglu_kernel[(num_blocks * triton.cdiv(intermediate, g.block_n),)](
-        x, w13, h, sorted_ids, block_expert, num_padded, num_tokens * topk, num_blocks, hidden, intermediate,
-        x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
-        TOPK=topk, BLOCK_M=config.block_m, BLOCK_N=g.block_n, BLOCK_K=g.block_k, GROUP_M=g.group_m,
-        UPCAST=upcast, num_warps=g.num_warps, num_stages=g.num_stages)
-    d = config.down
-    _down_weighted_kernel[(num_blocks * triton.cdiv(hidden, d.block_n),)](
-        h, w2, y, weights, sorted_ids, block_expert, num_padded, num_tokens * topk, num_blocks, hidden, intermediate,
-        h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        BLOCK_M=config.block_m, BLOCK_N=d.block_n, BLOCK_K=d.block_k, GROUP_M=d.group_m,
-        UPCAST=upcast, num_warps=d.num_warps, num_stages=d.num_stages)
+        config = select_config(num_tokens, topk, w13.shape[0], hidden, w2.shape[2], x.dtype, x.device)
+    layout = align_pairs(topk_ids, w13.shape[0], config.block_m)
+    h = gate_up_swiglu(x, w13, layout, config.gate_up)
+    y = down_weighted(h, w2, topk_weights, layout, config.down)
     if topk == 1:
         return y
     # torch sums bf16 / fp16 in fp32 and rounds once.
     return y.view(num_tokens, topk, hidden).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class PairLayout:
+    """(token, k) pairs sorted by expert in ``block_m``-aligned blocks (``moe_align.py``);
+    both GEMMs read it, so they share ``block_m``."""
+
+    sorted_ids: torch.Tensor
+    block_expert: torch.Tensor
+    num_padded: torch.Tensor
+    block_m: int
+    topk: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_expert.shape[0]
+
+
+def align_pairs(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> PairLayout:
+    sorted_ids, block_expert, num_padded = moe_align_block_size(topk_ids, num_experts, block_m)
+    return PairLayout(sorted_ids, block_expert, num_padded, block_m, topk_ids.shape[1])
+
+
+def gate_up_swiglu(x: torch.Tensor, w13: torch.Tensor, layout: PairLayout, tiles: GemmTiles) -> torch.Tensor:
+    """``silu(x @ gate.T) * (x @ up.T)`` per pair, ``[len(sorted_ids), I]`` at sorted
+    positions (rows of padding slots are zero; rows past ``num_padded`` are not written)."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    hidden, intermediate = x.shape[1], w13.shape[1] // 2
+    h = torch.empty(layout.sorted_ids.shape[0], intermediate, dtype=x.dtype, device=x.device)
+    _gate_up_swiglu_kernel[(layout.num_blocks * triton.cdiv(intermediate, tiles.block_n),)](
+        x, w13, h, layout.sorted_ids, layout.block_expert, layout.num_padded, x.shape[0] * layout.topk,
+        layout.num_blocks, hidden, intermediate, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        TOPK=layout.topk, BLOCK_M=layout.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        GROUP_M=tiles.group_m, UPCAST=_upcast(x.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return h
+
+
+def down_weighted(h: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, layout: PairLayout,
+                  tiles: GemmTiles) -> torch.Tensor:
+    """``weight * (h @ w2[e].T)`` per pair, ``[T * k, H]`` at pair index ``t * k + j``."""
+    hidden, intermediate = w2.shape[1], w2.shape[2]
+    weights = topk_weights.reshape(-1)
+    y = torch.empty(weights.shape[0], hidden, dtype=h.dtype, device=h.device)
+    _down_weighted_kernel[(layout.num_blocks * triton.cdiv(hidden, tiles.block_n),)](
+        h, w2, y, weights, layout.sorted_ids, layout.block_expert, layout.num_padded, weights.shape[0],
+        layout.num_blocks, hidden, intermediate, h.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        BLOCK_M=layout.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, GROUP_M=tiles.group_m,
+        UPCAST=_upcast(h.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    return y
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    # The interpreter multiplies bf16 tiles as raw bits; it checks everything else when fed fp32.
+    return _interpreting() and dtype == torch.bfloat16
 
 
 def _check_inputs(x, topk_ids, topk_weights, w13, w2) -> None:
