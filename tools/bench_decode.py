@@ -21,6 +21,7 @@ prefill on 3 steps of 8192 tokens, grouped_mm comparison at 64 and 256, no HF. W
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -49,8 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     ints = lambda s: [int(x) for x in csv(s)]  # noqa: E731
-    p.add_argument("--models", type=csv, default=list(MODELS))
-    p.add_argument("--batches", type=ints, default=[1, 16, 64, 256])
+    p.add_argument("--models", "--model", type=csv, default=list(MODELS))
+    p.add_argument("--batches", "--batch", type=ints, default=[1, 16, 64, 256])
     p.add_argument("--profile-batches", type=ints, default=None, help="component breakdown at these (default: all)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
@@ -66,8 +67,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hf-output-len", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="the subset described above")
     p.add_argument("--time-budget", type=float, default=None, help="seconds; later stages are skipped past it")
-    p.add_argument("--output-dir", type=Path, default=None)
+    p.add_argument("--output-dir", type=Path, default=None, help="decode_<model>_<gpu>.json per model here")
+    p.add_argument("--output", type=Path, default=None, help="one model: its report to this file instead")
     args = p.parse_args(argv)
+    if args.output is not None and len(args.models) != 1:
+        raise SystemExit("--output takes one model; use --output-dir for several")
     if args.quick:
         args.batches, args.output_len, args.profile_batches = [1, 64, 256], 32, [64, 256]
         args.prefill_requests, args.hf = 12, False
@@ -225,11 +229,13 @@ def hf_generate(config, args, workdir: Path) -> dict:
 
 
 def write_report(report: dict, args) -> None:
-    if args.output_dir is None:
+    if args.output is not None:
+        path = args.output
+    elif args.output_dir is not None:
+        path = args.output_dir / f"decode_{report['model'].replace('-', '_')}_{dp.gpu_slug(report['device'])}.json"
+    else:
         return
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    slug = report["model"].replace("-", "_")
-    path = args.output_dir / f"decode_{slug}_{dp.gpu_slug(report['device'])}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
 
 
@@ -282,7 +288,8 @@ def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
 
 
 def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    width = "".join(itertools.takewhile(str.isdigit, spec))
+    return "-".rjust(int(width or 0)) if value is None else format(value, spec)
 
 
 def format_tables(r: dict) -> str:

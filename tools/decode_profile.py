@@ -215,7 +215,9 @@ def profile_decode_step(runner, size: int, rows: int, reps: int = 3) -> dict:
         torch.cuda.synchronize()
         with labelled_components(runner.model, getattr(runner, "recorder", None)) as wrapped:
             eager_ms = statistics.median(cuda_ms(lambda: runner._forward(size), reps=reps, warmup=1))
-            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
             with torch.profiler.profile(activities=activities) as prof:
                 for _ in range(reps):
                     runner._forward(size)

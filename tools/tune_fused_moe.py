@@ -76,12 +76,12 @@ def precompile(job: tuple) -> list[tuple[int, dict, str, str | None]]:
     """Worker: launch every (block_m, tiles) of ``job`` once on a small problem with the
     real H and I, so Triton's disk cache holds the kernels; returns launch errors."""
     hidden, inter, topk, items = job
-    torch.cuda.set_device(0)
-    x = torch.randn(64, hidden, device="cuda", dtype=torch.bfloat16)
-    ids = torch.randint(0, 8, (64, topk), device="cuda")
-    weights = torch.rand(64, topk, device="cuda")
-    w13 = torch.randn(8, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16)
-    w2 = torch.randn(8, hidden, inter, device="cuda", dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"   # cpu: the interpreter (tests)
+    x = torch.randn(64, hidden, device=device, dtype=torch.bfloat16)
+    ids = torch.randint(0, 8, (64, topk), device=device)
+    weights = torch.rand(64, topk, device=device)
+    w13 = torch.randn(8, 2 * inter, hidden, device=device, dtype=torch.bfloat16)
+    w2 = torch.randn(8, hidden, inter, device=device, dtype=torch.bfloat16)
     errors = []
     for block_m, tiles_dict in items:
         tiles = cfgs.GemmTiles(**tiles_dict)
@@ -93,8 +93,9 @@ def precompile(job: tuple) -> list[tuple[int, dict, str, str | None]]:
                     h = fm.gate_up_swiglu(x, w13, layout, tiles)
                 else:
                     fm.down_weighted(h if h is not None else torch.zeros(layout.sorted_ids.shape[0], inter,
-                                     device="cuda", dtype=torch.bfloat16), w2, weights, layout, tiles)
-                torch.cuda.synchronize()
+                                     device=device, dtype=torch.bfloat16), w2, weights, layout, tiles)
+                if device == "cuda":
+                    torch.cuda.synchronize()
                 errors.append((block_m, tiles_dict, kernel, None))
             except Exception as exc:  # noqa: BLE001  (out of resources etc.: that candidate is dropped)
                 errors.append((block_m, tiles_dict, kernel, f"{type(exc).__name__}: {str(exc)[:120]}"))
@@ -148,6 +149,13 @@ def graph_ms(fn, num_tokens: int) -> float:
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-6)
+
+
+def make_weights(shape: tuple, device: str = "cuda") -> tuple[torch.Tensor, torch.Tensor]:
+    num_experts, _, hidden, inter = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    return ((torch.randn(num_experts, 2 * inter, hidden, device=device, generator=gen) * hidden ** -0.5).bfloat16(),
+            (torch.randn(num_experts, hidden, inter, device=device, generator=gen) * inter ** -0.5).bfloat16())
 
 
 def make_problem(shape: tuple, num_tokens: int, weights: tuple):
@@ -290,12 +298,7 @@ def main(argv=None) -> int:
     smem = cfgs.shared_memory_bytes(torch.cuda.current_device())
     failed = precompile_all(SHAPES[names[0]], smem, args.jobs)
     print(f"precompiled in {time.perf_counter() - start:.0f} s ({len(failed)} tile/kernel pairs cannot launch)", flush=True)
-    weights = {}
-    for name in names:
-        e, _, h, i = SHAPES[name]
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        weights[name] = ((torch.randn(e, 2 * i, h, device="cuda", generator=gen) * h ** -0.5).bfloat16(),
-                         (torch.randn(e, h, i, device="cuda", generator=gen) * i ** -0.5).bfloat16())
+    weights = {name: make_weights(SHAPES[name]) for name in names}
     rows, skipped = [], []
     for t in tokens:
         for name in names:
