@@ -116,7 +116,10 @@ def serve(engine: LLMEngine, prompts: list[list[int]], max_new_tokens: int, on_f
     torch.cuda.synchronize()
     start = time.perf_counter()
     while engine.has_unfinished():
+        logged = len(engine.step_log.entries)
         results += engine.step()
+        if len(engine.step_log.entries) == logged:   # nothing scheduled: the step only polled routing
+            continue
         e = engine.step_log.entries[-1]
         if step_kind(e) == "decode" and e["decode_requests"] == len(prompts):
             full_steps += 1

@@ -5,10 +5,10 @@
 
 Stages, each a subprocess with its own wall-clock limit (about 8 minutes at most in all):
 
-1. tests (110 s): pytest on CUDA for the fused MoE, alignment, config and dispatcher tests,
+1. tests (130 s): pytest on CUDA for the fused MoE, alignment, config and dispatcher tests,
    the existing grouped-MoE tests and the GPU engine test (exact tokens and routing vs the
    fp32 reference, now through the fused kernel).
-2. tune (180 s): ``tools/tune_fused_moe.py --time-budget 150``; the config files it writes
+2. tune (170 s): ``tools/tune_fused_moe.py --time-budget 140``; the config files it writes
    into inference/kernels/configs/fused_moe/ are copied to $OUT/configs/ (commit them).
 3. bench (180 s): ``tools/bench_decode.py --quick --time-budget 140``, which uses those
    configs; JSON per model in $OUT/bench/.
@@ -110,9 +110,9 @@ def main() -> int:
     py = sys.executable
     slug = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", gpu_name())
     tune_report = out / f"fused_moe_{slug.group(1).lower() if slug else 'gpu'}.json"
-    stages = [run_stage("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES], 110, out)]
-    stages.append(run_stage("tune", [py, "tools/tune_fused_moe.py", "--time-budget", "150",
-                                     "--report", str(tune_report)], 180, out))
+    stages = [run_stage("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES], 130, out)]
+    stages.append(run_stage("tune", [py, "tools/tune_fused_moe.py", "--time-budget", "140",
+                                     "--report", str(tune_report)], 170, out))
     (out / "configs").mkdir(exist_ok=True)
     for path in CONFIG_DIR.glob("*.json"):
         shutil.copy(path, out / "configs" / path.name)
