@@ -36,6 +36,7 @@ import torch
 
 from inference.config import MOE_BACKENDS, EngineConfig
 from inference.engine import LLMEngine
+from inference.kernels import choose_moe_backend
 from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import SamplingParams
 from inference.workload import synthetic_prompts
@@ -159,6 +160,14 @@ def profile_hook(engine: LLMEngine, config, batch: int, context: int, elem: int,
     return run
 
 
+def moe_path(model, num_tokens: int, engine: LLMEngine) -> str:
+    """The routed-expert path the engine's MoE layers take at ``num_tokens`` rows."""
+    mlp = next(layer.mlp for layer in model.layers if layer.moe_index is not None)
+    x = torch.empty(num_tokens, mlp.w13.shape[2], dtype=mlp.w13.dtype, device=mlp.w13.device)
+    ids = torch.empty(num_tokens, model.config.topk, dtype=torch.int64, device=x.device)
+    return choose_moe_backend(x, ids, mlp.w13, mlp.w2, engine.config.moe_backend)
+
+
 def decode_batches(engine, model, config, args, batches, bandwidth, profile: bool) -> dict:
     elem = torch.empty((), dtype=torch_dtype(args.dtype)).element_size()
     context = args.prompt_len + args.output_len // 2
@@ -169,7 +178,7 @@ def decode_batches(engine, model, config, args, batches, bandwidth, profile: boo
         floor_ms = dp.bytes_per_decode_step(config, model, batch, context, elem)["total"] / bandwidth * 1e3
         hook = profile_hook(engine, config, batch, context, elem, bandwidth) if profile and batch in args.profile_batches else None
         run = serve(engine, prompts, args.output_len, hook)
-        out[str(batch)] = {**decode_stats(run, batch, floor_ms),
+        out[str(batch)] = {**decode_stats(run, batch, floor_ms), "moe_path": moe_path(model, batch, engine),
                            "bytes_per_step": dp.bytes_per_decode_step(config, model, batch, context, elem)}
         if run["hook"] is not None:
             out[str(batch)]["breakdown"] = run["hook"]
@@ -299,12 +308,13 @@ def format_tables(r: dict) -> str:
     lines = [f"\n{r['model']} on {r['device']} ({r['dtype']}, moe {r['moe_backend']}): copy {r['copy_bandwidth_gb_s']:,.0f}"
              f" GB/s, bf16 matmul {r['matmul_tflops']:.0f} TFLOP/s, context {r['prompt_len']}+{r['output_len']}",
              f"{'batch':>6} {'step ms':>9} {'graph ms':>9} {'floor ms':>9} {'x floor':>8} {'GPU x floor':>11} "
-             f"{'tok/s':>10}" + "".join(f" {'x floor ' + b:>18}" for b in r.get("compare", {}))]
+             f"{'tok/s':>10} {'moe path':>12}" + "".join(f" {'x floor ' + b:>18}" for b in r.get("compare", {}))]
     for batch, b in r["batches"].items():
         cmp = [c.get("ratio_to_floor", {}).get(batch) for c in r.get("compare", {}).values()]
         lines.append(f"{batch:>6} {fmt(b.get('step_ms'), '9.2f')} {fmt(b.get('gpu_forward_ms'), '9.2f')} "
                      f"{fmt(b.get('floor_ms'), '9.2f')} {fmt(b.get('ratio_to_floor'), '8.2f')} "
-                     f"{fmt(b.get('gpu_ratio_to_floor'), '11.2f')} {fmt(b.get('decode_tokens_per_s'), '10,.0f')}"
+                     f"{fmt(b.get('gpu_ratio_to_floor'), '11.2f')} {fmt(b.get('decode_tokens_per_s'), '10,.0f')} "
+                     f"{b.get('moe_path', '-'):>12}"
                      + "".join(f" {fmt(c, '18.2f')}" for c in cmp))
     for batch, b in r["batches"].items():
         bd = b.get("breakdown")
