@@ -5,12 +5,12 @@
 
 Stages, each a subprocess with its own wall-clock limit (about 8 minutes at most in all):
 
-1. tests (130 s): pytest on CUDA for the fused MoE, alignment, config and dispatcher tests,
+1. tests (150 s): pytest on CUDA for the fused MoE, alignment, config and dispatcher tests,
    the existing grouped-MoE tests and the GPU engine test (exact tokens and routing vs the
    fp32 reference, now through the fused kernel).
-2. tune (170 s): ``tools/tune_fused_moe.py --time-budget 140``; the config files it writes
+2. tune (160 s): ``tools/tune_fused_moe.py --time-budget 130``; the config files it writes
    into inference/kernels/configs/fused_moe/ are copied to $OUT/configs/ (commit them).
-3. bench (180 s): ``tools/bench_decode.py --quick --time-budget 140``, which uses those
+3. bench (170 s): ``tools/bench_decode.py --quick --time-budget 130``, which uses those
    configs; JSON per model in $OUT/bench/.
 
 Logs are $OUT/<stage>.log; a short summary table is printed last.
@@ -110,14 +110,14 @@ def main() -> int:
     py = sys.executable
     slug = re.search(r"\b([A-Z]{1,2}\d{2,4}[A-Z]?)\b", gpu_name())
     tune_report = out / f"fused_moe_{slug.group(1).lower() if slug else 'gpu'}.json"
-    stages = [run_stage("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES], 130, out)]
-    stages.append(run_stage("tune", [py, "tools/tune_fused_moe.py", "--time-budget", "140",
-                                     "--report", str(tune_report)], 170, out))
+    stages = [run_stage("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES], 150, out)]
+    stages.append(run_stage("tune", [py, "tools/tune_fused_moe.py", "--time-budget", "130",
+                                     "--report", str(tune_report)], 160, out))
     (out / "configs").mkdir(exist_ok=True)
     for path in CONFIG_DIR.glob("*.json"):
         shutil.copy(path, out / "configs" / path.name)
-    stages.append(run_stage("bench", [py, "tools/bench_decode.py", "--quick", "--time-budget", "140",
-                                      "--output-dir", str(out / "bench")], 180, out))
+    stages.append(run_stage("bench", [py, "tools/bench_decode.py", "--quick", "--time-budget", "130",
+                                      "--output-dir", str(out / "bench")], 170, out))
     text = summary(stages, out, tune_report)
     (out / "summary.txt").write_text(text + "\n")
     print(text)
