@@ -232,6 +232,7 @@ def hf_generate(config, args, workdir: Path) -> dict:
     engine = make_engine(ours, argparse.Namespace(**{**vars(args), "output_len": n}), batch, args.moe_backend)
     serve(engine, prompts[:8], 2)   # warm-up
     run = serve(engine, prompts, n)
+    engine.close()
     by_prompt = sorted(run["results"], key=lambda r: prompts.index(r.prompt_token_ids))
     agree = statistics.fmean(sum(a == b for a, b in zip(x, r.output_token_ids)) / n for x, r in zip(hf_tokens, by_prompt))
     hf_tps, ours_tps = batch * n / hf_wall, run["generated"] / run["wall_s"]
@@ -269,6 +270,7 @@ def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
     else:
         report["prefill"] = measure_prefill(engine, model, config, args, yard["matmul"])
         write_report(report, args)
+    engine.close()
     del engine
     torch.cuda.empty_cache()
     report["compare"] = {}
@@ -281,6 +283,7 @@ def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
             rows = decode_batches(engine, model, config, args, args.compare_batches, yard["bandwidth"], profile=False)
             report["compare"][backend] = {"ratio_to_floor": {b: r.get("ratio_to_floor") for b, r in rows.items()},
                                           "batches": rows}
+            engine.close()
             del engine
         except (ValueError, RuntimeError) as exc:   # e.g. grouped_mm off sm90
             report["compare"][backend] = {"error": f"{type(exc).__name__}: {exc}"}

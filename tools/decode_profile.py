@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from inference.model.attention import Attention
+from inference.model.attention import GQAttention, MLAttention
 from inference.model.layers import RMSNorm, SwiGLUMLP
 from inference.model.moe import MoEMLP
 from inference.model.router import TopKRouter
@@ -140,11 +140,12 @@ def labelled_components(model, recorder=None) -> Iterator[int]:
     wrap(model, "forward", "embedding + residual adds")
     wrap(model, "compute_logits", "logits")
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, (GQAttention, MLAttention)):
             wrap(module, "forward", "attention kernel + KV write")
             wrap(module, "project", "norms and rotary")        # rotary, and reshapes
-            wrap(module.qkv_proj, "forward", "attention projections")
-            wrap(module.o_proj, "forward", "attention projections")
+            for sub in module.modules():
+                if isinstance(sub, torch.nn.Linear):
+                    wrap(sub, "forward", "attention projections")
         elif isinstance(module, RMSNorm):
             wrap(module, "forward", "norms and rotary")
         elif isinstance(module, TopKRouter):
