@@ -42,6 +42,7 @@ from inference.request import SamplingParams
 from inference.workload import synthetic_prompts
 from routing_replay import step_kind
 from tools import decode_profile as dp
+from tools.decode_profile import copy_bandwidth  # noqa: F401  (tools/bench_families.py imports it from here)
 
 MODELS = ("olmoe-1b-7b-shape", "qwen3-30b-a3b-shape")
 PREFILL_STEP_TOKENS = 8192
