@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# Mirrors inference.kernels.moe_grouped.MOE_BACKENDS (config stays free of kernel imports).
+MOE_BACKENDS = ("auto", "fused_triton", "grouped_mm", "torch")
 QK_NORMS = ("none", "per_head", "full")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 EXPERT_ACTIVATIONS = ("silu", "swiglu_oai")
@@ -261,6 +263,7 @@ class EngineConfig:
     padded_decode: bool = False      # decode steps through the static padded path without graphs (tests)
     async_scheduling: bool | None = None   # host runs one step ahead of the GPU; None: on for CUDA
     compute_logprobs: bool = True    # log-prob of every sampled token (off only to measure its cost)
+    moe_backend: str = "auto"        # routed experts on CUDA: inference.kernels.MOE_BACKENDS
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
@@ -273,6 +276,8 @@ class EngineConfig:
         _require(self.routing_recorder in ("gpu", "host-sync"),
                  f"routing_recorder must be 'gpu' or 'host-sync', got {self.routing_recorder!r}")
         _require(self.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        _require(self.moe_backend in MOE_BACKENDS,
+                 f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -65,8 +65,8 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, self.device)
         self._attention_fn = select_attention(self.device)
         if self.device.type == "cuda":
-            from inference.kernels import moe_experts_grouped
-            model.set_experts_fn(moe_experts_grouped)
+            from inference.kernels import moe_experts_fn
+            model.set_experts_fn(moe_experts_fn(config.moe_backend))
         self._state: DeviceState | None = DeviceState.build(model, config, self.max_model_len, self.sampler,
                                                             self._attention_fn)
         self.step_log = StepDetailsLog()

@@ -1,17 +1,27 @@
 #!/usr/bin/env python
-"""Decode speed against two yardsticks, on one GPU:
+"""Decode and prefill speed against hardware floors, on one GPU:
 
-1. the memory-bandwidth floor: bytes a decode step must read (weights it touches plus the
-   KV cache it attends over) divided by a measured device-to-device copy bandwidth;
-2. HF transformers ``generate`` on the same model shape and the same weights (loaded from
-   a checkpoint that transformers itself saved), at the same batch.
+1. decode step (CUDA graphs, recording on) per batch vs the memory-bandwidth floor (bytes
+   the step must read: weights it touches plus its KV, over the measured copy bandwidth);
+2. a component breakdown of the decode step (tools/decode_profile.py), each component
+   against its own bytes floor, plus the graph's launch gaps;
+3. prefill tokens/s on 8k-token steps vs the FLOP floor (2 x active parameters x tokens at
+   the measured bf16 matmul rate);
+4. optionally the same decode batches with another MoE backend (before/after), and HF
+   transformers ``generate`` at batch 64 on the same weights.
 
-    python tools/bench_decode.py --model olmoe-1b-7b-shape --batch 64 --output docs/bench/decode.json
+    python tools/bench_decode.py --output-dir docs/bench            # everything (long)
+    python tools/bench_decode.py --quick --output-dir OUT           # ~2-3 min on an H200
+
+``--quick``: both model shapes, batches 1/64/256, 32 new tokens, breakdown at 64 and 256,
+prefill on 3 steps of 8192 tokens, grouped_mm comparison at 64 and 256, no HF. Writes
+``decode_<model>_<gpu>.json`` per model after every stage (a run cut short keeps its results).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -24,95 +34,190 @@ if __package__ in (None, ""):
 import orjson
 import torch
 
-from inference.config import EngineConfig, ModelConfig
+from inference.config import MOE_BACKENDS, EngineConfig
 from inference.engine import LLMEngine
-from inference.presets import PRESETS, build_model, get_preset, torch_dtype
+from inference.kernels import choose_moe_backend
+from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import SamplingParams
 from inference.workload import synthetic_prompts
 from routing_replay import step_kind
+from tools import decode_profile as dp
+from tools.decode_profile import copy_bandwidth  # noqa: F401  (tools/bench_families.py imports it from here)
+
+MODELS = ("olmoe-1b-7b-shape", "qwen3-30b-a3b-shape")
+PREFILL_STEP_TOKENS = 8192
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="olmoe-1b-7b-shape", choices=list(PRESETS))
-    p.add_argument("--batch", type=int, default=64)
+    csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    ints = lambda s: [int(x) for x in csv(s)]  # noqa: E731
+    p.add_argument("--models", "--model", type=csv, default=list(MODELS))
+    p.add_argument("--batches", "--batch", type=ints, default=[1, 16, 64, 256])
+    p.add_argument("--profile-batches", type=ints, default=None, help="component breakdown at these (default: all)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--prefill-requests", type=int, default=16, help="prompts of --prefill-prompt-len, 4 per 8k step")
+    p.add_argument("--prefill-prompt-len", type=int, default=2048)
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS)
+    p.add_argument("--compare-backends", type=csv, default=["grouped_mm"], help="decode again with these")
+    p.add_argument("--compare-batches", type=ints, default=[64, 256])
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="compare with HF generate")
-    p.add_argument("--hf-output-len", type=int, default=32, help="HF generate is slow: fewer tokens")
-    p.add_argument("--output")
-    return p.parse_args(argv)
+    p.add_argument("--hf-models", type=csv, default=["olmoe-1b-7b-shape"], help="HF is slow: OLMoE only by default")
+    p.add_argument("--hf-batch", type=int, default=64)
+    p.add_argument("--hf-output-len", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="the subset described above")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds; later stages are skipped past it")
+    p.add_argument("--output-dir", type=Path, default=None, help="decode_<model>_<gpu>.json per model here")
+    p.add_argument("--output", type=Path, default=None, help="one model: its report to this file instead")
+    args = p.parse_args(argv)
+    if args.output is not None and len(args.models) != 1:
+        raise SystemExit("--output takes one model; use --output-dir for several")
+    if args.quick:
+        args.batches, args.output_len, args.profile_batches = [1, 64, 256], 32, [64, 256]
+        args.prefill_requests, args.hf = 12, False
+    if args.profile_batches is None:
+        args.profile_batches = list(args.batches)
+    for name in args.models:
+        get_preset(name)
+    for backend in args.compare_backends:
+        if backend not in MOE_BACKENDS:
+            raise SystemExit(f"--compare-backends: {backend!r} is not one of {MOE_BACKENDS}")
+    return args
 
 
-def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    del src, dst
-    return 2 * nbytes / statistics.median(times)
+class Budget:
+    """Wall-clock budget shared by the stages; a stage past it is recorded as skipped."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def exhausted(self) -> bool:
+        return self.seconds is not None and time.perf_counter() - self.start > self.seconds
 
 
-def bytes_per_decode_step(config: ModelConfig, model, batch: int, context: int, elem: int) -> dict:
-    """Weights a decode step of ``batch`` tokens touches, plus the KV it reads."""
-    expert_params = sum(p.numel() for n, p in model.named_parameters() if n.endswith((".w13", ".w2")))
-    embed = model.embed_tokens.weight.numel()
-    other = sum(p.numel() for p in model.parameters()) - expert_params - embed
-    touched_fraction = 1.0 - (1.0 - config.topk / config.num_experts) ** batch
-    weights = (other + expert_params * touched_fraction + batch * config.hidden_size) * elem
-    kv = batch * context * config.kv_bytes_per_token * elem
-    return {"weights": weights, "kv": kv, "total": weights + kv, "expert_touched_fraction": touched_fraction}
+def make_engine(model, args, max_batch: int, backend: str) -> LLMEngine:
+    per_request = -(-(args.prompt_len + args.output_len) // 16)
+    prefill = args.prefill_requests * -(-(args.prefill_prompt_len + 1) // 16)
+    cfg = EngineConfig(block_size=16, num_kv_blocks=max(max_batch * per_request, prefill) + 8,
+                       max_requests=max_batch, max_step_tokens=PREFILL_STEP_TOKENS, enable_prefix_caching=False,
+                       record_routing=True, cuda_graphs=True, cuda_graph_max_batch=max_batch, dtype=args.dtype,
+                       device="cuda", moe_backend=backend)
+    return LLMEngine(model, cfg)
 
 
-def engine_decode(model, args, prompts) -> dict:
-    blocks = args.batch * -(-(args.prompt_len + args.output_len) // 16) + 8
-    cfg = EngineConfig(block_size=16, num_kv_blocks=blocks, max_requests=args.batch, max_step_tokens=8192,
-                       enable_prefix_caching=False, record_routing=True, cuda_graphs=True,
-                       cuda_graph_max_batch=args.batch, dtype=args.dtype, device="cuda")
-    engine = LLMEngine(model, cfg)
-    params = SamplingParams(max_new_tokens=args.output_len, ignore_eos=True)
+def serve(engine: LLMEngine, prompts: list[list[int]], max_new_tokens: int, on_full_decode=None) -> dict:
+    """Serve ``prompts`` to completion; ``on_full_decode()`` runs once, after the third
+    decode step at the full batch (its time is excluded from the wall time)."""
+    first = len(engine.step_log.entries)
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    full_steps, hook_s, hook_result, results = 0, 0.0, None, []
     torch.cuda.synchronize()
     start = time.perf_counter()
-    results = engine.generate([p.prompt_token_ids for p in prompts], params)
-    wall = time.perf_counter() - start
-    full = [e for e in engine.step_log.entries if step_kind(e) == "decode" and e["decode_requests"] == len(prompts)]
+    while engine.has_unfinished():
+        logged = len(engine.step_log.entries)
+        results += engine.step()
+        if len(engine.step_log.entries) == logged:   # nothing scheduled: the step only polled routing
+            continue
+        e = engine.step_log.entries[-1]
+        if step_kind(e) == "decode" and e["decode_requests"] == len(prompts):
+            full_steps += 1
+            if on_full_decode is not None and full_steps == 3:
+                t = time.perf_counter()
+                hook_result = on_full_decode()
+                hook_s = time.perf_counter() - t
+    wall = time.perf_counter() - start - hook_s
+    entries = engine.step_log.entries[first:]
+    return {"entries": entries, "wall_s": wall, "hook": hook_result, "results": results,
+            "generated": sum(len(r.output_token_ids) for r in results)}
+
+
+def decode_stats(run: dict, batch: int, floor_ms: float) -> dict:
+    full = [e for e in run["entries"] if step_kind(e) == "decode" and e["decode_requests"] == batch]
+    if not full:
+        return {"error": "no decode step ran at the full batch"}
     step_ms = statistics.median(e["step_time_ms"] for e in full)
     gpu = [e["gpu_forward_ms"] for e in full if "gpu_forward_ms" in e]
-    out = {"wall_s": wall, "median_decode_step_ms_at_batch": step_ms,
-           "median_gpu_forward_ms_at_batch": statistics.median(gpu) if gpu else None,
-           "decode_tokens_per_s_at_batch": len(prompts) / (step_ms / 1e3),
-           "generated_tokens_per_s_wall": sum(len(r.output_token_ids) for r in results) / wall,
-           "tokens": [r.output_token_ids for r in results]}
-    del engine
-    torch.cuda.empty_cache()
+    gpu_ms = statistics.median(gpu) if gpu else None
+    return {"decode_steps": len(full), "step_ms": step_ms, "gpu_forward_ms": gpu_ms, "floor_ms": floor_ms,
+            "ratio_to_floor": step_ms / floor_ms, "gpu_ratio_to_floor": gpu_ms / floor_ms if gpu_ms else None,
+            "decode_tokens_per_s": batch / (step_ms / 1e3),
+            "generated_tokens_per_s_wall": run["generated"] / run["wall_s"]}
+
+
+def profile_hook(engine: LLMEngine, config, batch: int, context: int, elem: int, bandwidth: float):
+    def run() -> dict:
+        try:
+            runner = engine.graph_runner
+            size = runner.padded_size(batch)
+            prof = dp.profile_decode_step(runner, size, batch)
+            floors = dp.component_floor_bytes(config, batch, context, elem)
+            return {**prof, "padded_size": size, "rows": dp.breakdown_rows(prof, floors, bandwidth)}
+        except Exception as exc:  # noqa: BLE001  (a profiling failure must not lose the timings)
+            return {"error": f"{type(exc).__name__}: {exc}"}
+    return run
+
+
+def moe_path(model, num_tokens: int, engine: LLMEngine) -> str:
+    """The routed-expert path the engine's MoE layers take at ``num_tokens`` rows."""
+    mlp = next(layer.mlp for layer in model.layers if layer.moe_index is not None)
+    x = torch.empty(num_tokens, mlp.w13.shape[2], dtype=mlp.w13.dtype, device=mlp.w13.device)
+    ids = torch.empty(num_tokens, model.config.topk, dtype=torch.int64, device=x.device)
+    return choose_moe_backend(x, ids, mlp.w13, mlp.w2, engine.config.moe_backend)
+
+
+def decode_batches(engine, model, config, args, batches, bandwidth, profile: bool) -> dict:
+    elem = torch.empty((), dtype=torch_dtype(args.dtype)).element_size()
+    context = args.prompt_len + args.output_len // 2
+    out = {}
+    for batch in batches:
+        prompts = [p.prompt_token_ids for p in synthetic_prompts(
+            num_requests=batch, prompt_len=args.prompt_len, vocab_size=config.vocab_size, seed=batch)]
+        floor_ms = dp.bytes_per_decode_step(config, model, batch, context, elem)["total"] / bandwidth * 1e3
+        hook = profile_hook(engine, config, batch, context, elem, bandwidth) if profile and batch in args.profile_batches else None
+        run = serve(engine, prompts, args.output_len, hook)
+        out[str(batch)] = {**decode_stats(run, batch, floor_ms), "moe_path": moe_path(model, batch, engine),
+                           "bytes_per_step": dp.bytes_per_decode_step(config, model, batch, context, elem)}
+        if run["hook"] is not None:
+            out[str(batch)]["breakdown"] = run["hook"]
     return out
 
 
-def hf_generate(config: ModelConfig, args, prompts, workdir: Path) -> dict:
+def measure_prefill(engine, model, config, args, matmul_flops: float) -> dict:
+    prompts = [p.prompt_token_ids for p in synthetic_prompts(
+        num_requests=args.prefill_requests, prompt_len=args.prefill_prompt_len, vocab_size=config.vocab_size, seed=7)]
+    run = serve(engine, prompts, 1)
+    steps = [e for e in run["entries"] if step_kind(e) == "prefill" and e["prefill_tokens"] == PREFILL_STEP_TOKENS]
+    steps = steps[1:] if len(steps) > 1 else steps   # the first may still compile kernels
+    if not steps:
+        return {"error": f"no prefill step of exactly {PREFILL_STEP_TOKENS} tokens ran"}
+    step_ms = statistics.median(e["step_time_ms"] for e in steps)
+    active = dp.active_params(config, model)
+    floor_ms = 2 * active * PREFILL_STEP_TOKENS / matmul_flops * 1e3
+    return {"steps": len(steps), "step_tokens": PREFILL_STEP_TOKENS, "prompt_len": args.prefill_prompt_len,
+            "step_ms": step_ms, "tokens_per_s": PREFILL_STEP_TOKENS / (step_ms / 1e3), "active_params": active,
+            "flop_floor_ms": floor_ms, "floor_tokens_per_s": PREFILL_STEP_TOKENS / (floor_ms / 1e3),
+            "fraction_of_matmul_rate": floor_ms / step_ms}
+
+
+def hf_generate(config, args, workdir: Path) -> dict:
     """Save HF weights with transformers, load them into our engine's model, and time HF
-    generate on the same checkpoint."""
+    generate on the same checkpoint, at ``--hf-batch``."""
     import transformers
 
     from inference.hf_loader import load_hf_model
     from tools.hf_shapes import hf_config_for
-    hf_config = hf_config_for(config)
+    batch, n = args.hf_batch, args.hf_output_len
     with torch.device("cuda"):
-        hf_model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch_dtype(args.dtype))
+        hf_model = transformers.AutoModelForCausalLM.from_config(hf_config_for(config), dtype=torch_dtype(args.dtype))
     hf_model.eval()
     hf_model.save_pretrained(workdir / "hf")
-    ours = load_hf_model(workdir / "hf", device="cuda", dtype=torch_dtype(args.dtype))
-    ids = torch.tensor([p.prompt_token_ids for p in prompts], device="cuda")
-    n = args.hf_output_len
+    prompts = [p.prompt_token_ids for p in synthetic_prompts(
+        num_requests=batch, prompt_len=args.prompt_len, vocab_size=config.vocab_size, seed=3)]
+    ids = torch.tensor(prompts, device="cuda")
     with torch.no_grad():
         hf_model.generate(ids[:, :16], max_new_tokens=2, min_new_tokens=2, do_sample=False)
         torch.cuda.synchronize()
@@ -124,13 +229,125 @@ def hf_generate(config: ModelConfig, args, prompts, workdir: Path) -> dict:
     hf_tokens = out[:, ids.shape[1]:].tolist()
     del hf_model
     torch.cuda.empty_cache()
-    sub = argparse.Namespace(**{**vars(args), "output_len": n})
-    ours_run = engine_decode(ours, sub, prompts)
-    agree = statistics.fmean(sum(a == b for a, b in zip(x, y)) / n for x, y in zip(hf_tokens, ours_run["tokens"]))
-    return {"hf_wall_s": hf_wall, "hf_generated_tokens_per_s": args.batch * n / hf_wall,
-            "engine_wall_s": ours_run["wall_s"], "engine_generated_tokens_per_s": ours_run["generated_tokens_per_s_wall"],
-            "speedup_vs_hf": ours_run["generated_tokens_per_s_wall"] / (args.batch * n / hf_wall),
-            "greedy_token_agreement": agree, "output_len": n, "transformers": transformers.__version__}
+    ours = load_hf_model(workdir / "hf", device="cuda", dtype=torch_dtype(args.dtype))
+    engine = make_engine(ours, argparse.Namespace(**{**vars(args), "output_len": n}), batch, args.moe_backend)
+    serve(engine, prompts[:8], 2)   # warm-up
+    run = serve(engine, prompts, n)
+    engine.close()
+    by_prompt = sorted(run["results"], key=lambda r: prompts.index(r.prompt_token_ids))
+    agree = statistics.fmean(sum(a == b for a, b in zip(x, r.output_token_ids)) / n for x, r in zip(hf_tokens, by_prompt))
+    hf_tps, ours_tps = batch * n / hf_wall, run["generated"] / run["wall_s"]
+    return {"batch": batch, "output_len": n, "hf_generated_tokens_per_s": hf_tps,
+            "engine_generated_tokens_per_s": ours_tps, "speedup_vs_hf": ours_tps / hf_tps,
+            "greedy_token_agreement": agree, "transformers": transformers.__version__}
+
+
+def write_report(report: dict, args) -> None:
+    if args.output is not None:
+        path = args.output
+    elif args.output_dir is not None:
+        path = args.output_dir / f"decode_{report['model'].replace('-', '_')}_{dp.gpu_slug(report['device'])}.json"
+    else:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+
+
+def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
+    config = get_preset(name)
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": name, "dtype": args.dtype,
+              "moe_backend": args.moe_backend, "prompt_len": args.prompt_len, "output_len": args.output_len,
+              "copy_bandwidth_gb_s": yard["bandwidth"] / 1e9, "matmul_tflops": yard["matmul"] / 1e12,
+              "date": time.strftime("%Y-%m-%d"), "skipped": []}
+    model = build_model(config, seed=0, dtype=torch_dtype(args.dtype), device="cuda")
+    engine = make_engine(model, args, max(args.batches), args.moe_backend)
+    serve(engine, [p.prompt_token_ids for p in synthetic_prompts(  # warm-up: compiles prefill + decode kernels
+        num_requests=8, prompt_len=args.prompt_len, vocab_size=config.vocab_size, seed=99)], 4)
+    report["batches"] = decode_batches(engine, model, config, args, args.batches, yard["bandwidth"], profile=True)
+    report["ratio_to_floor"] = {b: r.get("ratio_to_floor") for b, r in report["batches"].items()}
+    write_report(report, args)
+    if budget.exhausted():
+        report["skipped"].append("prefill")
+    else:
+        report["prefill"] = measure_prefill(engine, model, config, args, yard["matmul"])
+        write_report(report, args)
+    engine.close()
+    del engine
+    torch.cuda.empty_cache()
+    report["compare"] = {}
+    for backend in args.compare_backends:
+        if backend == args.moe_backend or budget.exhausted():
+            report["skipped"].append(f"compare {backend}")
+            continue
+        try:
+            engine = make_engine(model, args, max(args.compare_batches), backend)
+            rows = decode_batches(engine, model, config, args, args.compare_batches, yard["bandwidth"], profile=False)
+            report["compare"][backend] = {"ratio_to_floor": {b: r.get("ratio_to_floor") for b, r in rows.items()},
+                                          "batches": rows}
+            engine.close()
+            del engine
+        except (ValueError, RuntimeError) as exc:   # e.g. grouped_mm off sm90
+            report["compare"][backend] = {"error": f"{type(exc).__name__}: {exc}"}
+        torch.cuda.empty_cache()
+        write_report(report, args)
+    del model
+    torch.cuda.empty_cache()
+    if args.hf and name in args.hf_models and not budget.exhausted():
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                report["hf"] = hf_generate(config, args, Path(tmp))
+        except Exception as exc:  # noqa: BLE001  (report it; the measurements above still stand)
+            report["hf"] = {"error": f"{type(exc).__name__}: {exc}"}
+        torch.cuda.empty_cache()
+    write_report(report, args)
+    return report
+
+
+def fmt(value, spec: str) -> str:
+    width = "".join(itertools.takewhile(str.isdigit, spec))
+    return "-".rjust(int(width or 0)) if value is None else format(value, spec)
+
+
+def format_tables(r: dict) -> str:
+    lines = [f"\n{r['model']} on {r['device']} ({r['dtype']}, moe {r['moe_backend']}): copy {r['copy_bandwidth_gb_s']:,.0f}"
+             f" GB/s, bf16 matmul {r['matmul_tflops']:.0f} TFLOP/s, context {r['prompt_len']}+{r['output_len']}",
+             f"{'batch':>6} {'step ms':>9} {'graph ms':>9} {'floor ms':>9} {'x floor':>8} {'GPU x floor':>11} "
+             f"{'tok/s':>10} {'moe path':>12}" + "".join(f" {'x floor ' + b:>18}" for b in r.get("compare", {}))]
+    for batch, b in r["batches"].items():
+        cmp = [c.get("ratio_to_floor", {}).get(batch) for c in r.get("compare", {}).values()]
+        lines.append(f"{batch:>6} {fmt(b.get('step_ms'), '9.2f')} {fmt(b.get('gpu_forward_ms'), '9.2f')} "
+                     f"{fmt(b.get('floor_ms'), '9.2f')} {fmt(b.get('ratio_to_floor'), '8.2f')} "
+                     f"{fmt(b.get('gpu_ratio_to_floor'), '11.2f')} {fmt(b.get('decode_tokens_per_s'), '10,.0f')} "
+                     f"{b.get('moe_path', '-'):>12}"
+                     + "".join(f" {fmt(c, '18.2f')}" for c in cmp))
+    for batch, b in r["batches"].items():
+        bd = b.get("breakdown")
+        if not bd:
+            continue
+        if "error" in bd:
+            lines.append(f"breakdown at batch {batch} failed: {bd['error']}")
+            continue
+        lines.append(f"breakdown at batch {batch} (graph replay {bd['graph_replay_ms']:.2f} ms, eager "
+                     f"{bd['eager_ms']:.2f} ms, kernels {bd['kernel_ms']:.2f} ms)")
+        for row in bd["rows"]:
+            lines.append(f"  {row['component']:<30} {row['ms']:>8.3f} ms  floor {row['floor_ms']:>7.3f} ms  "
+                         f"x{fmt(row['ratio'], '.2f')}")
+    pf = r.get("prefill")
+    if pf and "error" not in pf:
+        lines.append(f"prefill: {pf['tokens_per_s']:,.0f} tok/s on {pf['step_tokens']}-token steps; FLOP floor "
+                     f"{pf['floor_tokens_per_s']:,.0f} tok/s; {pf['fraction_of_matmul_rate']:.0%} of the matmul rate")
+    elif pf:
+        lines.append(f"prefill failed: {pf['error']}")
+    hf = r.get("hf")
+    if hf and "error" not in hf:
+        lines.append(f"HF generate batch {hf['batch']}: {hf['hf_generated_tokens_per_s']:,.0f} tok/s; engine "
+                     f"{hf['engine_generated_tokens_per_s']:,.0f} tok/s ({hf['speedup_vs_hf']:.1f}x), greedy "
+                     f"agreement {hf['greedy_token_agreement']:.3f}")
+    elif hf:
+        lines.append(f"HF comparison failed: {hf['error']}")
+    if r["skipped"]:
+        lines.append(f"skipped (time budget / not applicable): {', '.join(r['skipped'])}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -138,62 +355,19 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("error: bench_decode.py needs a CUDA GPU (exit status 2: nothing measured)", file=sys.stderr)
         return 2
-    config = get_preset(args.model)
-    dtype = torch_dtype(args.dtype)
-    elem = torch.empty((), dtype=dtype).element_size()
-    bandwidth = copy_bandwidth()
-    model = build_model(config, seed=0, dtype=dtype, device="cuda")
-    prompts = synthetic_prompts(num_requests=args.batch, prompt_len=args.prompt_len, vocab_size=config.vocab_size, seed=0)
-    engine_decode(model, argparse.Namespace(**{**vars(args), "output_len": 4}), prompts[:8] if args.batch >= 8 else prompts)
-    run = engine_decode(model, args, prompts)
-    mean_context = args.prompt_len + args.output_len / 2
-    need = bytes_per_decode_step(config, model, args.batch, int(mean_context), elem)
-    floor_ms = need["total"] / bandwidth * 1e3
-    report = {"device": torch.cuda.get_device_name(), "model": config.name, "dtype": args.dtype, "batch": args.batch,
-              "prompt_len": args.prompt_len, "output_len": args.output_len,
-              "copy_bandwidth_gb_s": bandwidth / 1e9, "bytes_per_step": need, "floor_step_ms": floor_ms,
-              "measured_step_ms": run["median_decode_step_ms_at_batch"],
-              "measured_gpu_forward_ms": run["median_gpu_forward_ms_at_batch"],
-              "ratio_to_floor": run["median_decode_step_ms_at_batch"] / floor_ms,
-              "decode_tokens_per_s": run["decode_tokens_per_s_at_batch"]}
-    del model
-    torch.cuda.empty_cache()
-    if args.hf:
-        with tempfile.TemporaryDirectory() as tmp:
-            report["hf"] = hf_generate_safe(config, args, prompts, Path(tmp))
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
-    print(format_table(report))
+    budget = Budget(args.time_budget)
+    yard = {"bandwidth": dp.copy_bandwidth(), "matmul": dp.matmul_rate()}
+    reports = []
+    for name in args.models:
+        if budget.exhausted():
+            print(f"skipped {name}: time budget spent", flush=True)
+            continue
+        reports.append(bench_model(name, args, yard, budget))
+        print(format_tables(reports[-1]), flush=True)
+    print("\n=== summary ===")
+    for r in reports:
+        print(format_tables(r))
     return 0
-
-
-def hf_generate_safe(config: ModelConfig, args, prompts, workdir: Path) -> dict:
-    try:
-        return hf_generate(config, args, prompts, workdir)
-    except Exception as exc:  # report it; the floor measurement above still stands
-        return {"error": f"{type(exc).__name__}: {exc}"}
-
-
-def format_table(r: dict) -> str:
-    lines = [f"device: {r['device']}  model: {r['model']} ({r['dtype']})  batch {r['batch']}, "
-             f"context {r['prompt_len']}+{r['output_len']}",
-             f"{'measure':<40} | {'value':>14}",
-             f"{'copy bandwidth (GB/s, read+write)':<40} | {r['copy_bandwidth_gb_s']:>14,.0f}",
-             f"{'bytes per decode step (GB)':<40} | {r['bytes_per_step']['total'] / 1e9:>14.2f}",
-             f"{'bandwidth floor step (ms)':<40} | {r['floor_step_ms']:>14.2f}",
-             f"{'measured decode step (ms, median)':<40} | {r['measured_step_ms']:>14.2f}",
-             f"{'GPU time of the decode graph (ms)':<40} | {r['measured_gpu_forward_ms'] or float('nan'):>14.2f}",
-             f"{'measured / floor':<40} | {r['ratio_to_floor']:>14.2f}"]
-    hf = r.get("hf")
-    if hf and "error" not in hf:
-        lines += [f"{'HF generate tok/s':<40} | {hf['hf_generated_tokens_per_s']:>14,.1f}",
-                  f"{'engine tok/s (same batch, wall)':<40} | {hf['engine_generated_tokens_per_s']:>14,.1f}",
-                  f"{'speedup vs HF':<40} | {hf['speedup_vs_hf']:>14.1f}",
-                  f"{'greedy token agreement with HF':<40} | {hf['greedy_token_agreement']:>14.3f}"]
-    elif hf:
-        lines.append(f"HF comparison failed: {hf['error']}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

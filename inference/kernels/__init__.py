@@ -1,17 +1,23 @@
 """Fast attention and MoE kernels, each with a plain-torch reference that runs anywhere.
 
 The un-suffixed entry points dispatch by device and dtype: Triton / ``torch._grouped_mm``
-on CUDA where they apply, the sync-free torch paths elsewhere. All of them are free of
+on CUDA where they apply, the sync-free torch paths elsewhere (``choose_moe_backend`` says
+which MoE path runs and why). All of them are free of
 host syncs and safe to capture in CUDA graphs (``prefill_attention`` is not meant to be
 captured, but does not sync either).
 """
 
+from inference.kernels.fused_moe import fused_moe_experts, fused_moe_supported
+from inference.kernels.moe_align import moe_align_block_size, moe_align_block_size_reference
 from inference.kernels.moe_grouped import (
+    MOE_BACKENDS,
+    choose_moe_backend,
     grouped_mm_supported,
     moe_experts_dense,
     moe_experts_gathered,
     moe_experts_grouped,
     moe_experts_grouped_mm,
+    moe_experts_fn,
     moe_experts_reference,
 )
 from inference.kernels.mla_decode_triton import (
@@ -32,14 +38,21 @@ from inference.kernels.prefill_attention import (
 )
 
 __all__ = [
+    "MOE_BACKENDS",
+    "choose_moe_backend",
+    "fused_moe_experts",
+    "fused_moe_supported",
     "grouped_mm_supported",
     "mla_decode_attention",
     "mla_decode_attention_reference",
     "mla_decode_attention_triton",
+    "moe_align_block_size",
+    "moe_align_block_size_reference",
     "moe_experts_dense",
     "moe_experts_gathered",
     "moe_experts_grouped",
     "moe_experts_grouped_mm",
+    "moe_experts_fn",
     "moe_experts_reference",
     "paged_decode_attention",
     "paged_decode_attention_reference",

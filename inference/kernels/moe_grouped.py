@@ -4,33 +4,87 @@ Weights: ``w13 [E, 2 * I, H]`` (gate rows, then up rows) and ``w2 [E, H, I]``. E
 maps ``x`` to ``(silu(x @ gate.T) * (x @ up.T)) @ w2[e].T``; the layer output of token
 ``t`` is ``sum_k topk_weights[t, k] * expert_{topk_ids[t, k]}(x_t)``.
 
-Paths, chosen from dtypes, shapes and device only (never from routing values):
+Paths, chosen from dtypes, shapes, device and tuned data files only (never from routing
+values), by ``choose_moe_backend``:
 
+- fused_triton: ``fused_moe.py``, Triton GEMMs over expert-aligned pair blocks with SwiGLU
+  and the routing weights fused (CUDA, bf16 / fp16 / fp32). The default on CUDA.
 - grouped: ``torch._grouped_mm`` over (token, k) pairs sorted by expert (CUDA bf16, sm90).
+  Chosen by "auto" instead of the fused kernel only where a tuned file for this shape and
+  device (``fused_moe_configs.py``) measured it faster at the nearest token count, or
+  when Triton is missing.
 - gathered: each pair's expert weights are gathered and applied with ``bmm``; it reads
   ``T * K`` weight matrices, so it is chosen when that is no more than all ``E`` of them.
 - dense: every expert runs on every token and the routing weight (zero for unrouted
   pairs) selects; ``E / K`` times the useful FLOPs, but memory stays ``O(T * I)``.
+
+gathered and dense ("torch") are the CPU paths and the CUDA fallback for other dtypes.
+``moe_experts_fn(backend)`` pins one path ("fused_triton", "grouped_mm", "torch") for the
+engine (``EngineConfig.moe_backend``) and benchmarks; a pinned path that does not apply
+raises instead of silently falling back.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
+from inference.kernels.fused_moe import fused_moe_experts, fused_moe_supported
+from inference.kernels.fused_moe_configs import device_name, tuned_entry
+
 # torch._grouped_mm needs 16-byte aligned row strides: 8 bf16 elements.
 GROUPED_MM_ALIGNMENT = 8
+MOE_BACKENDS = ("auto", "fused_triton", "grouped_mm", "torch")
 
 
 def moe_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                        w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+                        w13: torch.Tensor, w2: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Weighted sum of each token's top-k experts: ``[T, H] -> [T, H]``, no host sync."""
-    if grouped_mm_supported(x, w13, w2):
+    path = choose_moe_backend(x, topk_ids, w13, w2, backend)
+    if path == "fused_triton":
+        return fused_moe_experts(x, topk_ids, topk_weights, w13, w2)
+    if path == "grouped_mm":
         return moe_experts_grouped_mm(x, topk_ids, topk_weights, w13, w2)
-    num_pairs = topk_ids.numel()
-    if num_pairs <= w13.shape[0]:
+    if path == "gathered":
         return moe_experts_gathered(x, topk_ids, topk_weights, w13, w2)
     return moe_experts_dense(x, topk_ids, topk_weights, w13, w2)
+
+
+def moe_experts_fn(backend: str = "auto") -> Callable[..., torch.Tensor]:
+    """The experts function of ``backend`` (one of ``MOE_BACKENDS``), for ``set_experts_fn``."""
+    if backend not in MOE_BACKENDS:
+        raise ValueError(f"moe backend must be one of {MOE_BACKENDS}, got {backend!r}")
+    return moe_experts_grouped if backend == "auto" else functools.partial(moe_experts_grouped, backend=backend)
+
+
+def choose_moe_backend(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                       backend: str = "auto") -> str:
+    """The path ``moe_experts_grouped`` runs: "fused_triton", "grouped_mm", "gathered" or
+    "dense" (rules in the module docstring). Depends on shapes, dtypes and files only."""
+    if backend not in MOE_BACKENDS:
+        raise ValueError(f"moe backend must be one of {MOE_BACKENDS}, got {backend!r}")
+    fused_ok = x.is_cuda and fused_moe_supported(x, w13, w2)
+    grouped_ok = grouped_mm_supported(x, w13, w2)
+    if backend == "fused_triton" and not fused_ok:
+        raise ValueError(f"moe backend 'fused_triton' does not apply to {x.dtype} on {x.device} (needs CUDA + triton)")
+    if backend == "grouped_mm" and not grouped_ok:
+        raise ValueError(f"moe backend 'grouped_mm' does not apply to {x.dtype} on {x.device} (needs sm90, bf16)")
+    if backend in ("fused_triton", "grouped_mm"):
+        return backend
+    if backend == "auto" and fused_ok:
+        return "grouped_mm" if grouped_ok and _tuned_prefers_grouped_mm(x, w13, w2) else "fused_triton"
+    if backend == "auto" and grouped_ok:
+        return "grouped_mm"
+    return "gathered" if topk_ids.numel() <= w13.shape[0] else "dense"
+
+
+def _tuned_prefers_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    entry = tuned_entry(x.shape[0], w13.shape[0], w2.shape[1], w2.shape[2], x.dtype, device_name(index))
+    return entry is not None and entry.prefers_grouped_mm
 
 
 def grouped_mm_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:

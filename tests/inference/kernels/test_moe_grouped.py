@@ -16,25 +16,7 @@ from inference.kernels import (
     moe_experts_reference,
 )
 from tests.inference.kernels.harness import forbid_host_sync, needs_cuda
-
-
-def make_moe(num_tokens, topk, num_experts, hidden, intermediate, seed, dtype=torch.float32,
-             device="cpu", skew=False):
-    """Random routing (distinct experts per token) and weights scaled for O(1) outputs.
-
-    ``skew`` routes every token to the same few experts so most experts get no tokens.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    scores = torch.rand(num_tokens, num_experts, generator=gen)
-    if skew:
-        scores[:, :topk] += 2.0
-    topk_ids = scores.topk(topk, dim=-1).indices
-    topk_weights = torch.rand(num_tokens, topk, generator=gen)
-    x = torch.randn(num_tokens, hidden, generator=gen)
-    w13 = torch.randn(num_experts, 2 * intermediate, hidden, generator=gen) / hidden ** 0.5
-    w2 = torch.randn(num_experts, hidden, intermediate, generator=gen) / intermediate ** 0.5
-    return [t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-            for t in (x, topk_ids, topk_weights, w13, w2)]
+from tests.inference.kernels.moe_cases import assert_close_relative, make_moe
 
 
 def naive_moe(x, topk_ids, topk_weights, w13, w2):
@@ -101,11 +83,6 @@ def test_grouped_mm_path_on_cpu_when_torch_provides_it():
 def test_grouped_mm_is_not_chosen_on_cpu_or_for_unaligned_shapes():
     x, _, _, w13, w2 = make_moe(4, 2, 8, 16, 8, seed=0, dtype=torch.bfloat16)
     assert not grouped_mm_supported(x, w13, w2)
-
-
-def assert_close_relative(out, ref, tol):
-    err = (out.float() - ref.float()).abs().max().item()
-    assert err <= tol * ref.float().abs().max().item() + 1e-4, f"max abs err {err}"
 
 
 GPU_SHAPES = [(1, 8, 64, 256, 128), (64, 8, 64, 512, 256), (300, 2, 8, 128, 64), (1024, 8, 128, 256, 96)]

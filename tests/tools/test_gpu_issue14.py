@@ -1,0 +1,34 @@
+"""The one-run GPU script's plumbing: stage limits kill the whole process group, and the
+summary reads whatever the stages left (including nothing)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tools import gpu_issue14
+
+
+def test_a_stage_past_its_limit_is_killed_and_reported(tmp_path):
+    stage = gpu_issue14.run_stage("sleepy", [sys.executable, "-c", "import time; print('started', flush=True); "
+                                             "time.sleep(60)"], 2, tmp_path)
+    assert stage["rc"] == "timeout" and stage["seconds"] < 30
+    assert "started" in (tmp_path / "sleepy.log").read_text()
+
+
+def test_summary_reads_partial_results(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "tests.log").write_text("....\n5 passed, 2 skipped in 3.0s\n")
+    tune = tmp_path / "fused_moe_h200.json"
+    tune.write_text(json.dumps({"skipped": ["qwen3-30b-a3b T=384"], "rows": [
+        {"shape": "olmoe-1b-7b", "tokens": 64, "tuned_ms": 0.2, "heuristic_ms": 0.25, "grouped_mm_ms": 0.5},
+        {"shape": "olmoe-1b-7b", "tokens": 1, "error": "RuntimeError: boom"}]}))
+    (tmp_path / "bench" / "decode_olmoe_1b_7b_shape_h200.json").write_text(json.dumps({
+        "model": "olmoe-1b-7b-shape", "ratio_to_floor": {"64": 1.5, "256": None}, "skipped": ["prefill"],
+        "compare": {"grouped_mm": {"ratio_to_floor": {"64": 2.25}}}, "batches": {}}))
+    stages = [{"stage": "tests", "rc": 0, "seconds": 3.0, "log": str(tmp_path / "tests.log")},
+              {"stage": "tune", "rc": "timeout", "seconds": 170.0, "log": str(tmp_path / "missing.log")}]
+    text = gpu_issue14.summary(stages, tmp_path, tune)
+    assert "5 passed, 2 skipped" in text and "rc=timeout" in text
+    assert "2.50" in text and "RuntimeError: boom" in text          # grouped_mm / tuned at T=64
+    assert "x floor 64:1.50" in text and "with grouped_mm: x floor 64:2.25" in text and "skipped: prefill" in text
