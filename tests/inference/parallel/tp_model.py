@@ -1,0 +1,87 @@
+"""A tensor/expert-parallel MoEGPT assembled from ``inference.parallel`` layers: how the
+model integrates them (same module names as ``MoEGPT``, the unsharded attention code run on
+this rank's heads), used by the multi-rank tests to compare whole forwards with the
+single-process model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from inference.config import ModelConfig
+from inference.model.attention import Attention
+from inference.model.context import ForwardContext
+from inference.model.layers import RMSNorm, RotaryEmbedding
+from inference.parallel import (ExpertParallelMoE, ParallelGroups, ParallelLMHead, ParallelSwiGLUMLP,
+                                VocabParallelEmbedding, attention_shard)
+
+
+def tp_attention(config: ModelConfig, layer_index: int, groups: ParallelGroups) -> Attention:
+    """The unsharded ``Attention`` on this rank's heads, with sharded projections."""
+    shard = attention_shard(config, groups.layout, groups.tp)
+    local = dataclasses.replace(config, num_heads=shard.partition.num_heads,
+                                num_kv_heads=shard.partition.num_kv_heads)
+    with torch.device("meta"):
+        attn = Attention(local, layer_index)
+    attn.qkv_proj, attn.o_proj = shard.qkv_proj, shard.o_proj
+    attn.q_norm, attn.k_norm = shard.q_norm, shard.k_norm
+    return attn
+
+
+class TPDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int, groups: ParallelGroups) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = tp_attention(config, layer_index, groups)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        moe = config.moe_layer_indices
+        self.moe_index = moe.index(layer_index) if layer_index in moe else None
+        self.mlp = (ExpertParallelMoE(config, groups) if self.moe_index is not None
+                    else ParallelSwiGLUMLP(config.hidden_size, config.intermediate_size, groups.tp))
+
+    def mlp_forward(self, x, routing_out=None, forced=None):
+        return self.mlp(x) if self.moe_index is None else self.mlp(x, routing_out, forced, reference=True)
+
+
+class TPMoEGPT(nn.Module):
+    """One rank of a TP/EP replica; mirrors ``MoEGPT.forward`` / ``forward_reference``."""
+
+    def __init__(self, config: ModelConfig, groups: ParallelGroups) -> None:
+        super().__init__()
+        groups.layout.validate_model(config)
+        self.config, tp = config, groups.tp
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.layers = nn.ModuleList(TPDecoderLayer(config, i, groups) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp,
+                                      tied_to=self.embed_tokens if config.tie_word_embeddings else None)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(positions)
+        for layer in self.layers:
+            h = h + layer.self_attn(layer.input_layernorm(h), rope, ctx)
+            j = layer.moe_index
+            out = ctx.routing_staging[:, j] if ctx.routing_staging is not None and j is not None else None
+            h = h + layer.mlp_forward(layer.post_attention_layernorm(h), out)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    @torch.no_grad()
+    def forward_reference(self, token_ids: torch.Tensor, forced_routing: torch.Tensor | None = None):
+        s = token_ids.shape[0]
+        h = self.embed_tokens(token_ids)
+        routing = torch.empty(s, self.config.num_moe_layers, self.config.topk, dtype=torch.int64)
+        rope = self.rotary.tables(torch.arange(s))
+        for layer in self.layers:
+            h = h + layer.self_attn.forward_full(layer.input_layernorm(h), rope)
+            j = layer.moe_index
+            out = routing[:, j] if j is not None else None
+            forced = forced_routing[:, j] if forced_routing is not None and j is not None else None
+            h = h + layer.mlp_forward(layer.post_attention_layernorm(h), out, forced)
+        return self.compute_logits(self.norm(h)), routing
