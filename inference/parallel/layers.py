@@ -155,8 +155,8 @@ def attention_shard(config: ModelConfig, layout: ParallelLayout, tp: GroupHandle
                                cols=((p.q_start * d, p.q_stop * d),), **kw)
     q_norm = k_norm = None
     if config.qk_norm == "per_head":
-        q_norm, k_norm = RMSNorm(d, config.rms_norm_eps), RMSNorm(d, config.rms_norm_eps)
-        q_norm.to(**kw), k_norm.to(**kw)
+        q_norm = RMSNorm(d, config.rms_norm_eps).to(**kw)       # per head: replicated
+        k_norm = RMSNorm(d, config.rms_norm_eps).to(**kw)
     elif config.qk_norm == "full":
         q_norm = ShardedRMSNorm(config.num_heads * d, config.rms_norm_eps, tp, ((p.q_start * d, p.q_stop * d),), **kw)
         k_norm = ShardedRMSNorm(config.num_kv_heads * d, config.rms_norm_eps, tp,

@@ -1,4 +1,5 @@
-"""Run a function on N gloo ranks on CPU, bounded in time, and collect each rank's arrays.
+"""Run a function on N gloo ranks on CPU (or NCCL ranks, one per GPU), bounded in time, and
+collect each rank's arrays.
 
 Processes come from a forkserver that imports torch and the checked modules once, so a run
 costs a fork per rank instead of a fresh interpreter importing torch (seconds each on a
@@ -30,9 +31,11 @@ PRELOAD = ["torch", "torch.distributed", "inference.parallel", "tests.inference.
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 
-def _entry(rank: int, fn: Callable, world_size: int, root: str, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world_size: int, root: str, backend: str, args: tuple) -> None:
     torch.set_num_threads(1)          # N ranks share 2 cores
-    dist.init_process_group("gloo", store=dist.FileStore(os.path.join(root, "store"), world_size),
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, store=dist.FileStore(os.path.join(root, "store"), world_size),
                             rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
     try:
         arrays = fn(rank, world_size, *args)
@@ -41,12 +44,13 @@ def _entry(rank: int, fn: Callable, world_size: int, root: str, args: tuple) -> 
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., dict[str, np.ndarray]], world_size: int, *args, timeout: float = 90.0
-              ) -> list[dict[str, np.ndarray]]:
-    """``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; returns their dicts by rank."""
+def run_ranks(fn: Callable[..., dict[str, np.ndarray]], world_size: int, *args, timeout: float = 90.0,
+              backend: str = "gloo") -> list[dict[str, np.ndarray]]:
+    """``fn(rank, world_size, *args)`` on ``world_size`` ranks (gloo on CPU; ``backend="nccl"``:
+    rank r on GPU r); returns their dicts by rank."""
     multiprocessing.set_forkserver_preload(PRELOAD)
     with tempfile.TemporaryDirectory(prefix="gloo-ranks-") as root:
-        ctx = mp.start_processes(_entry, args=(fn, world_size, root, args), nprocs=world_size,
+        ctx = mp.start_processes(_entry, args=(fn, world_size, root, backend, args), nprocs=world_size,
                                  join=False, start_method="forkserver")
         deadline = time.monotonic() + timeout
         try:

@@ -64,7 +64,7 @@ def test_safetensors_slices_equal_full_tensor_shards_and_read_only_the_shard(ric
 
 def _split_hf_style(state: dict[str, torch.Tensor], config) -> tuple[dict[str, torch.Tensor], list[TensorRecipe]]:
     """Our fused tensors as separate q/k/v, gate/up and per-expert tensors, with recipes."""
-    d, q, kv = config.head_dim, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     split, recipes = {}, []
     for name, t in state.items():
         if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 pytest.importorskip("megatron.core")
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
 from megatron.core.parallel_state import RankGenerator  # noqa: E402
 from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region  # noqa: E402

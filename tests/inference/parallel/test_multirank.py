@@ -10,20 +10,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from inference.presets import build_model
 from tests.inference.parallel.harness import run_ranks
-from tests.inference.parallel.rank_checks import CONFIGS, SEEDS, Case, model_outputs, prompt, run_cases
+from tests.inference.parallel.rank_checks import (CONFIGS, SEEDS, Case, assert_case_matches, assert_replicas_identical,
+                                                  linear_inputs, model_outputs, prompt, run_cases)
 
 CASES = {
     2: [Case("tiny", 2, 1), Case("tiny", 2, 2), Case("rich", 2, 2), Case("sigmoid", 2, 1), Case("tiny", 1, 1)],
     4: [Case("tiny", 4, 2), Case("rich", 4, 4), Case("rich", 2, 2), Case("sigmoid", 4, 2), Case("tiny", 4, 1)],
 }
-EXACT = ("moe_routing", "routing", "greedy", "paged_routing")
-# Outputs that collectives leave replicated: every rank of a replica must agree bit for bit.
-REPLICATED = ("embed", "attention", "dense_mlp", "moe", "moe_replay", "logits_head", "logits", "routing",
-              "greedy", "paged_logits", "paged_routing")
 
 
 @pytest.fixture(scope="module")
@@ -69,36 +67,21 @@ def _case_ids():
     return [(w, i) for w in sorted(CASES) for i in range(len(CASES[w]))]
 
 
-@pytest.mark.parametrize("world_size,index", _case_ids(), ids=[f"world{w}-{CASES[w][i].name}" for w, i in _case_ids()])
+@pytest.mark.parametrize("world_size", sorted(CASES))
+def test_biased_linears_over_the_world(world_results, world_size):
+    inputs = linear_inputs()
+    want = F.linear(inputs["x"], inputs["weight"], inputs["bias"]).numpy()
+    for rank, out in enumerate(world_results(world_size)):
+        for key in ("row", "row_deferred", "column"):
+            np.testing.assert_allclose(out[f"linear/{key}"], want, rtol=1e-5, atol=1e-5, err_msg=f"rank {rank}: {key}")
+
+
+@pytest.mark.parametrize("world_size,index", _case_ids(),
+                         ids=[f"world{w}-{CASES[w][i].name}" for w, i in _case_ids()])
 def test_case_matches_single_process(world_results, expected, world_size, index):
-    results = world_results(world_size)
-    case = CASES[world_size][index]
-    for rank, out in enumerate(results):
-        ref = expected(case.config, int(out[f"{case.name}/dp_rank"]))
-        assert set(ref) == {k.split("/", 1)[1] for k in out if k.startswith(case.name + "/")} - {"dp_rank"}
-        for key, want in ref.items():
-            got = out[f"{case.name}/{key}"]
-            where = f"{case.name} rank {rank}: {key}"
-            assert got.shape == want.shape, where
-            if key in EXACT:
-                assert np.array_equal(got, want), f"{where} differs from the single-process run"
-            else:
-                np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5, err_msg=where)
+    assert_case_matches(CASES[world_size][index], world_results(world_size), expected)
 
 
 @pytest.mark.parametrize("world_size", sorted(CASES))
 def test_replicated_outputs_identical_on_every_rank_of_a_replica(world_results, world_size):
-    size, results = world_size, world_results(world_size)
-    checked = 0
-    for case in CASES[size]:
-        replicas: dict[int, list[dict]] = {}
-        for out in results:
-            replicas.setdefault(int(out[f"{case.name}/dp_rank"]), []).append(out)
-        assert len(replicas) == size // case.tp and all(len(r) == case.tp for r in replicas.values())
-        for members in replicas.values():
-            for key in REPLICATED:
-                first = members[0][f"{case.name}/{key}"]
-                for other in members[1:]:
-                    assert np.array_equal(first, other[f"{case.name}/{key}"]), f"{case.name}: {key} differs across TP ranks"
-                    checked += 1
-    assert checked > 0
+    assert assert_replicas_identical(CASES[world_size], world_results(world_size)) > 0

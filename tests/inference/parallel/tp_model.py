@@ -76,8 +76,8 @@ class TPMoEGPT(nn.Module):
     def forward_reference(self, token_ids: torch.Tensor, forced_routing: torch.Tensor | None = None):
         s = token_ids.shape[0]
         h = self.embed_tokens(token_ids)
-        routing = torch.empty(s, self.config.num_moe_layers, self.config.topk, dtype=torch.int64)
-        rope = self.rotary.tables(torch.arange(s))
+        routing = torch.empty(s, self.config.num_moe_layers, self.config.topk, dtype=torch.int64, device=h.device)
+        rope = self.rotary.tables(torch.arange(s, device=h.device))
         for layer in self.layers:
             h = h + layer.self_attn.forward_full(layer.input_layernorm(h), rope)
             j = layer.moe_index
