@@ -12,6 +12,8 @@ from typing import Any
 
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 QK_NORMS = ("none", "per_head", "full")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+EXPERT_ACTIVATIONS = ("silu", "swiglu_oai")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -26,7 +28,10 @@ class RouterConfig:
     softmax: probabilities over all experts, top-k, optional renormalisation of the
     chosen k. sigmoid: independent scores; an expert-bias term (DeepSeek-V3) shifts the
     selection only; weights are the unbiased scores, normalised if ``norm_topk_prob``.
-    Group-limited selection keeps the best ``topk_groups`` of ``num_groups`` groups first.
+    Group-limited selection keeps the best ``topk_groups`` of ``num_groups`` groups first,
+    a group scored by the sum of its best ``group_score_topk`` selection scores (0: megatron's
+    ``topk // topk_groups``; DeepSeek-V3 and GLM-4.5 in transformers use 2). ``bias``: the
+    router projection has a bias (GPT-OSS).
     """
 
     score_function: str = "softmax"
@@ -35,6 +40,8 @@ class RouterConfig:
     num_groups: int = 1
     topk_groups: int = 1
     scaling_factor: float = 1.0
+    group_score_topk: int = 0
+    bias: bool = False
 
     def __post_init__(self) -> None:
         _require(self.score_function in SCORE_FUNCTIONS,
@@ -43,12 +50,72 @@ class RouterConfig:
         _require(1 <= self.topk_groups <= self.num_groups,
                  f"router topk_groups must be in [1, num_groups={self.num_groups}], got {self.topk_groups}")
         _require(self.scaling_factor > 0, f"router scaling_factor must be > 0, got {self.scaling_factor}")
+        _require(self.group_score_topk >= 0, f"router group_score_topk must be >= 0, got {self.group_score_topk}")
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3, Kimi-K2, Moonlight). Per token the KV
+    cache holds the normalised latent (``kv_lora_rank``) and one rotary key shared by all
+    heads (``qk_rope_head_dim``); ``kv_b_proj`` expands the latent into per-head keys
+    (``qk_nope_head_dim``) and values (``v_head_dim``). ``q_lora_rank`` 0: queries are
+    projected directly (Moonlight), else through a normalised low-rank bottleneck."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _require(getattr(self, name) >= 1, f"mla {name} must be >= 1, got {getattr(self, name)}")
+        _require(self.q_lora_rank >= 0, f"mla q_lora_rank must be >= 0, got {self.q_lora_rank}")
+        _require(self.qk_rope_head_dim % 2 == 0, f"mla qk_rope_head_dim must be even, got {self.qk_rope_head_dim}")
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_dim(self) -> int:
+        """Elements cached per token and layer: latent, then rotary key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """YaRN rotary scaling (transformers' ``rope_type: yarn``), the only scaling supported.
+    Zero means "not given" for ``mscale``, ``mscale_all_dim`` and ``attention_factor``
+    (the factor applied to cos/sin is then derived as transformers derives it)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float = 0.0
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.factor >= 1.0, f"yarn factor must be >= 1, got {self.factor}")
+        _require(self.original_max_position_embeddings >= 1, "yarn original_max_position_embeddings must be >= 1")
+        _require(self.beta_fast > 0 and self.beta_slow > 0, "yarn beta_fast and beta_slow must be > 0")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of a MoE GPT decoder. Layers listed in ``dense_layers`` use a dense SwiGLU
-    MLP; every other layer is a MoE layer. ``moe_layer_indices`` is derived, sorted."""
+    MLP; every other layer is a MoE layer. ``moe_layer_indices`` is derived, sorted.
+
+    Attention is grouped-query (``num_heads`` / ``num_kv_heads`` / ``head_dim``) unless
+    ``mla`` is set, in which case those three GQA fields are unused. ``rotary_dim`` 0 rotates
+    the whole head (partial rotary otherwise: the first ``rotary_dim`` dims, GLM-4.5 and
+    MiniMax-M2). ``layer_types`` (empty: all full) marks ``sliding_attention`` layers, which
+    see the last ``sliding_window`` positions (the query's included). ``attention_sinks``:
+    one learned logit per head joins every softmax denominator (GPT-OSS). Experts are SwiGLU
+    (``silu``) or GPT-OSS's clamped ``swiglu_oai`` with ``expert_bias``."""
 
     name: str = "custom"
     vocab_size: int = 512
@@ -72,11 +139,24 @@ class ModelConfig:
     attention_bias: bool = False          # Qwen2-style qkv bias
     tie_word_embeddings: bool = False
     eos_token_id: int | None = None
+    rotary_dim: int = 0
+    rope_scaling: RopeScaling | None = None
+    mla: MLAConfig | None = None
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int = 0
+    attention_sinks: bool = False
+    o_proj_bias: bool = False
+    expert_activation: str = "silu"
+    expert_bias: bool = False
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.router, dict):
-            object.__setattr__(self, "router", RouterConfig(**self.router))
+        for name, cls in (("router", RouterConfig), ("mla", MLAConfig), ("rope_scaling", RopeScaling)):
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, cls(**getattr(self, name)))
         object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "num_experts", "topk", "max_position_embeddings"):
             _require(getattr(self, name) >= 1, f"model {name} must be >= 1, got {getattr(self, name)}")
@@ -94,6 +174,41 @@ class ModelConfig:
                  "topk exceeds the experts available in the selected groups")
         if self.eos_token_id is not None:
             _require(0 <= self.eos_token_id < self.vocab_size, "eos_token_id must be inside the vocabulary")
+        self._validate_attention()
+        _require(self.expert_activation in EXPERT_ACTIVATIONS,
+                 f"expert_activation must be one of {EXPERT_ACTIVATIONS}, got {self.expert_activation!r}")
+        _require(self.swiglu_limit > 0 and self.swiglu_alpha > 0, "swiglu_alpha and swiglu_limit must be > 0")
+
+    def _validate_attention(self) -> None:
+        _require(0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
+                 f"rotary_dim must be even and in [0, head_dim={self.head_dim}], got {self.rotary_dim}")
+        if self.layer_types:
+            _require(len(self.layer_types) == self.num_layers,
+                     f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            _require(not bad, f"layer_types must be among {LAYER_TYPES}, got {bad}")
+        _require(self.sliding_window >= 0, f"sliding_window must be >= 0, got {self.sliding_window}")
+        _require(self.sliding_window > 0 or "sliding_attention" not in self.layer_types,
+                 "sliding_attention layers need sliding_window > 0")
+        if self.mla is not None:
+            unsupported = [name for name, on in (("qk_norm", self.qk_norm != "none"), ("rotary_dim", self.rotary_dim),
+                                                 ("sliding_attention", "sliding_attention" in self.layer_types),
+                                                 ("attention_sinks", self.attention_sinks),
+                                                 ("attention_bias", self.attention_bias)) if on]
+            _require(not unsupported, f"multi-head latent attention does not combine with {unsupported}")
+
+    def window_of(self, layer: int) -> int:
+        """Sliding window of decoder layer ``layer`` (0: full attention)."""
+        if self.layer_types and self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return 0
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions each rotary table row covers (per head)."""
+        if self.mla is not None:
+            return self.mla.qk_rope_head_dim
+        return self.rotary_dim or self.head_dim
 
     @property
     def moe_layer_indices(self) -> tuple[int, ...]:
@@ -105,23 +220,26 @@ class ModelConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V per token across all layers, per element byte (multiply by dtype size)."""
+        """KV cache elements per token across all layers (multiply by the dtype size for
+        bytes): K and V per kv head, or with MLA the latent and the rotary key."""
+        if self.mla is not None:
+            return self.num_layers * self.mla.cache_dim
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["moe_layer_indices"] = list(self.moe_layer_indices)
         d["dense_layers"] = list(self.dense_layers)
+        d["layer_types"] = list(self.layer_types)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
-        if "dense_layers" in kwargs:
-            kwargs["dense_layers"] = tuple(kwargs["dense_layers"])
-        if isinstance(kwargs.get("router"), dict):
-            kwargs["router"] = RouterConfig(**kwargs["router"])
+        for name in ("dense_layers", "layer_types"):
+            if name in kwargs:
+                kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)
 
 
@@ -142,6 +260,7 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256
     padded_decode: bool = False      # decode steps through the static padded path without graphs (tests)
     async_scheduling: bool | None = None   # host runs one step ahead of the GPU; None: on for CUDA
+    compute_logprobs: bool = True    # log-prob of every sampled token (off only to measure its cost)
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from inference.attention_backends import decode_attention
+from inference.attention_backends import DecodeBackend
 from inference.kv_cache import KVCache
 from inference.model import AttentionMetadata, ForwardContext, MoEGPT
 from inference.step_batch import StepBatch
@@ -47,7 +47,7 @@ class DecodeGraphRunner:
             query_start_loc=b.query_start_loc[: size + 1], seq_lens=b.seq_lens[:size],
             query_start_loc_host=[], seq_lens_host=[], max_query_len=1, max_seq_len=0, decode_only=True)
         staging = self.recorder.staging[:size] if self.recorder is not None else None
-        ctx = ForwardContext(meta, self.kv_cache.per_layer, decode_attention, staging)
+        ctx = ForwardContext(meta, self.kv_cache.per_layer, DecodeBackend(), staging)
         hidden = self.model(b.input_ids[:size], b.positions[:size], ctx)
         if self.gather_in_graph:
             self.recorder.gather(b.token_to_block[:size], b.token_to_offset[:size])
@@ -82,6 +82,14 @@ class DecodeGraphRunner:
         b.slot_mapping.fill_(dummy * b.block_size)
         b.block_tables.fill_(dummy)
         b.seq_lens.fill_(1)
+
+    def release(self) -> None:
+        """Drop every captured graph and its outputs; the shared memory pool is freed with
+        the last graph that uses it."""
+        for graph in self._graphs.values():
+            graph.reset()
+        self._graphs.clear()
+        self._logits.clear()
 
     @torch.inference_mode()
     def run(self, size: int, num_rows: int) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+import weakref
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -24,19 +25,16 @@ import torch
 from inference.attention_backends import select_attention
 from inference.block_pool import BlockPool
 from inference.config import EngineConfig
-from inference.cuda_graphs import DecodeGraphRunner
-from inference.errors import InvalidRequestError
-from inference.kv_cache import KVCache
+from inference.device_state import DeviceState
+from inference.errors import InvalidRequestError, allocating
 from inference.model import MoEGPT
-from inference.model_runner import LaunchedStep, ModelRunner
+from inference.model_runner import LaunchedStep
 from inference.request import Request, RequestResult, SamplingParams
-from inference.routing_collector import RoutingCollector
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler, SchedulerConfig
-from inference.step_batch import StepBatch
 from inference.step_entry import step_entry
-from routing_replay import RoutingRecorder, StepDetailsLog
-from routing_replay.host_sync_recorder import HostSyncRecorder
+from inference.weight_refit import copy_named_tensors
+from routing_replay import StepDetailsLog
 from routing_replay.phase_timer import PhaseTimer
 
 
@@ -55,28 +53,24 @@ class LLMEngine:
             config = dataclasses.replace(config, async_scheduling=self.device.type == "cuda")
         self.config = config
         self.max_model_len = min(self.model_config.max_position_embeddings, config.kv_capacity_tokens)
-        self.block_pool = BlockPool(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.kv_cache = KVCache(self.model_config, config.num_kv_blocks, config.block_size, self.dtype, self.device)
+        with allocating("KV cache", "lower num_kv_blocks (--num-kv-blocks / --kv-cache-memory)"):
+            self.block_pool = BlockPool(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        # The scheduler calls back into the engine through weak references, so dropping the
+        # engine frees its device memory at once, without waiting for the garbage collector.
         self.scheduler = Scheduler(
             SchedulerConfig(max_requests=config.max_requests, max_step_tokens=config.max_step_tokens,
                             block_size=config.block_size, chunked_prefill=config.chunked_prefill,
                             eos_token_id=self.model_config.eos_token_id, max_model_len=self.max_model_len),
-            self.block_pool, on_preempt=self._on_preempt, on_finish=self._on_finish)
-        self.batch = StepBatch(
-            max_step_tokens=config.max_step_tokens, max_requests=config.max_requests,
-            max_blocks_per_request=-(-self.max_model_len // config.block_size),
-            block_size=config.block_size, dummy_block_id=self.kv_cache.dummy_block_id, device=self.device)
+            self.block_pool, on_preempt=_weak(self._on_preempt), on_finish=_weak(self._on_finish))
         self.sampler = Sampler(config.seed, self.device)
-        self.recorder = self._make_recorder() if config.record_routing else None
-        self.routing = RoutingCollector(self.recorder) if self.recorder is not None else None
-        attention_fn = select_attention(self.device)
+        self._attention_fn = select_attention(self.device)
         if self.device.type == "cuda":
             from inference.kernels import moe_experts_grouped
             model.set_experts_fn(moe_experts_grouped)
-        self.graph_runner = self._make_graph_runner()
-        self.runner = ModelRunner(model, self.kv_cache, self.batch, self.sampler, attention_fn, self.recorder,
-                                  self.graph_runner, cuda_graphs=config.cuda_graphs)
+        self._state: DeviceState | None = DeviceState.build(model, config, self.max_model_len, self.sampler,
+                                                            self._attention_fn)
         self.step_log = StepDetailsLog()
+        self.weight_version: int | str = 0
         self.num_generated_tokens = 0          # tokens received by the host so far, all requests
         self._start_time = time.perf_counter()
         self._arrivals = itertools.count()
@@ -87,29 +81,21 @@ class LLMEngine:
         self._schedule_timer = PhaseTimer()    # the timer of the schedule() call under way
         self._last_gpu_end: torch.cuda.Event | None = None
         self._unattributed_ms = 0.0            # host time of calls that completed no step
+        self._closed = False
 
-    def _make_recorder(self):
-        mc = self.model_config
-        if mc.num_moe_layers == 0:
-            raise ValueError(f"--record-routing: model {mc.name!r} has no MoE layers, so there is no routing to record")
-        cls = RoutingRecorder if self.config.routing_recorder == "gpu" else HostSyncRecorder
-        return cls(
-            num_kv_blocks=self.config.num_kv_blocks, block_size=self.config.block_size,
-            num_moe_layers=mc.num_moe_layers, topk=mc.topk, num_experts=mc.num_experts,
-            max_step_tokens=self.config.max_step_tokens, device=self.device)
+    # Device-side parts (absent while the engine sleeps, and after close).
+    def _device_state(self) -> DeviceState:
+        if self._state is None:
+            raise RuntimeError("the engine is closed" if self._closed else
+                               "the engine is asleep (its KV cache is released): call wake_up() first")
+        return self._state
 
-    def _make_graph_runner(self) -> DecodeGraphRunner | None:
-        config = self.config
-        if not (config.cuda_graphs or config.padded_decode):
-            return None
-        if config.cuda_graphs and self.device.type != "cuda":
-            raise ValueError("cuda_graphs needs a CUDA device")
-        runner = DecodeGraphRunner(
-            self.model, self.batch, self.kv_cache, self.recorder,
-            max_batch=min(config.max_requests, config.cuda_graph_max_batch, config.max_step_tokens),
-            use_graphs=config.cuda_graphs)
-        runner.capture()
-        return runner
+    kv_cache = property(lambda self: self._device_state().kv_cache)
+    batch = property(lambda self: self._device_state().batch)
+    graph_runner = property(lambda self: self._device_state().graph_runner)
+    runner = property(lambda self: self._device_state().runner)
+    recorder = property(lambda self: self._state.recorder if self._state is not None else None)
+    routing = property(lambda self: self._state.routing if self._state is not None else None)
 
     # ---- requests -------------------------------------------------------------------
     def add_request(self, prompt_token_ids: Sequence[int], sampling_params: SamplingParams | None = None,
@@ -118,6 +104,7 @@ class LLMEngine:
         (nothing else is affected). ``routing_start`` > 0 returns only routing rows from that
         position on (multi-turn callers already hold the rows of earlier turns). An id can
         be reused once its result has been returned."""
+        self._device_state()   # refuses a sleeping or closed engine, naming the cause
         arrival = next(self._arrivals)
         request_id = str(arrival) if request_id is None else str(request_id)
         params = sampling_params or SamplingParams()
@@ -229,6 +216,7 @@ class LLMEngine:
         t = timer.lap("stage_complete", "wait", t)
         sampled = step.sampled()
         self.num_generated_tokens += sum(1 for r in step.sampling_requests if not r.is_finished)
+        step.apply_logprobs()
         finished = self.scheduler.update(step.output, sampled)
         step.num_finished = len(finished)
         results = [self._result_of(request) for request in finished]
@@ -241,6 +229,9 @@ class LLMEngine:
     def _result_of(self, request: Request) -> RequestResult | None:
         """The result of a finished request, or None while its routing is on the way."""
         result = RequestResult.from_request(request)
+        result.weight_version = self.weight_version
+        if not self.config.compute_logprobs:
+            result.output_logprobs = None
         start = self._routing_start.pop(request, 0)
         self.sampler.release(request)
         if self.routing is None:
@@ -273,6 +264,83 @@ class LLMEngine:
     def _on_finish(self, request: Request) -> None:
         if self.routing is not None:
             self.routing.request_finished(request, self._routing_start.get(request, 0))
+
+    # ---- lifecycle inside an RL loop -------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]],
+                       weight_version: int | str | None = None) -> int | str:
+        """Copy new weights into the model in place (captured CUDA graphs stay valid) and
+        return the new ``weight_version`` (the counter + 1, or the given tag).
+
+        Names are this engine's parameter names (``MoEGPT.named_parameters()``, plus router
+        ``expert_bias`` buffers); any subset may be given, and every name and shape is
+        checked before anything is copied. Refused while requests are being served (drain
+        first: a rollout never mixes weights). The prefix cache, and with it the routing rows
+        of its blocks, is invalidated: a prompt cached before the refit is recomputed after
+        it. Tensors produced on another CUDA stream must be ready before the call."""
+        if self.has_unfinished():
+            raise RuntimeError("update_weights: requests are still being served; drain them (step() until "
+                               "has_unfinished() is False) before refitting")
+        version = weight_version if weight_version is not None else self._next_version()
+        copy_named_tensors(self.model, named_tensors)
+        if not self.block_pool.reset_prefix_cache():
+            raise AssertionError("KV blocks still in use with no request being served")
+        self.weight_version = version
+        return version
+
+    def _next_version(self) -> int:
+        if not isinstance(self.weight_version, int):
+            raise ValueError(f"weight_version is the tag {self.weight_version!r}: pass the next tag explicitly")
+        return self.weight_version + 1
+
+    def sleep(self) -> None:
+        """Release the KV cache, the routing buffers, the step buffers and the CUDA graphs
+        (the weights stay); ``wake_up`` rebuilds them and re-captures the graphs. Refused
+        while requests are being served. The prefix cache does not survive a sleep."""
+        if self.has_unfinished():
+            raise RuntimeError("sleep: requests are still being served; drain them first")
+        if self._state is None:
+            return
+        self._state.release()
+        self._state = None
+        self._last_gpu_end = None
+        self.block_pool.reset_prefix_cache()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        """Allocate what ``sleep`` released (a no-op when awake)."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        if self._state is None:
+            self._state = DeviceState.build(self.model, self.config, self.max_model_len, self.sampler,
+                                            self._attention_fn)
+
+    @property
+    def is_sleeping(self) -> bool:
+        return self._state is None and not self._closed
+
+    def close(self) -> None:
+        """Free every device allocation the engine made, now (the model stays the caller's);
+        unfinished requests are dropped. Idempotent; the engine cannot serve afterwards."""
+        if self._closed:
+            return
+        if self._in_flight is not None:
+            self._in_flight.wait()
+        self._in_flight = self._last_gpu_end = None
+        if self._state is not None:
+            self._state.release()
+        self._state = None
+        self._closed = True
+        self.sampler = Sampler(self.config.seed, self.device)    # drops per-request generators
+        self._live.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def __enter__(self) -> "LLMEngine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # ---- batch API ------------------------------------------------------------------
     def generate(self, prompts: Iterable[Sequence[int]],
@@ -319,3 +387,14 @@ class LLMEngine:
     def _drain_routing(self) -> list[RequestResult]:
         """Off the step path: block until every finished request's routing is final."""
         return self._returned(self.routing.poll(PhaseTimer(), wait=True) if self.routing is not None else [])
+
+
+def _weak(method):
+    """A callback that calls ``method`` while its object is alive, without keeping it alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args):
+        target = ref()
+        if target is not None:
+            target(*args)
+    return call

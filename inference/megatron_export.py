@@ -11,8 +11,17 @@ Layout notes (megatron-core 0.16.1):
   (softmax over the chosen logits); without renormalisation it is ``pre_softmax=True``.
   Sigmoid routing always renormalises top-k (k > 1), so sigmoid without ``norm_topk_prob``
   cannot be expressed and is refused.
-- Per-head q/k norm is megatron's ``qk_layernorm``; OLMoE's whole-projection norm has no
-  megatron equivalent and is refused.
+- Per-head q/k norm is megatron's ``qk_layernorm``; OLMoE's / MiniMax-M2's whole-projection
+  norm has no megatron equivalent and is refused. Partial rotary (GLM-4.5) is
+  ``rotary_percent``.
+- GPT-OSS: sinks are the ``learnable`` softmax offset, windowed layers ``window_size`` with a
+  per-layer ``window_attn_skip_freq`` list, the clamped SwiGLU ``quick_gelu`` with
+  ``glu_linear_offset=1`` and ``activation_func_clamp_value``; megatron's ``add_bias_linear``
+  is global, so biases must be on every linear layer (they are in GPT-OSS).
+- Multi-head latent attention is refused: megatron-core 0.16's local spec builds
+  ``MLASelfAttention`` with a ``DotProductAttention`` that takes no ``k_channels`` (TypeError
+  at construction); MLA needs the Transformer Engine spec, which does not run on CPU.
+- YaRN rotary scaling is not mapped (refused).
 """
 
 from __future__ import annotations
@@ -36,14 +45,61 @@ class UnsupportedForMegatron(ValueError):
     """Our model uses a feature the megatron-core GPT spec cannot express."""
 
 
+def _bias_problems(config: ModelConfig) -> list[str]:
+    """megatron's add_bias_linear puts a bias on every linear layer (qkv, proj, experts, router)."""
+    biased = {"qkv": config.attention_bias, "o_proj": config.o_proj_bias, "experts": config.expert_bias,
+              "router": config.router.bias}
+    if not any(biased[k] for k in ("o_proj", "experts", "router")):
+        return []
+    problems = []
+    if not all(biased.values()):
+        problems.append(f"biases on only some linear layers {sorted(k for k, v in biased.items() if v)} "
+                        "(megatron's add_bias_linear biases all of them)")
+    if config.dense_layers or config.shared_expert_intermediate_size:
+        problems.append("dense layers or shared experts next to biased experts (they would get biases too)")
+    return problems
+
+
 def _check_supported(config: ModelConfig) -> None:
     problems = []
+    if config.mla is not None:
+        problems.append("multi-head latent attention: megatron-core 0.16's local (non-Transformer-Engine) spec "
+                        "cannot build MLASelfAttention (its DotProductAttention takes no k_channels), and the "
+                        "Transformer Engine spec does not run on CPU")
     if config.qk_norm == "full":
-        problems.append("qk_norm='full' (OLMoE) has no megatron-core equivalent (qk_layernorm is per head)")
+        problems.append("qk_norm='full' (OLMoE, MiniMax-M2) has no megatron-core equivalent (qk_layernorm is per head)")
     if config.router.score_function == "sigmoid" and not config.router.norm_topk_prob and config.topk > 1:
         problems.append("sigmoid routing without norm_topk_prob (megatron always renormalises sigmoid top-k)")
+    r = config.router
+    if r.num_groups > 1 and r.group_score_topk not in (0, config.topk // r.topk_groups):
+        problems.append(f"groups scored by their best {r.group_score_topk} experts (megatron uses topk // "
+                        f"topk_groups = {config.topk // r.topk_groups})")
+    if config.rope_scaling is not None:
+        problems.append("YaRN rotary scaling is not mapped to megatron-core")
+    if config.expert_activation == "swiglu_oai" and config.swiglu_alpha != 1.702:
+        problems.append(f"clamped SwiGLU with alpha {config.swiglu_alpha} (megatron's quick_gelu uses 1.702)")
+    problems += _bias_problems(config)
     if problems:
         raise UnsupportedForMegatron("cannot export to megatron-core: " + "; ".join(problems))
+
+
+def _attention_kwargs(config: ModelConfig) -> dict[str, Any]:
+    """Sliding windows and sinks (GPT-OSS) in TransformerConfig terms."""
+    kwargs: dict[str, Any] = {}
+    if config.sliding_window and any(config.window_of(i) for i in range(config.num_layers)):
+        kwargs.update(window_size=(config.sliding_window - 1, 0),
+                      window_attn_skip_freq=[int(config.window_of(i) > 0) for i in range(config.num_layers)])
+    if config.attention_sinks:
+        kwargs["softmax_type"] = "learnable"
+    return kwargs
+
+
+def _mlp_kwargs(config: ModelConfig) -> dict[str, Any]:
+    if config.expert_activation == "swiglu_oai":
+        from megatron.core.activations import quick_gelu
+        return dict(activation_func=quick_gelu, glu_linear_offset=1.0, activation_func_clamp_value=config.swiglu_limit,
+                    add_bias_linear=True)
+    return dict(activation_func=F.silu, add_bias_linear=False)
 
 
 def megatron_config(config: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
@@ -60,7 +116,7 @@ def megatron_config(config: ModelConfig, *, params_dtype: torch.dtype = torch.fl
         moe_router_topk=config.topk,
         moe_layer_freq=[0 if i in config.dense_layers else 1 for i in range(config.num_layers)],
         normalization="RMSNorm", layernorm_epsilon=config.rms_norm_eps, gated_linear_unit=True,
-        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=config.attention_bias,
+        add_qkv_bias=config.attention_bias, **_mlp_kwargs(config), **_attention_kwargs(config),
         qk_layernorm=config.qk_norm == "per_head",
         moe_router_score_function=r.score_function,
         moe_router_pre_softmax=r.score_function == "softmax" and not r.norm_topk_prob,
@@ -89,7 +145,7 @@ def build_megatron_gpt(config: ModelConfig, tconfig: "TransformerConfig") -> "GP
     spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=False, normalization="RMSNorm")
     return GPTModel(config=tconfig, transformer_layer_spec=spec, vocab_size=config.vocab_size,
                     max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
-                    rotary_percent=1.0, rotary_base=int(config.rope_theta),
+                    rotary_percent=config.rope_dim / config.head_dim, rotary_base=int(config.rope_theta),
                     share_embeddings_and_output_weights=config.tie_word_embeddings)
 
 
@@ -103,40 +159,83 @@ def _grouped_qkv(qkv: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     return torch.cat([q, k, v], dim=1).reshape(qkv.shape)
 
 
+# (our tensor name, megatron names, how): "copy" one tensor as it is; "qkv" regroup
+# [q; k; v] rows per query group; "stack" our [E, ...] tensor is megatron's per-expert list.
+WeightPlan = list[tuple[str, tuple[str, ...], str]]
+
+
+def megatron_weight_plan(model: MoEGPT) -> WeightPlan:
+    """How every weight of ``model`` (router expert biases included) maps onto megatron-core
+    GPTModel parameter names (local spec). One plan serves both directions: the export
+    (``megatron_state``) and the refit from a trained GPTModel
+    (``inference.weight_sync.named_tensors_from_megatron``). ``model`` may live on the meta
+    device: only its structure is read."""
+    c = model.config
+    plan: WeightPlan = [("embed_tokens.weight", ("embedding.word_embeddings.weight",), "copy")]
+    for i, layer in enumerate(model.layers):
+        p, o, attn = f"decoder.layers.{i}", f"layers.{i}", layer.self_attn
+        sa = f"{p}.self_attention"
+        plan += [(f"{o}.input_layernorm.weight", (f"{p}.input_layernorm.weight",), "copy"),
+                 (f"{o}.self_attn.qkv_proj.weight", (f"{sa}.linear_qkv.weight",), "qkv")]
+        if attn.qkv_proj.bias is not None:
+            plan.append((f"{o}.self_attn.qkv_proj.bias", (f"{sa}.linear_qkv.bias",), "qkv"))
+        plan.append((f"{o}.self_attn.o_proj.weight", (f"{sa}.linear_proj.weight",), "copy"))
+        if attn.o_proj.bias is not None:
+            plan.append((f"{o}.self_attn.o_proj.bias", (f"{sa}.linear_proj.bias",), "copy"))
+        if attn.sinks is not None:
+            plan.append((f"{o}.self_attn.sinks", (f"{sa}.core_attention.softmax_offset",), "copy"))
+        if attn.q_norm is not None:
+            plan += [(f"{o}.self_attn.q_norm.weight", (f"{sa}.q_layernorm.weight",), "copy"),
+                     (f"{o}.self_attn.k_norm.weight", (f"{sa}.k_layernorm.weight",), "copy")]
+        plan.append((f"{o}.post_attention_layernorm.weight", (f"{p}.pre_mlp_layernorm.weight",), "copy"))
+        plan += _mlp_plan(layer, c, p, o)
+    plan.append(("norm.weight", ("decoder.final_layernorm.weight",), "copy"))
+    if not c.tie_word_embeddings:
+        plan.append(("lm_head.weight", ("output_layer.weight",), "copy"))
+    return plan
+
+
+def _mlp_plan(layer, c: ModelConfig, p: str, o: str) -> WeightPlan:
+    mlp = layer.mlp
+    if layer.moe_index is None:
+        return [(f"{o}.mlp.gate_up_proj.weight", (f"{p}.mlp.linear_fc1.weight",), "copy"),
+                (f"{o}.mlp.down_proj.weight", (f"{p}.mlp.linear_fc2.weight",), "copy")]
+    plan: WeightPlan = [(f"{o}.mlp.router.weight", (f"{p}.mlp.router.weight",), "copy")]
+    if mlp.router.bias is not None:
+        plan.append((f"{o}.mlp.router.bias", (f"{p}.mlp.router.bias",), "copy"))
+    if mlp.router.expert_bias is not None:
+        plan.append((f"{o}.mlp.router.expert_bias", (f"{p}.mlp.router.expert_bias",), "copy"))
+    experts = f"{p}.mlp.experts.local_experts"
+    fc = [("w13", "linear_fc1.weight"), ("w2", "linear_fc2.weight")]
+    if mlp.b13 is not None:
+        fc += [("b13", "linear_fc1.bias"), ("b2", "linear_fc2.bias")]
+    plan += [(f"{o}.mlp.{ours}", tuple(f"{experts}.{e}.{theirs}" for e in range(c.num_experts)), "stack")
+             for ours, theirs in fc]
+    if mlp.shared_expert is not None:
+        plan += [(f"{o}.mlp.shared_expert.gate_up_proj.weight", (f"{p}.mlp.shared_experts.linear_fc1.weight",), "copy"),
+                 (f"{o}.mlp.shared_expert.down_proj.weight", (f"{p}.mlp.shared_experts.linear_fc2.weight",), "copy")]
+    if mlp.shared_expert_gate is not None:
+        plan.append((f"{o}.mlp.shared_expert_gate.weight", (f"{p}.mlp.shared_experts.gate_weight",), "copy"))
+    return plan
+
+
+def our_weights(model: MoEGPT) -> dict[str, torch.Tensor]:
+    """Every parameter of ``model`` by name, plus the routers' expert-bias buffers."""
+    weights = dict(model.named_parameters())
+    weights.update((n, b) for n, b in model.named_buffers() if n.endswith("expert_bias"))
+    return weights
+
+
 def megatron_state(model: MoEGPT) -> dict[str, torch.Tensor]:
     """Our weights under megatron-core GPTModel parameter names (local spec)."""
-    c = model.config
-    sd = {"embedding.word_embeddings.weight": model.embed_tokens.weight,
-          "decoder.final_layernorm.weight": model.norm.weight}
-    if not c.tie_word_embeddings:
-        sd["output_layer.weight"] = model.lm_head.weight
-    for i, layer in enumerate(model.layers):
-        p, attn = f"decoder.layers.{i}", layer.self_attn
-        sd[f"{p}.input_layernorm.weight"] = layer.input_layernorm.weight
-        sd[f"{p}.self_attention.linear_qkv.weight"] = _grouped_qkv(attn.qkv_proj.weight, c)
-        if attn.qkv_proj.bias is not None:
-            sd[f"{p}.self_attention.linear_qkv.bias"] = _grouped_qkv(attn.qkv_proj.bias, c)
-        sd[f"{p}.self_attention.linear_proj.weight"] = attn.o_proj.weight
-        if attn.q_norm is not None:
-            sd[f"{p}.self_attention.q_layernorm.weight"] = attn.q_norm.weight
-            sd[f"{p}.self_attention.k_layernorm.weight"] = attn.k_norm.weight
-        sd[f"{p}.pre_mlp_layernorm.weight"] = layer.post_attention_layernorm.weight
-        mlp = layer.mlp
-        if layer.moe_index is None:
-            sd[f"{p}.mlp.linear_fc1.weight"] = mlp.gate_up_proj.weight
-            sd[f"{p}.mlp.linear_fc2.weight"] = mlp.down_proj.weight
-            continue
-        sd[f"{p}.mlp.router.weight"] = mlp.router.weight
-        if mlp.router.expert_bias is not None:
-            sd[f"{p}.mlp.router.expert_bias"] = mlp.router.expert_bias
-        for e in range(c.num_experts):
-            sd[f"{p}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = mlp.w13[e]
-            sd[f"{p}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = mlp.w2[e]
-        if mlp.shared_expert is not None:
-            sd[f"{p}.mlp.shared_experts.linear_fc1.weight"] = mlp.shared_expert.gate_up_proj.weight
-            sd[f"{p}.mlp.shared_experts.linear_fc2.weight"] = mlp.shared_expert.down_proj.weight
-        if mlp.shared_expert_gate is not None:
-            sd[f"{p}.mlp.shared_experts.gate_weight"] = mlp.shared_expert_gate.weight
+    ours = our_weights(model)
+    sd: dict[str, torch.Tensor] = {}
+    for name, targets, how in megatron_weight_plan(model):
+        tensor = ours[name]
+        if how == "stack":
+            sd.update((target, tensor[e]) for e, target in enumerate(targets))
+        else:
+            sd[targets[0]] = _grouped_qkv(tensor, model.config) if how == "qkv" else tensor
     return sd
 
 
@@ -192,6 +291,12 @@ def packed_position_ids(cu_seqlens: list[int], device: torch.device | str = "cpu
     return torch.cat([torch.arange(b - a) for a, b in zip(cu_seqlens, cu_seqlens[1:])]).to(device).view(1, -1)
 
 
+def _window_mask_cpu(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+    """megatron's ``get_sliding_window_causal_mask`` (True = masked), on the CPU."""
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
+
+
 class _NoOpRngTracker:
     """Stands in for megatron's CUDA RNG tracker on CPU: dropout is off, so forking an RNG
     stream has nothing to protect. Invariant: holds no state."""
@@ -218,10 +323,12 @@ def cpu_megatron_runtime() -> Iterator[None]:
     (in-process store: no port, so concurrent runs cannot collide),
     model-parallel state of size 1, and patches (undone on exit) for its CUDA assumptions:
     ``torch.cuda.current_device`` (router buffers), the CUDA RNG tracker (attention
-    dropout fork, activation-recompute RNG save/restore) and the missing TE router GEMM name (``moe_utils.te_general_gemm``, undefined without
-    Transformer Engine, read by the fp32 router)."""
+    dropout fork, activation-recompute RNG save/restore), the missing TE router GEMM name (``moe_utils.te_general_gemm``, undefined without
+    Transformer Engine, read by the fp32 router) and the sliding-window mask that is built on
+    ``device="cuda"``."""
     import torch.distributed as dist
     from megatron.core import parallel_state
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer.moe import moe_utils
 
@@ -235,6 +342,8 @@ def cpu_megatron_runtime() -> Iterator[None]:
         stack.enter_context(mock.patch.object(mrandom, "_get_cuda_rng_state", lambda *a, **k: None))
         stack.enter_context(mock.patch.object(mrandom, "_set_cuda_rng_state", lambda *a, **k: None))
         stack.enter_context(mock.patch.object(moe_utils, "te_general_gemm", None, create=True))
+        if hasattr(fused_softmax, "get_sliding_window_causal_mask"):
+            stack.enter_context(mock.patch.object(fused_softmax, "get_sliding_window_causal_mask", _window_mask_cpu))
         created_state = not parallel_state.model_parallel_is_initialized()
         if created_state:
             parallel_state.initialize_model_parallel(1, 1)

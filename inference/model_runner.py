@@ -19,6 +19,7 @@ from inference.device_wait import wait_for_event
 from inference.kv_cache import KVCache
 from inference.model import ForwardContext, MoEGPT
 from inference.model.context import AttentionFn
+from inference.prompt_logprobs import PromptLogprobPlan, compute_prompt_logprobs, plan_prompt_logprobs
 from inference.request import Request
 from inference.sampler import Sampler
 from inference.scheduler import SchedulerOutput
@@ -46,7 +47,7 @@ class LaunchedStep:
     """A scheduled step whose device work has been enqueued.
 
     Invariant: until ``done`` has completed, everything the queued work reads or writes on
-    the host (``tokens_host``) and every device tensor a later step may read from it
+    the host (the ``host`` tensors) and every device tensor a later step may read from it
     (``tokens``, which feeds the next step's input ids) is referenced here; ``sample_rows``
     maps each sampling request to its row of ``tokens``. ``done is None`` on CPU, where the
     work has already run when ``launch`` returns.
@@ -59,10 +60,12 @@ class LaunchedStep:
     cuda_graph: bool = False
     sampling_requests: list[Request] = field(default_factory=list)
     tokens: torch.Tensor | None = None
-    tokens_host: torch.Tensor | None = None
     done: torch.cuda.Event | None = None
     gpu: GpuSpan | None = None
     sample_rows: dict[Request, int] = field(default_factory=dict)
+    prompt_plan: PromptLogprobPlan | None = None
+    device_out: dict[str, torch.Tensor] = field(default_factory=dict)   # what goes to the host
+    host: dict[str, torch.Tensor] = field(default_factory=dict)         # its pinned copies
     num_finished: int = 0              # requests that finished when the step completed
 
     def is_done(self) -> bool:
@@ -74,10 +77,29 @@ class LaunchedStep:
 
     def sampled(self) -> dict[str, int]:
         """Request id -> sampled token; only once the step is done."""
-        if self.tokens_host is None:
+        if "tokens" not in self.host:
             return {}
-        values = self.tokens_host.tolist()   # host memory: no device sync
+        values = self.host["tokens"].tolist()   # host memory: no device sync
         return {r.request_id: t for r, t in zip(self.sampling_requests, values)}
+
+    def apply_logprobs(self) -> None:
+        """Append each live sampling request's log-prob (and top-N) and store prompt
+        log-probs; call once the step is done and before its tokens are applied (the extra
+        token of a request that already finished is dropped with it)."""
+        if "logprobs" in self.host:
+            logprobs = self.host["logprobs"].tolist()
+            top = (self.host["top_ids"].tolist(), self.host["top_logprobs"].tolist()) if "top_ids" in self.host else None
+            for i, request in enumerate(self.sampling_requests):
+                if request.is_finished:
+                    continue
+                request.output_logprobs.append(logprobs[i])
+                n = request.sampling_params.logprobs
+                if n:
+                    request.output_top_logprobs.append(list(zip(top[0][i][:n], top[1][i][:n])))
+        if "prompt_logprobs" in self.host:
+            for (request, position), value in zip(self.prompt_plan.owners, self.host["prompt_logprobs"].tolist()):
+                if not request.is_finished:
+                    request.prompt_logprobs[position] = value
 
 
 class ModelRunner:
@@ -87,10 +109,10 @@ class ModelRunner:
 
     def __init__(self, model: MoEGPT, kv_cache: KVCache, batch: StepBatch, sampler: Sampler,
                  attention_fn: AttentionFn, recorder=None, graph_runner: DecodeGraphRunner | None = None,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, logprobs: bool = True) -> None:
         self.model, self.kv_cache, self.batch, self.sampler = model, kv_cache, batch, sampler
         self.attention_fn, self.recorder, self.graph_runner = attention_fn, recorder, graph_runner
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs, self.logprobs = cuda_graphs, logprobs
         self.device = batch.device
 
     def graph_size(self, output: SchedulerOutput) -> int | None:
@@ -118,40 +140,48 @@ class ModelRunner:
             if self.recorder is not None and not self.graph_runner.gather_in_graph:
                 self.recorder.gather(prepared.token_to_block, prepared.token_to_offset, timer)
         else:
-            logits = self._eager_forward(prepared, timer)
+            logits = self._eager_forward(step, timer)
         if gpu is not None:
             gpu.forward_end.record()
         t = timer.lap("stage_launch", "forward", t)
         if prepared.sampling_chunks:
             step.sampling_requests = [c.request for c in prepared.sampling_chunks]
             step.sample_rows = {r: i for i, r in enumerate(step.sampling_requests)}
-            step.tokens = self.sampler.sample(logits, step.sampling_requests)
+            sampled = self.sampler.sample(logits, step.sampling_requests, logprobs=self.logprobs)
+            step.tokens = sampled.tokens
+            step.device_out.update((k, v) for k, v in (("tokens", sampled.tokens), ("logprobs", sampled.logprobs),
+                                                      ("top_ids", sampled.top_ids),
+                                                      ("top_logprobs", sampled.top_logprobs)) if v is not None)
         t = timer.lap("stage_launch", "sample", t)
         step.gpu = gpu
         self._copy_tokens_to_host(step)
         timer.lap("stage_launch", "copy", t)
         return step
 
-    def _eager_forward(self, prepared: PreparedStep, timer: PhaseTimer) -> torch.Tensor | None:
-        recorder = self.recorder
+    def _eager_forward(self, step: LaunchedStep, timer: PhaseTimer) -> torch.Tensor | None:
+        prepared, recorder = step.prepared, self.recorder
         staging = recorder.staging[: prepared.num_padded_tokens] if recorder is not None else None
         ctx = ForwardContext(prepared.attn, self.kv_cache.per_layer, self.attention_fn, staging)
         hidden = self.model(prepared.input_ids, prepared.positions, ctx)
         if recorder is not None:
             recorder.gather(prepared.token_to_block, prepared.token_to_offset, timer)
+        plan = plan_prompt_logprobs(step.output.chunks, prepared.attn.query_start_loc_host)
+        if plan:
+            step.prompt_plan = plan
+            step.device_out["prompt_logprobs"] = compute_prompt_logprobs(self.model, hidden, plan)
         if not prepared.sampling_chunks:
             return None
         return self.model.compute_logits(hidden.index_select(0, prepared.logits_indices))
 
     def _copy_tokens_to_host(self, step: LaunchedStep) -> None:
-        """Sampled tokens into pinned memory, then the done event (recorded last, so every
-        event of the step has completed once it has)."""
+        """Sampled tokens (and log-probs) into pinned memory, then the done event (recorded
+        last, so every event of the step has completed once it has)."""
         if self.device.type != "cuda":
-            step.tokens_host = step.tokens
+            step.host = step.device_out
             return
-        if step.tokens is not None:
-            step.tokens_host = torch.empty(step.tokens.shape, dtype=step.tokens.dtype, pin_memory=True)
-            step.tokens_host.copy_(step.tokens, non_blocking=True)
+        for name, tensor in step.device_out.items():
+            step.host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            step.host[name].copy_(tensor, non_blocking=True)
         if step.gpu is not None:
             step.gpu.end.record()
         step.done = torch.cuda.Event()

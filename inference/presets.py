@@ -2,7 +2,8 @@
 
 ``tiny-moe`` is the default: fast on CPU, with a dense first layer so MoE-layer indices
 differ from decoder-layer indices. The large presets copy the *shapes* of public models for
-GPU benchmarks; their weights are random, they are not those models.
+GPU benchmarks (OLMoE, Qwen3-MoE, Moonlight / DeepSeek-V3 MLA, GPT-OSS, GLM-4.5-Air,
+MiniMax-M2); their weights are random, they are not those models.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from types import MappingProxyType
 
 import torch
 
-from inference.config import DTYPES, ModelConfig, RouterConfig
+from inference.config import DTYPES, MLAConfig, ModelConfig, RopeScaling, RouterConfig
 from inference.model import MoEGPT
 from inference.model.gpt import allocate_model
 
@@ -38,6 +39,36 @@ PRESETS = MappingProxyType({
         num_kv_heads=4, head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
         topk=8, dense_layers=(), qk_norm="per_head", rope_theta=1e6, max_position_embeddings=40960,
         eos_token_id=151645),
+    # deepseek_v3 architecture: multi-head latent attention, no q low-rank, first layer dense
+    "moonlight-16b-a3b-shape": ModelConfig(
+        name="moonlight-16b-a3b-shape", vocab_size=163840, hidden_size=2048, num_layers=27, num_heads=16,
+        num_kv_heads=16, head_dim=192, intermediate_size=11264, moe_intermediate_size=1408, num_experts=64, topk=6,
+        dense_layers=(0,), shared_expert_intermediate_size=2 * 1408,
+        mla=MLAConfig(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+        router=RouterConfig(score_function="sigmoid", use_expert_bias=True, scaling_factor=2.446, group_score_topk=2),
+        rope_theta=50000.0, rms_norm_eps=1e-5, max_position_embeddings=8192, eos_token_id=163585),
+    # sinks, alternating 128-token sliding window / full layers, biased clamped-SwiGLU experts
+    "gpt-oss-20b-shape": ModelConfig(
+        name="gpt-oss-20b-shape", vocab_size=201088, hidden_size=2880, num_layers=24, num_heads=64, num_kv_heads=8,
+        head_dim=64, intermediate_size=2880, moe_intermediate_size=2880, num_experts=32, topk=4, dense_layers=(),
+        router=RouterConfig(norm_topk_prob=True, bias=True), attention_bias=True, o_proj_bias=True,
+        attention_sinks=True, layer_types=("sliding_attention", "full_attention") * 12, sliding_window=128,
+        expert_activation="swiglu_oai", expert_bias=True, rope_theta=150000.0,
+        rope_scaling=RopeScaling(factor=32.0, original_max_position_embeddings=4096, truncate=False),
+        rms_norm_eps=1e-5, max_position_embeddings=131072, eos_token_id=200002),
+    # partial rotary (half the head), qkv bias, sigmoid + bias routing, shared expert
+    "glm-4.5-air-shape": ModelConfig(
+        name="glm-4.5-air-shape", vocab_size=151552, hidden_size=4096, num_layers=46, num_heads=96, num_kv_heads=8,
+        head_dim=128, rotary_dim=64, intermediate_size=10944, moe_intermediate_size=1408, num_experts=128, topk=8,
+        dense_layers=(0,), shared_expert_intermediate_size=1408, attention_bias=True,
+        router=RouterConfig(score_function="sigmoid", use_expert_bias=True, group_score_topk=2),
+        rope_theta=1e6, rms_norm_eps=1e-5, max_position_embeddings=131072, eos_token_id=151329),
+    # whole-projection q/k norm, partial rotary, sigmoid + bias routing over 256 experts
+    "minimax-m2-shape": ModelConfig(
+        name="minimax-m2-shape", vocab_size=200064, hidden_size=3072, num_layers=62, num_heads=48, num_kv_heads=8,
+        head_dim=128, rotary_dim=64, intermediate_size=1536, moe_intermediate_size=1536, num_experts=256, topk=8,
+        dense_layers=(), qk_norm="full", router=RouterConfig(score_function="sigmoid", use_expert_bias=True),
+        rope_theta=5e6, max_position_embeddings=196608, eos_token_id=200020),
 })
 DEFAULT_PRESET = "tiny-moe"
 

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 # Below this a temperature is greedy (as in vLLM): dividing logits by 1e-40 overflows them
 # to inf and turns the softmax into NaN.
 GREEDY_TEMPERATURE = 1e-5
+# Which distribution log-probs are taken from (see SamplingParams.logprobs_mode).
+LOGPROBS_MODES = ("processed", "tempered", "raw")
+MAX_TOP_LOGPROBS = 20
 
 
 def _is_int(value: object) -> bool:
@@ -39,6 +42,18 @@ class SamplingParams:
     seed: int | None = None  # per-request generator seed
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    # Log-probs. Every generated token's log-prob is always returned; ``logprobs`` adds the
+    # top-N alternatives of each step, ``prompt_logprobs`` the log-prob of every prompt
+    # token given the tokens before it. ``logprobs_mode`` picks the distribution:
+    # "processed" (default) the one the token was sampled from: logits / temperature, then
+    # top-k and top-p, renormalised; "tempered": logits / temperature, before top-k/top-p
+    # (what a trainer computes from the same logits); "raw": softmax of the logits. Greedy
+    # requests (temperature < GREEDY_TEMPERATURE) use the raw softmax in every mode. Prompt
+    # log-probs never apply top-k/top-p ("processed" and "tempered" divide by the
+    # temperature, "raw" does not).
+    logprobs: int = 0
+    prompt_logprobs: bool = False
+    logprobs_mode: str = "processed"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_token_ids, list):
@@ -82,6 +97,12 @@ class SamplingParams:
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
             raise bad("stop_token_ids", "must be a tuple of ints >= 0")
+        if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("logprobs", f"must be an int in [0, {MAX_TOP_LOGPROBS}] (top alternatives per token)")
+        if not isinstance(self.prompt_logprobs, bool):
+            raise bad("prompt_logprobs", "must be a bool")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise bad("logprobs_mode", f"must be one of {LOGPROBS_MODES}")
 
 
 class RequestStatus(Enum):
@@ -117,6 +138,10 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length"; None while unfinished or aborted
+    # One per received output token (the engine appends them with the tokens).
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    prompt_logprobs: dict[int, float] = field(default_factory=dict)   # position -> log-prob of its token
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -157,7 +182,11 @@ class RequestResult:
 
     Invariant: `error` is set exactly when `finish_reason == "error"`; `routing`, once the
     engine fills it in, has `len(prompt_token_ids) + len(output_token_ids) - 1 - routing_start`
-    rows (row j is the routing of token `routing_start + j`).
+    rows (row j is the routing of token `routing_start + j`); `output_logprobs` has one
+    float32 value per output token (`output_top_logprobs` one list of (token, log-prob)
+    pairs per output token when top-N was asked); `prompt_logprobs`, when asked, has one
+    entry per prompt token, `None` for the first; `weight_version` names the weights that
+    produced the tokens.
     """
 
     request_id: str
@@ -169,6 +198,10 @@ class RequestResult:
     routing_start: int = 0  # first routing row returned (suffix output for multi-turn callers)
     num_cached_tokens: int = 0
     num_preemptions: int = 0
+    output_logprobs: list[float] | None = None
+    output_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None
+    weight_version: int | str | None = None
 
     @classmethod
     def from_request(cls, request: Request) -> RequestResult:
@@ -185,6 +218,10 @@ class RequestResult:
             finish_reason=request.finish_reason,
             num_cached_tokens=request.num_cached_tokens,
             num_preemptions=request.num_preemptions,
+            output_logprobs=list(request.output_logprobs),
+            output_top_logprobs=list(request.output_top_logprobs) if request.sampling_params.logprobs else None,
+            prompt_logprobs=([request.prompt_logprobs.get(p) for p in range(request.num_prompt_tokens)]
+                             if request.sampling_params.prompt_logprobs else None),
         )
 
     @classmethod

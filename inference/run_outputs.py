@@ -1,15 +1,17 @@
 """Writing a run's files: results.jsonl, routing.npz + routing_meta.json, step_details.json.
 
-With several data-parallel ranks each rank writes its shard under ``OUT/rank{r}/`` and
-rank 0 merges results and routing into ``OUT/``; per-rank step_details stay in the shard
-folders and rank 0's is also ``OUT/step_details.json``.
+During a run, ``inference.run_writer.CheckpointWriter`` commits finished requests as
+checkpoint shards; at the end of a complete run rank 0 consolidates every rank's shards into
+``OUT/results.jsonl`` (input order) and ``OUT/routing.npz`` (``consolidate_run``). With
+several data-parallel ranks, each rank's step_details stays in ``OUT/rank{r}/`` and rank 0's
+is also ``OUT/step_details.json``. Every file is written to a tmp name, fsynced and renamed.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import platform
-import shutil
 from pathlib import Path
 from typing import Sequence
 
@@ -17,12 +19,14 @@ import numpy as np
 import orjson
 import torch
 
+from inference.config import ModelConfig
 from inference.engine import LLMEngine
 from inference.request import RequestResult
-from routing_replay import RoutingMeta, load_routing, numpy_dtype, save_routing
-from routing_replay.run_dir_schema import RESULTS_FILE, STEP_DETAILS_FILE
-
-
+from routing_replay import RoutingMeta, StepDetailsLog, numpy_dtype, routing_dtype, save_routing
+from routing_replay.outputs import RESULTS_FILE, ROUTING_FILE, check_routings
+from routing_replay.run_dir_schema import STEP_DETAILS_FILE
+from routing_replay.run_layout import (TMP_SUFFIX, atomic_write, committed_shards, fsync_dir, npz_writer, read_npz,
+                                       shard_records)
 def result_record(result: RequestResult) -> dict:
     """One line of results.jsonl (schema in docs/SCHEMAS.md)."""
     record = {"id": result.request_id, "prompt_token_ids": result.prompt_token_ids,
@@ -38,11 +42,15 @@ def result_record(result: RequestResult) -> dict:
     return record
 
 
-def routing_meta(engine: LLMEngine) -> RoutingMeta:
-    mc = engine.model_config
+def routing_meta_for(mc: ModelConfig, block_size: int) -> RoutingMeta:
+    """routing_meta.json of a run of model ``mc`` (known before any weights are built)."""
     return RoutingMeta(moe_layer_indices=list(mc.moe_layer_indices), num_layers=mc.num_layers,
-                       num_experts=mc.num_experts, topk=mc.topk, block_size=engine.config.block_size,
-                       dtype=str(np.dtype(numpy_dtype(engine.recorder.dtype))))
+                       num_experts=mc.num_experts, topk=mc.topk, block_size=block_size,
+                       dtype=str(np.dtype(numpy_dtype(routing_dtype(mc.num_experts)))))
+
+
+def routing_meta(engine: LLMEngine) -> RoutingMeta:
+    return routing_meta_for(engine.model_config, engine.config.block_size)
 
 
 def run_meta(engine: LLMEngine, extra: dict | None = None) -> dict:
@@ -69,46 +77,68 @@ def _package_version() -> str:
         return "unknown"
 
 
+def write_step_details(log: StepDetailsLog, path: str | Path, meta: dict) -> None:
+    """``StepDetailsLog.write`` to a tmp name, then fsync and rename (never a torn file)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + TMP_SUFFIX)
+    log.write(tmp, meta)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
 def write_run_outputs(out_dir: str | Path, results: Sequence[RequestResult], engine: LLMEngine,
                       meta_extra: dict | None = None) -> list[Path]:
-    """Write every file of one process's run into ``out_dir``; returns the paths written."""
+    """Write a whole run served in one go (a library caller's results) into ``out_dir``, in
+    the consolidated layout; returns the paths written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    lines = b"".join(orjson.dumps(result_record(r)) + b"\n" for r in results)
-    (out / RESULTS_FILE).write_bytes(lines)
-    written = [out / RESULTS_FILE]
+    written = []
     if engine.recorder is not None:
         routings = {r.request_id: r.routing for r in results if r.routing is not None}
         save_routing(out, routings, routing_meta(engine))
-        written += [out / "routing.npz", out / "routing_meta.json"]
-    engine.step_log.write(out / STEP_DETAILS_FILE, run_meta(engine, meta_extra))
-    written.append(out / STEP_DETAILS_FILE)
-    return written
+        written += [out / ROUTING_FILE, out / "routing_meta.json"]
+    lines = b"".join(orjson.dumps(result_record(r)) + b"\n" for r in results)
+    atomic_write(out / RESULTS_FILE, lines)
+    write_step_details(engine.step_log, out / STEP_DETAILS_FILE, run_meta(engine, meta_extra))
+    return [out / RESULTS_FILE] + written + [out / STEP_DETAILS_FILE]
 
 
-def merge_rank_outputs(out_dir: str | Path, world_size: int, order: Sequence[str]) -> list[Path]:
-    """Rank 0: merge ``OUT/rank{r}/`` shards into ``OUT/``; results follow ``order`` (the
-    request ids in input order). Shard results and routing are removed after merging."""
+def consolidate_run(out_dir: str | Path, order: Sequence[str], meta: RoutingMeta | None) -> list[Path]:
+    """Rank 0, once every request of the run has a committed record: write every rank's
+    committed shards as ``results.jsonl`` (lines in ``order``, the input order) and, when
+    routing is recorded, ``routing.npz`` (members in the same order). The shards are left
+    in place: the caller commits by setting run.json's status to "complete", then removes
+    them. Returns the paths written."""
     out = Path(out_dir)
-    by_id: dict[str, bytes] = {}
-    routings: dict[str, np.ndarray] = {}
-    meta = None
-    for rank in range(world_size):
-        shard = out / f"rank{rank}"
-        for line in (shard / RESULTS_FILE).read_bytes().splitlines():
-            if line.strip():
-                by_id[orjson.loads(line)["id"]] = line
-        if (shard / "routing.npz").is_file():
-            shard_routing, meta = load_routing(shard)
-            routings.update(shard_routing)
-    (out / RESULTS_FILE).write_bytes(b"".join(by_id[i] + b"\n" for i in order if i in by_id))
-    written = [out / RESULTS_FILE]
+    records = shard_records(committed_shards(out))
+    missing = [i for i in order if i not in records]
+    if missing:
+        raise ValueError(f"cannot consolidate {out}: {len(missing)} requests have no committed result "
+                         f"(first: {missing[0]!r})")
+    written = []
     if meta is not None:
-        save_routing(out, routings, meta)
-        written += [out / "routing.npz", out / "routing_meta.json"]
-    shutil.copyfile(out / "rank0" / STEP_DETAILS_FILE, out / STEP_DETAILS_FILE)
-    written.append(out / STEP_DETAILS_FILE)
-    for rank in range(world_size):
-        for name in (RESULTS_FILE, "routing.npz", "routing_meta.json"):
-            (out / f"rank{rank}" / name).unlink(missing_ok=True)
-    return written
+        routings = _committed_routing(records, order)
+        check_routings(routings, meta)
+        atomic_write(out / ROUTING_FILE, npz_writer(routings))
+        written.append(out / ROUTING_FILE)
+    atomic_write(out / RESULTS_FILE, b"".join(orjson.dumps(records[i][0]) + b"\n" for i in order))
+    return [out / RESULTS_FILE] + written
+
+
+def _committed_routing(records: dict, order: Sequence[str]) -> dict[str, np.ndarray]:
+    """Routing of the winning record of every id in ``order`` that declares routing."""
+    by_shard: dict[Path, dict[str, np.ndarray]] = {}
+    routings: dict[str, np.ndarray] = {}
+    for request_id in order:
+        record, shard = records[request_id]
+        if "routing_shape" not in record:
+            continue
+        if shard.routing is None:
+            raise ValueError(f"shard {shard.name} declares routing for {request_id!r} but has no routing file")
+        if shard.routing not in by_shard:
+            by_shard[shard.routing] = read_npz(shard.routing, key_version=2)
+        routings[request_id] = by_shard[shard.routing][request_id]
+    return routings

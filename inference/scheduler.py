@@ -289,7 +289,9 @@ class Scheduler:
         pool, block_size = self.block_pool, self.config.block_size
         # The last token is always recomputed (its logits are needed), and hits are whole
         # blocks, so a shared block is never written.
-        hits = pool.match_prefix(request.all_token_ids, (request.num_tokens - 1) // block_size)
+        # Prompt log-probs need every prompt position computed: no hits for such requests.
+        hits = ([] if request.sampling_params.prompt_logprobs
+                else pool.match_prefix(request.all_token_ids, (request.num_tokens - 1) // block_size))
         start = len(hits) * block_size
         remaining = request.num_tokens - start
         num_tokens = min(remaining, budget)

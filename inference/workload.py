@@ -9,6 +9,8 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
+from routing_replay.run_layout import request_id_problem
+
 
 @dataclass(frozen=True)
 class PromptSpec:
@@ -35,9 +37,10 @@ class PromptsFileError(ValueError):
 def read_prompts_file(path: str | Path, tokenizer: TextEncoder | None = None) -> list[PromptSpec]:
     """JSONL, one object per line: ``{"id": str|int, "prompt_token_ids": [int, ...]}`` or
     ``{"id": ..., "prompt": "text"}`` (exactly one of the two), optionally with
-    ``"max_new_tokens"`` and ``"routing_start"``. Text is encoded by ``tokenizer.encode(text)`` (special tokens as the
-    tokenizer adds them by default); the tokenizer is asked for nothing unless a text line
-    exists. Blank lines are skipped. Structural problems (bad JSON, missing keys, duplicate
+    ``"max_new_tokens"`` and ``"routing_start"``. Ids are strings (integers are converted):
+    non-empty, at most 256 characters, no control characters. Text is encoded by
+    ``tokenizer.encode(text)`` (special tokens as the tokenizer adds them by default); the
+    tokenizer is asked for nothing unless a text line exists. Blank lines are skipped. Structural problems (bad JSON, missing keys, duplicate
     ids) fail the whole file; bad token values are left for the engine, which fails that
     request alone."""
     path = Path(path)
@@ -66,6 +69,7 @@ def _parse_line(line: bytes, where: str, tokenizer: TextEncoder | None) -> Promp
         raise PromptsFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "id" not in obj:
         raise PromptsFileError(f"{where}: missing key 'id'")
+    request_id = _request_id(obj["id"], where)
     has_ids, has_text = "prompt_token_ids" in obj, "prompt" in obj
     if has_ids == has_text:
         which = "both" if has_ids else "neither"
@@ -79,9 +83,23 @@ def _parse_line(line: bytes, where: str, tokenizer: TextEncoder | None) -> Promp
     if has_ids:
         if not isinstance(obj["prompt_token_ids"], list):
             raise PromptsFileError(f"{where}: prompt_token_ids must be a list of ints")
-        return PromptSpec(str(obj["id"]), obj["prompt_token_ids"], limit, routing_start=start)
+        return PromptSpec(request_id, obj["prompt_token_ids"], limit, routing_start=start)
     text = obj["prompt"]
-    return PromptSpec(str(obj["id"]), _encode(text, where, tokenizer), limit, prompt_text=text, routing_start=start)
+    return PromptSpec(request_id, _encode(text, where, tokenizer), limit, prompt_text=text, routing_start=start)
+
+
+def _request_id(value: Any, where: str) -> str:
+    """A JSON string or integer id as the request id; anything else fails the file."""
+    if value is None:
+        raise PromptsFileError(f"{where}: 'id' is null; give a string or an integer")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise PromptsFileError(f"{where}: 'id' must be a string or an integer, got {type(value).__name__}")
+    request_id = str(value)
+    problem = request_id_problem(request_id)
+    if problem is not None:
+        shown = request_id if len(request_id) <= 40 else request_id[:40] + "..."
+        raise PromptsFileError(f"{where}: id {shown!r} {problem}")
+    return request_id
 
 
 def _encode(text: Any, where: str, tokenizer: TextEncoder | None) -> list[int]:

@@ -30,11 +30,12 @@ Calling order
 
 Time each call with ``time.perf_counter`` as its step_details phase (see
 ``routing_replay.recorder``) and write the log with ``StepDetailsLog``; save results with
-``save_routing``.
+``save_routing``. ``load_routing`` / ``load_results`` read a run directory, finished or
+interrupted (layout in ``routing_replay.run_layout``).
 """
 
 from routing_replay.dtypes import numpy_dtype, routing_dtype
-from routing_replay.outputs import RoutingMeta, expand_to_all_layers, load_routing, save_routing
+from routing_replay.outputs import RoutingMeta, expand_to_all_layers, load_results, load_routing, save_routing
 from routing_replay.recorder import RoutingRecorder, expected_num_rows
 from routing_replay.step_details import STEP_KEYS, StepDetailsLog, step_kind
 
@@ -45,6 +46,7 @@ __all__ = [
     "StepDetailsLog",
     "expand_to_all_layers",
     "expected_num_rows",
+    "load_results",
     "load_routing",
     "numpy_dtype",
     "routing_dtype",

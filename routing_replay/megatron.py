@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from routing_replay.replay_targets import check_targets, per_layer
+from routing_replay.replay_targets import check_targets, layer_count_mismatch, per_layer
 
 
 class MegatronReplayError(RuntimeError):
@@ -98,12 +98,12 @@ class MegatronRoutingReplay:
         from megatron.core.transformer.moe.router_replay import RouterReplayAction
         is_list = isinstance(targets, (list, tuple))
         parts = list(targets) if is_list else [targets]
+        if len(targets) != len(self.instances):   # before the id checks, which a 0 filler would fail first
+            raise MegatronReplayError(layer_count_mismatch(len(targets), len(self.instances)))
         if all(isinstance(t, np.ndarray) or t.device.type == "cpu" for t in parts):
             # validated on the host only: checking device tensors would stall the step
             check_targets(np.stack([np.asarray(t) for t in parts]) if is_list else targets, self.num_experts, self.topk)
         layers = [torch.as_tensor(t).to(device) for t in parts] if is_list else per_layer(targets, device)
-        if len(layers) != len(self.instances):
-            raise MegatronReplayError(f"{len(layers)} target layers for {len(self.instances)} MoE layers")
         for instance, target in zip(self.instances, layers):
             instance.set_target_indices(target.to(torch.int64))
             instance.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)

@@ -1,25 +1,32 @@
 """routing.npz / routing_meta.json: the on-disk form of recorded routing.
 
-`routing.npz` holds one array per request, keyed by request id, shaped
-[rows, num_moe_layers, topk] with rows = prompt_len + generated_len - 1 (row i is token i).
-`routing_meta.json` says which decoder layers those MoE layers are, so consumers can expand
-to an all-layer layout with `expand_to_all_layers`.
+`routing.npz` holds one array per request, keyed by `run_layout.routing_key(request id)`
+(the id itself for ids made of [A-Za-z0-9._-]), shaped [rows, num_moe_layers, topk] with
+rows = prompt_len + generated_len - 1 (row i is token i). `routing_meta.json` says which
+decoder layers those MoE layers are, so consumers can expand to an all-layer layout with
+`expand_to_all_layers`. A run still in progress (or interrupted) keeps its routing in
+checkpoint shards instead; `load_routing` and `load_results` read either form.
 """
 
 from __future__ import annotations
 
 import os
-import zipfile
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import orjson
 
+from routing_replay.run_layout import (atomic_write, committed_shards, is_consolidated, npz_writer,
+                                       parse_results_lines, read_npz, request_id_problem, shard_records)
+
 ROUTING_FILE = "routing.npz"
 META_FILE = "routing_meta.json"
-SCHEMA_VERSION = 1
+RESULTS_FILE = "results.jsonl"
+# 2: npz keys are routing_key(id) and routing may live in checkpoint shards; 1: keys are ids.
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 _ID_DTYPES = ("uint8", "int16", "int32")
 
 
@@ -56,8 +63,9 @@ class RoutingMeta:
         _require_int("topk", self.topk, 1)
         _require_int("block_size", self.block_size, 1)
         _require_int("schema_version", self.schema_version, 1)
-        if self.schema_version != SCHEMA_VERSION:
-            raise ValueError(f"unsupported schema_version {self.schema_version}, expected {SCHEMA_VERSION}")
+        if self.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
+            raise ValueError(f"unsupported schema_version {self.schema_version}, "
+                             f"expected one of {SUPPORTED_SCHEMA_VERSIONS}")
         if self.topk > self.num_experts:
             raise ValueError(f"topk={self.topk} exceeds num_experts={self.num_experts}")
         self._check_layers()
@@ -111,58 +119,101 @@ class RoutingMeta:
             raise ValueError(f"routing of {key!r} has dtype {routing.dtype}, expected {self.dtype}")
 
 
+def check_routings(routings: Mapping[str, np.ndarray], meta: RoutingMeta) -> None:
+    """Raise ValueError unless every key is a valid request id and every array fits `meta`."""
+    for key, routing in routings.items():
+        problem = request_id_problem(key)
+        if problem is not None:
+            raise ValueError(f"request id {key!r} {problem}")
+        meta.check_array(key, routing)
+
+
 def save_routing(out_dir: str | os.PathLike, routings: Mapping[str, np.ndarray], meta: RoutingMeta) -> None:
     """Write routing.npz and routing_meta.json into `out_dir` (created if needed).
 
     The npz is what np.savez_compressed writes, built with zipfile directly because
     savez's keyword interface breaks for request ids such as "file" or "allow_pickle".
-    Each file is written to a temporary name and renamed, so readers never see a torn file.
+    Each file is written to a temporary name, fsynced and renamed, so readers never see a
+    torn file. The metadata is written at the current schema version.
     """
-    for key, routing in routings.items():
-        if not isinstance(key, str) or not key or "\x00" in key:
-            raise ValueError(f"request ids must be non-empty strings, got {key!r}")
-        meta.check_array(key, routing)
+    check_routings(routings, meta)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (ROUTING_FILE + ".tmp")
-    with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive:
-        for key, routing in routings.items():
-            with archive.open(key + ".npy", mode="w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.ascontiguousarray(routing), allow_pickle=False)
-    os.replace(tmp, out / ROUTING_FILE)
-    meta_tmp = out / (META_FILE + ".tmp")
-    meta_tmp.write_bytes(orjson.dumps(meta.to_dict(), option=orjson.OPT_INDENT_2))
-    os.replace(meta_tmp, out / META_FILE)
+    atomic_write(out / ROUTING_FILE, npz_writer(routings))
+    save_routing_meta(out, meta)
+
+
+def save_routing_meta(out_dir: str | os.PathLike, meta: RoutingMeta) -> None:
+    meta = replace(meta, schema_version=SCHEMA_VERSION)
+    atomic_write(Path(out_dir) / META_FILE, orjson.dumps(meta.to_dict(), option=orjson.OPT_INDENT_2))
+
+
+def load_routing_meta(out_dir: str | os.PathLike) -> RoutingMeta:
+    meta_path = Path(out_dir) / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no {META_FILE} in {out_dir} (expected files written by save_routing)")
+    try:
+        return RoutingMeta.from_dict(orjson.loads(meta_path.read_bytes()))
+    except (orjson.JSONDecodeError, TypeError, ValueError) as error:
+        raise ValueError(f"invalid {meta_path}: {error}") from error
 
 
 def load_routing(out_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], RoutingMeta]:
-    """Read what `save_routing` wrote; every array is checked against the metadata."""
+    """Every recorded routing of a run directory, keyed by the original request ids: from
+    routing.npz once the run is complete (or for a version-1 directory), else from the
+    committed checkpoint shards. Every array is checked against the metadata."""
     out = Path(out_dir)
-    routing_path, meta_path = out / ROUTING_FILE, out / META_FILE
-    for path in (routing_path, meta_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"no {path.name} in {out} (expected files written by save_routing)")
-    try:
-        meta = RoutingMeta.from_dict(orjson.loads(meta_path.read_bytes()))
-    except (orjson.JSONDecodeError, TypeError, ValueError) as error:
-        raise ValueError(f"invalid {meta_path}: {error}") from error
-    routings: dict[str, np.ndarray] = {}
-    with np.load(routing_path, allow_pickle=False) as archive:
-        for key in archive.files:
-            routing = archive[key]
-            meta.check_array(key, routing)
-            routings[key] = routing
+    consolidated = is_consolidated(out)
+    routing_path = out / ROUTING_FILE
+    if consolidated and not routing_path.is_file():
+        raise FileNotFoundError(f"no {ROUTING_FILE} in {out} (expected files written by save_routing)")
+    meta = load_routing_meta(out)
+    if consolidated:
+        routings = read_npz(routing_path, meta.schema_version)
+    else:
+        routings = {}
+        shards = committed_shards(out)
+        owner = {request_id: shard.name for request_id, (_, shard) in shard_records(shards).items()}
+        for shard in shards:
+            if shard.routing is not None:
+                arrays = read_npz(shard.routing, meta.schema_version)
+                routings.update((k, v) for k, v in arrays.items() if owner.get(k) == shard.name)
+    for key, routing in routings.items():
+        meta.check_array(key, routing)
     return routings, meta
 
 
-def expand_to_all_layers(routing: np.ndarray, meta: RoutingMeta) -> np.ndarray:
-    """[rows, num_layers, topk] view of one request's routing; dense layers hold -1.
+def load_results(out_dir: str | os.PathLike) -> list[dict]:
+    """The result records (results.jsonl lines) of a run directory: results.jsonl in input
+    order once the run is complete, else every committed checkpoint record in commit order
+    (one per request id; a request that failed and was served again on --resume appears
+    with its last record)."""
+    out = Path(out_dir)
+    if is_consolidated(out):
+        path = out / RESULTS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no {RESULTS_FILE} in {out}")
+        return parse_results_lines(path.read_bytes(), str(path))
+    return [record for record, _ in shard_records(committed_shards(out)).values()]
 
-    -1 (never 0, a valid expert id) marks layers without routing, so the result is signed:
-    int16 while expert ids fit, else int32.
+
+def expand_to_all_layers(routing: np.ndarray, meta: RoutingMeta, fill: int = -1) -> np.ndarray:
+    """[rows, num_layers, topk] copy of one request's routing; dense layers hold ``fill``.
+
+    ``fill=-1`` (the default) marks layers without routing unambiguously, so the result is
+    signed: int16 while expert ids fit, else int32. ``fill=0`` is the layout vLLM and SGLang
+    return (their capture buffers start zeroed, only MoE layers write), which consumers that
+    need non-negative ids everywhere (SkyRL) require; the result keeps ``meta.dtype``. A
+    0-filled array cannot tell a dense layer from expert 0: read it back only with the MoE
+    layer indices (``replay_targets`` takes ``moe_layer_indices``).
     """
+    if isinstance(fill, bool) or not isinstance(fill, (int, np.integer)) or fill not in (-1, 0):
+        raise ValueError(f"fill must be -1 or 0 (other values are valid expert ids), got {fill!r}")
     meta.check_array("routing", routing)
-    dtype = np.int16 if meta.num_experts - 1 <= np.iinfo(np.int16).max else np.int32
-    expanded = np.full((routing.shape[0], meta.num_layers, meta.topk), -1, dtype=dtype)
+    if fill == 0:
+        dtype = np.dtype(meta.dtype)
+    else:
+        dtype = np.int16 if meta.num_experts - 1 <= np.iinfo(np.int16).max else np.int32
+    expanded = np.full((routing.shape[0], meta.num_layers, meta.topk), fill, dtype=dtype)
     expanded[:, meta.moe_layer_indices, :] = routing
     return expanded

@@ -38,30 +38,42 @@ def _as_numpy(routing: ArrayLike) -> np.ndarray:
 
 
 def moe_layer_columns(routing: ArrayLike, moe_layer_indices: Sequence[int] | None = None) -> np.ndarray:
-    """``[rows, num_moe_layers, topk]`` int64 from either layout: MoE-only rows pass through;
-    all-layer rows (vLLM/SGLang style, dense layers all -1) keep only the MoE layers.
-    Without ``moe_layer_indices`` an array holding -1 is read as all-layer and its MoE
-    layers are the columns without -1."""
+    """``[rows, num_moe_layers, topk]`` int64 from either layout.
+
+    Without ``moe_layer_indices`` the array must be MoE-only (ours: column j is MoE layer j);
+    MoE layers are never guessed from the content, so an array holding negative ids (an
+    all-layer array with dense layers filled with -1) is refused. A 0-filled all-layer array
+    (vLLM, SGLang) looks like a MoE-only one with too many layers: the replay hooks refuse it
+    by its layer count. With ``moe_layer_indices`` (global decoder-layer index of each MoE
+    layer) an all-layer array keeps only those columns; its dense layers must hold one fill
+    value, 0 (vLLM/SGLang) or -1 (``expand_to_all_layers`` default), so indices that do not
+    match the array are caught.
+    """
     r = _as_numpy(routing).astype(np.int64)
-    if moe_layer_indices is None:
-        if (r >= 0).all():
-            return r
-        dense = (r < 0).all(axis=(0, 2))
-        if r.shape[0] == 0 or ((r < 0).any(axis=(0, 2)) & ~dense).any():
-            raise ValueError("all-layer routing: a layer mixes -1 and expert ids; pass moe_layer_indices")
-        moe_layer_indices = np.flatnonzero(~dense).tolist()
-    indices = list(moe_layer_indices)
-    if r.shape[1] != len(indices):
-        if r.shape[1] <= max(indices):
-            raise ValueError(f"routing has {r.shape[1]} layers; expected {len(indices)} MoE layers "
-                             f"or an all-layer layout covering layer {max(indices)}")
-        dense_cols = [c for c in range(r.shape[1]) if c not in set(indices)]
-        if (r[:, dense_cols] != -1).any():
-            raise ValueError("all-layer routing: dense layers must hold -1")
-        r = r[:, indices]
-    if (r < 0).any():
+    if moe_layer_indices is not None:
+        r = _select_moe_columns(r, [int(i) for i in moe_layer_indices])
+    elif r.size and r.min() < 0:
+        raise ValueError("routing holds negative ids: an all-layer array whose dense layers hold -1? pass "
+                         "moe_layer_indices (MoE layers are never guessed from the content)")
+    if r.size and r.min() < 0:
         raise ValueError("routing of a MoE layer holds negative expert ids")
     return r
+
+
+def _select_moe_columns(r: np.ndarray, indices: list[int]) -> np.ndarray:
+    if not indices or any(a >= b for a, b in zip(indices, indices[1:])) or indices[0] < 0:
+        raise ValueError(f"moe_layer_indices must be non-empty, sorted, unique and >= 0, got {indices}")
+    if r.shape[1] == len(indices):
+        return r
+    if r.shape[1] <= indices[-1]:
+        raise ValueError(f"routing has {r.shape[1]} layers; expected {len(indices)} MoE layers "
+                         f"or an all-layer layout covering layer {indices[-1]}")
+    dense = np.delete(r, indices, axis=1)
+    fills = np.unique(dense)
+    if fills.size > 1 or (fills.size == 1 and fills[0] not in (0, -1)):
+        raise ValueError(f"all-layer routing: dense layers must all hold one fill value, 0 or -1, found "
+                         f"{fills[:8].tolist()} (do moe_layer_indices {indices} match the array?)")
+    return r[:, indices]
 
 
 def complete_rows(routing: np.ndarray, num_tokens: int) -> np.ndarray:
@@ -167,3 +179,10 @@ def per_layer(targets: ArrayLike, device: torch.device | str | None = None) -> l
     replay slot takes)."""
     t = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets)
     return [t[j].to(device=device, dtype=torch.int64).contiguous() for j in range(t.shape[0])]
+
+
+def layer_count_mismatch(num_target_layers: int, num_moe_layers: int) -> str:
+    """The message of a replay hook whose targets do not have one layer per MoE layer."""
+    hint = (" (targets built from an all-layer array, e.g. vLLM's or SGLang's? pass moe_layer_indices to "
+            "the target builder)" if num_target_layers > num_moe_layers else "")
+    return f"{num_target_layers} target layers for {num_moe_layers} MoE layers{hint}"

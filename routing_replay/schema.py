@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import orjson
 
-from routing_replay.outputs import SCHEMA_VERSION as ROUTING_SCHEMA_VERSION
+from routing_replay.outputs import SUPPORTED_SCHEMA_VERSIONS as ROUTING_META_VERSIONS
 from routing_replay.phase_timer import phase_keys
 from routing_replay.step_details import (ENGINE_STAGES, ROUTING_PHASES, ROUTING_SUBPHASES,
                                          SCHEMA_VERSION, STEP_KINDS, SUPPORTED_SCHEMA_VERSIONS)
@@ -365,8 +365,9 @@ def validate_routing_meta(obj: Any) -> list[str]:
         return ["routing_meta must be an object"]
     problems: list[str] = []
     valid = _check_spec(obj, _ROUTING_META_SPEC, "routing_meta", problems)
-    if "schema_version" in valid and obj["schema_version"] != ROUTING_SCHEMA_VERSION:
-        problems.append(f"routing_meta.schema_version {obj['schema_version']} is not supported")
+    if "schema_version" in valid and obj["schema_version"] not in ROUTING_META_VERSIONS:
+        problems.append(f"routing_meta.schema_version {obj['schema_version']} is not supported "
+                        f"(expected one of {ROUTING_META_VERSIONS})")
     if "moe_layer_indices" not in obj:
         problems.append("routing_meta: missing key 'moe_layer_indices'")
     else:

@@ -291,7 +291,9 @@ def render_report(analysis: dict) -> str:
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="exit status: 0 tables written; 2 usage error, a missing or invalid input "
+                                            "file, or --plot-dir without matplotlib (nothing analysed)")
     parser.add_argument("files", nargs="+", type=Path, help="step_details.json files (first = baseline)")
     parser.add_argument("--labels", help="comma-separated run names (default: file stem or parent folder)")
     window = parser.add_mutually_exclusive_group()
@@ -317,7 +319,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             pyplot()  # fail before the work, not after it
     except PlottingUnavailable as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     try:
         runs = load_runs(args.files, labels)
     except (SchemaError, OSError) as exc:

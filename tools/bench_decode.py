@@ -135,6 +135,9 @@ def hf_generate(config: ModelConfig, args, prompts, workdir: Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("error: bench_decode.py needs a CUDA GPU (exit status 2: nothing measured)", file=sys.stderr)
+        return 2
     config = get_preset(args.model)
     dtype = torch_dtype(args.dtype)
     elem = torch.empty((), dtype=dtype).element_size()

@@ -5,7 +5,8 @@ For each layout ``tp:ep`` (world = dp x tp, dp replicas run side by side), one M
 a preset's shape is built from random shards on every rank and timed block by block: the
 TP all-reduce alone, the attention projections (column-parallel qkv, row-parallel output,
 one all-reduce; the attention core is left out: it is per-head local), the MoE block
-(replicated router, this rank's experts, one all-reduce), the routing capture (the
+(replicated router, this rank's experts, one all-reduce; GPT-OSS experts included), the
+routing capture (the
 staging copies of every MoE layer and the block scatter, what ``routing_on="all"`` adds
 to each non-leader rank) and the vocabulary-parallel logits (all-gather). CUDA: eager and
 CUDA-graph replay (NCCL inside the graph), CUDA-event medians. CPU (gloo): eager only, a
@@ -109,7 +110,7 @@ def build_modules(config: ModelConfig, groups: ParallelGroups, dtype: torch.dtyp
     attn = attention_shard(config, groups.layout, groups.tp, **kw)
     moe = ExpertParallelMoE(config, groups, **kw)
     head = ParallelLMHead(config.vocab_size, config.hidden_size, groups.tp, **kw)
-    for m in (attn.qkv_proj, attn.o_proj, moe, head):
+    for m in (*attn.modules.values(), moe, head):
         random_(m, seed=1 + groups.coords.rank)
     if device.type == "cuda":
         moe.experts_fn = moe_experts_grouped       # sync-free: graph-capturable
@@ -122,7 +123,7 @@ def block_calls(config: ModelConfig, groups: ParallelGroups, modules: dict, toke
     device, dtype = head.weight.device, head.weight.dtype
     gen = torch.Generator(device=device).manual_seed(2)
     x = torch.randn(tokens, config.hidden_size, generator=gen, device=device, dtype=dtype)
-    buf, q_size = torch.zeros_like(x), attn.qkv_proj.q_size      # zeros: repeated in-place sums stay finite
+    buf = torch.zeros_like(x)                    # zeros: repeated in-place sums stay finite
     staging = torch.zeros(tokens, config.num_moe_layers, config.topk, dtype=torch.uint8, device=device)
     block_routing = torch.zeros(tokens + 1, config.num_moe_layers, config.topk, dtype=torch.uint8, device=device)
     ids = torch.randint(0, config.num_experts, (tokens, config.topk), generator=gen, device=device)
@@ -133,9 +134,12 @@ def block_calls(config: ModelConfig, groups: ParallelGroups, modules: dict, toke
             staging[:, j].copy_(ids)
         block_routing.index_put_((rows,), staging)
 
-    return {"all_reduce": lambda: groups.tp.all_reduce(buf),
-            "attn_proj": lambda: attn.o_proj(attn.qkv_proj(x)[:, :q_size]),
-            "moe": lambda: moe(x), "routing_capture": capture, "logits": lambda: head(x)}
+    calls = {"all_reduce": lambda: groups.tp.all_reduce(buf), "moe": lambda: moe(x),
+             "routing_capture": capture, "logits": lambda: head(x)}
+    if "qkv_proj" in attn.modules:              # grouped-query attention (MLA: not timed here)
+        qkv, o_proj = attn.modules["qkv_proj"], attn.modules["o_proj"]
+        calls["attn_proj"] = lambda: o_proj(qkv(x)[:, :qkv.q_size])
+    return calls
 
 
 @torch.no_grad()

@@ -113,6 +113,10 @@ def compare_routing(a: list, b: list) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"error: --device {args.device}, but CUDA is not available (use --device cpu); nothing measured",
+              file=sys.stderr)
+        return 2
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     if args.cuda_graphs is None:
         args.cuda_graphs = args.device.startswith("cuda")

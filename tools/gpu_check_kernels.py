@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+        print("error: gpu_check_kernels.py needs a CUDA GPU (exit status 2: nothing checked)", file=sys.stderr)
         return 2
     device = torch.cuda.get_device_name()
     rows = all_checks(args.reps, args.quick)

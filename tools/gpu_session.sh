@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: install carried wheels, GPU tests, kernel checks, then benchmarks.
-# Usage (on the GPU machine, repo root): bash tools/gpu_session.sh [quick|full]
+# Usage (on the GPU machine, repo root): bash tools/gpu_session.sh [quick|full|routing|final|checkpoint|qwen]
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -28,6 +28,10 @@ elif [ "$mode" = final ]; then
   python3 tools/analyze_step_details.py $run/step_details.json --json "$OUT/analysis_olmoe.json" --plot-dir /tmp/plots 2>&1 | tail -12
   cp $run/step_details.json "$OUT/step_details_olmoe.json"; cp /tmp/plots/phase_share.png "$OUT/" 2>/dev/null
   python3 tools/bench_routing.py --model olmoe-1b-7b-shape --repetitions 5 --output "$OUT/bench_routing_olmoe.json" 2>&1 | tee "$OUT/bench_routing_olmoe.log" | tail -8
+elif [ "$mode" = checkpoint ]; then
+  python3 -m pytest -q tests/gpu/test_resume_cuda.py 2>&1 | tail -5
+  python3 tools/bench_checkpoint.py --repetitions 3 2>&1 | tee "$OUT/bench_checkpoint_olmoe.log" | tail -6
+  cp docs/bench/checkpoint_*.json "$OUT/" 2>/dev/null
 elif [ "$mode" = qwen ]; then
   python3 tools/bench_routing.py --model qwen3-30b-a3b-shape --num-requests 128 --output "$OUT/bench_routing_qwen3.json" 2>&1 | tee "$OUT/bench_routing_qwen3.log" | tail -9
 fi

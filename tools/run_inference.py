@@ -5,12 +5,17 @@
 
 Plain ``python tools/run_inference.py ...`` works too. With more than one torchrun process
 each rank serves its share of the requests (data parallel) and rank 0 merges the outputs.
+Finished requests reach OUT as checkpoints while the run goes on; an interrupted run
+(signal, crash, preemption) continues with --resume.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -20,19 +25,37 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 import torch
 
 from inference.config import DTYPES, EngineConfig
+from inference.errors import AllocationError, MissingDependencyError
 from inference.presets import DEFAULT_PRESET, PRESETS
+from inference.run_outputs import routing_meta_for
+from inference.run_writer import CheckpointPolicy
 from inference.workload import PromptsFileError
-from tools.run_report import serve_and_report
-from tools.run_setup import (build_engine, describe_memory_plan, distributed_context, load_prompts,
-                             model_source, parse_memory_size, sampling_params_for)
+from routing_replay.run_layout import read_manifest
+from tools.interrupts import InterruptGuard
+from tools.memory_plan import plan_memory
+from tools.output_dir import (RunLock, finish_complete_run, finished_ids, inspect_output_dir, prepare_output_dir,
+                              run_fingerprint)
+from tools.run_report import EXIT_OK, EXIT_USAGE, RunPlan, serve_and_report
+from tools.run_setup import (build_engine, degenerate_config_warnings, describe_memory_plan, distributed_context,
+                             load_prompts, model_source, output_limit, parse_memory_size, sampling_params_for)
 
 log = logging.getLogger("run_inference")
+
+EPILOG = """exit status:
+  0    every request finished
+  1    the run stopped on an error after work began (e.g. a checkpoint could not be written:
+       disk full); everything checkpointed is valid: fix the cause, then run again with --resume
+  2    usage or configuration error, found before any work (nothing served)
+  3    every request was served but some failed (finish_reason "error"); all else is written
+  130  interrupted by SIGINT (143: SIGTERM): OUT holds every request finished before the last
+       checkpoint, in valid files; the same command with --resume serves the rest
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="run_inference.py", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        prog="run_inference.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+        formatter_class=_HelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_PRESET, choices=list(PRESETS),
                    help="built-in preset (random seeded weights; *-shape presets copy real models' shapes)")
@@ -70,10 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--record-routing", action="store_true",
                    help="record every token's top-k experts per MoE layer (routing.npz, routing_meta.json)")
     g = p.add_argument_group("output and logging")
-    g.add_argument("--output-dir", metavar="DIR", help="write results.jsonl, step_details.json (and routing files) here")
+    g.add_argument("--output-dir", metavar="DIR", help="write results.jsonl, step_details.json (and routing files) here; "
+                   "a directory holding another run is refused unless --resume or --overwrite")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --output-dir (same flags): "
+                   "skip requests already on disk, serve the rest; starts a new run when the directory has none")
+    g.add_argument("--overwrite", action="store_true", help="replace the run in --output-dir (only its files are deleted)")
+    g.add_argument("--checkpoint-every", type=int, default=CheckpointPolicy.every_requests, metavar="N",
+                   help="commit finished requests to --output-dir after every N of them ...")
+    g.add_argument("--checkpoint-interval", type=float, default=CheckpointPolicy.every_seconds, metavar="SECONDS",
+                   help="... or SECONDS after the oldest finished request not yet on disk")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar (default: on when stderr is a terminal)")
+                   help="progress line on stderr, updated every step (default: on when stderr is a terminal)")
     g.add_argument("--dry-run", action="store_true", help="validate the configuration, print the memory plan, generate nothing")
     return p
 
@@ -96,8 +127,13 @@ def engine_config_from_args(args: argparse.Namespace, model_config, device: torc
                         device=str(device), seed=args.seed, async_scheduling=args.async_scheduling)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the exit-status epilog kept as written."""
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for flag in ("num_requests", "prompt_len", "output_len", "block_size", "max_requests", "max_step_tokens"):
+    for flag in ("num_requests", "prompt_len", "output_len", "block_size", "max_requests", "max_step_tokens",
+                 "checkpoint_every"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("num_kv_blocks", "max_new_tokens"):
@@ -105,14 +141,27 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.shared_prefix_len < 0 or args.shared_prefix_len > args.prompt_len:
         parser.error(f"--shared-prefix-len must be in [0, --prompt-len={args.prompt_len}], got {args.shared_prefix_len}")
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        parser.error(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
     if args.top_k < 0:
         parser.error(f"--top-k must be >= 0 (0 = disabled), got {args.top_k}")
     if not 0 < args.top_p <= 1:
         parser.error(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not (math.isfinite(args.checkpoint_interval) and args.checkpoint_interval > 0):
+        parser.error(f"--checkpoint-interval must be a finite number of seconds > 0, got {args.checkpoint_interval}")
     if args.num_kv_blocks is not None and args.kv_cache_memory:
         parser.error("give --num-kv-blocks or --kv-cache-memory, not both")
+    if args.resume and args.overwrite:
+        parser.error("give --resume or --overwrite, not both")
+    if (args.resume or args.overwrite) and not args.output_dir:
+        parser.error(f"--{'resume' if args.resume else 'overwrite'} needs --output-dir")
+
+
+def check_model_args(args: argparse.Namespace, model_config) -> None:
+    """Flags whose valid range depends on the model."""
+    if args.block_size > model_config.max_position_embeddings:
+        raise ValueError(f"--block-size {args.block_size} exceeds the model's maximum length "
+                         f"({model_config.max_position_embeddings} positions); use a block size like 16")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,24 +169,96 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_args(parser, args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    with InterruptGuard() as guard, contextlib.ExitStack() as held:
+        try:
+            ready = _set_up(args, guard, held)
+        except (ValueError, PromptsFileError, OSError, MissingDependencyError, AllocationError) as exc:
+            parser.error(str(exc))   # setup only: nothing was served yet
+        if isinstance(ready, int):
+            return ready
+        engine, dist, specs, plan = ready
+        index_of = {s.request_id: i for i, s in enumerate(specs)}
+        return serve_and_report(engine, args, dist, plan,
+                                lambda spec: sampling_params_for(args, spec, index_of[spec.request_id]), guard)
+
+
+def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.ExitStack):
+    """Validate everything (before any weights), build the engine, prepare --output-dir
+    (rank 0 holds its lock in ``held`` until the run ends). Returns an exit code when the
+    run ends here, else (engine, dist, specs, plan)."""
     dist = distributed_context(args.device)
     if args.dtype is None:
         args.dtype = "bfloat16" if dist.device.type == "cuda" else "float32"
-    try:
-        model_config, model_loader = model_source(args)
-        engine_config = engine_config_from_args(args, model_config, dist.device)
-        specs = load_prompts(args, model_config)
-    except (ValueError, PromptsFileError, FileNotFoundError) as exc:
-        parser.error(str(exc))
+    model_config, model_loader = model_source(args)
+    check_model_args(args, model_config)
+    engine_config = engine_config_from_args(args, model_config, dist.device)
+    specs = load_prompts(args, model_config)
+    limits = [output_limit(args, s) for s in specs]
+    memory = plan_memory(model_config, engine_config, dist.device,
+                         local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    fingerprint = run_fingerprint(args, model_config, engine_config, specs, limits)
+    out_plan = _inspect_output_dir(args, dist, fingerprint)
+    warnings = degenerate_config_warnings(model_config, engine_config, specs, limits)
     if args.dry_run:
-        print(describe_memory_plan(model_config, engine_config, num_requests=len(specs)))
-        return 0
-    my_specs = specs[dist.rank::dist.world_size]
-    try:
-        engine = build_engine(model_loader, engine_config, dist.device)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return serve_and_report(engine, args, dist, specs, my_specs, sampling_params_for)
+        return _dry_run(model_config, engine_config, memory, len(specs), out_plan, warnings)
+    for problem in (memory.problem(), out_plan.problem if out_plan else None):
+        if problem:
+            raise ValueError(problem)
+    if out_plan is not None and dist.is_main:
+        held.enter_context(RunLock(out_plan.path))
+    for warning in warnings:
+        log.warning("%s", warning)
+    if out_plan is not None and out_plan.action == "done":
+        if dist.is_main:
+            finish_complete_run(out_plan.path)   # a run killed while tidying up after completion
+        print(f"{out_plan.path}: the run is already complete ({len(specs)} requests); nothing to resume")
+        return EXIT_OK
+    engine = build_engine(model_loader, engine_config, dist.device)
+    if guard.requested:
+        log.warning("interrupted by %s before any request was served; nothing was written", guard.name)
+        return guard.exit_code
+    meta = routing_meta_for(model_config, engine_config.block_size) if engine_config.record_routing else None
+    return engine, dist, specs, _plan_run(args, dist, specs, out_plan, fingerprint, meta)
+
+
+def _inspect_output_dir(args: argparse.Namespace, dist, fingerprint: dict):
+    """Rank 0 decides what --output-dir allows and every rank gets the same verdict (another
+    rank looking for itself could see the files rank 0 has just begun writing)."""
+    if not args.output_dir:
+        return None
+    plan = [inspect_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite,
+                               fingerprint=fingerprint) if dist.is_main else None]
+    if dist.world_size > 1:
+        torch.distributed.broadcast_object_list(plan, src=0)
+    return plan[0]
+
+
+def _dry_run(model_config, engine_config, memory, num_requests: int, out_plan, warnings: list[str]) -> int:
+    verdict = None if out_plan is None else (out_plan.problem or f"{out_plan.path}: ok ({out_plan.action})")
+    problems = [p for p in (memory.problem(), out_plan.problem if out_plan else None) if p]
+    head = ("dry run: configuration is valid" if not problems else
+            "dry run: configuration is NOT valid:\n" + "\n".join(f"  error: {p}" for p in problems))
+    notes = "".join(f"\n  warning: {w}" for w in warnings)
+    print(head + notes + "\n" + describe_memory_plan(model_config, engine_config, memory, num_requests, verdict))
+    return EXIT_USAGE if problems else EXIT_OK
+
+
+def _plan_run(args, dist, specs, out_plan, fingerprint, routing_meta) -> RunPlan:
+    """Prepare --output-dir (rank 0) and pick this rank's share of the requests not yet on disk."""
+    if out_plan is None:
+        return RunPlan(specs, specs[dist.rank::dist.world_size], 0, 1, None)
+    if dist.is_main:
+        if out_plan.action in ("resume", "reopen"):
+            log.info("resuming the run in %s", out_plan.path)
+        elif args.resume:
+            log.info("--resume: %s holds no run yet; starting a new one", out_plan.path)
+        prepare_output_dir(out_plan, {"num_requests": len(specs), "record_routing": args.record_routing,
+                                      "world_size": dist.world_size, "fingerprint": fingerprint}, routing_meta)
+    dist.barrier()
+    attempt = int(read_manifest(out_plan.path)["attempt"])
+    done = finished_ids(out_plan.path, attempt)
+    remaining = [s for s in specs if s.request_id not in done]
+    return RunPlan(specs, remaining[dist.rank::dist.world_size], len(specs) - len(remaining), attempt, out_plan.path)
 
 
 if __name__ == "__main__":

@@ -1,54 +1,169 @@
-"""Serving a run's requests with progress, writing its files and the end-of-run summary."""
+"""Serving a run's requests with checkpoints, finishing its directory (consolidation on
+completion, a resumable state on interruption), the end-of-run summary and the exit code.
+
+Exit codes (also in ``run_inference.py --help`` and the README):
+  0    every request finished
+  1    the run stopped on an error after work began (e.g. a checkpoint could not be
+       written); everything checkpointed before it is valid: fix the cause, then --resume
+  2    usage or configuration error, found before any work
+  3    every request was served but some failed (finish_reason "error"); all else written
+  130  interrupted by SIGINT, 143 by SIGTERM: valid partial output, continue with --resume
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
+
 from inference.engine import LLMEngine
 from inference.progress import ProgressBar
-from inference.request import RequestResult
-from inference.run_outputs import merge_rank_outputs, write_run_outputs
+from inference.request import SamplingParams
+from inference.run_outputs import consolidate_run, routing_meta_for, run_meta, write_step_details
+from inference.run_writer import CheckpointError, CheckpointPolicy, CheckpointWriter
 from inference.workload import PromptSpec
+from routing_replay.outputs import load_results
+from routing_replay.run_dir_schema import STEP_DETAILS_FILE
+from tools.interrupts import InterruptGuard
+from tools.output_dir import finish_complete_run, set_status
 from tools.run_setup import DistributedContext
+from tools.serve_loop import ServeStats, serve_requests
 
 log = logging.getLogger("run_inference")
 
+EXIT_OK, EXIT_RUNTIME_ERROR, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
 
-def serve_and_report(engine: LLMEngine, args: argparse.Namespace, dist: DistributedContext,
-                     specs: Sequence[PromptSpec], my_specs: Sequence[PromptSpec],
-                     params_for: Callable) -> int:
-    index_of = {s.request_id: i for i, s in enumerate(specs)}
-    progress = ProgressBar(len(my_specs), enabled=args.progress if dist.is_main else False)
 
-    def on_result(result: RequestResult) -> None:
-        progress.update(requests=1, tokens=len(result.output_token_ids))
-        if result.finish_reason == "error":
-            log.warning("%s", result.error)
+@dataclass(frozen=True)
+class RunPlan:
+    """One rank's share of a run. Invariant: ``my_specs`` is ``remaining[rank::world_size]``
+    where ``remaining`` are the workload's specs minus the ``num_done`` already on disk."""
 
+    specs: Sequence[PromptSpec]           # the whole workload, input order
+    my_specs: Sequence[PromptSpec]
+    num_done: int
+    attempt: int
+    out_dir: Path | None
+
+
+def serve_and_report(engine: LLMEngine, args: argparse.Namespace, dist: DistributedContext, plan: RunPlan,
+                     params_for: Callable[[PromptSpec], SamplingParams], guard: InterruptGuard) -> int:
+    """Serve this rank's requests, finish the directory, print the summary; the exit code."""
+    writer = _open_writer(engine, args, dist, plan)
+    total = len(plan.my_specs) + (plan.num_done if dist.world_size == 1 else 0)
+    progress = ProgressBar(total, enabled=args.progress if dist.is_main else False,
+                           done_before=plan.num_done if dist.world_size == 1 else 0)
+    sink = writer.submit if writer is not None else (lambda result: None)
     start = time.perf_counter()
-    results = engine.generate([s.prompt_token_ids for s in my_specs],
-                              [params_for(args, s, index_of[s.request_id]) for s in my_specs],
-                              request_ids=[s.request_id for s in my_specs], on_result=on_result,
-                              routing_starts=[s.routing_start for s in my_specs])
-    wall = time.perf_counter() - start
+    try:
+        stats = serve_requests(engine, plan.my_specs, params_for, sink, lambda: guard.requested, progress,
+                               done_before=plan.num_done if dist.world_size == 1 else 0)
+        if writer is not None:
+            writer.close()
+    except CheckpointError as exc:
+        progress.close()
+        log.error("%s", exc)
+        committed = writer.num_committed if writer is not None else 0
+        log.error("%d requests of this attempt are safely on disk in %s; fix the cause and run the same "
+                  "command with --resume to serve the rest", committed, plan.out_dir)
+        return EXIT_RUNTIME_ERROR
+    except BaseException:
+        if writer is not None:   # an unexpected error: still commit every request that finished
+            _close_quietly(writer)
+        raise
     progress.close()
-    files: list[Path] = []
-    if args.output_dir:
-        out = Path(args.output_dir)
-        extra = {"rank": dist.rank, "world_size": dist.world_size, "workload": _workload_meta(args, len(specs))}
-        shard = out / f"rank{dist.rank}" if dist.world_size > 1 else out
-        files = write_run_outputs(shard, results, engine, extra)
-        dist.barrier()
-        if dist.world_size > 1 and dist.is_main:
-            files = merge_rank_outputs(out, dist.world_size, [s.request_id for s in specs])
+    wall = time.perf_counter() - start
+    try:
+        files = _finish_directory(engine, args, dist, plan, stats, interrupted=guard.requested)
+    except OSError as exc:   # e.g. the disk filled up while consolidating: the shards are intact
+        log.error("cannot finish %s (%s); every checkpoint in it is valid: fix the cause and run the same "
+                  "command with --resume", plan.out_dir, exc)
+        return EXIT_RUNTIME_ERROR
     if dist.is_main:
-        print(summarize(engine, results, wall, files, dist.world_size))
-    dist.barrier()
-    return 0
+        print(summarize(engine, stats, wall, files, dist.world_size, plan))
+    if guard.requested:
+        _say_how_to_resume(guard, plan, stats)
+        return guard.exit_code
+    failed = _run_failures(plan, stats)
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _open_writer(engine: LLMEngine, args, dist: DistributedContext, plan: RunPlan) -> CheckpointWriter | None:
+    if plan.out_dir is None:
+        return None
+    meta = routing_meta_for(engine.model_config, engine.config.block_size) if engine.recorder is not None else None
+    return CheckpointWriter(plan.out_dir, attempt=plan.attempt, rank=dist.rank, routing_meta=meta,
+                            policy=CheckpointPolicy(args.checkpoint_every, args.checkpoint_interval))
+
+
+def _close_quietly(writer: CheckpointWriter) -> None:
+    try:
+        writer.close()
+    except CheckpointError as exc:
+        log.error("%s", exc)
+
+
+def _finish_directory(engine: LLMEngine, args, dist: DistributedContext, plan: RunPlan, stats: ServeStats,
+                      interrupted: bool) -> list[Path]:
+    """Write step_details; when every rank served all of its requests, rank 0 consolidates
+    the shards into results.jsonl / routing.npz and marks run.json complete."""
+    if plan.out_dir is None:
+        return []
+    out = plan.out_dir
+    extra = {"rank": dist.rank, "world_size": dist.world_size, "workload": _workload_meta(args, len(plan.specs)),
+             "attempt": plan.attempt, "resumed_requests": plan.num_done}
+    rank_dir = out / f"rank{dist.rank}" if dist.world_size > 1 else out
+    write_step_details(engine.step_log, rank_dir / STEP_DETAILS_FILE, run_meta(engine, extra))
+    complete = _all_ranks_complete(dist, not interrupted and not stats.unserved)
+    files = [out / STEP_DETAILS_FILE]
+    if dist.is_main:
+        if dist.world_size > 1:
+            shutil.copyfile(out / "rank0" / STEP_DETAILS_FILE, out / STEP_DETAILS_FILE)
+        if complete:
+            meta = routing_meta_for(engine.model_config, engine.config.block_size) if engine.recorder else None
+            files = consolidate_run(out, [s.request_id for s in plan.specs], meta) + files
+            files += [out / "routing_meta.json"] if meta is not None else []
+            set_status(out, "complete")
+            finish_complete_run(out)
+        else:
+            set_status(out, "interrupted")
+    if complete:
+        dist.barrier()
+    return files
+
+
+def _all_ranks_complete(dist: DistributedContext, mine: bool) -> bool:
+    """Every rank's vote (no barrier on an interruption's way out would be safe: all ranks
+    vote, so none waits for a consolidation that will not come)."""
+    if dist.world_size == 1:
+        return mine
+    flag = torch.tensor([0 if mine else 1], dtype=torch.int32,
+                        device=dist.device if dist.device.type == "cuda" else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item()) == 0
+
+
+def _run_failures(plan: RunPlan, stats: ServeStats) -> int:
+    """Failed requests of the whole run (the consolidated results), else of this process."""
+    if plan.out_dir is None:
+        return stats.failed
+    return sum(r.get("finish_reason") == "error" for r in load_results(plan.out_dir))
+
+
+def _say_how_to_resume(guard: InterruptGuard, plan: RunPlan, stats: ServeStats) -> None:
+    if plan.out_dir is None:
+        log.warning("interrupted by %s: %d requests finished; nothing was saved (no --output-dir)",
+                    guard.name, stats.finished + stats.failed)
+        return
+    log.warning("interrupted by %s: %d requests of this attempt saved in %s, %d not served; run the same "
+                "command with --resume to serve the rest", guard.name, stats.finished + stats.failed,
+                plan.out_dir, len(stats.unserved))
 
 
 def _workload_meta(args: argparse.Namespace, num_requests: int) -> dict:
@@ -58,29 +173,27 @@ def _workload_meta(args: argparse.Namespace, num_requests: int) -> dict:
             "shared_prefix_len": args.shared_prefix_len}
 
 
-def summarize(engine: LLMEngine, results: Sequence[RequestResult], wall_s: float,
-              files: Sequence[Path], world_size: int) -> str:
+def summarize(engine: LLMEngine, stats: ServeStats, wall_s: float, files: Sequence[Path], world_size: int,
+              plan: RunPlan | None = None) -> str:
     """End-of-run summary of this rank's work (and where the merged files went)."""
-    ok = [r for r in results if r.finish_reason != "error"]
-    prompt_tokens = sum(len(r.prompt_token_ids) for r in ok)
-    gen_tokens = sum(len(r.output_token_ids) for r in ok)
     summary = engine.step_log.summary()
+    resumed = f" ({plan.num_done} more were already on disk)" if plan is not None and plan.num_done else ""
     lines = [
-        "run summary" + (f" (rank 0 of {world_size}; files merged over all ranks)" if world_size > 1 else ""),
-        f"  requests        {len(ok)} finished, {len(results) - len(ok)} failed",
-        f"  tokens          {prompt_tokens} prompt, {gen_tokens} generated, "
-        f"{sum(r.num_cached_tokens for r in ok)} prompt tokens from prefix cache",
+        "run summary" + (f" (rank 0 of {world_size}; its share of the requests)" if world_size > 1 else ""),
+        f"  requests        {stats.finished} finished, {stats.failed} failed"
+        + (f", {len(stats.unserved)} not served (interrupted)" if stats.unserved else "") + resumed,
+        f"  tokens          {stats.prompt_tokens} prompt, {stats.output_tokens} generated, "
+        f"{stats.cached_tokens} prompt tokens from prefix cache",
         f"  wall time       {wall_s:.2f} s over {summary.get('num_steps', 0)} steps",
-        f"  throughput      {gen_tokens / max(wall_s, 1e-9):,.1f} generated tok/s, "
-        f"{(prompt_tokens + gen_tokens) / max(wall_s, 1e-9):,.1f} total tok/s",
+        f"  throughput      {stats.output_tokens / max(wall_s, 1e-9):,.1f} generated tok/s, "
+        f"{(stats.prompt_tokens + stats.output_tokens) / max(wall_s, 1e-9):,.1f} total tok/s",
     ]
     if engine.recorder is not None:
         share = summary.get("routing_share", 0.0) or 0.0
-        lines.append(f"  routing         recorded for {sum(r.routing is not None for r in ok)} requests; "
+        lines.append(f"  routing         recorded for {stats.with_routing} requests; "
                      f"recorder host time {100 * share:.2f}% of step time")
-    preempted = sum(r.num_preemptions for r in ok)
-    if preempted:
-        lines.append(f"  preemptions     {preempted}")
+    if stats.preemptions:
+        lines.append(f"  preemptions     {stats.preemptions}")
     if files:
         lines.append(f"  files           {', '.join(str(f) for f in files)}")
     return "\n".join(lines)

@@ -12,11 +12,12 @@ import torch
 
 from inference.config import EngineConfig, ModelConfig
 from inference.engine import LLMEngine
-from inference.kv_cache import KVCache
+from inference.errors import allocating
 from inference.model import MoEGPT
 from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import SamplingParams
 from inference.workload import PromptSpec, read_prompts_file, synthetic_prompts
+from tools.memory_plan import MemoryPlan
 
 ModelLoader = Callable[[torch.device, torch.dtype, int], MoEGPT]
 
@@ -38,18 +39,35 @@ class DistributedContext:
             torch.distributed.barrier()
 
 
+_DEVICE_RE = re.compile(r"(cpu|cuda)(?::(\d+))?")
+
+
+def parse_device(flag: str) -> torch.device:
+    """--device: auto, cpu, cuda or cuda:N; ValueError naming the flag otherwise."""
+    if flag == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    match = _DEVICE_RE.fullmatch(flag)
+    if match is None:
+        raise ValueError(f"--device {flag!r} is not a device this engine runs on; use cpu, cuda, cuda:N or auto")
+    if match.group(1) == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {flag}, but CUDA is not available (use --device cpu)")
+    if match.group(2) is not None and int(match.group(2)) >= torch.cuda.device_count():
+        raise ValueError(f"--device {flag}: this machine has {torch.cuda.device_count()} CUDA devices "
+                         f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return torch.device(flag)
+
+
 def distributed_context(device_flag: str) -> DistributedContext:
     """Initialise torch.distributed when torchrun started several processes (gloo on CPU,
-    nccl on CUDA); a single process needs no process group."""
+    nccl on CUDA); a single process needs no process group. A bad --device raises
+    ValueError before any process group exists."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_flag == "auto":
-        device_flag = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_flag)
+    device = parse_device(device_flag)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("error: --device cuda, but CUDA is not available (use --device cpu)")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -61,15 +79,17 @@ def distributed_context(device_flag: str) -> DistributedContext:
 def model_source(args: argparse.Namespace) -> tuple[ModelConfig, ModelLoader]:
     """The model's config now and a loader that builds its weights later (not in --dry-run)."""
     if args.hf_checkpoint:
-        from inference.hf_loader import load_hf_config, load_hf_model
-        config = load_hf_config(args.hf_checkpoint)
+        from inference.hf_loader import check_hf_checkpoint, load_hf_model
+        config = check_hf_checkpoint(args.hf_checkpoint)[0]   # every header read: a bad file fails now
         return config, lambda device, dtype, seed: load_hf_model(args.hf_checkpoint, device=device, dtype=dtype)
     config = get_preset(args.model)
     return config, lambda device, dtype, seed: build_model(config, seed=seed, dtype=dtype, device=device)
 
 
 def build_engine(loader: ModelLoader, config: EngineConfig, device: torch.device) -> LLMEngine:
-    model = loader(device, torch_dtype(config.dtype), config.seed)
+    """Weights, then the engine; an allocation failure is an AllocationError naming the part."""
+    with allocating("weights", "use --dtype bfloat16 or a smaller model"):
+        model = loader(device, torch_dtype(config.dtype), config.seed)
     return LLMEngine(model, config)
 
 
@@ -107,11 +127,38 @@ def load_prompts(args: argparse.Namespace, model_config: ModelConfig) -> list[Pr
                              shared_prefix_len=args.shared_prefix_len)
 
 
+def output_limit(args: argparse.Namespace, spec: PromptSpec) -> int:
+    """max_new_tokens of one request: its own, else --max-new-tokens, else --output-len."""
+    return spec.max_new_tokens or args.max_new_tokens or args.output_len
+
+
 def sampling_params_for(args: argparse.Namespace, spec: PromptSpec, index: int) -> SamplingParams:
-    limit = spec.max_new_tokens or args.max_new_tokens or args.output_len
+    """Sampling of the request at ``index`` of the whole workload (its seed depends on the
+    index, never on which rank or attempt serves it: resumed runs sample the same tokens)."""
     seed = None if args.temperature == 0 else args.seed * 1_000_003 + index
-    return SamplingParams(max_new_tokens=limit, temperature=args.temperature, top_k=args.top_k,
+    return SamplingParams(max_new_tokens=output_limit(args, spec), temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=seed, ignore_eos=args.ignore_eos)
+
+
+def degenerate_config_warnings(model_config: ModelConfig, config: EngineConfig, specs: list[PromptSpec],
+                               limits: list[int]) -> list[str]:
+    """Legal configurations that will not do what was probably meant: a KV cache that
+    cannot hold the longest request (so max_model_len is the KV capacity)."""
+    capacity = config.kv_capacity_tokens
+    max_model_len = min(model_config.max_position_embeddings, capacity)
+    needs = [(min(len(s.prompt_token_ids) + limit, model_config.max_position_embeddings), s.request_id)
+             for s, limit in zip(specs, limits)]
+    if not needs:
+        return []
+    need, request_id = max(needs)
+    if capacity >= need:
+        return []
+    too_long = sum(len(s.prompt_token_ids) > capacity for s in specs)
+    fails = f"; {too_long} prompts are longer than that and will fail" if too_long else ""
+    return [f"the KV cache holds {capacity} tokens (--num-kv-blocks {config.num_kv_blocks} x --block-size "
+            f"{config.block_size}), fewer than request {request_id!r} needs ({need} = prompt + max_new_tokens): "
+            f"max_model_len is {max_model_len}, so requests stop at {max_model_len} tokens with finish_reason "
+            f"\"length\"{fails}. Raise --num-kv-blocks or --kv-cache-memory"]
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -124,44 +171,22 @@ def parse_memory_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def _count_parameters(config: ModelConfig) -> int:
-    with torch.device("meta"):
-        model = MoEGPT(config)
-    return sum(p.numel() for p in model.parameters())
-
-
-def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, num_requests: int) -> str:
-    """The --dry-run report: what would be allocated, without allocating it."""
-    from routing_replay import routing_dtype
-    elem = torch.empty((), dtype=torch_dtype(config.dtype)).element_size()
-    params = _count_parameters(model_config)
-    kv_block = KVCache.bytes_per_block(model_config, config.block_size, torch_dtype(config.dtype))
-    kv_total = kv_block * (config.num_kv_blocks + 1)
-    route_elem = torch.empty((), dtype=routing_dtype(model_config.num_experts)).element_size()
-    per_token_route = model_config.num_moe_layers * model_config.topk * route_elem
-    route_total = per_token_route * ((config.num_kv_blocks + 1) * config.block_size + config.max_step_tokens)
-    rows = [
-        ("model", f"{model_config.name}: {model_config.num_layers} layers ({model_config.num_moe_layers} MoE, "
-                  f"layers {list(model_config.moe_layer_indices)}), {model_config.num_experts} experts top-{model_config.topk}"),
-        ("weights", f"{params:,} parameters x {elem} B = {_fmt_bytes(params * elem)}"),
-        ("KV cache", f"{config.num_kv_blocks} blocks (+1 dummy) x {config.block_size} tokens x "
-                     f"{_fmt_bytes(kv_block // config.block_size)}/token = {_fmt_bytes(kv_total)} "
-                     f"({config.kv_capacity_tokens:,} tokens)"),
-        ("routing buffer", (f"{per_token_route} B/token -> {_fmt_bytes(route_total)} "
-                            f"({100.0 * route_total / kv_total:.2f}% of KV)") if config.record_routing else "off (--record-routing not given)"),
-        ("engine", f"device={config.device} dtype={config.dtype} max_requests={config.max_requests} "
-                   f"max_step_tokens={config.max_step_tokens} prefix_caching={config.enable_prefix_caching} "
-                   f"cuda_graphs={config.cuda_graphs} async_scheduling="
-                   f"{config.device.startswith('cuda') if config.async_scheduling is None else config.async_scheduling}"),
-        ("workload", f"{num_requests} requests"),
-    ]
+def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, plan: MemoryPlan, num_requests: int,
+                         output_verdict: str | None = None) -> str:
+    """The --dry-run report: what would be allocated (without allocating it) and whether it
+    fits, plus the --output-dir verdict."""
+    rows = [("model", f"{model_config.name}: {model_config.num_layers} layers ({model_config.num_moe_layers} MoE, "
+                      f"layers {list(model_config.moe_layer_indices)}), {model_config.num_experts} experts "
+                      f"top-{model_config.topk}")]
+    rows += plan.rows()
+    if not config.record_routing:
+        rows.insert(len(rows) - 1, ("routing buffer", "off (--record-routing not given)"))
+    async_scheduling = config.device.startswith("cuda") if config.async_scheduling is None else config.async_scheduling
+    rows += [("engine", f"device={config.device} dtype={config.dtype} max_requests={config.max_requests} "
+                        f"max_step_tokens={config.max_step_tokens} prefix_caching={config.enable_prefix_caching} "
+                        f"cuda_graphs={config.cuda_graphs} async_scheduling={async_scheduling}"),
+             ("workload", f"{num_requests} requests")]
+    if output_verdict:
+        rows.append(("output dir", output_verdict))
     width = max(len(k) for k, _ in rows)
-    return "dry run: configuration is valid; memory plan\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
+    return "memory plan\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -22,7 +22,7 @@ def pyplot() -> Any:
         import matplotlib
     except ImportError:
         raise PlottingUnavailable(
-            "--plot-dir needs matplotlib: pip install 'moe-routing-replay[plot]' (or pip install matplotlib)"
+            "--plot-dir needs matplotlib: pip install -e \".[plot]\" (or pip install \"moe-routing-replay[plot]\")"
         ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -9,7 +9,7 @@ training router disagrees with inference and how far log-probs drift.
 
 The training side runs in ``--train-dtype`` (bf16 by default, against fp32 inference) and
 optionally with ``--perturb`` weight noise (a policy one update away), so without replay
-the routers disagree; with replay the disagreement must be exactly 0 (exit status 1 if not).
+the routers disagree; with replay the disagreement must be exactly 0.
 Inference log-probs come from the inference model's full-sequence forward with the
 recorded routing (the engine returns tokens and routing, not log-probs). Everything runs on
 CPU (megatron-core through ``cpu_megatron_runtime``): it checks correctness, not speed.
@@ -32,6 +32,7 @@ import torch
 
 from inference.config import DTYPES, EngineConfig
 from inference.engine import LLMEngine
+from inference.errors import MissingDependencyError, require
 from inference.model import MoEGPT
 from inference.presets import DEFAULT_PRESET, PRESETS, torch_dtype
 from inference.request import SamplingParams
@@ -40,6 +41,13 @@ from routing_replay.replay_targets import complete_rows, padded_targets
 from tools.run_setup import model_source
 
 BACKENDS = ("reference", "megatron", "hf")
+EPILOG = """exit status:
+  0  with replay the training routers agree with inference exactly
+  1  with replay they still disagree (the check failed)
+  2  usage or configuration error before any work: bad flags, a missing or unreadable
+     --hf-checkpoint, a missing optional dependency (the message names the pip extra)
+  3  the rollouts could not be generated (a request failed), so nothing was checked
+"""
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,8 @@ class TrainingPass:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="verify_replay.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="verify_replay.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=_HelpFormatter)
     p.add_argument("--backend", choices=BACKENDS, default="reference", help="training-side implementation")
     p.add_argument("--model", default=DEFAULT_PRESET, choices=list(PRESETS), help="preset (random seeded weights)")
     p.add_argument("--hf-checkpoint", metavar="DIR", help="local HF checkpoint instead of a preset (needed by --backend hf)")
@@ -78,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the exit-status epilog kept as written."""
+
+
+class SetupError(RuntimeError):
+    """The model or checkpoint cannot be set up (exit status 2)."""
+
+
+class RolloutError(RuntimeError):
+    """A rollout request failed, so there is nothing to check."""
+
+
 def generate_rollouts(model: MoEGPT, args: argparse.Namespace) -> list[Rollout]:
     prompts = synthetic_prompts(num_requests=args.num_requests, prompt_len=args.prompt_len,
                                 vocab_size=model.config.vocab_size, seed=args.seed)
@@ -89,7 +109,7 @@ def generate_rollouts(model: MoEGPT, args: argparse.Namespace) -> list[Rollout]:
     results = engine.generate([s.prompt_token_ids for s in prompts], params)
     bad = [r.error for r in results if r.finish_reason == "error"]
     if bad:
-        raise SystemExit(f"error: generation failed: {bad[0]}")
+        raise RolloutError(f"generation failed: {bad[0]}")
     return [Rollout(r.prompt_token_ids + r.output_token_ids, len(r.prompt_token_ids), r.routing) for r in results]
 
 
@@ -145,42 +165,48 @@ def _split(rollouts: list[Rollout], logits: torch.Tensor, masks: list[torch.Tens
                         [grid[i, :len(r.tokens)] for i, r in enumerate(rollouts)])
 
 
-def megatron_pass(gpt: torch.nn.Module, rollouts: list[Rollout], replay: bool) -> TrainingPass:
+def megatron_pass(gpt: torch.nn.Module, rollouts: list[Rollout], replay: bool, grad: bool = False) -> TrainingPass:
+    """``grad=True`` keeps the autograd graph of the logits (a training step's forward)."""
     from inference.megatron_export import causal_mask
     from megatron.core.transformer.moe.router import TopKRouter
     from routing_replay.megatron import replay_routing
     tokens, seq = _padded_tokens(rollouts)
+    device = next(gpt.parameters()).device
     maps: list[torch.Tensor] = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: maps.append(out[1].detach().cpu()))
              for m in gpt.modules() if isinstance(m, TopKRouter)]
-    positions = torch.arange(seq).expand(len(rollouts), seq)
+    args = (tokens.to(device), torch.arange(seq, device=device).expand(len(rollouts), seq),
+            causal_mask(len(rollouts), seq, device))
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             if replay:
                 targets = padded_targets([r.routing for r in rollouts], seq, order="sb")
-                with replay_routing(gpt, targets):
-                    logits = gpt(tokens, positions, causal_mask(len(rollouts), seq))
+                with replay_routing(gpt, targets, device):
+                    logits = gpt(*args)
             else:
-                logits = gpt(tokens, positions, causal_mask(len(rollouts), seq))
+                logits = gpt(*args)
     finally:
         for h in hooks:
             h.remove()
     return _split(rollouts, logits, maps, "sb")
 
 
-def hf_pass(hf_model: torch.nn.Module, rollouts: list[Rollout], replay: bool) -> TrainingPass:
+def hf_pass(hf_model: torch.nn.Module, rollouts: list[Rollout], replay: bool, grad: bool = False) -> TrainingPass:
+    """``grad=True`` keeps the autograd graph of the logits (a training step's forward)."""
     from routing_replay.hf import moe_routers, replay_routing
     tokens, seq = _padded_tokens(rollouts)
     attention = torch.zeros_like(tokens)
     for b, r in enumerate(rollouts):
         attention[b, :len(r.tokens)] = 1
+    device = next(hf_model.parameters()).device
+    tokens, attention = tokens.to(device), attention.to(device)
     num_experts = moe_routers(hf_model)[0].num_experts
     masks: list[torch.Tensor] = []
-    blocks = [m for m in hf_model.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+    blocks = [m for m in hf_model.modules() if (hasattr(m, "gate") or hasattr(m, "router")) and hasattr(m, "experts")]
     hooks = [blk.experts.register_forward_pre_hook(lambda mod, args: masks.append(_mask_of(args[1], num_experts)))
              for blk in blocks]
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             if replay:
                 targets = padded_targets([r.routing for r in rollouts], seq, order="bs")
                 with replay_routing(hf_model, targets):
@@ -195,7 +221,8 @@ def hf_pass(hf_model: torch.nn.Module, rollouts: list[Rollout], replay: bool) ->
 
 def response_logprobs(logits: torch.Tensor, r: Rollout) -> torch.Tensor:
     """Log-probs of the generated tokens (positions prompt_len-1 .. n-2 predict them)."""
-    lp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(-1, torch.tensor(r.tokens[1:]).unsqueeze(-1))[:, 0]
+    ids = torch.tensor(r.tokens[1:], device=logits.device).unsqueeze(-1)
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1).gather(-1, ids)[:, 0]
     return lp[r.prompt_len - 1:]
 
 
@@ -224,19 +251,23 @@ def training_runner(args: argparse.Namespace, model: MoEGPT):
         train = training_copy(model, dtype, args.perturb, args.seed)
         return lambda rollouts, replay: reference_pass(train, rollouts, replay)
     if args.backend == "megatron":
+        require("megatron.core", "megatron", "--backend megatron")
         from inference.megatron_export import export_to_megatron
         gpt = export_to_megatron(training_copy(model, torch.float32, args.perturb, args.seed), params_dtype=dtype).eval()
         return lambda rollouts, replay: megatron_pass(gpt, rollouts, replay)
-    from transformers import AutoModelForCausalLM
-    hf_model = AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=dtype, local_files_only=True).eval()
+    transformers = require("transformers", "hf", "--backend hf")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(args.hf_checkpoint, dtype=dtype, local_files_only=True).eval()
     perturb_weights(hf_model, args.perturb, args.seed)
     return lambda rollouts, replay: hf_pass(hf_model, rollouts, replay)
 
 
 def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
-    config, loader = model_source(args)
-    model = loader(torch.device("cpu"), torch_dtype(args.dtype), args.seed)
+    try:
+        config, loader = model_source(args)
+        model = loader(torch.device("cpu"), torch_dtype(args.dtype), args.seed)
+    except (ValueError, FileNotFoundError) as exc:   # HFCheckpointError is a ValueError
+        raise SetupError(str(exc)) from exc
     rollouts = generate_rollouts(model, args)
     inference_lp = [response_logprobs(reference_pass(model, [r], True).logits[0], r) for r in rollouts]
     train = training_runner(args, model)
@@ -263,15 +294,26 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.backend == "hf" and not args.hf_checkpoint:
-        raise SystemExit("error: --backend hf needs --hf-checkpoint DIR (a transformers checkpoint)")
-    if args.backend == "megatron":
-        from inference.megatron_export import cpu_megatron_runtime
-        with cpu_megatron_runtime():
+        parser.error("--backend hf needs --hf-checkpoint DIR (a transformers checkpoint)")
+    try:
+        if args.backend == "hf":   # checked before any work, not after the rollouts
+            require("transformers", "hf", "--backend hf")
+        if args.backend == "megatron":
+            require("megatron.core", "megatron", "--backend megatron")
+            from inference.megatron_export import cpu_megatron_runtime
+            with cpu_megatron_runtime():
+                report = run(args)
+        else:
             report = run(args)
-    else:
-        report = run(args)
+    except (SetupError, MissingDependencyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RolloutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     print(format_table(report))
     if args.output:
         Path(args.output).write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))

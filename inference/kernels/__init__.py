@@ -14,6 +14,11 @@ from inference.kernels.moe_grouped import (
     moe_experts_grouped_mm,
     moe_experts_reference,
 )
+from inference.kernels.mla_decode_triton import (
+    mla_decode_attention,
+    mla_decode_attention_reference,
+    mla_decode_attention_triton,
+)
 from inference.kernels.paged_decode_triton import (
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -28,6 +33,9 @@ from inference.kernels.prefill_attention import (
 
 __all__ = [
     "grouped_mm_supported",
+    "mla_decode_attention",
+    "mla_decode_attention_reference",
+    "mla_decode_attention_triton",
     "moe_experts_dense",
     "moe_experts_gathered",
     "moe_experts_grouped",

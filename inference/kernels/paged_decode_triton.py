@@ -11,6 +11,10 @@ Two implementations with one contract:
 
 Both are CUDA-graph capturable: no host sync, every allocation and launch grid depends on
 tensor shapes only, never on values such as ``seq_lens``.
+
+Options (GPT-OSS): ``window`` > 0 attends to the last ``window`` positions only (the kernel
+reads nothing before them); ``sinks`` [num_heads] adds one learned logit per head to every
+softmax denominator (a key whose value is zero).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ LOG2E = 1.4426950408889634
 # A split should stream enough tokens to amortise its partial-result write and merge.
 MIN_TOKENS_PER_SPLIT = 128
 MAX_SPLITS = 32
+# Stands for "no window" inside the kernels: no context is this long.
+NO_WINDOW = 1 << 30
 
 
 def triton_available() -> bool:
@@ -38,8 +44,8 @@ def triton_available() -> bool:
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                           block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention over a paged KV cache, Triton on CUDA, plain torch elsewhere.
 
     q: [B, num_heads, head_dim]; k_cache, v_cache: [num_blocks + 1, block_size, kv_heads,
@@ -47,13 +53,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     KV is already in the cache). Rows with ``seq_lens == 0`` return zeros.
     """
     if q.is_cuda and triton is not None:
-        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale)
-    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                             window=window, sinks=sinks)
+    return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, window, sinks)
 
 
 def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                     block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                                     scale: float) -> torch.Tensor:
+                                     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                                     window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-torch decode attention (fp32 math), same contract as ``paged_decode_attention``.
 
     Gathers all ``max_blocks`` blocks of every row, so memory is
@@ -70,13 +77,26 @@ def paged_decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_c
     v = v_cache[blocks].reshape(batch, ctx, kv_heads, head_dim).float()
     qg = q.float().reshape(batch, kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,bthd->bhgt", qg, k) * scale
-    valid = torch.arange(ctx, device=q.device)[None, :] < seq_lens.long()[:, None]
+    pos = torch.arange(ctx, device=q.device)[None, :]
+    lens = seq_lens.long()[:, None]
+    valid = pos < lens
+    if window > 0:
+        valid &= pos >= lens - window
+        # What lies before the window is never used, whatever it holds (even NaN).
+        v = v.masked_fill(~valid[:, :, None, None], 0.0)
     valid = valid[:, None, None, :]
     scores = scores.masked_fill(~valid, float("-inf"))
     # Rows with no valid token would softmax to NaN; a finite max keeps them at zero.
     row_max = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+    sink = None
+    if sinks is not None:
+        sink = sinks.float().reshape(1, kv_heads, group, 1)
+        row_max = torch.maximum(row_max, sink)
     probs = torch.exp(scores - row_max) * valid
-    denom = probs.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    denom = probs.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - row_max)
+    denom = denom.clamp(min=torch.finfo(torch.float32).tiny)
     out = torch.einsum("bhgt,bthd->bhgd", probs / denom, v)
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
@@ -95,8 +115,10 @@ def choose_num_splits(batch: int, kv_heads: int, max_blocks: int, block_size: in
 
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                                  num_splits: int | None = None) -> torch.Tensor:
-    """Triton flash-decoding kernel; ``num_splits`` overrides the shape-based heuristic."""
+                                  num_splits: int | None = None, window: int = 0,
+                                  sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton flash-decoding kernel; ``num_splits`` overrides the shape-based heuristic.
+    With a window the splits partition the window, not the whole context."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     batch, num_heads, head_dim = q.shape
@@ -110,12 +132,15 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
+    span = max_blocks * block_size if window <= 0 else min(window, max_blocks * block_size)
     if num_splits is None:
-        num_splits = choose_num_splits(batch, kv_heads, max_blocks, block_size, q.device)
-    use_dot = group > 1
+        num_splits = choose_num_splits(batch, kv_heads, -(-span // block_size), block_size, q.device)
+    use_dot = group > 1 and head_dim >= 16    # tl.dot needs K >= 16
     block_n = 64 if use_dot else 32
     # Splits cover whole BLOCK_N tiles so only the last tile of a row is ever partial.
-    tokens_per_split = triton.cdiv(triton.cdiv(max_blocks * block_size, num_splits), block_n) * block_n
+    tokens_per_split = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
+    has_sinks = sinks is not None
+    sinks_arg = sinks.float().contiguous() if has_sinks else out
     block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
     if num_splits == 1:
         partial_out, partial_lse = out, out  # lse is never written in single-split mode
@@ -123,21 +148,29 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         partial_out = torch.empty(batch, num_heads, num_splits, head_dim, device=q.device, dtype=torch.float32)
         partial_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, partial_out, partial_lse,
-        scale * LOG2E, tokens_per_split,
+        q, k_cache, v_cache, block_tables, seq_lens, partial_out, partial_lse, sinks_arg,
+        scale * LOG2E, tokens_per_split, window if window > 0 else NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, KV_BLOCK_SIZE=block_size,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
-        NUM_SPLITS=num_splits, USE_DOT=use_dot, num_warps=4,
+        NUM_SPLITS=num_splits, USE_DOT=use_dot, HAS_SINKS=has_sinks and num_splits == 1, num_warps=4,
     )
     if num_splits > 1:
-        _decode_merge_kernel[(batch, num_heads)](
-            partial_out, partial_lse, out, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
-        )
+        merge_splits(partial_out, partial_lse, out, sinks_arg if has_sinks else None)
     return out
+
+
+def merge_splits(partial_out: torch.Tensor, partial_lse: torch.Tensor, out: torch.Tensor,
+                 sinks: torch.Tensor | None) -> None:
+    """Combine per-split results [B, H, S, D] (log2-sum-exp [B, H, S]) into ``out`` [B, H, D];
+    ``sinks`` [H] fp32 join the denominator once."""
+    batch, num_heads, num_splits, head_dim = partial_out.shape
+    _decode_merge_kernel[(batch, num_heads)](
+        partial_out, partial_lse, sinks if sinks is not None else out, out, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+        BLOCK_D=triton.next_power_of_2(head_dim), HAS_SINKS=sinks is not None, num_warps=4,
+    )
 
 
 if triton is not None:
@@ -161,20 +194,29 @@ if triton is not None:
         return k, v
 
     @triton.jit
+    def sink_epilogue(m_i, l_i, acc, sinks_ptr, heads, g_mask):
+        """Add each head's sink logit to the softmax denominator (log2 units inside)."""
+        sink = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_f = tl.maximum(m_i, sink)
+        rescale = tl.exp2(m_i - m_f)
+        return l_i * rescale + tl.exp2(sink - m_f), acc * rescale[:, None]
+
+    @triton.jit
     def _decode_split_kernel(
-        q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr,
-        qk_scale, tokens_per_split,
+        q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr, sinks_ptr,
+        qk_scale, tokens_per_split, window,
         stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
         BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, USE_DOT: tl.constexpr, HAS_SINKS: tl.constexpr,
     ):
         row = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + row)
-        lo = split * tokens_per_split
+        # Splits partition the window [seq_len - window, seq_len); nothing before it is read.
+        lo = tl.maximum(seq_len - window, 0) + split * tokens_per_split
         hi = tl.minimum(seq_len, lo + tokens_per_split)
 
         offs_g = tl.arange(0, BLOCK_G)
@@ -210,6 +252,8 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :].to(tl.float32), axis=1)
             m_i = m_new
 
+        if HAS_SINKS:  # single split only; the merge adds sinks otherwise
+            l_i, acc = sink_epilogue(m_i, l_i, acc, sinks_ptr, heads, g_mask)
         # Empty rows/splits keep l_i == 0: emit zeros (and lse = -inf) instead of NaN.
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         out_mask = g_mask[:, None] & d_mask[None, :]
@@ -226,8 +270,9 @@ if triton is not None:
 
     @triton.jit
     def _decode_merge_kernel(
-        partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, stride_oh,
+        partial_out_ptr, partial_lse_ptr, sinks_ptr, out_ptr, stride_ob, stride_oh,
         HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
     ):
         row = tl.program_id(0)
         head = tl.program_id(1)
@@ -240,9 +285,15 @@ if triton is not None:
         o = tl.load(partial_out_ptr + (row_head * NUM_SPLITS + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
                     mask=s_mask[:, None] & d_mask[None, :], other=0.0)
         lse_max = tl.max(lse, axis=0)
+        if HAS_SINKS:
+            sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+            lse_max = tl.maximum(lse_max, sink)
         # All splits empty (seq_len 0): every weight is exp2(-inf) = 0 and the row stays zero.
-        weight = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+        safe_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+        weight = tl.exp2(lse - safe_max)
         total = tl.sum(weight, axis=0)
+        if HAS_SINKS:
+            total += tl.exp2(sink - safe_max)
         merged = tl.sum(o * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
         tl.store(out_ptr + row * stride_ob + head * stride_oh + offs_d,
                  merged.to(out_ptr.dtype.element_ty), mask=d_mask)

@@ -9,6 +9,10 @@ request's whole paged context (the new tokens' K/V are already written into the 
 Layout: request ``r`` owns query rows ``query_start_loc[r]:query_start_loc[r+1]``; they are
 the last ``q_len`` tokens of its ``seq_lens[r]``-token context. Rows past
 ``query_start_loc[-1]`` are padding and come back as zeros.
+
+Options (GPT-OSS): ``window`` > 0 lets the query at position p see keys p - window + 1 .. p
+only (the kernel skips key tiles before a query tile's window); ``sinks`` [num_heads] adds
+one learned logit per head to every softmax denominator.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ except ImportError:  # CPU-only installs: the reference path needs no Triton
     tl = None
 
 LOG2E = 1.4426950408889634
+NO_WINDOW = 1 << 30   # stands for "no window" inside the kernel: no context is this long
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                      scale: float, max_query_len: int, max_seq_len: int) -> torch.Tensor:
+                      scale: float, max_query_len: int, max_seq_len: int, window: int = 0,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of ``q [T, num_heads, head_dim]`` over each request's paged context.
 
     Triton on CUDA, plain torch elsewhere. ``max_query_len`` / ``max_seq_len`` are host-side
@@ -35,9 +41,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     """
     if q.is_cuda and triton is not None:
         return prefill_attention_triton(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-                                        scale, max_query_len, max_seq_len)
+                                        scale, max_query_len, max_seq_len, window, sinks)
     return prefill_attention_reference(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens,
-                                       scale, max_query_len, max_seq_len)
+                                       scale, max_query_len, max_seq_len, window, sinks)
 
 
 def _token_layout(query_start_loc: torch.Tensor, num_tokens: int, max_query_len: int):
@@ -56,7 +62,8 @@ def _token_layout(query_start_loc: torch.Tensor, num_tokens: int, max_query_len:
 def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                 block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                                 seq_lens: torch.Tensor, scale: float, max_query_len: int,
-                                max_seq_len: int) -> torch.Tensor:
+                                max_seq_len: int, window: int = 0,
+                                sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-torch prefill attention in fp32, same contract as ``prefill_attention``.
 
     Memory is ``R * num_heads * max_query_len * max_seq_len`` scores: a reference and CPU
@@ -86,11 +93,19 @@ def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     q_pos = (seq - q_lens)[:, None] + torch.arange(max_query_len, device=q.device)[None, :]
     key_pos = torch.arange(k.shape[1], device=q.device)
     allowed = (key_pos[None, None, :] <= q_pos[:, :, None]) & (key_pos[None, None, :] < seq[:, None, None])
+    if window > 0:
+        allowed &= key_pos[None, None, :] > q_pos[:, :, None] - window
     allowed = allowed[:, None, None, :, :]
     scores = scores.masked_fill(~allowed, float("-inf"))
     row_max = scores.amax(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).min)
+    sink = None if sinks is None else sinks.float().reshape(1, kv_heads, group, 1, 1)
+    if sink is not None:
+        row_max = torch.maximum(row_max, sink)
     probs = torch.exp(scores - row_max) * allowed
-    probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    denom = probs.sum(dim=-1, keepdim=True)
+    if sink is not None:
+        denom = denom + torch.exp(sink - row_max)
+    probs = probs / denom.clamp(min=torch.finfo(torch.float32).tiny)
     out_pad = torch.einsum("rhgqk,rkhd->rqhgd", probs, v).reshape(num_reqs * max_query_len, num_heads, head_dim)
     out_pad = torch.cat([out_pad, out_pad.new_zeros(1, num_heads, head_dim)])
     return out_pad.index_select(0, slot).to(q.dtype)
@@ -99,7 +114,8 @@ def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                              seq_lens: torch.Tensor, scale: float, max_query_len: int,
-                             max_seq_len: int) -> torch.Tensor:
+                             max_seq_len: int, window: int = 0,
+                             sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Triton paged flash-attention forward; same contract as ``prefill_attention``."""
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -119,26 +135,29 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     block_n = 32 if wide else 64
     grid = (triton.cdiv(max_query_len, block_m), num_reqs, num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, scale * LOG2E,
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        sinks.float().contiguous() if sinks is not None else out, scale * LOG2E, window if window > 0 else NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // kv_heads, HEAD_DIM=head_dim, KV_BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        HAS_SINKS=sinks is not None, num_warps=4,
     )
     return out
 
 
 if triton is not None:
-    from inference.kernels.paged_decode_triton import load_paged_kv_tile
+    from inference.kernels.paged_decode_triton import load_paged_kv_tile, sink_epilogue
 
     @triton.jit
     def _prefill_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, qk_scale,
+        q_ptr, k_ptr, v_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, sinks_ptr,
+        qk_scale, window,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
     ):
         q_tile = tl.program_id(0)
         req = tl.program_id(1)
@@ -163,25 +182,31 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        # Keys past this tile's last query are causally invisible to all of its rows.
+        # Keys past this tile's last query are causally invisible to all of its rows, keys
+        # before its first query's window to all of them.
         hi = tl.minimum(seq_len, ctx_len + (q_tile + 1) * BLOCK_M)
-        for start in range(0, hi, BLOCK_N):
+        lo = tl.maximum(ctx_len + q_tile * BLOCK_M - window + 1, 0)
+        for start in range(lo, hi, BLOCK_N):
             tok = start + tl.arange(0, BLOCK_N)
             t_mask = tok < hi
             k, v = load_paged_kv_tile(k_ptr, v_ptr, block_tables_ptr + req * stride_bt, tok, t_mask,
                                       kv_head, offs_d, d_mask, stride_kb, stride_kt, stride_kh,
                                       stride_vb, stride_vt, stride_vh, KV_BLOCK_SIZE)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            visible = t_mask[None, :] & (tok[None, :] <= q_pos[:, None])
+            visible = t_mask[None, :] & (tok[None, :] <= q_pos[:, None]) & (tok[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s, float("-inf"))
-            # Key 0 is visible to every row, so after the first tile m_new is finite.
+            # With a window a row may see no key of a tile: a finite stand-in for its max
+            # keeps exp2 at 0 instead of NaN.
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
             m_i = m_new
 
+        if HAS_SINKS:
+            l_i, acc = sink_epilogue(m_i, l_i, acc, sinks_ptr, head + tl.zeros([BLOCK_M], dtype=tl.int32), m_mask)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])

@@ -3,8 +3,8 @@ cache tensors, the attention implementation and the routing capture buffer."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -27,14 +27,39 @@ class AttentionMetadata:
     decode_only: bool
 
 
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor]
+class AttentionBackend(ABC):
+    """One attention implementation per kind of attention layer, over the paged KV cache,
+    chosen per device (``inference.attention_backends``). Every method reads this step's
+    K/V from the cache (the layer wrote it before calling) and returns one output row per
+    query row of ``q``; padding rows (past ``query_start_loc[-1]``, or ``seq_lens`` 0) are
+    zeros. A backend holds no per-step state, so one instance serves every step."""
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+               scale: float, window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Grouped-query attention. q: [T, heads, d]; caches [num_blocks + 1, block_size,
+        kv_heads, d]; ``window`` > 0: the last ``window`` positions only; ``sinks`` [heads]
+        fp32: one extra logit per head in each softmax denominator."""
+
+    @abstractmethod
+    def attend_latent(self, q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,
+                      scale: float, latent_dim: int) -> torch.Tensor:
+        """Multi-head latent attention with absorbed weights: q [T, heads, L + R] against
+        the cached rows [num_blocks + 1, block_size, 1, L + R]; values are the first
+        ``latent_dim`` (L) elements of each row. Returns [T, heads, L]."""
+
+
+# Older name of the backend type (a function, before attention kinds multiplied).
+AttentionFn = AttentionBackend
 
 
 @dataclass
 class ForwardContext:
-    """Everything a paged forward needs besides token ids and positions."""
+    """Everything a paged forward needs besides token ids and positions. ``kv_caches[i]``
+    is layer i's (k, v) pair [num_blocks + 1, block_size, kv_heads, head_dim]; for an MLA
+    layer it is (rows [.., 1, L + R], their latent view [.., 1, L])."""
 
     attn: AttentionMetadata
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]   # per layer: k, v [num_blocks + 1, block_size, kv_heads, head_dim]
-    attention_fn: AttentionFn
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    attention: AttentionBackend
     routing_staging: torch.Tensor | None = None          # [T_pad, num_moe_layers, topk]

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from inference.config import ModelConfig
-from inference.model.attention import Attention
+from inference.model.attention import build_attention
 from inference.model.context import ForwardContext
-from inference.model.layers import RMSNorm, RotaryEmbedding, SwiGLUMLP
-from inference.model.router import TopKRouter
+from inference.model.layers import RMSNorm, SwiGLUMLP
 from inference.model.moe import MoEMLP
+from inference.model.rotary import RotaryEmbedding
+from inference.model.router import TopKRouter
 
 
 class DecoderLayer(nn.Module):
@@ -20,7 +21,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_index)
+        self.self_attn = build_attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         moe_layers = config.moe_layer_indices
         self.moe_index = moe_layers.index(layer_index) if layer_index in moe_layers else None
@@ -42,7 +43,7 @@ class MoEGPT(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.rotary = rotary_for(config)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -51,9 +52,10 @@ class MoEGPT(nn.Module):
 
     def set_experts_fn(self, fn) -> None:
         """Choose the routed-expert implementation of every MoE layer (same contract as
-        ``inference.model.moe.experts_reference``)."""
+        ``inference.model.moe.experts_reference``); layers whose experts that contract does
+        not describe (GPT-OSS) keep their own."""
         for layer in self.layers:
-            if layer.moe_index is not None:
+            if layer.moe_index is not None and layer.mlp.accepts_experts_fn:
                 layer.mlp.experts_fn = fn
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -90,6 +92,10 @@ class MoEGPT(nn.Module):
         return self.compute_logits(self.norm(h)), routing
 
 
+def rotary_for(config: ModelConfig) -> RotaryEmbedding:
+    return RotaryEmbedding(config.rope_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+
+
 def allocate_model(config: ModelConfig, device: str | torch.device, dtype: torch.dtype) -> MoEGPT:
     """A model whose parameters are allocated directly in ``dtype`` on ``device`` but not
     initialised (a 30B-parameter shape never exists in fp32). The rotary tables and expert
@@ -101,7 +107,7 @@ def allocate_model(config: ModelConfig, device: str | torch.device, dtype: torch
     if config.tie_word_embeddings:      # to_empty materialises the shared parameter twice
         model.lm_head.weight = model.embed_tokens.weight
     with torch.device(device):
-        model.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        model.rotary = rotary_for(config)
     for module in model.modules():
         if isinstance(module, TopKRouter) and module.expert_bias is not None:
             module.expert_bias = torch.zeros(module.num_experts, device=device)

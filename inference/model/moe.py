@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from inference.config import ModelConfig
 from inference.kernels.moe_grouped import moe_experts_reference
+from inference.model.experts import oai_experts, oai_experts_reference
 from inference.model.layers import SwiGLUMLP
-from inference.model.router import TopKRouter
+from inference.model.router import TopKRouter, combine_weights, router_scores
 
 
 # The plain loop over experts (fp32, syncs on CUDA): the CPU path and the reference that
@@ -19,7 +19,9 @@ experts_reference = moe_experts_reference
 
 class MoEMLP(nn.Module):
     """Routed experts (+ optional shared expert). ``forward`` writes the router's top-k ids
-    into ``routing_out`` when given, the capture point of the routing recorder."""
+    into ``routing_out`` when given, the capture point of the routing recorder.
+    ``experts_fn`` (the engine's choice of kernel) applies to SwiGLU experts; GPT-OSS's
+    biased clamped experts choose their sync-free path by device themselves."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -27,11 +29,23 @@ class MoEMLP(nn.Module):
         self.router = TopKRouter(h, e, config.topk, config.router)
         self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
         self.w2 = nn.Parameter(torch.empty(e, h, i))
+        self.activation = config.expert_activation
+        self.swiglu_alpha, self.swiglu_limit = config.swiglu_alpha, config.swiglu_limit
+        if config.expert_bias:
+            self.b13 = nn.Parameter(torch.empty(e, 2 * i))
+            self.b2 = nn.Parameter(torch.empty(e, h))
+        else:
+            self.b13 = self.b2 = None
         self.shared_expert = (SwiGLUMLP(h, config.shared_expert_intermediate_size)
                               if config.shared_expert_intermediate_size > 0 else None)
         self.shared_expert_gate = (nn.Linear(h, 1, bias=False)
                                    if self.shared_expert is not None and config.shared_expert_gate else None)
         self.experts_fn = experts_reference
+
+    @property
+    def accepts_experts_fn(self) -> bool:
+        """Whether ``experts_fn`` (SwiGLU, no bias) is what this layer's experts compute."""
+        return self.activation == "silu" and self.b13 is None
 
     def forward(self, x: torch.Tensor, routing_out: torch.Tensor | None = None,
                 forced_topk_ids: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
@@ -42,8 +56,7 @@ class MoEMLP(nn.Module):
             topk_ids, topk_weights = self._replay(x, forced_topk_ids)
         if routing_out is not None:
             routing_out.copy_(topk_ids)
-        experts = experts_reference if reference else self.experts_fn
-        y = experts(x, topk_ids, topk_weights, self.w13, self.w2)
+        y = self._experts(x, topk_ids, topk_weights, reference)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -51,13 +64,18 @@ class MoEMLP(nn.Module):
             y = y + shared
         return y
 
+    def _experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                 reference: bool) -> torch.Tensor:
+        if self.activation == "swiglu_oai":
+            fn = oai_experts_reference if reference else oai_experts
+            b13 = self.b13 if self.b13 is not None else x.new_zeros(self.w13.shape[:2])
+            b2 = self.b2 if self.b2 is not None else x.new_zeros(self.w2.shape[:2])
+            return fn(x, topk_ids, topk_weights, self.w13, self.w2, b13, b2, self.swiglu_alpha, self.swiglu_limit)
+        fn = experts_reference if reference else self.experts_fn
+        return fn(x, topk_ids, topk_weights, self.w13, self.w2)
+
     def _replay(self, x: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing replay: the expert choice is fixed; weights come from the current logits."""
-        logits = F.linear(x.float(), self.router.weight.float())
-        cfg = self.router.config
-        scores = torch.softmax(logits, -1) if cfg.score_function == "softmax" else torch.sigmoid(logits)
         ids = topk_ids.to(torch.int64)
-        weights = scores.gather(-1, ids)
-        if cfg.norm_topk_prob:
-            weights = weights / weights.sum(-1, keepdim=True)
-        return ids, weights * cfg.scaling_factor
+        scores = router_scores(self.router.logits(x), self.router.config)
+        return ids, combine_weights(scores, ids, self.router.config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from inference.config import RouterConfig
@@ -20,39 +21,51 @@ class TopKRouter(nn.Module):
         self.topk = topk
         self.config = config
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.bias = nn.Parameter(torch.empty(num_experts)) if config.bias else None
         if config.use_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(num_experts))
         else:
             self.expert_bias = None
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 router logits [T, E]."""
+        return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = torch.nn.functional.linear(x.float(), self.weight.float())
-        return route(logits, self.topk, self.config, self.expert_bias)
+        return route(self.logits(x), self.topk, self.config, self.expert_bias)
+
+
+def router_scores(logits: torch.Tensor, config: RouterConfig) -> torch.Tensor:
+    """Per-expert scores the combine weights come from (softmax or sigmoid of the logits)."""
+    return torch.softmax(logits, dim=-1) if config.score_function == "softmax" else torch.sigmoid(logits)
+
+
+def combine_weights(scores: torch.Tensor, topk_ids: torch.Tensor, config: RouterConfig) -> torch.Tensor:
+    """Weights of the chosen experts: their scores, renormalised if configured, scaled.
+    Shared by routing and by replay (where the ids are given)."""
+    weights = scores.gather(-1, topk_ids)
+    if config.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if config.score_function == "sigmoid" else 0.0))
+    return weights * config.scaling_factor
 
 
 def route(logits: torch.Tensor, topk: int, config: RouterConfig,
           expert_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing from fp32 logits [T, E]; a pure function so replay hooks and tests share it."""
-    if config.score_function == "softmax":
-        scores = torch.softmax(logits, dim=-1)
-    else:
-        scores = torch.sigmoid(logits)
+    scores = router_scores(logits, config)
     selection = scores if expert_bias is None else scores + expert_bias.float()
     if config.num_groups > 1:
-        selection = _mask_to_top_groups(selection, config.num_groups, config.topk_groups, topk)
+        per_group = config.group_score_topk or max(1, topk // config.topk_groups)
+        selection = _mask_to_top_groups(selection, config.num_groups, config.topk_groups, per_group)
     topk_ids = torch.topk(selection, topk, dim=-1).indices
-    weights = scores.gather(-1, topk_ids)
-    if config.norm_topk_prob:
-        weights = weights / (weights.sum(-1, keepdim=True) + (1e-20 if config.score_function == "sigmoid" else 0.0))
-    return topk_ids, weights * config.scaling_factor
+    return topk_ids, combine_weights(scores, topk_ids, config)
 
 
-def _mask_to_top_groups(selection: torch.Tensor, num_groups: int, topk_groups: int, topk: int) -> torch.Tensor:
+def _mask_to_top_groups(selection: torch.Tensor, num_groups: int, topk_groups: int, per_group: int) -> torch.Tensor:
     """Group-limited selection (megatron ``group_limited_topk``): score each group by the sum
-    of its best ``topk // topk_groups`` experts, keep the best groups, mask the rest."""
+    of its best ``per_group`` experts, keep the best groups, mask the rest."""
     t, e = selection.shape
     grouped = selection.view(t, num_groups, e // num_groups)
-    per_group = max(1, topk // topk_groups)
     group_scores = grouped.topk(per_group, dim=-1).values.sum(-1)
     keep = torch.zeros_like(group_scores).scatter_(1, group_scores.topk(topk_groups, dim=-1).indices, 1.0)
     mask = keep.unsqueeze(-1).expand_as(grouped).reshape(t, e)

@@ -14,17 +14,14 @@ Conventions (megatron-core's, vLLM's):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.config import ModelConfig
-from inference.model.layers import RMSNorm
 from inference.parallel.groups import GroupHandle
-from inference.parallel.layout import HeadPartition, ParallelLayout, padded_vocab_size, split_range
+from inference.parallel.layout import HeadPartition, padded_vocab_size, split_range
 from inference.parallel.shards import Range, TensorShard, row_ranges
 
 
@@ -128,40 +125,6 @@ class ShardedRMSNorm(nn.Module):
         square_sum = self.tp.all_reduce(xf.square().sum(-1, keepdim=True))
         inv_rms = torch.rsqrt(square_sum / (self.replicas * self.full_dim) + self.eps)
         return (xf * inv_rms * self.weight.float()).to(x.dtype)
-
-
-@dataclass
-class AttentionShard:
-    """The parts of one attention layer that tensor parallelism changes: the projections,
-    the q/k norms (``None`` without qk-norm) and the local head counts the attention core
-    runs on (its KV cache holds ``num_kv_heads`` heads)."""
-
-    qkv_proj: QKVParallelLinear
-    o_proj: RowParallelLinear
-    q_norm: nn.Module | None
-    k_norm: nn.Module | None
-    partition: HeadPartition
-
-
-def attention_shard(config: ModelConfig, layout: ParallelLayout, tp: GroupHandle, *,
-                    dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> AttentionShard:
-    """This rank's attention projections: column-parallel qkv by heads, row-parallel output
-    (the block's one all-reduce)."""
-    p = layout.heads(config, tp.rank)
-    d, kw = config.head_dim, dict(dtype=dtype, device=device)
-    qkv = QKVParallelLinear(config.hidden_size, config.num_heads, config.num_kv_heads, d, p, tp,
-                            config.attention_bias, **kw)
-    o_proj = RowParallelLinear(config.num_heads * d, config.hidden_size, tp,
-                               cols=((p.q_start * d, p.q_stop * d),), **kw)
-    q_norm = k_norm = None
-    if config.qk_norm == "per_head":
-        q_norm = RMSNorm(d, config.rms_norm_eps).to(**kw)       # per head: replicated
-        k_norm = RMSNorm(d, config.rms_norm_eps).to(**kw)
-    elif config.qk_norm == "full":
-        q_norm = ShardedRMSNorm(config.num_heads * d, config.rms_norm_eps, tp, ((p.q_start * d, p.q_stop * d),), **kw)
-        k_norm = ShardedRMSNorm(config.num_kv_heads * d, config.rms_norm_eps, tp,
-                                ((p.kv_start * d, p.kv_stop * d),), replicas=p.kv_replicas, **kw)
-    return AttentionShard(qkv, o_proj, q_norm, k_norm, p)
 
 
 class ParallelSwiGLUMLP(nn.Module):

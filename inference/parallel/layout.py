@@ -26,7 +26,9 @@ a replica's step, CUDA graph size and routing would depend on the others. Wide E
 Attention: ``tp`` must divide the query heads. KV heads are split when ``tp`` divides them;
 when ``tp`` is a multiple of the KV heads, each KV head is replicated on ``tp / kv_heads``
 consecutive ranks (vLLM's rule, so TP 8 works on a 4-KV-head model; megatron-core needs
-``tp | kv_heads``, which ``megatron_compatible`` reports).
+``tp | kv_heads``, which ``megatron_compatible`` reports). Multi-head latent attention
+(MLA) splits its heads the same way and replicates the latent KV cache on every TP rank
+(every head reads the whole latent), as vLLM and SGLang do.
 """
 
 from __future__ import annotations
@@ -172,8 +174,12 @@ class ParallelLayout:
         return split_range(num_experts, self.ep, ep_rank)
 
     def heads(self, config: "ModelConfig", tp_rank: int) -> HeadPartition:
+        """This rank's heads. MLA has no KV heads of its own: its per-head keys and values
+        come from the (replicated) latent, so the KV range is the query range."""
         h, kv = config.num_heads, config.num_kv_heads
         q_start, q_stop = split_range(h, self.tp, tp_rank)
+        if config.mla is not None:
+            return HeadPartition(q_start, q_stop, q_start, q_stop, 1)
         replicas = self.tp // kv if self.tp > kv else 1
         kv_per_rank = max(1, kv // self.tp)
         kv_start = (tp_rank // replicas) * kv_per_rank
@@ -185,7 +191,7 @@ class ParallelLayout:
         if config.num_heads % t:
             problems.append(f"--tensor-parallel-size {t} does not divide the {config.num_heads} attention heads")
         kv = config.num_kv_heads
-        if kv % t and t % kv:
+        if config.mla is None and kv % t and t % kv:
             problems.append(f"--tensor-parallel-size {t} neither divides the {kv} KV heads nor is a multiple "
                             "of them (KV heads are split, or replicated on tp / kv_heads ranks)")
         if config.num_experts % e:
@@ -210,4 +216,4 @@ class ParallelLayout:
 
     def megatron_compatible(self, config: "ModelConfig") -> bool:
         """Whether megatron-core can hold the same shards (it splits KV groups, never replicates)."""
-        return not self.model_problems(config) and config.num_kv_heads % self.tp == 0
+        return not self.model_problems(config) and (config.mla is not None or config.num_kv_heads % self.tp == 0)

@@ -6,7 +6,7 @@ A module built from ``inference.parallel`` layers says which part of each full t
 parameter holds (``tensor_shards()``; parameters of other modules are replicated). Sources
 are addressed by the module's own parameter names (the unsharded ``MoEGPT``'s names); a
 checkpoint with other names or a split layout (Hugging Face ``q_proj``/``k_proj``/``v_proj``,
-one tensor per expert) maps onto them with ``TensorRecipe``s (``inference.hf_arch``):
+one tensor per expert) maps onto them with ``TensorRecipe``s (``inference.hf.common``):
 ``recipe_source`` turns a recipe into one virtual tensor whose boxes read only the pieces
 of the source tensors they cover. Only safetensors are read, never pickle.
 """
@@ -22,7 +22,7 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 import torch
 from torch import nn
 
-from inference.parallel.shards import Box, TensorShard
+from inference.parallel.shards import Box, TensorShard, module_shards
 
 
 class TensorSource(Protocol):
@@ -92,16 +92,53 @@ class StackSource:
         return torch.stack([self.parts[i].read(box[1:]) for i in range(box[0].start, box[0].stop)])
 
 
+class TransformedSource:
+    """A recipe's combined tensor after its ``transform`` (a permutation or transpose: GPT-OSS's
+    interleaved gate/up columns, DeepSeek's interleaved rotary rows). A box of the result may
+    come from anywhere in the source, so this one tensor is read whole, transformed and
+    sliced, and dropped by ``release()`` once the loader has its shard. Invariant: the
+    source is read at most once between releases."""
+
+    def __init__(self, inner: TensorSource, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.inner, self.transform = inner, transform
+        self._full: torch.Tensor | None = None
+        self._shape: tuple[int, ...] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        if self._shape is None:
+            try:          # a view or a permutation: its shape follows from the source's alone
+                self._shape = tuple(self.transform(torch.empty(self.inner.shape, device="meta")).shape)
+            except (RuntimeError, NotImplementedError, IndexError):
+                self._shape = tuple(self._materialise().shape)
+        return self._shape
+
+    def _materialise(self) -> torch.Tensor:
+        if self._full is None:
+            self._full = self.transform(self.inner.read(tuple(slice(0, n) for n in self.inner.shape)))
+        return self._full
+
+    def read(self, box: Box) -> torch.Tensor:
+        return self._materialise()[box]
+
+    def release(self) -> None:
+        self._full = None
+
+
 def recipe_source(recipe, open_source: Callable[[str], TensorSource]) -> TensorSource:
-    """The virtual full tensor of one ``TensorRecipe`` (``target``, ``sources``, ``combine``)."""
+    """The virtual full tensor of one ``TensorRecipe`` (``target``, ``sources``, ``combine``,
+    optional ``transform``)."""
     parts = [open_source(name) for name, _ in recipe.sources]
     if recipe.combine == "cat":
-        return parts[0] if len(parts) == 1 else ConcatSource(tuple(parts))
-    if recipe.combine == "stack":
-        return StackSource(tuple(parts))
-    if recipe.combine == "stack_pairs":
-        return StackSource(tuple(ConcatSource((parts[j], parts[j + 1])) for j in range(0, len(parts), 2)))
-    raise ValueError(f"{recipe.target}: combine mode {recipe.combine!r} cannot be read shard by shard")
+        source = parts[0] if len(parts) == 1 else ConcatSource(tuple(parts))
+    elif recipe.combine == "stack":
+        source = StackSource(tuple(parts))
+    elif recipe.combine == "stack_pairs":
+        source = StackSource(tuple(ConcatSource((parts[j], parts[j + 1])) for j in range(0, len(parts), 2)))
+    else:
+        raise ValueError(f"{recipe.target}: combine mode {recipe.combine!r} cannot be read shard by shard")
+    transform = getattr(recipe, "transform", None)
+    return source if transform is None else TransformedSource(source, transform)
 
 
 @dataclass
@@ -130,7 +167,7 @@ class SafetensorsCheckpoint:
     @classmethod
     def from_directory(cls, checkpoint_dir: os.PathLike | str) -> "SafetensorsCheckpoint":
         """Every tensor of a checkpoint directory (one file or an index of shards)."""
-        from inference.hf_loader import tensor_files
+        from inference.hf.loader import tensor_files
         return cls(tensor_files(checkpoint_dir))
 
     def __enter__(self) -> "SafetensorsCheckpoint":
@@ -171,7 +208,7 @@ def shard_targets(module: nn.Module) -> Iterator[tuple[str, torch.Tensor, Tensor
     (loaded when a source has it), each shared tensor once (a tied head)."""
     seen: set[int] = set()
     for mod_name, mod in module.named_modules():
-        shards = mod.tensor_shards() if hasattr(mod, "tensor_shards") else {}
+        shards = module_shards(mod)
         owned = [(n, t, True) for n, t in mod.named_parameters(recurse=False)]
         owned += [(n, t, False) for n, t in mod.named_buffers(recurse=False)]
         for name, tensor, required in owned:
@@ -203,6 +240,8 @@ def load_shards(module: nn.Module, sources: Mapping[str, TensorSource]) -> int:
         raise ShardLoadError(problems)
     for tensor, shard, src in plan:
         tensor.copy_(shard.read(src.read, dtype=tensor.dtype, device=tensor.device))
+        if hasattr(src, "release"):
+            src.release()
     return sum(t.numel() for t, _, _ in plan)
 
 

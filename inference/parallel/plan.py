@@ -5,7 +5,8 @@ Per rank, with ``tp`` / ``ep`` / ``etp = tp / ep``:
 - weights: the vocabulary shard (padded vocabulary / tp rows, embedding and an untied
   head), this rank's attention heads, ``1/tp`` of each dense and shared-expert MLP,
   ``num_experts / ep`` experts at ``1/etp`` of their width, and the replicated rest
-  (norms, routers, the shared-expert gate);
+  (norms, routers, the shared-expert gate, MLA's latent path), counted on blocks built
+  on the meta device exactly as the TP model builds them;
 - KV cache: ``num_kv_blocks + 1`` blocks of this rank's KV heads (``kv_heads / tp``, or one
   replicated head when ``tp > kv_heads``). Every rank of a replica has the same block ids:
   the replica's one schedule drives all of them. (A latent-attention cache, MLA, is
@@ -23,10 +24,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import dataclasses
+
 import torch
+from torch import nn
 
 from inference.config import EngineConfig, ModelConfig
-from inference.parallel.layout import ParallelLayout, padded_vocab_size
+from inference.parallel.attention import sharded_attention
+from inference.parallel.groups import ParallelGroups
+from inference.parallel.layers import ParallelLMHead, ParallelSwiGLUMLP, VocabParallelEmbedding
+from inference.parallel.layout import ParallelLayout
+from inference.parallel.moe import ExpertParallelMoE
 
 ROUTING_PLACEMENTS = ("all", "leader")
 
@@ -50,27 +58,30 @@ class RankMemoryPlan:
         return self.weight_bytes + self.kv_cache_bytes + self.routing_bytes
 
 
-def rank_weight_elements(config: ModelConfig, layout: ParallelLayout, tp_rank: int) -> int:
-    """Parameters held by the rank at ``tp_rank`` of a replica (buffers such as expert
-    biases excluded, as in the single-process count)."""
-    t, h, d = layout.tp, config.hidden_size, config.head_dim
-    heads = layout.heads(config, tp_rank)
-    vocab_rows = padded_vocab_size(config.vocab_size, t) // t
-    total = vocab_rows * h * (1 if config.tie_word_embeddings else 2) + h     # + final norm
-    qkv_rows = (heads.num_heads + 2 * heads.num_kv_heads) * d
-    attention = qkv_rows * h + h * heads.num_heads * d + (qkv_rows if config.attention_bias else 0)
-    if config.qk_norm == "per_head":
-        attention += 2 * d
-    elif config.qk_norm == "full":
-        attention += (heads.num_heads + heads.num_kv_heads) * d
-    local_experts = config.num_experts // layout.ep
-    moe = (config.num_experts * h + 3 * local_experts * h * (config.moe_intermediate_size // layout.etp)
-           + 3 * h * (config.shared_expert_intermediate_size // t))
-    if config.shared_expert_intermediate_size and config.shared_expert_gate:
-        moe += h
-    dense = 3 * h * (config.intermediate_size // t)
-    total += config.num_layers * (attention + 2 * h) + config.num_moe_layers * moe
-    return total + (config.num_layers - config.num_moe_layers) * dense
+def rank_modules(config: ModelConfig, groups: ParallelGroups, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> nn.ModuleDict:
+    """Every sharded block one rank holds (vocabulary, each layer's attention and MLP), built
+    as the TP model builds them; norms are left out (replicated ``hidden_size`` vectors,
+    counted by ``rank_weight_elements``)."""
+    kw = dict(dtype=dtype, device=device)
+    tp = groups.tp
+    embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, **kw)
+    parts = {"embed": embed, "head": ParallelLMHead(config.vocab_size, config.hidden_size, tp,
+                                                    tied_to=embed if config.tie_word_embeddings else None, **kw)}
+    for i in range(config.num_layers):
+        parts[f"attn{i}"] = sharded_attention(config, i, groups.layout, tp, **kw)
+        parts[f"mlp{i}"] = (ExpertParallelMoE(config, groups, **kw) if i in config.moe_layer_indices
+                            else ParallelSwiGLUMLP(config.hidden_size, config.intermediate_size, tp, **kw))
+    return nn.ModuleDict(parts)
+
+
+def rank_weight_elements(config: ModelConfig, layout: ParallelLayout, rank: int) -> int:
+    """Parameters held by global rank ``rank`` (buffers such as expert biases excluded, as in
+    the single-process count), from its blocks built on the meta device."""
+    layout.validate_model(config)
+    modules = rank_modules(config, ParallelGroups.shard_only(layout, rank), device="meta")
+    norms = (2 * config.num_layers + 1) * config.hidden_size
+    return norms + sum(p.numel() for p in modules.parameters())
 
 
 def _element_size(dtype_name: str) -> int:
@@ -95,16 +106,24 @@ def memory_plan(config: ModelConfig, engine: EngineConfig, layout: ParallelLayou
     layout.validate_model(config)
     elem = _element_size(engine.dtype)
     routing = routing_buffer_bytes(config, engine) if engine.record_routing else 0
-    plans = []
+    plans, per_position = [], {}          # replicas hold the same shards: count each position once
     for rank in range(layout.world_size):
         c = layout.coords(rank)
         leader = rank == layout.replica_leader(c.dp_rank)
-        kv_heads = layout.heads(config, c.tp_rank).num_kv_heads
-        kv = 2 * config.num_layers * kv_heads * config.head_dim * engine.block_size * (engine.num_kv_blocks + 1) * elem
-        weights = rank_weight_elements(config, layout, c.tp_rank)
+        kv = _kv_elements_per_token(config, layout, c.tp_rank) * engine.block_size * (engine.num_kv_blocks + 1) * elem
+        if c.tp_rank not in per_position:
+            per_position[c.tp_rank] = rank_weight_elements(config, layout, rank)
+        weights = per_position[c.tp_rank]
         plans.append(RankMemoryPlan(rank, c.dp_rank, c.tp_rank, leader, weights, weights * elem, kv,
                                     routing if routing_on == "all" or leader else 0))
     return plans
+
+
+def _kv_elements_per_token(config: ModelConfig, layout: ParallelLayout, tp_rank: int) -> int:
+    if config.mla is not None:
+        return config.kv_bytes_per_token            # the latent is replicated over TP
+    local = layout.heads(config, tp_rank).num_kv_heads
+    return dataclasses.replace(config, num_kv_heads=local, num_heads=local).kv_bytes_per_token
 
 
 def describe_rank_plans(plans: list[RankMemoryPlan]) -> str:

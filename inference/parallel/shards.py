@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import product
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
+from torch import nn
 
 Range = tuple[int, int]
 Box = tuple[slice, ...]
@@ -112,3 +113,21 @@ def row_ranges(block_sizes: Sequence[int], parts: int, index: int) -> tuple[Rang
         ranges.append((offset + index * step, offset + (index + 1) * step))
         offset += size
     return tuple(ranges)
+
+
+def declare_shards(module: nn.Module, shards: Mapping[str, TensorShard]) -> None:
+    """Record the shards of ``module``'s own parameters when it is not an
+    ``inference.parallel`` layer (an attention module's per-head sinks): the loader reads
+    them with each layer's ``tensor_shards()``. Stored on the instance, never globally."""
+    module.__dict__.setdefault(_DECLARED, {}).update(shards)
+
+
+def module_shards(module: nn.Module) -> dict[str, TensorShard]:
+    """Shards of the parameters ``module`` owns directly (others are replicated)."""
+    shards = dict(module.__dict__.get(_DECLARED, {}))
+    if hasattr(module, "tensor_shards"):
+        shards.update(module.tensor_shards())
+    return shards
+
+
+_DECLARED = "_declared_tensor_shards"

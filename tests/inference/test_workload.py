@@ -75,3 +75,24 @@ def test_tokenizer_failure_is_reported_with_its_line(tmp_path):
     path = _write(tmp_path, '{"id": 1, "prompt": "hello"}\n')
     with pytest.raises(PromptsFileError, match=r"line 1: no tokenizer files in /ckpt"):
         read_prompts_file(path, Broken())
+
+
+@pytest.mark.parametrize("raw_id, message", [
+    ("null", "line 2: 'id' is null"),
+    ('""', "line 2: id '' must not be empty"),
+    ('"a\\u0000b"', "line 2: id 'a\\x00b' contains the control character"),
+    ('"' + "y" * 300 + '"', "has 300 characters; at most 256"),
+    ("false", "'id' must be a string or an integer, got bool"),
+    ('{"k": 1}', "'id' must be a string or an integer, got dict"),
+])
+def test_bad_ids_fail_the_file_with_the_line(tmp_path, raw_id, message):
+    path = _write(tmp_path, '{"id": "ok", "prompt_token_ids": [1]}\n{"id": ' + raw_id + ', "prompt_token_ids": [2]}\n')
+    with pytest.raises(PromptsFileError) as info:
+        read_prompts_file(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_integer_and_unusual_string_ids_are_kept(tmp_path):
+    path = _write(tmp_path, '{"id": 0, "prompt_token_ids": [1]}\n{"id": "../x y", "prompt_token_ids": [2]}\n'
+                            '{"id": "' + "z" * 256 + '", "prompt_token_ids": [3]}\n')
+    assert [s.request_id for s in read_prompts_file(path)] == ["0", "../x y", "z" * 256]

@@ -1,6 +1,7 @@
 """Routing replay inside transformers MoE models: the experts receive exactly the replayed
-ids, logits equal our model's forward with the same forced routing, and nothing stays
-patched afterwards."""
+ids (0 disagreement), logits equal our model's forward with the same forced routing, and
+nothing stays patched afterwards. Covers the classic families and DeepSeek-V3 / Moonlight,
+GLM-4.5, GPT-OSS and MiniMax-M2."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ pytest.importorskip("safetensors")
 from inference.hf_loader import load_hf_model  # noqa: E402
 from routing_replay.hf import HFReplayError, moe_routers, replay_routing  # noqa: E402
 from routing_replay.replay_targets import complete_rows, padded_targets  # noqa: E402
+from tests.inference.hf.families import FAMILIES, make_hf_model  # noqa: E402
 
 COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, pad_token_id=0)
@@ -31,16 +33,19 @@ ARCHS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(ARCHS))
+@pytest.fixture(scope="module", params=list(ARCHS) + list(FAMILIES))
 def pair(request, tmp_path_factory):
     """(transformers model, our model loaded from its saved checkpoint)."""
-    config_cls, model_cls, extra = ARCHS[request.param]
-    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if "norm" in name else noise / math.sqrt(p.shape[-1]))
+    if request.param in FAMILIES:
+        hf = make_hf_model(request.param, vocab_size=128, max_position_embeddings=128)
+    else:
+        config_cls, model_cls, extra = ARCHS[request.param]
+        hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).eval()
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in hf.named_parameters():
+                noise = torch.randn(p.shape, generator=gen)
+                p.copy_(1 + 0.1 * noise if "norm" in name else noise / math.sqrt(p.shape[-1]))
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
     return hf, load_hf_model(path)
@@ -56,7 +61,7 @@ class ExpertInputs:
     """The top-k ids each MoE block's experts receive, per layer, in call order."""
 
     def __init__(self, hf):
-        blocks = [m for m in hf.modules() if hasattr(m, "gate") and hasattr(m, "experts")]
+        blocks = [m for m in hf.modules() if (hasattr(m, "gate") or hasattr(m, "router")) and hasattr(m, "experts")]
         self.ids: list[torch.Tensor] = []
         self.hooks = [b.experts.register_forward_pre_hook(lambda mod, args: self.ids.append(args[1].clone()))
                       for b in blocks]
@@ -81,8 +86,8 @@ def test_replay_routes_as_recorded_and_matches_our_logits(pair):
     with replay_routing(hf, targets) as routers, torch.no_grad():
         out = hf(input_ids=tokens, attention_mask=mask, output_router_logits=True)
     seen.close()
-    assert len(routers) == config.num_moe_layers == len(seen.ids)
-    for j, ids in enumerate(seen.ids):
+    assert len(routers) == config.num_moe_layers == len(seen.ids) > 0
+    for j, ids in enumerate(seen.ids):   # 0 disagreement: every expert input is the recorded id
         assert torch.equal(ids, torch.as_tensor(targets[j]))
     for b, n in enumerate(lengths):
         forced = torch.as_tensor(complete_rows(routings[b].astype(np.int64), n))

@@ -89,6 +89,14 @@ EXPORT_CASES = {
     "qwen2-like": dataclasses.replace(get_preset("tiny-moe"), attention_bias=True, tie_word_embeddings=True,
                                       shared_expert_intermediate_size=48, shared_expert_gate=True,
                                       rope_theta=50000.0, router=RouterConfig(norm_topk_prob=False)),
+    # GLM-4.5: partial rotary, qkv bias, sigmoid + bias, groups scored by their best 2, shared expert
+    "glm-like": dataclasses.replace(get_preset("tiny-moe-sigmoid"), rotary_dim=8, attention_bias=True,
+                                    router=dataclasses.replace(get_preset("tiny-moe-sigmoid").router, group_score_topk=2)),
+    # GPT-OSS: sinks, sliding window 4 on alternate layers, biases everywhere, clamped SwiGLU experts
+    "gpt-oss-like": dataclasses.replace(
+        get_preset("tiny-moe"), dense_layers=(), attention_bias=True, o_proj_bias=True, attention_sinks=True,
+        layer_types=("sliding_attention", "full_attention") * 2, sliding_window=4, expert_activation="swiglu_oai",
+        expert_bias=True, swiglu_limit=1.5, router=RouterConfig(norm_topk_prob=True, bias=True)),
 }
 
 
@@ -268,3 +276,9 @@ def test_refusals(tiny, gpt):
     olmoe_like = get_preset("olmoe-1b-7b-shape")
     with pytest.raises(UnsupportedForMegatron, match="qk_norm='full'"):
         megatron_config(olmoe_like)
+    with pytest.raises(UnsupportedForMegatron, match="local .* spec cannot build MLASelfAttention"):
+        megatron_config(get_preset("moonlight-16b-a3b-shape"))
+    with pytest.raises(UnsupportedForMegatron, match="YaRN"):
+        megatron_config(get_preset("gpt-oss-20b-shape"))
+    with pytest.raises(UnsupportedForMegatron, match=r"biases on only some linear layers \['o_proj'\]"):
+        megatron_config(dataclasses.replace(tiny.config, o_proj_bias=True))

@@ -37,7 +37,7 @@ def test_round_trip(tmp_path):
 def test_meta_dict_round_trip():
     meta = make_meta()
     assert RoutingMeta.from_dict(meta.to_dict()) == meta
-    assert meta.to_dict()["schema_version"] == 1
+    assert meta.to_dict()["schema_version"] == 2
 
 
 @pytest.mark.parametrize("overrides", [
@@ -49,7 +49,7 @@ def test_meta_dict_round_trip():
     dict(topk=9),
     dict(dtype="float32"),
     dict(dtype="uint8", num_experts=257),
-    dict(schema_version=2),
+    dict(schema_version=3),
     dict(num_layers=0),
 ])
 def test_meta_rejects_inconsistent_values(overrides):
@@ -133,3 +133,21 @@ def test_expand_fills_dense_layers_with_minus_one(num_experts, dtype):
 def test_expand_rejects_wrong_shape():
     with pytest.raises(ValueError):
         expand_to_all_layers(np.zeros((2, 5, 2), np.uint8), make_meta())
+
+
+def test_expand_with_zero_fill_keeps_the_meta_dtype():
+    rng = np.random.default_rng(2)
+    meta = make_meta()
+    routing = random_routing(rng, 5, meta)
+    expanded = expand_to_all_layers(routing, meta, fill=0)
+    assert expanded.dtype == np.dtype(meta.dtype) and expanded.shape == (5, meta.num_layers, meta.topk)
+    dense = [i for i in range(meta.num_layers) if i not in meta.moe_layer_indices]
+    assert (expanded[:, dense] == 0).all()
+    np.testing.assert_array_equal(expanded[:, meta.moe_layer_indices], routing)
+
+
+@pytest.mark.parametrize("fill", [1, -2, True, 0.0])
+def test_expand_refuses_fillers_that_are_expert_ids_or_not_ints(fill):
+    meta = make_meta()
+    with pytest.raises(ValueError, match="fill must be -1 or 0"):
+        expand_to_all_layers(random_routing(np.random.default_rng(0), 2, meta), meta, fill=fill)

@@ -98,27 +98,50 @@ def test_sequence_parallel_slices_tile_the_whole_batch():
         sequence_parallel_slice(targets, 0, 3)
 
 
-def test_all_layer_layout_gives_the_same_targets(tmp_path):
+@pytest.mark.parametrize("fill", [-1, 0])
+def test_all_layer_layout_gives_the_same_targets(tmp_path, fill):
     moe_layers = [1, 3, 4]
     meta = RoutingMeta(moe_layer_indices=moe_layers, num_layers=5, num_experts=EXPERTS, topk=TOPK,
                        block_size=16, dtype="uint8")
     routings = {"a": _routing(5, 9), "b": _routing(3, 10)}
+    routings["a"][0] = 0                       # expert 0 is a real id, not a filler
     save_routing(tmp_path, routings, meta)
     loaded, meta = load_routing(tmp_path)
-    expanded = [expand_to_all_layers(loaded[k], meta) for k in ("a", "b")]
+    expanded = [expand_to_all_layers(loaded[k], meta, fill=fill) for k in ("a", "b")]
+    assert all((e[:, [0, 2]] == fill).all() for e in expanded)
     direct = padded_targets([loaded["a"], loaded["b"]], 6)
     np.testing.assert_array_equal(padded_targets(expanded, 6, moe_layer_indices=meta.moe_layer_indices), direct)
-    np.testing.assert_array_equal(padded_targets(expanded, 6), direct)   # dense layers inferred from -1
+    np.testing.assert_array_equal(packed_targets(expanded, moe_layer_indices=moe_layers), packed_targets(list(loaded.values())))
+
+
+def test_moe_layers_are_never_guessed_from_the_content():
+    meta = RoutingMeta(moe_layer_indices=[1, 2], num_layers=3, num_experts=EXPERTS, topk=TOPK, block_size=4,
+                       dtype="uint8")
+    minus_one = expand_to_all_layers(_routing(4, 0)[:, :2], meta)
+    with pytest.raises(ValueError, match="negative ids.*pass moe_layer_indices"):
+        padded_targets([minus_one], 5)
+    zero_filled = expand_to_all_layers(_routing(4, 0)[:, :2], meta, fill=0)
+    # indistinguishable from a 3-layer MoE-only array: it passes here and the replay hooks
+    # refuse it by its layer count (tests/routing_replay/test_interop.py)
+    assert padded_targets([zero_filled], 5).shape[0] == 3
 
 
 def test_bad_layouts_are_refused():
     all_layer = np.full((3, 4, TOPK), -1, dtype=np.int16)
     all_layer[:, 1] = 2
-    all_layer[0, 2] = 5                            # a layer that mixes -1 and ids
-    with pytest.raises(ValueError, match="mixes -1"):
-        moe_layer_columns(all_layer)
-    with pytest.raises(ValueError, match="dense layers must hold -1"):
+    all_layer[0, 2] = 5                            # indices claiming layer 2 is dense while it routes
+    with pytest.raises(ValueError, match="one fill value, 0 or -1"):
         moe_layer_columns(all_layer, [1])
+    mixed = np.zeros((3, 4, TOPK), dtype=np.int16)
+    mixed[:, 3] = -1                               # 0 in one dense layer, -1 in another
+    with pytest.raises(ValueError, match="one fill value"):
+        moe_layer_columns(mixed, [1])
+    with pytest.raises(ValueError, match="covering layer 5"):
+        moe_layer_columns(all_layer, [1, 5])
+    with pytest.raises(ValueError, match="sorted, unique"):
+        moe_layer_columns(all_layer, [2, 1])
+    with pytest.raises(ValueError, match="negative expert ids"):
+        moe_layer_columns(all_layer, [0, 1, 2, 3])
     with pytest.raises(ValueError, match="disagree"):
         padded_targets([_routing(3, 0), _routing(3, 1)[:, :2]], 5)
 

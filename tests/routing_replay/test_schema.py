@@ -305,7 +305,7 @@ def test_error_result_may_lack_routing_and_rows() -> None:
     ({"topk": 9}, "topk 9 > num_experts 8"),
     ({"num_experts": 300}, "uint8 cannot hold expert id 299"),
     ({"dtype": "int64"}, "dtype must be one of"),
-    ({"schema_version": 2}, "schema_version 2 is not supported"),
+    ({"schema_version": 3}, "schema_version 3 is not supported"),
     ({"block_size": 0}, "block_size must be an int > 0"),
 ])
 def test_routing_meta_problems(run_dir: Path, change: dict, expected: str) -> None:

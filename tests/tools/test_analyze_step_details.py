@@ -242,8 +242,9 @@ def test_plots_are_written_as_png(tmp_path: Path, run_file: Path, capsys: pytest
 def test_plot_dir_without_matplotlib_is_a_clear_error(tmp_path: Path, run_file: Path, capsys: pytest.CaptureFixture,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    assert main([str(run_file), "--plot-dir", str(tmp_path / "plots")]) == 1
-    assert "needs matplotlib" in capsys.readouterr().err
+    assert main([str(run_file), "--plot-dir", str(tmp_path / "plots")]) == 2
+    err = capsys.readouterr().err
+    assert "needs matplotlib" in err and 'pip install -e ".[plot]"' in err
     assert not (tmp_path / "plots").exists()
 
 

@@ -51,7 +51,7 @@ def test_prompts_file_with_a_bad_request(tmp_path):
                        '{"id": "turn2", "prompt_token_ids": [5, 6, 7, 8, 9], "routing_start": 3}\n')
     out = tmp_path / "out"
     proc = _run(["--prompts-file", str(prompts), "--max-new-tokens", "4", "--record-routing", "--output-dir", str(out)])
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr   # some requests failed, everything else written
     by_id = {r["id"]: r for r in _results(out)}
     assert list(by_id) == ["ok1", "oov", "3", "turn2"]
     turn2 = by_id["turn2"]

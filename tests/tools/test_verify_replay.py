@@ -80,6 +80,40 @@ def test_hf_backend(tmp_path):
     assert report["router_disagreement_with_replay"] == 0 and report["router_disagreement_without_replay"] > 0
 
 
-def test_hf_backend_needs_a_checkpoint():
-    with pytest.raises(SystemExit, match="--backend hf needs --hf-checkpoint"):
+def test_hf_backend_needs_a_checkpoint(capsys):
+    with pytest.raises(SystemExit) as exit_info:
         main(["--backend", "hf", *SMALL])
+    assert exit_info.value.code == 2 and "--backend hf needs --hf-checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [None, b"not json", b'{"model_type": "llama"}'], ids=["missing", "bad-json", "unsupported"])
+def test_unusable_checkpoint_is_a_usage_error(tmp_path, capsys, content):
+    ckpt = tmp_path / "ckpt"
+    if content is not None:
+        ckpt.mkdir()
+        (ckpt / "config.json").write_bytes(content)
+    assert main(["--backend", "reference", "--hf-checkpoint", str(ckpt), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(ckpt) in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("backend, module, extra", [("megatron", "megatron", "megatron"), ("hf", "transformers", "hf")])
+def test_missing_backend_dependency_names_the_extra(tmp_path, capsys, monkeypatch, backend, module, extra):
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")] + [module]:
+        monkeypatch.setitem(sys.modules, name, None)
+    args = ["--backend", backend, *SMALL] + (["--hf-checkpoint", str(tmp_path)] if backend == "hf" else [])
+    code = main(args)   # checked before the (empty) checkpoint directory is even read
+    err = capsys.readouterr().err
+    assert code == 2 and f'pip install -e ".[{extra}]"' in err and "Traceback" not in err, err
+
+
+def test_hf_backend_on_gpt_oss(tmp_path):
+    """GPT-OSS's MoE block names its router ``router`` (not ``gate``)."""
+    pytest.importorskip("safetensors")
+    from tests.inference.hf.families import make_hf_model
+    make_hf_model("gpt_oss", vocab_size=128).save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "h.json"
+    assert main(["--backend", "hf", "--hf-checkpoint", str(tmp_path / "ckpt"), "--perturb", "0.1",
+                 "--output", str(out), *SMALL]) == 0
+    report = _report(out)
+    assert report["router_disagreement_with_replay"] == 0 and report["router_disagreement_without_replay"] > 0

@@ -58,16 +58,24 @@ def make_paged_kv(seq_lens, kv_heads, head_dim, block_size, gen, dtype=torch.flo
     return k_cache.to(**to), v_cache.to(**to), block_tables.to(**to), dense_k, dense_v
 
 
-def dense_decode(q, dense_k, dense_v, scale):
-    """Naive attention of each row's single query over its unpaged context."""
+def dense_decode(q, dense_k, dense_v, scale, window=0, sinks=None):
+    """Naive attention of each row's single query over its unpaged context (the last
+    ``window`` positions of it if given); ``sinks`` join the softmax as extra logits."""
     out = torch.zeros(q.shape, dtype=torch.float32)
     for row, (k, v) in enumerate(zip(dense_k, dense_v)):
         if k.shape[0] == 0:
             continue
+        if window:
+            k, v = k[-window:], v[-window:]
         group = q.shape[1] // k.shape[1]
         k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
         v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
-        out[row] = F.scaled_dot_product_attention(q[row].float()[:, None, :], k, v, scale=scale)[:, 0, :]
+        if sinks is None:
+            out[row] = F.scaled_dot_product_attention(q[row].float()[:, None, :], k, v, scale=scale)[:, 0, :]
+            continue
+        logits = torch.einsum("hd,htd->ht", q[row].float(), k) * scale
+        probs = torch.softmax(torch.cat([logits, sinks.float()[:, None]], dim=-1), dim=-1)[:, :-1]
+        out[row] = torch.einsum("ht,htd->hd", probs, v)
     return out
 
 
@@ -96,6 +104,31 @@ def test_reference_matches_dense_attention(seq_lens, kv_heads, group, head_dim, 
     torch.testing.assert_close(out, dense_decode(q, dense_k, dense_v, SCALE), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window,with_sinks", [(5, False), (1, True), (0, True), (16, True)])
+def test_reference_window_and_sinks_match_dense_attention(window, with_sinks):
+    q, k_cache, v_cache, tables, lens, dense_k, dense_v = random_case([1, 16, 37, 0, 9], 2, 2, 32, 8, seed=21)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(2)) * 2 if with_sinks else None
+    out = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE, window, sinks)
+    torch.testing.assert_close(out, dense_decode(q, dense_k, dense_v, SCALE, window, sinks), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+
+
+def poisoned_window_case(window: int = 6):
+    """A case whose cache holds NaN at every position before each row's window."""
+    q, k_cache, v_cache, tables, lens, dense_k, dense_v = random_case([20, 9, 40], 1, 2, 16, 4, seed=4)
+    for row, seq_len in enumerate(lens.tolist()):
+        for pos in range(seq_len - window):
+            block, off = int(tables[row, pos // 4]), pos % 4
+            k_cache[block, off] = float("nan")
+            v_cache[block, off] = float("nan")
+    return (q, k_cache, v_cache, tables, lens), dense_decode(q, dense_k, dense_v, SCALE, window), window
+
+
+def test_window_reads_nothing_before_it():
+    args, expected, window = poisoned_window_case()
+    torch.testing.assert_close(paged_decode_attention(*args, SCALE, window=window), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_padding_rows_are_zero_and_filler_table_entries_are_ignored():
     q, k_cache, v_cache, tables, lens, _, _ = random_case([5, 0, 9], 2, 2, 32, 8, seed=3)
     out = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE)
@@ -117,30 +150,42 @@ def test_public_entry_point_on_cpu_matches_dense_attention():
 
 
 def interpreter_cases():
-    """Many small shapes: block 8/16, head_dim 32/64, groups 1/2/4, 1 or 3 context splits."""
+    """Many small shapes: block 8/16, head_dim 32/64, groups 1/2/4, 1 or 3 context splits;
+    then windows (smaller and larger than contexts) with and without sinks."""
     for i, (block_size, head_dim, group) in enumerate(itertools.product([8, 16], [32, 64], [1, 2, 4])):
         # single token, exact blocks, padding, ragged, several BLOCK_N tiles
         seq_lens = [1, 2 * block_size, 0, 7 + 5 * i, 70 + 9 * i]
         yield dict(seq_lens=seq_lens, kv_heads=2, group=group, head_dim=head_dim,
-                   block_size=block_size, seed=i), 1 + 2 * (i % 2)
+                   block_size=block_size, seed=i), 1 + 2 * (i % 2), 0, False
+    for j, (window, sinks, splits, group) in enumerate([(5, True, 1, 2), (5, True, 3, 1), (40, False, 2, 4),
+                                                        (0, True, 3, 2), (1, True, 1, 1), (200, True, 2, 2)]):
+        yield dict(seq_lens=[1, 16, 0, 45, 130], kv_heads=2, group=group, head_dim=32, block_size=8,
+                   seed=100 + j), splits, window, sinks
 
 
 def check_interpreter_cases() -> int:
     """The Triton kernel vs the reference on every interpreter case; returns how many ran."""
     checked = 0
-    for case, num_splits in interpreter_cases():
+    for case, num_splits, window, with_sinks in interpreter_cases():
         q, k_cache, v_cache, tables, lens, _, _ = random_case(**case)
-        out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits=num_splits)
-        ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE)
+        sinks = torch.linspace(-2, 3, q.shape[1]) if with_sinks else None
+        out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits=num_splits,
+                                            window=window, sinks=sinks)
+        ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE, window, sinks)
         err = (out - ref).abs().max().item()
-        assert err < 1e-4, f"{case} splits={num_splits}: max abs err {err}"
+        assert err < 1e-4, f"{case} splits={num_splits} window={window} sinks={with_sinks}: max abs err {err}"
+        checked += 1
+    args, expected, window = poisoned_window_case()
+    for num_splits in (1, 2):
+        out = paged_decode_attention_triton(*args, SCALE, num_splits=num_splits, window=window)
+        assert (out - expected).abs().max().item() < 1e-4, f"NaN before the window leaked (splits={num_splits})"
         checked += 1
     return checked
 
 
 @needs_triton
 def test_triton_kernel_matches_reference_in_interpreter():
-    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())))
+    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())) + 2)
 
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
@@ -167,6 +212,23 @@ def test_triton_matches_reference_on_gpu(dtype, seq_lens, kv_heads, group, head_
             out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits=num_splits)
         torch.testing.assert_close(out.float(), ref.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
         assert torch.equal(out[lens == 0], torch.zeros_like(out[lens == 0]))
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 128])
+def test_triton_window_and_sinks_match_reference_on_gpu(dtype, window):
+    """GPT-OSS-20B attention shape: 64 q heads, 8 kv heads, head_dim 64, window 128."""
+    q, k_cache, v_cache, tables, lens, _, _ = random_case(
+        [1, 100, 129, 0, 700, 3000], 8, 8, 64, 16, seed=5, dtype=dtype, device="cuda")
+    sinks = torch.randn(64, device="cuda")
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE, window, sinks)
+    for num_splits in (None, 1, 4):
+        paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits, window, sinks)
+        with forbid_host_sync():
+            out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits, window, sinks)
+        torch.testing.assert_close(out.float(), ref.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 @needs_cuda

@@ -9,7 +9,6 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from inference.kernels import (
     paged_decode_attention_reference,
@@ -62,8 +61,9 @@ def make_batch(q_lens, seq_lens, kv_heads, group, head_dim, block_size, seed,
     return args, dense_k, dense_v
 
 
-def dense_prefill(args, dense_k, dense_v):
-    """Naive causal attention per request: its queries are the last q_len context positions."""
+def dense_prefill(args, dense_k, dense_v, window=0, sinks=None):
+    """Naive causal attention per request: its queries are the last q_len context positions;
+    with a window each sees its last ``window`` positions; sinks join each softmax."""
     q, starts = args["q"].float(), args["query_start_loc"].tolist()
     out = torch.zeros(q.shape)
     for r, (k, v) in enumerate(zip(dense_k, dense_v)):
@@ -74,9 +74,17 @@ def dense_prefill(args, dense_k, dense_v):
         k = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
         v = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
         q_pos = torch.arange(k.shape[1] - (b - a), k.shape[1])
-        mask = torch.arange(k.shape[1])[None, :] <= q_pos[:, None]
-        out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k, v, attn_mask=mask,
-                                                  scale=SCALE).transpose(0, 1)
+        key_pos = torch.arange(k.shape[1])[None, :]
+        mask = key_pos <= q_pos[:, None]
+        if window:
+            mask &= key_pos > q_pos[:, None] - window
+        scores = (q[a:b].transpose(0, 1) @ k.transpose(1, 2) * SCALE).masked_fill(~mask, float("-inf"))
+        if sinks is not None:
+            sink = sinks.float()[:, None, None].expand(-1, b - a, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        out[a:b] = (probs @ v).transpose(0, 1)
     return out
 
 
@@ -92,6 +100,15 @@ def test_reference_matches_dense_causal_attention(q_lens, seq_lens, kv_heads, gr
     args, dense_k, dense_v = make_batch(q_lens, seq_lens, kv_heads, group, head_dim, block_size, seed=7)
     out = prefill_attention_reference(**args)
     torch.testing.assert_close(out, dense_prefill(args, dense_k, dense_v), atol=1e-5, rtol=1e-5)
+    assert torch.equal(out[-PAD_ROWS:], torch.zeros_like(out[-PAD_ROWS:]))
+
+
+@pytest.mark.parametrize("window,with_sinks", [(3, False), (1, True), (0, True), (20, True)])
+def test_reference_window_and_sinks_match_dense_attention(window, with_sinks):
+    args, dense_k, dense_v = make_batch([5, 1, 0, 40], [5, 30, 0, 70], 2, 2, 32, 8, seed=17)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(1)) * 2 if with_sinks else None
+    out = prefill_attention_reference(**args, window=window, sinks=sinks)
+    torch.testing.assert_close(out, dense_prefill(args, dense_k, dense_v, window, sinks), atol=1e-5, rtol=1e-5)
     assert torch.equal(out[-PAD_ROWS:], torch.zeros_like(out[-PAD_ROWS:]))
 
 
@@ -111,21 +128,27 @@ def test_single_token_chunks_agree_with_decode_attention():
 
 
 def interpreter_cases():
-    """Block 8/16, head_dim 32/64, groups 1/2/4; chunks with and without a cached prefix."""
+    """Block 8/16, head_dim 32/64, groups 1/2/4; chunks with and without a cached prefix;
+    then windows shorter than a query tile and than the context, with and without sinks."""
     for i, (block_size, head_dim, group) in enumerate(itertools.product([8, 16], [32, 64], [1, 2, 4])):
         q_lens = [1, 2 * block_size, 0, 5 + 3 * i]
         seq_lens = [1 + 4 * i, 2 * block_size, 0, 5 + 3 * i + block_size * (i % 3)]
         yield dict(q_lens=q_lens, seq_lens=seq_lens, kv_heads=2, group=group, head_dim=head_dim,
-                   block_size=block_size, seed=i)
+                   block_size=block_size, seed=i), 0, False
+    for j, (window, sinks) in enumerate([(4, True), (4, False), (37, True), (0, True), (1, True)]):
+        yield dict(q_lens=[70, 1, 0, 9], seq_lens=[70, 33, 0, 90], kv_heads=2, group=2, head_dim=32,
+                   block_size=8, seed=50 + j), window, sinks
 
 
 def check_interpreter_cases() -> int:
     """The Triton kernel vs the reference on every interpreter case; returns how many ran."""
     checked = 0
-    for case in interpreter_cases():
+    for case, window, with_sinks in interpreter_cases():
         args, _, _ = make_batch(**case)
-        err = (prefill_attention_triton(**args) - prefill_attention_reference(**args)).abs().max().item()
-        assert err < 1e-4, f"{case}: max abs err {err}"
+        sinks = torch.linspace(-1, 2, args["q"].shape[1]) if with_sinks else None
+        out = prefill_attention_triton(**args, window=window, sinks=sinks)
+        err = (out - prefill_attention_reference(**args, window=window, sinks=sinks)).abs().max().item()
+        assert err < 1e-4, f"{case} window={window} sinks={with_sinks}: max abs err {err}"
         checked += 1
     return checked
 
@@ -142,6 +165,18 @@ GPU_SHAPES = [  # (q_lens, seq_lens, kv_heads, group, head_dim, block_size)
     ([65, 200], [65, 333], 2, 4, 64, 8),
     ([129], [900], 2, 2, 80, 16),
 ]
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_window_and_sinks_match_reference_on_gpu(dtype):
+    """GPT-OSS-20B attention shape (64 q heads, 8 kv heads, head_dim 64), window 128."""
+    args, _, _ = make_batch([300, 1, 0, 77], [300, 1000, 0, 600], 8, 8, 64, 16, seed=2, dtype=dtype, device="cuda")
+    sinks = torch.randn(64, device="cuda")
+    out = prefill_attention(**args, window=128, sinks=sinks)
+    ref = prefill_attention_reference(**args, window=128, sinks=sinks)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
 
 
 @needs_cuda

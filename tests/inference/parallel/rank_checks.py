@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from inference.config import ModelConfig, RouterConfig
+from inference.attention_backends import EagerBackend
+from inference.config import MLAConfig, ModelConfig, RouterConfig
 from inference.model.context import AttentionMetadata, ForwardContext
-from inference.paged_attention import paged_attention_eager
 from inference.parallel import (ColumnParallelLinear, GroupHandle, ParallelGroups, ParallelLayout, RowParallelLinear,
                                 SafetensorsCheckpoint, load_full, load_shards)
 from inference.presets import get_preset
@@ -29,8 +29,26 @@ RICH = ModelConfig(
     tie_word_embeddings=True, max_position_embeddings=256, eos_token_id=None,
     router=RouterConfig(score_function="sigmoid", use_expert_bias=True, num_groups=4, topk_groups=2,
                         scaling_factor=2.5))
-CONFIGS = {"tiny": get_preset("tiny-moe"), "sigmoid": get_preset("tiny-moe-sigmoid"), "rich": RICH}
-SEEDS = {"tiny": 0, "sigmoid": 1, "rich": 2}
+# GPT-OSS-like: sinks, a sliding window shorter than the prompt, qkv and o_proj biases,
+# router bias, biased clamped-SwiGLU experts.
+OSS = ModelConfig(
+    name="tp-oss", vocab_size=300, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
+    intermediate_size=64, moe_intermediate_size=32, num_experts=8, topk=2, dense_layers=(0,),
+    router=RouterConfig(bias=True), attention_bias=True, o_proj_bias=True, attention_sinks=True,
+    layer_types=("sliding_attention", "full_attention", "sliding_attention"), sliding_window=4,
+    expert_activation="swiglu_oai", expert_bias=True, max_position_embeddings=256)
+# DeepSeek-V3-like: multi-head latent attention with a q bottleneck, partial-rope keys,
+# sigmoid routing with expert bias, a shared expert.
+MLA = ModelConfig(
+    name="tp-mla", vocab_size=400, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=4, head_dim=24,
+    intermediate_size=128, moe_intermediate_size=32, num_experts=8, topk=2, dense_layers=(0,),
+    shared_expert_intermediate_size=32,
+    mla=MLAConfig(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, q_lora_rank=24),
+    router=RouterConfig(score_function="sigmoid", use_expert_bias=True, scaling_factor=2.0),
+    max_position_embeddings=256)
+CONFIGS = {"tiny": get_preset("tiny-moe"), "sigmoid": get_preset("tiny-moe-sigmoid"), "rich": RICH, "oss": OSS,
+           "mla": MLA}
+SEEDS = {"tiny": 0, "sigmoid": 1, "rich": 2, "oss": 3, "mla": 4}
 PROMPT_LEN, CHUNK, GREEDY_TOKENS, BLOCK_SIZE = 11, 7, 3, 4
 EXACT = ("moe_routing", "routing", "greedy", "paged_routing")
 # Outputs that collectives leave replicated: every rank of a replica must agree bit for bit.
@@ -80,20 +98,28 @@ def _paged_meta(start: int, stop: int, num_blocks: int, device: torch.device) ->
         seq_lens_host=[stop], max_query_len=stop - start, max_seq_len=stop, decode_only=stop - start == 1)
 
 
+def _layer_cache(config: ModelConfig, attn, blocks: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's paged cache as ``KVCache`` lays it out: K and V of this rank's KV heads,
+    or the MLA rows (latent + rotary key, replicated) and their latent view."""
+    if config.mla is not None:
+        rows = torch.zeros(blocks, BLOCK_SIZE, 1, config.mla.cache_dim, device=device)
+        return rows, rows[..., :config.mla.kv_lora_rank]
+    shape = (blocks, BLOCK_SIZE, attn.num_kv_heads, config.head_dim)
+    return torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+
+
 @torch.no_grad()
 def paged_run(model, tokens: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Prefill in two chunks, then decode the remaining tokens one by one through the KV
     cache; returns the logits of every position and the routing staged per step."""
     c, dev = model.config, tokens.device
     num_blocks = -(-len(tokens) // BLOCK_SIZE)
-    kv_heads = model.layers[0].self_attn.num_kv_heads
-    caches = [(torch.zeros(num_blocks + 1, BLOCK_SIZE, kv_heads, c.head_dim, device=dev),
-               torch.zeros(num_blocks + 1, BLOCK_SIZE, kv_heads, c.head_dim, device=dev)) for _ in range(c.num_layers)]
+    caches = [_layer_cache(c, layer.self_attn, num_blocks + 1, dev) for layer in model.layers]
     bounds = [0, CHUNK] + list(range(CHUNK + 1, len(tokens) + 1))
     logits, routing = [], []
     for a, b in zip(bounds, bounds[1:]):
         staging = torch.empty(b - a, c.num_moe_layers, c.topk, dtype=torch.int64, device=dev)
-        ctx = ForwardContext(_paged_meta(a, b, num_blocks, dev), caches, paged_attention_eager, staging)
+        ctx = ForwardContext(_paged_meta(a, b, num_blocks, dev), caches, EagerBackend(), staging)
         hidden = model(tokens[a:b], torch.arange(a, b, device=dev), ctx)
         logits.append(model.compute_logits(hidden))
         routing.append(staging)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from inference.hf_arch import TensorRecipe
+from inference.hf.common import TensorRecipe
 from inference.parallel import ParallelGroups, ParallelLayout, SafetensorsCheckpoint, ShardLoadError, TensorShard
 from inference.parallel.loading import load_full, load_shards, shard_targets
 from inference.presets import build_model
@@ -120,3 +120,33 @@ def test_every_problem_reported_before_loading(rich_checkpoint):
     assert len(info.value.problems) == 2
     assert "missing tensor layers.1.mlp.w2" in str(info.value) and "norm.weight has shape [3]" in str(info.value)
     assert (rank_model.embed_tokens.weight == 3.0).all(), "nothing may be loaded when a problem is found"
+
+
+def test_transformed_recipes_are_read_whole_then_sharded(tmp_path):
+    """A recipe's transform (GPT-OSS stores experts transposed, gate/up interleaved) may move
+    any element anywhere: that tensor is read whole, transformed, then sliced."""
+    model = build_model(CONFIGS["oss"], seed=SEEDS["oss"])
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+    def interleave(w13: torch.Tensor) -> torch.Tensor:      # ours [E, 2I, H] -> stored [E, H, 2I] interleaved
+        gate, up = w13.chunk(2, dim=1)
+        return torch.stack([gate, up], dim=2).flatten(1, 2).transpose(1, 2).contiguous()
+
+    def deinterleave(stored: torch.Tensor) -> torch.Tensor:
+        t = stored.transpose(1, 2)
+        return torch.cat([t[:, 0::2], t[:, 1::2]], dim=1)
+
+    stored = {n: interleave(t) if n.endswith(".w13") else t for n, t in state.items()}
+    path = tmp_path / "oss.safetensors"
+    save_file(stored, str(path))
+    recipes = [TensorRecipe(n, ((n, tuple(t.shape)),), transform=deinterleave if n.endswith(".w13") else None)
+               for n, t in stored.items()]
+    layout = ParallelLayout(4, 4, 2)
+    for rank in range(layout.world_size):
+        expected = TPMoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
+        load_full(expected, state)
+        got = TPMoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
+        with SafetensorsCheckpoint({n: path for n in stored}) as ck:
+            load_shards(got, ck.recipe_sources(recipes))
+        for (name, a, _, _), (_, b, _, _) in zip(shard_targets(expected), shard_targets(got)):
+            assert torch.equal(a, b), name

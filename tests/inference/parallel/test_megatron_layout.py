@@ -19,7 +19,7 @@ from megatron.core.tensor_parallel.utils import VocabUtility  # noqa: E402
 
 from inference.megatron_export import _grouped_qkv, cpu_megatron_runtime  # noqa: E402
 from inference.parallel import ParallelGroups, ParallelLayout, VocabParallelEmbedding  # noqa: E402
-from inference.parallel.layers import attention_shard  # noqa: E402
+from inference.parallel.attention import attention_shard  # noqa: E402
 from inference.parallel.megatron_layout import (megatron_parallel_kwargs, megatron_vocab_size,  # noqa: E402
                                                 sequence_parallel_rows)
 from routing_replay.replay_targets import packed_targets, padded_targets, sequence_parallel_slice  # noqa: E402
@@ -66,10 +66,8 @@ def test_megatron_qkv_rows_of_a_rank_are_our_shard_regrouped(name, tp):
     megatron_rows = _grouped_qkv(full, config).chunk(tp)
     for r in range(tp):
         shard = attention_shard(config, layout, ParallelGroups.shard_only(layout, r).tp)
-        local = shard.qkv_proj.tensor_shards()["weight"].take(full)
-        local_config = type(config)(**{**config.__dict__, "num_heads": shard.partition.num_heads,
-                                       "num_kv_heads": shard.partition.num_kv_heads})
-        assert torch.equal(_grouped_qkv(local, local_config), megatron_rows[r])
+        local = shard.modules["qkv_proj"].tensor_shards()["weight"].take(full)
+        assert torch.equal(_grouped_qkv(local, shard.local_config), megatron_rows[r])
 
 
 class _TPGroup:

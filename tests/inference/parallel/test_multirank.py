@@ -19,8 +19,10 @@ from tests.inference.parallel.rank_checks import (CONFIGS, SEEDS, Case, assert_c
                                                   linear_inputs, model_outputs, prompt, run_cases)
 
 CASES = {
-    2: [Case("tiny", 2, 1), Case("tiny", 2, 2), Case("rich", 2, 2), Case("sigmoid", 2, 1), Case("tiny", 1, 1)],
-    4: [Case("tiny", 4, 2), Case("rich", 4, 4), Case("rich", 2, 2), Case("sigmoid", 4, 2), Case("tiny", 4, 1)],
+    2: [Case("tiny", 2, 1), Case("tiny", 2, 2), Case("rich", 2, 2), Case("sigmoid", 2, 1), Case("tiny", 1, 1),
+        Case("oss", 2, 2), Case("mla", 2, 1)],
+    4: [Case("tiny", 4, 2), Case("rich", 4, 4), Case("rich", 2, 2), Case("sigmoid", 4, 2), Case("tiny", 4, 1),
+        Case("oss", 4, 2), Case("mla", 4, 4)],
 }
 
 

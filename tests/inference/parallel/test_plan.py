@@ -14,6 +14,7 @@ from inference.kv_cache import KVCache
 from inference.model import MoEGPT
 from inference.parallel import ParallelGroups, ParallelLayout, ParallelLayoutError
 from inference.parallel.plan import describe_rank_plans, memory_plan, rank_weight_elements
+from inference.presets import PRESETS
 from routing_replay import RoutingRecorder
 from tests.inference.parallel.rank_checks import CONFIGS
 from tests.inference.parallel.tp_model import TPMoEGPT
@@ -25,15 +26,32 @@ def _parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+ALL_CONFIGS = {**CONFIGS, **{name: PRESETS[name] for name in PRESETS}}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_CONFIGS))
 def test_one_rank_holds_the_whole_model(name):
     with torch.device("meta"):
-        full = MoEGPT(CONFIGS[name])
-    assert rank_weight_elements(CONFIGS[name], ParallelLayout(1), 0) == _parameters(full)
+        full = MoEGPT(ALL_CONFIGS[name])
+    assert rank_weight_elements(ALL_CONFIGS[name], ParallelLayout(1), 0) == _parameters(full)
+
+
+def test_tiny_model_tp2_ep2_rank_weights_by_hand():
+    """tiny-moe: vocab 512, hidden 64, 4 layers (layer 0 dense, width 128), 4 heads of 16,
+    2 KV heads, 8 experts of width 32."""
+    h = 64
+    vocab = 2 * 256 * h                                  # embedding + head, 256 rows each
+    norms = (2 * 4 + 1) * h
+    attention = (2 + 2 * 1) * 16 * h + h * 2 * 16        # qkv of 2 q + 1 kv heads, o_proj columns
+    dense = 3 * h * 64                                   # gate, up, down at width 128 / 2
+    moe = 8 * h + 4 * 3 * h * 32                         # replicated router, 4 whole experts
+    expected = vocab + norms + 4 * attention + dense + 3 * moe
+    layout = ParallelLayout(2, 2, 2)
+    assert [rank_weight_elements(CONFIGS["tiny"], layout, r) for r in range(2)] == [expected] * 2
 
 
 @pytest.mark.parametrize("name,tp,ep", [("tiny", 2, 1), ("tiny", 4, 2), ("sigmoid", 4, 4), ("rich", 4, 2),
-                                        ("rich", 2, 2)])
+                                        ("rich", 2, 2), ("oss", 4, 2), ("mla", 2, 2)])
 def test_rank_weights_equal_the_shards_built(name, tp, ep):
     config, layout = CONFIGS[name], ParallelLayout(2 * tp, tp, ep)
     plans = memory_plan(config, ENGINE, layout)
@@ -49,6 +67,9 @@ def test_kv_cache_split_or_replicated_with_the_kv_heads():
     full = KVCache.bytes_per_block(config, ENGINE.block_size, torch.float32) * (ENGINE.num_kv_blocks + 1)
     assert memory_plan(config, ENGINE, ParallelLayout(2, 2))[0].kv_cache_bytes * 2 == full
     assert all(p.kv_cache_bytes * 2 == full for p in memory_plan(config, ENGINE, ParallelLayout(4, 4)))
+    mla = CONFIGS["mla"]                                                # the latent is replicated
+    latent = KVCache.bytes_per_block(mla, ENGINE.block_size, torch.float32) * (ENGINE.num_kv_blocks + 1)
+    assert {p.kv_cache_bytes for p in memory_plan(mla, ENGINE, ParallelLayout(4, 4, 2))} == {latent}
 
 
 def test_routing_buffer_is_what_the_recorder_allocates_on_all_ranks_or_the_leader():

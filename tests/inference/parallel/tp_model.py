@@ -1,40 +1,26 @@
-"""A tensor/expert-parallel MoEGPT assembled from ``inference.parallel`` layers: how the
-model integrates them (same module names as ``MoEGPT``, the unsharded attention code run on
-this rank's heads), used by the multi-rank tests to compare whole forwards with the
+"""A tensor/expert-parallel MoEGPT assembled from ``inference.parallel`` blocks: how the
+model integrates them (same module names as ``MoEGPT``; the model's own attention classes
+run on this rank's heads), used by the multi-rank tests to compare whole forwards with the
 single-process model."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 from torch import nn
 
 from inference.config import ModelConfig
-from inference.model.attention import Attention
 from inference.model.context import ForwardContext
-from inference.model.layers import RMSNorm, RotaryEmbedding
+from inference.model.gpt import rotary_for
+from inference.model.layers import RMSNorm
 from inference.parallel import (ExpertParallelMoE, ParallelGroups, ParallelLMHead, ParallelSwiGLUMLP,
-                                VocabParallelEmbedding, attention_shard)
-
-
-def tp_attention(config: ModelConfig, layer_index: int, groups: ParallelGroups) -> Attention:
-    """The unsharded ``Attention`` on this rank's heads, with sharded projections."""
-    shard = attention_shard(config, groups.layout, groups.tp)
-    local = dataclasses.replace(config, num_heads=shard.partition.num_heads,
-                                num_kv_heads=shard.partition.num_kv_heads)
-    with torch.device("meta"):
-        attn = Attention(local, layer_index)
-    attn.qkv_proj, attn.o_proj = shard.qkv_proj, shard.o_proj
-    attn.q_norm, attn.k_norm = shard.q_norm, shard.k_norm
-    return attn
+                                VocabParallelEmbedding, sharded_attention)
 
 
 class TPDecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int, groups: ParallelGroups) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = tp_attention(config, layer_index, groups)
+        self.self_attn = sharded_attention(config, layer_index, groups.layout, groups.tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         moe = config.moe_layer_indices
         self.moe_index = moe.index(layer_index) if layer_index in moe else None
@@ -53,7 +39,7 @@ class TPMoEGPT(nn.Module):
         groups.layout.validate_model(config)
         self.config, tp = config, groups.tp
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.rotary = rotary_for(config)
         self.layers = nn.ModuleList(TPDecoderLayer(config, i, groups) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp,

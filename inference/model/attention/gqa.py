@@ -1,4 +1,5 @@
-"""Grouped-query self-attention with rotary embeddings and optional q/k norm."""
+"""Grouped-query self-attention: rotary (full or partial), optional q/k norm and biases,
+and for GPT-OSS a per-layer sliding window and attention sinks."""
 
 from __future__ import annotations
 
@@ -6,16 +7,20 @@ import torch
 from torch import nn
 
 from inference.config import ModelConfig
+from inference.model.attention.reference import full_attention
 from inference.model.context import ForwardContext
-from inference.model.layers import RMSNorm, apply_rotary
+from inference.model.layers import RMSNorm
+from inference.model.rotary import apply_rotary
+from inference.paged_attention import write_kv
 
 RotaryTables = tuple[torch.Tensor, torch.Tensor]
-from inference.paged_attention import causal_attention, write_kv
 
 
-class Attention(nn.Module):
+class GQAttention(nn.Module):
     """q/k/v projections fused into one weight ([q; k; v] rows). ``qk_norm`` is applied
-    per head (Qwen3) or over the whole projection (OLMoE) before rotary."""
+    per head (Qwen3, GLM-4.5) or over the whole projection (OLMoE, MiniMax-M2) before
+    rotary. Invariant: ``window`` is 0 (full attention) or the layer's sliding window, and
+    both the paged and the reference forward apply the same window and sinks."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -24,8 +29,9 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim ** -0.5
+        self.window = config.window_of(layer_index)
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
         self.qk_norm = config.qk_norm
         if config.qk_norm == "per_head":
             self.q_norm, self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps), RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -33,6 +39,8 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(self.q_size, config.rms_norm_eps), RMSNorm(self.kv_size, config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        # Logits added to the (fp32) softmax: used in fp32 whatever the model dtype.
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
 
     def project(self, x: torch.Tensor, rope: RotaryTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = x.shape[0]
@@ -46,15 +54,18 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
+    def _sinks(self) -> torch.Tensor | None:
+        return None if self.sinks is None else self.sinks.float()
+
     def forward(self, x: torch.Tensor, rope: RotaryTables, ctx: ForwardContext) -> torch.Tensor:
         q, k, v = self.project(x, rope)
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
         write_kv(k_cache, v_cache, ctx.attn.slot_mapping, k, v)
-        out = ctx.attention_fn(q, k_cache, v_cache, ctx.attn, self.scale)
+        out = ctx.attention.attend(q, k_cache, v_cache, ctx.attn, self.scale, self.window, self._sinks())
         return self.o_proj(out.reshape(x.shape[0], self.q_size))
 
     def forward_full(self, x: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
         """Causal attention over one whole sequence, no KV cache (the reference path)."""
         q, k, v = self.project(x, rope)
-        out = causal_attention(q, k, v, self.scale)
+        out = full_attention(q, k, v, self.scale, self.window, self._sinks())
         return self.o_proj(out.reshape(x.shape[0], self.q_size))

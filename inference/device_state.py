@@ -1,0 +1,88 @@
+"""Everything an engine allocates on its device, built together and released together:
+the KV cache, the static step tensors and their pinned staging, the routing recorder's
+buffers, the decode CUDA graphs, and the runner that uses them. ``LLMEngine.sleep`` drops
+it and ``wake_up`` builds it again; the model's weights are not part of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from inference.config import EngineConfig
+from inference.cuda_graphs import DecodeGraphRunner
+from inference.errors import allocating
+from inference.kv_cache import KVCache
+from inference.model import MoEGPT
+from inference.model.context import AttentionFn
+from inference.model_runner import ModelRunner
+from inference.routing_collector import RoutingCollector
+from inference.sampler import Sampler
+from inference.step_batch import StepBatch
+from routing_replay import RoutingRecorder
+from routing_replay.host_sync_recorder import HostSyncRecorder
+
+
+@dataclass(eq=False)
+class DeviceState:
+    """Invariant: its members reference each other and nothing outside but the model, so
+    dropping the object (after ``release``) frees all of its device memory at once."""
+
+    kv_cache: KVCache
+    batch: StepBatch
+    recorder: object | None
+    routing: RoutingCollector | None
+    graph_runner: DecodeGraphRunner | None
+    runner: ModelRunner
+
+    @classmethod
+    def build(cls, model: MoEGPT, config: EngineConfig, max_model_len: int, sampler: Sampler,
+              attention_fn: AttentionFn) -> "DeviceState":
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+        with allocating("KV cache", "lower num_kv_blocks (--num-kv-blocks / --kv-cache-memory)"):
+            kv_cache = KVCache(model.config, config.num_kv_blocks, config.block_size, dtype, device)
+        with allocating("step buffers"):
+            batch = StepBatch(max_step_tokens=config.max_step_tokens, max_requests=config.max_requests,
+                              max_blocks_per_request=-(-max_model_len // config.block_size),
+                              block_size=config.block_size, dummy_block_id=kv_cache.dummy_block_id, device=device)
+        recorder = None
+        if config.record_routing:
+            with allocating("routing buffer", "lower num_kv_blocks (--num-kv-blocks / --kv-cache-memory)"):
+                recorder = _make_recorder(model, config, device)
+        graph_runner = None
+        if config.cuda_graphs or config.padded_decode:
+            if config.cuda_graphs and device.type != "cuda":
+                raise ValueError("cuda_graphs needs a CUDA device")
+            graph_runner = DecodeGraphRunner(
+                model, batch, kv_cache, recorder,
+                max_batch=min(config.max_requests, config.cuda_graph_max_batch, config.max_step_tokens),
+                use_graphs=config.cuda_graphs)
+            with allocating("CUDA graphs", "lower max_requests (--max-requests) or turn graphs off (--no-cuda-graphs)"):
+                graph_runner.capture()
+        runner = ModelRunner(model, kv_cache, batch, sampler, attention_fn, recorder, graph_runner,
+                             cuda_graphs=config.cuda_graphs, logprobs=config.compute_logprobs)
+        routing = RoutingCollector(recorder) if recorder is not None else None
+        return cls(kv_cache, batch, recorder, routing, graph_runner, runner)
+
+    def release(self) -> None:
+        """Drop the CUDA graphs (their memory pool goes with them); the caller drops the
+        object, which frees every tensor. cuBLAS keeps a 32 MiB workspace for every stream
+        it ran on (the graph warm-up stream included) for the life of the process: those
+        are freed too (stream-ordered, so work still queued is safe), and come back lazily
+        with the next matrix product."""
+        if self.graph_runner is not None:
+            self.graph_runner.release()
+        clear_cublas_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if self.kv_cache.storage.is_cuda and clear_cublas_workspaces is not None:
+            clear_cublas_workspaces()
+
+
+def _make_recorder(model: MoEGPT, config: EngineConfig, device: torch.device):
+    mc = model.config
+    if mc.num_moe_layers == 0:
+        raise ValueError(f"--record-routing: model {mc.name!r} has no MoE layers, so there is no routing to record")
+    cls = RoutingRecorder if config.routing_recorder == "gpu" else HostSyncRecorder
+    return cls(num_kv_blocks=config.num_kv_blocks, block_size=config.block_size, num_moe_layers=mc.num_moe_layers,
+               topk=mc.topk, num_experts=mc.num_experts, max_step_tokens=config.max_step_tokens, device=device)

@@ -1,0 +1,42 @@
+"""ModelConfig's new fields stay validated, and every preset survives the JSON round trip
+that step_details.json's meta makes (nested MLA / YaRN / router configs included)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import orjson
+import pytest
+
+from inference.config import MLAConfig, ModelConfig
+from inference.presets import PRESETS
+
+MLA = MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_round_trip_through_json(name):
+    config = PRESETS[name]
+    assert ModelConfig.from_dict(orjson.loads(orjson.dumps(config.to_dict()))) == config
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(mla=MLA, qk_norm="per_head"), "does not combine with ['qk_norm']"),
+    (dict(mla=MLA, attention_sinks=True), "does not combine with ['attention_sinks']"),
+    (dict(layer_types=("full_attention",) * 3), "layer_types has 3 entries for 4 layers"),
+    (dict(layer_types=("sliding_attention",) * 4), "sliding_attention layers need sliding_window > 0"),
+    (dict(layer_types=("local",) * 4, sliding_window=4), "layer_types must be among"),
+    (dict(rotary_dim=5), "rotary_dim must be even"),
+    (dict(expert_activation="gelu"), "expert_activation must be one of"),
+    (dict(mla=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=7, v_head_dim=8)), "qk_rope_head_dim must be even"),
+])
+def test_invalid_combinations_are_rejected(changes, needle):
+    with pytest.raises(ValueError) as info:
+        dataclasses.replace(ModelConfig(), **changes)
+    assert needle in str(info.value)
+
+
+def test_windows_and_rope_dims():
+    c = ModelConfig(layer_types=("sliding_attention", "full_attention") * 2, sliding_window=4, rotary_dim=8)
+    assert [c.window_of(i) for i in range(4)] == [4, 0, 4, 0] and c.rope_dim == 8
+    assert ModelConfig(mla=MLA).rope_dim == 8 and ModelConfig(mla=MLA).kv_bytes_per_token == 4 * 24

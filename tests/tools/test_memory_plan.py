@@ -1,0 +1,47 @@
+"""The memory plan's exact components equal what the engine really allocates, and a plan
+that does not fit names the numbers and the flag to change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference.config import EngineConfig
+from inference.engine import LLMEngine
+from inference.presets import build_model, get_preset
+from tools.memory_plan import MemoryPlan, available_memory, plan_memory
+
+
+@pytest.mark.parametrize("preset, record", [("tiny-moe", True), ("tiny-moe-sigmoid", False)])
+def test_exact_components_match_the_engine(preset, record):
+    mc = get_preset(preset)
+    config = EngineConfig(block_size=8, num_kv_blocks=37, max_requests=4, max_step_tokens=32, record_routing=record)
+    plan = dict((name, size) for name, size, _ in plan_memory(mc, config, torch.device("cpu")).components)
+    model = build_model(mc, seed=0)
+    engine = LLMEngine(model, config)
+    assert plan["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert plan["KV cache"] == engine.kv_cache.nbytes
+    if record:
+        recorder = engine.recorder
+        assert plan["routing buffer"] == sum(t.numel() * t.element_size() for t in (recorder.staging, recorder.block_routing))
+    else:
+        assert "routing buffer" not in plan
+    assert plan["activations"] > 0 and "CUDA graphs" not in plan
+
+
+def test_a_plan_that_does_not_fit_names_numbers_and_flag():
+    plan = MemoryPlan("cpu", (("weights", 2 << 20, ""), ("KV cache", 30 << 30, "")), 8 << 30, "MemAvailable")
+    assert not plan.fits
+    message = plan.problem()
+    assert "weights 2.0 MiB + KV cache 30.0 GiB = 30.0 GiB" in message and "8.0 GiB is available (MemAvailable)" in message
+    assert "lower --kv-cache-memory or --num-kv-blocks" in message
+    heavy = MemoryPlan("cuda:0", (("weights", 9 << 30, ""), ("KV cache", 1 << 30, "")), 4 << 30, "free")
+    assert "cuda:0 memory" in heavy.problem() and "--dtype bfloat16" in heavy.problem()
+    assert MemoryPlan("cpu", (("weights", 1, ""),), None, "unknown").fits
+
+
+def test_host_memory_is_measured_and_shared_by_local_processes():
+    one, source = available_memory(torch.device("cpu"))
+    two, _ = available_memory(torch.device("cpu"), local_processes=2)
+    assert one is not None and one > 0 and ("MemAvailable" in source or "free" in source)
+    assert abs(two - one // 2) <= one // 10       # MemAvailable moves a little between reads
