@@ -76,7 +76,8 @@ def _mla_modules(config: ModelConfig, p: HeadPartition, tp: GroupHandle, kw: dic
         return ColumnParallelLinear(in_features, [heads * per_head], tp,
                                     rows=((p.q_start * per_head, p.q_stop * per_head),), **kw)
     q_name, q_in = ("q_b_proj", m.q_lora_rank) if m.q_lora_rank else ("q_proj", h)
-    return {q_name: by_head(q_in, m.qk_head_dim), "kv_b_proj": by_head(m.kv_lora_rank, m.qk_nope_head_dim + m.v_head_dim),
+    return {q_name: by_head(q_in, m.qk_head_dim),
+            "kv_b_proj": by_head(m.kv_lora_rank, m.qk_nope_head_dim + m.v_head_dim),
             "o_proj": RowParallelLinear(heads * m.v_head_dim, h, tp,
                                         cols=((p.q_start * m.v_head_dim, p.q_stop * m.v_head_dim),), **kw)}
 
