@@ -8,11 +8,11 @@ Paths, chosen from dtypes, shapes, device and tuned data files only (never from 
 values), by ``choose_moe_backend``:
 
 - fused_triton: ``fused_moe.py``, Triton GEMMs over expert-aligned pair blocks with SwiGLU
-  and the routing weights fused (CUDA, bf16 / fp16 / fp32). The default on CUDA.
+  and the routing weights fused (CUDA, bf16 / fp16 / fp32). "auto" picks it where a tuned
+  file for this shape and device (``fused_moe_configs.py``) measured it at least as fast
+  as ``torch._grouped_mm`` at the nearest token count: a shape nobody tuned (or measured)
+  on this device keeps the paths below, which are proven on it.
 - grouped: ``torch._grouped_mm`` over (token, k) pairs sorted by expert (CUDA bf16, sm90).
-  Chosen by "auto" instead of the fused kernel only where a tuned file for this shape and
-  device (``fused_moe_configs.py``) measured it faster at the nearest token count, or
-  when Triton is missing.
 - gathered: each pair's expert weights are gathered and applied with ``bmm``; it reads
   ``T * K`` weight matrices, so it is chosen when that is no more than all ``E`` of them.
 - dense: every expert runs on every token and the routing weight (zero for unrouted
@@ -74,17 +74,19 @@ def choose_moe_backend(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tenso
         raise ValueError(f"moe backend 'grouped_mm' does not apply to {x.dtype} on {x.device} (needs sm90, bf16)")
     if backend in ("fused_triton", "grouped_mm"):
         return backend
-    if backend == "auto" and fused_ok:
-        return "grouped_mm" if grouped_ok and _tuned_prefers_grouped_mm(x, w13, w2) else "fused_triton"
+    if backend == "auto" and fused_ok and _tuned_prefers_fused(x, w13, w2):
+        return "fused_triton"
     if backend == "auto" and grouped_ok:
         return "grouped_mm"
     return "gathered" if topk_ids.numel() <= w13.shape[0] else "dense"
 
 
-def _tuned_prefers_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+def _tuned_prefers_fused(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """A tuned file for this shape and device measured the fused kernel (and not grouped_mm
+    faster) at the nearest token count."""
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     entry = tuned_entry(x.shape[0], w13.shape[0], w2.shape[1], w2.shape[2], x.dtype, device_name(index))
-    return entry is not None and entry.prefers_grouped_mm
+    return entry is not None and entry.fused_ms is not None and not entry.prefers_grouped_mm
 
 
 def grouped_mm_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:

@@ -157,7 +157,9 @@ def test_cuda_graph_replay_follows_new_routing(num_tokens):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dispatcher_runs_the_fused_kernel_on_cuda(dtype):
     args = make_moe(32, 4, 16, 128, 64, seed=7, dtype=dtype, device="cuda")
-    assert choose_moe_backend(args[0], args[1], args[3], args[4]) in ("fused_triton", "grouped_mm")
+    # No tuned file for this shape: "auto" keeps the proven path; the pinned backend runs the kernel.
+    untuned = "grouped_mm" if dtype == torch.bfloat16 else "dense"
+    assert choose_moe_backend(args[0], args[1], args[3], args[4]) == untuned
     assert choose_moe_backend(args[0], args[1], args[3], args[4], "fused_triton") == "fused_triton"
     assert_close_relative(moe_experts_grouped(*args, backend="fused_triton"), moe_experts_reference(*args),
                           TOLERANCE[dtype])
