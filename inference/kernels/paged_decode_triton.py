@@ -135,7 +135,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     span = max_blocks * block_size if window <= 0 else min(window, max_blocks * block_size)
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, -(-span // block_size), block_size, q.device)
-    use_dot = group > 1 and head_dim >= 16    # tl.dot needs K >= 16
+    use_dot = group > 1
     block_n = 64 if use_dot else 32
     # Splits cover whole BLOCK_N tiles so only the last tile of a row is ever partial.
     tokens_per_split = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
@@ -153,7 +153,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, KV_BLOCK_SIZE=block_size,
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_G=block_g, BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)) if use_dot else triton.next_power_of_2(head_dim),  # tl.dot: K >= 16
         NUM_SPLITS=num_splits, USE_DOT=use_dot, HAS_SINKS=has_sinks and num_splits == 1, num_warps=4,
     )
     if num_splits > 1:

@@ -151,7 +151,8 @@ def test_public_entry_point_on_cpu_matches_dense_attention():
 
 def interpreter_cases():
     """Many small shapes: block 8/16, head_dim 32/64, groups 1/2/4, 1 or 3 context splits;
-    then windows (smaller and larger than contexts) with and without sinks."""
+    then windows (smaller and larger than contexts) with and without sinks; then head_dim 8
+    with query groups (padded for tl.dot)."""
     for i, (block_size, head_dim, group) in enumerate(itertools.product([8, 16], [32, 64], [1, 2, 4])):
         # single token, exact blocks, padding, ragged, several BLOCK_N tiles
         seq_lens = [1, 2 * block_size, 0, 7 + 5 * i, 70 + 9 * i]
@@ -161,6 +162,10 @@ def interpreter_cases():
                                                         (0, True, 3, 2), (1, True, 1, 1), (200, True, 2, 2)]):
         yield dict(seq_lens=[1, 16, 0, 45, 130], kv_heads=2, group=group, head_dim=32, block_size=8,
                    seed=100 + j), splits, window, sinks
+    # head_dim below tl.dot's minimum K of 16 with query groups: the head dimension is padded
+    for j, (group, splits) in enumerate([(2, 1), (4, 2)]):
+        yield dict(seq_lens=[3, 40, 0, 17], kv_heads=2, group=group, head_dim=8, block_size=4,
+                   seed=200 + j), splits, 6 if j else 0, j == 0
 
 
 def check_interpreter_cases() -> int:
