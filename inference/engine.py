@@ -29,6 +29,7 @@ from inference.device_state import DeviceState
 from inference.errors import InvalidRequestError, allocating
 from inference.model import MoEGPT
 from inference.model_runner import LaunchedStep
+from inference.replica import ReplicaSync
 from inference.request import Request, RequestResult, SamplingParams
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler, SchedulerConfig
@@ -45,6 +46,9 @@ class LLMEngine:
     most one step is in flight between ``step()`` calls (asynchronous scheduling)."""
 
     def __init__(self, model: MoEGPT, config: EngineConfig) -> None:
+        """With a tensor-parallel ``model`` (``model.parallel``) this is one rank's engine of
+        its replica, and construction is collective: every rank of the world builds its
+        engine (see ``inference.replica``); only the replica leader reads routing back."""
         self.model = model
         self.model_config = model.config
         param = next(model.parameters())
@@ -67,8 +71,12 @@ class LLMEngine:
         if self.device.type == "cuda":
             from inference.kernels import moe_experts_fn
             model.set_experts_fn(moe_experts_fn(config.moe_backend))
+        parallel = model.parallel
+        self.replica = (ReplicaSync.build(parallel, config.replica_check_interval)
+                        if parallel is not None and parallel.tp.size > 1 else None)
+        self.reads_routing = parallel is None or parallel.is_replica_leader
         self._state: DeviceState | None = DeviceState.build(model, config, self.max_model_len, self.sampler,
-                                                            self._attention_fn)
+                                                            self._attention_fn, self.reads_routing)
         self.step_log = StepDetailsLog()
         self.weight_version: int | str = 0
         self.num_generated_tokens = 0          # tokens received by the host so far, all requests
@@ -118,6 +126,8 @@ class LLMEngine:
             self._routing_start[request] = routing_start
         self._live[request_id] = request
         self.scheduler.add(request)
+        if self.replica is not None:
+            self.replica.on_add(request)
         return request_id
 
     def _validate(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> None:
@@ -203,6 +213,8 @@ class LLMEngine:
         if not output.chunks and not output.preempted:
             return None
         index, self._step_index = self._step_index, self._step_index + 1
+        if self.replica is not None:
+            self.replica.on_schedule(index, output)
         if not output.chunks:
             return LaunchedStep(index=index, output=output, prepared=None, timer=timer)
         return self.runner.launch(index, output, self._in_flight, timer)
@@ -215,6 +227,8 @@ class LLMEngine:
         step.wait()
         t = timer.lap("stage_complete", "wait", t)
         sampled = step.sampled()
+        if self.replica is not None:
+            self.replica.on_complete(step.index, step.host.get("tokens"))
         self.num_generated_tokens += sum(1 for r in step.sampling_requests if not r.is_finished)
         step.apply_logprobs()
         finished = self.scheduler.update(step.output, sampled)
@@ -313,7 +327,7 @@ class LLMEngine:
             raise RuntimeError("the engine is closed")
         if self._state is None:
             self._state = DeviceState.build(self.model, self.config, self.max_model_len, self.sampler,
-                                            self._attention_fn)
+                                            self._attention_fn, self.reads_routing)
 
     @property
     def is_sleeping(self) -> bool:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import math
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 
 from inference.config import DTYPES, MLAConfig, ModelConfig, RopeScaling, RouterConfig
 from inference.model import MoEGPT
 from inference.model.gpt import allocate_model
+
+if TYPE_CHECKING:
+    from inference.parallel import ParallelGroups
 
 PRESETS = MappingProxyType({
     "tiny-moe": ModelConfig(
@@ -85,27 +89,60 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, DTYPES[name])
 
 
+def _init_std(name: str, shape: torch.Size) -> float | None:
+    """None: a norm weight (ones); else the std of the seeded normal draw."""
+    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        return None
+    return 0.02 if name.startswith("embed_tokens") else 1.0 / math.sqrt(shape[-1])
+
+
 @torch.no_grad()
 def init_random_weights(model: MoEGPT, seed: int) -> None:
     """Seeded weights scaled by 1/sqrt(fan_in) so signals keep unit scale through depth and
-    routers see logits of order one (a realistic spread of expert choices)."""
+    routers see logits of order one (a realistic spread of expert choices). A tensor-
+    parallel model gets this rank's shards of exactly the unsharded model's weights."""
+    if model.parallel is not None:
+        return _init_random_shards(model, seed)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+        std = _init_std(name, p.shape)
+        if std is None:
             p.fill_(1.0)
             continue
-        fan_in = p.shape[-1]
-        std = 0.02 if name.startswith("embed_tokens") else 1.0 / math.sqrt(fan_in)
         p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std))
     for name, buf in model.named_buffers():
         if name.endswith("expert_bias"):
             buf.copy_(torch.randn(buf.shape, generator=gen, device=device) * 0.05)
 
 
+def _init_random_shards(model: MoEGPT, seed: int) -> None:
+    """The unsharded draws in the unsharded order (one full tensor at a time, on this
+    rank's device), each cut to this rank's shard: bit-identical to the single-process
+    weights, with at most one full tensor alive."""
+    from inference.parallel.loading import shard_targets
+    device = next(model.parameters()).device
+    targets = {name: (tensor, shard) for name, tensor, shard, _ in shard_targets(model)}
+    with torch.device("meta"):
+        full = MoEGPT(model.config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in full.named_parameters():
+        tensor, shard = targets[name]
+        std = _init_std(name, p.shape)
+        if std is None:
+            tensor.fill_(1.0)
+            continue
+        value = torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std)
+        tensor.copy_(shard.take(value))
+    for name, buf in full.named_buffers():
+        if name.endswith("expert_bias"):
+            targets[name][0].copy_(torch.randn(buf.shape, generator=gen, device=device) * 0.05)
+
+
 def build_model(config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> MoEGPT:
-    """A model with seeded random weights, on ``device`` in ``dtype`` (buffers stay fp32)."""
-    model = allocate_model(config, device, dtype)
+                device: str | torch.device = "cpu", parallel: "ParallelGroups | None" = None) -> MoEGPT:
+    """A model with seeded random weights, on ``device`` in ``dtype`` (buffers stay fp32);
+    with ``parallel``, this rank's shards of the same weights."""
+    model = allocate_model(config, device, dtype, parallel)
     init_random_weights(model, seed)
     return model.eval()
