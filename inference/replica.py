@@ -54,8 +54,8 @@ class ReplicaSync:
             raise ValueError(f"replica check interval must be an int >= 1, got {check_every!r}")
         self.group, self.tp_rank, self.tp_size, self.dp_rank = group, tp_rank, tp_size, dp_rank
         self.check_every = check_every
-        self.stop_source: Callable[[], bool] | None = None
-        self.stop_agreed = False
+        self.stop_source: Callable[[], int] | None = None   # 0, or the signal number this rank received
+        self.stop_signal = 0                                  # > 0 once the replica agreed to stop
         self.num_checks = 0
         self._digest = hashlib.blake2b(digest_size=8)
 
@@ -93,9 +93,9 @@ class ReplicaSync:
             self._digest.update(tokens.numpy().tobytes())
 
     def check(self, index: int) -> None:
-        """All-gather (digest, step, stop flag) over the replica; raise on disagreement."""
-        stop = bool(self.stop_source()) if self.stop_source is not None else False
-        mine = torch.tensor([int.from_bytes(self._digest.digest(), "little", signed=True), index, int(stop)],
+        """All-gather (digest, step, stop signal) over the replica; raise on disagreement."""
+        stop = int(self.stop_source() or 0) if self.stop_source is not None else 0
+        mine = torch.tensor([int.from_bytes(self._digest.digest(), "little", signed=True), index, stop],
                             dtype=torch.int64)
         gathered = [torch.empty_like(mine) for _ in range(self.tp_size)]
         dist.all_gather(gathered, mine, group=self.group)
@@ -106,4 +106,4 @@ class ReplicaSync:
                 f"replica {self.dp_rank}: its {self.tp_size} tensor-parallel ranks diverged by step {index} "
                 f"(digest, step per tp rank: {[r[:2] for r in rows]}); every rank of a replica must be given the "
                 f"same requests in the same order, and compute bit-identical logits")
-        self.stop_agreed = self.stop_agreed or any(r[2] for r in rows)
+        self.stop_signal = self.stop_signal or max(r[2] for r in rows)
