@@ -33,7 +33,7 @@ from inference.replica import ReplicaSync
 from inference.request import Request, RequestResult, SamplingParams
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler, SchedulerConfig
-from inference.step_entry import step_entry
+from inference.step_entry import gpu_timings, step_entry
 from inference.weight_refit import copy_named_tensors
 from routing_replay import StepDetailsLog
 from routing_replay.phase_timer import PhaseTimer
@@ -46,9 +46,8 @@ class LLMEngine:
     most one step is in flight between ``step()`` calls (asynchronous scheduling)."""
 
     def __init__(self, model: MoEGPT, config: EngineConfig) -> None:
-        """With a tensor-parallel ``model`` (``model.parallel``) this is one rank's engine of
-        its replica, and construction is collective: every rank of the world builds its
-        engine (see ``inference.replica``); only the replica leader reads routing back."""
+        """A tensor-parallel ``model`` makes this one rank's engine of its replica: building
+        it is collective (``inference.replica``); only the replica leader reads routing back."""
         self.model = model
         self.model_config = model.config
         param = next(model.parameters())
@@ -255,14 +254,7 @@ class LLMEngine:
         return None
 
     def _record(self, step: LaunchedStep, step_ms: float) -> None:
-        gpu_ms = None
-        if step.gpu is not None:
-            gpu = step.gpu
-            gpu_ms = {"gpu_forward_ms": gpu.begin.elapsed_time(gpu.forward_end),
-                      "gpu_step_ms": gpu.begin.elapsed_time(gpu.end)}
-            if self._last_gpu_end is not None:
-                gpu_ms["gpu_idle_before_ms"] = max(0.0, self._last_gpu_end.elapsed_time(gpu.begin))
-            self._last_gpu_end = gpu.end
+        gpu_ms, self._last_gpu_end = gpu_timings(step, self._last_gpu_end)
         self.step_log.record(step_entry(step, step_ms, time.perf_counter() - self._start_time, gpu_ms))
 
     # ---- scheduler hooks (called before blocks are freed) ----------------------------------

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("engine")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="usable KV blocks (default 1024, or from --kv-cache-memory)")
-    g.add_argument("--kv-cache-memory", metavar="SIZE", help="KV cache size instead of --num-kv-blocks, e.g. 512MiB, 8GiB")
+    g.add_argument("--kv-cache-memory", metavar="SIZE", help="KV cache size instead of --num-kv-blocks, e.g. 512MiB, 8GiB (per rank: with tensor parallelism a rank holds its KV heads)")
     g.add_argument("--max-requests", type=int, default=64, help="requests running at once")
     g.add_argument("--max-step-tokens", type=int, default=512, help="token budget per step (decodes + prefill chunks)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -219,8 +219,10 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.Ex
     check_model_args(args, model_config)
     layout = parallel_layout(dist.world_size, args.tensor_parallel_size, args.expert_parallel_size, model_config,
                              dry_run=args.dry_run)
-    dist = dist.with_layout(layout)
-    engine_config = engine_config_from_args(args, model_config, dist.device, _attention_config(model_config, dist))
+    if layout.world_size == dist.world_size:      # else a single-process --dry-run planning a replica
+        dist = dist.with_layout(layout)
+    engine_config = engine_config_from_args(args, model_config, dist.device,
+                                            _attention_config(model_config, layout, dist.rank))
     specs = load_prompts(args, model_config)
     limits = [output_limit(args, s) for s in specs]
     memory = plan_memory(model_config, engine_config, dist.device,
@@ -252,12 +254,12 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.Ex
     return engine, dist, specs, _plan_run(args, dist, specs, out_plan, fingerprint, meta)
 
 
-def _attention_config(model_config, dist):
+def _attention_config(model_config, layout, rank: int):
     """This rank's attention shard (its KV heads), or the whole model's without TP."""
-    if dist.tp_size == 1:
+    if layout.tp == 1:
         return model_config
     from inference.parallel.attention import local_attention_config
-    return local_attention_config(model_config, dist.layout, dist.rank % dist.tp_size)
+    return local_attention_config(model_config, layout, layout.coords(rank).tp_rank)
 
 
 def _adopt_peer_signal(dist, guard: InterruptGuard) -> None:

@@ -38,9 +38,11 @@ class EngineCase:
         kind = "hf-" + self.model.rsplit("/", 1)[-1] if self.model.startswith("hf:") else self.model
         return f"{kind}-tp{self.tp}-ep{self.ep}-{'async' if self.async_scheduling else 'sync'}{self.tag}"
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self, device: str = "cpu") -> EngineConfig:
+        """On CUDA, decode runs as CUDA graphs (NCCL collectives captured in them)."""
         base = dict(block_size=4, num_kv_blocks=22, max_requests=4, max_step_tokens=16, record_routing=True,
-                    enable_prefix_caching=True, async_scheduling=self.async_scheduling, replica_check_interval=1)
+                    enable_prefix_caching=True, async_scheduling=self.async_scheduling, replica_check_interval=1,
+                    device=device, cuda_graphs=device.startswith("cuda"))
         return EngineConfig(**{**base, **dict(self.engine)})
 
 
@@ -75,10 +77,10 @@ def serve(engine: LLMEngine, requests, prefix: str = "") -> tuple[dict[str, Requ
     return results, steps
 
 
-def load_model(spec: str, groups: ParallelGroups | None):
+def load_model(spec: str, groups: ParallelGroups | None, device: str = "cpu"):
     if spec.startswith("hf:"):
-        return load_hf_model(spec[3:], parallel=groups)
-    return build_model(CONFIGS[spec], seed=SEEDS[spec], parallel=groups)
+        return load_hf_model(spec[3:], parallel=groups, device=device)
+    return build_model(CONFIGS[spec], seed=SEEDS[spec], parallel=groups, device=device)
 
 
 def refit_state(spec: str) -> dict[str, torch.Tensor]:
@@ -100,10 +102,11 @@ def outputs(results: dict[str, RequestResult], prefix: str) -> dict[str, np.ndar
     return out
 
 
-def serve_case(case: EngineCase, groups: ParallelGroups | None, dp_rank: int = 0, dp: int = 1) -> dict[str, np.ndarray]:
+def serve_case(case: EngineCase, groups: ParallelGroups | None, dp_rank: int = 0, dp: int = 1,
+               device: str = "cpu") -> dict[str, np.ndarray]:
     """One case on this rank (``groups`` None: the single-process reference)."""
-    model = load_model(case.model, groups)
-    engine = LLMEngine(model, case.engine_config())
+    model = load_model(case.model, groups, device)
+    engine = LLMEngine(model, case.engine_config(device))
     requests = workload(model.config.vocab_size, dp_rank, dp)
     results, steps = serve(engine, requests)
     out = outputs(results, f"{case.name}/")
@@ -119,12 +122,15 @@ def serve_case(case: EngineCase, groups: ParallelGroups | None, dp_rank: int = 0
     return out
 
 
-def run_engine_cases(rank: int, world_size: int, cases: list[EngineCase]) -> dict[str, np.ndarray]:
-    """Rank side: every case's outputs, keyed ``case/request/what``."""
+def run_engine_cases(rank: int, world_size: int, cases: list[EngineCase], device: str = "cpu") -> dict[str, np.ndarray]:
+    """Rank side: every case's outputs, keyed ``case/request/what`` (``device="cuda"``:
+    this rank's GPU, under NCCL)."""
+    if device == "cuda":
+        device = f"cuda:{torch.cuda.current_device()}"
     results: dict[str, np.ndarray] = {}
     for case in cases:
         groups = ParallelGroups.build(ParallelLayout(world_size, case.tp, case.ep))
-        results.update(serve_case(case, groups, groups.coords.dp_rank, groups.layout.dp))
+        results.update(serve_case(case, groups, groups.coords.dp_rank, groups.layout.dp, device))
         results[f"{case.name}/dp_rank"] = np.array(groups.coords.dp_rank)
         results[f"{case.name}/leader"] = np.array(groups.is_replica_leader)
     return results

@@ -1,9 +1,10 @@
 """What each gloo rank runs in the multi-rank tests, and the inputs both sides share.
 
 A ``Case`` is a model config and a layout. Every rank of the world builds its shards of
-``MoEGPT`` (``parallel=groups``) for each case, loads them from the case's safetensors file (the single-process
-model's state dict, saved by the test), runs the checks and returns the outputs by name. The
-test computes the same quantities with the unsharded model and compares."""
+``MoEGPT(config, parallel=groups)`` for each case, loads them from the case's safetensors
+file (the single-process model's state dict, saved by the test), runs the checks and returns
+the outputs by name. The test computes the same quantities with the unsharded model and
+compares."""
 
 from __future__ import annotations
 
