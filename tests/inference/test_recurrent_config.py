@@ -19,7 +19,7 @@ MAMBA = Mamba2Config()
 
 
 def hybrid(**overrides) -> ModelConfig:
-    kwargs = dict(num_layers=4, layer_types=("gated_deltanet", "attention", "mamba2", "none"),
+    kwargs = dict(num_layers=4, layer_types=("gated_deltanet", "full_attention", "mamba2", "none"),
                   mlp_types=("moe", "dense", "none", "moe"), dense_layers=(1,), gated_deltanet=GDN, mamba2=MAMBA)
     kwargs.update(overrides)
     return ModelConfig(**kwargs)
@@ -31,6 +31,14 @@ def test_classic_configs_are_unchanged():
     assert config.moe_layer_indices == (1, 2, 3)
     assert config.attention_layer_indices == (0, 1, 2, 3)
     assert config.kv_bytes_per_token == 2 * 4 * 2 * 16
+
+
+def test_sliding_window_layers_count_as_attention_and_older_presets_are_unchanged():
+    config = hybrid(layer_types=("gated_deltanet", "sliding_attention", "mamba2", "none"), sliding_window=8)
+    assert config.attention_layer_indices == (1,) and config.window_of(1) == 8
+    gpt_oss = get_preset("gpt-oss-20b-shape")
+    assert not gpt_oss.is_hybrid and gpt_oss.attention_layer_indices == tuple(range(24))
+    assert gpt_oss.moe_layer_indices == tuple(range(24))
 
 
 def test_derived_layer_sets_of_a_hybrid():
@@ -50,8 +58,10 @@ def test_json_round_trip_keeps_sub_configs():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (dict(layer_types=("attention",) * 3), "layer_types has 3 entries"),
-    (dict(layer_types=("attention", "rwkv", "attention", "attention")), "unknown kinds"),
+    (dict(layer_types=("full_attention",) * 3), "layer_types has 3 entries"),
+    (dict(layer_types=("full_attention", "rwkv", "full_attention", "full_attention")), "must be among"),
+    (dict(mlp_types=("moe", "dense", "none")), "mlp_types has 3 entries"),
+    (dict(mlp_types=("moe", "dense", "none", "ffn")), "unknown kinds"),
     (dict(mlp_types=("moe", "moe", "none", "moe")), "dense_layers"),
     (dict(gated_deltanet=None), "GatedDeltaNetConfig"),
     (dict(mamba2=None), "Mamba2Config"),
@@ -86,7 +96,7 @@ def test_bad_mamba2_configs_are_refused(kwargs, match):
 
 def test_qwen3_5_35b_a3b_shape():
     c = get_preset("qwen3.5-35b-a3b-shape")
-    assert c.num_layers == 40 and c.layer_types[:4] == ("gated_deltanet",) * 3 + ("attention",)
+    assert c.num_layers == 40 and c.layer_types[:4] == ("gated_deltanet",) * 3 + ("full_attention",)
     assert c.attention_layer_indices == tuple(range(3, 40, 4))
     assert c.moe_layer_indices == tuple(range(40)) and (c.num_experts, c.topk) == (256, 8)
     # 30 GDN layers x (fp32 state 32 x 128 x 128 + bf16 conv (2*16*128 + 32*128) x 3)
@@ -102,7 +112,7 @@ def test_qwen3_next_80b_a3b_shape():
 def test_nemotron_3_nano_30b_a3b_shape():
     c = get_preset("nemotron-3-nano-30b-a3b-shape")
     assert c.num_layers == 52
-    assert c.layer_types.count("mamba2") == 23 and c.layer_types.count("attention") == 6
+    assert c.layer_types.count("mamba2") == 23 and c.layer_types.count("full_attention") == 6
     assert c.num_moe_layers == 23 and c.dense_layers == ()
     assert all((t == "none") != (m == "none") for t, m in zip(c.layer_types, c.mlp_types))
     assert c.router.score_function == "sigmoid" and c.router.scaling_factor == 2.5
