@@ -82,7 +82,7 @@ def parse(raw: dict[str, Any], problems: list[str]) -> ModelConfig | None:
                           topk_groups=int(get(raw, "topk_group", default=1)) if num_groups > 1 else 1,
                           scaling_factor=float(get(raw, "routed_scaling_factor", default=1.0)), group_score_topk=2)
     return build_config(
-        problems, **base, intermediate_size=int(get(raw, "intermediate_size", default=1)),
+        problems, **base, intermediate_size=int(get(raw, "intermediate_size", default=21504)),   # transformers' default
         moe_intermediate_size=int(raw["moe_intermediate_size"]), num_experts=int(raw["n_routed_experts"]),
         topk=int(raw["num_experts_per_tok"]), layer_types=layer_types, mlp_types=mlp_types,
         dense_layers=tuple(i for i, k in enumerate(mlp_types) if k == DENSE),

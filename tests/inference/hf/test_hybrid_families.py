@@ -184,3 +184,19 @@ def test_legacy_hybrid_override_pattern_is_read(tmp_path):
     raw["hybrid_override_pattern"] = "ME*E-ME"
     (tmp_path / "config.json").write_text(json.dumps(raw))
     assert load_hf_config(tmp_path).mlp_types == ("none", "moe", "none", "moe", "dense", "none", "moe")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_weight_sync_from_transformers_state_dicts(checkpoint, stream):
+    """update_weights' HF path (loader recipes) gives every parameter the checkpoint's value,
+    from the in-memory state dict (transformers 5 names: fused experts, no ``backbone.``)."""
+    from inference.weight_sync import named_tensors_from_hf
+    _, hf, path = checkpoint
+    ours = load_hf_model(path)
+    state = hf.state_dict()
+    pairs = dict(named_tensors_from_hf(iter(state.items()) if stream else state, hf.config))
+    expected = dict(ours.named_parameters())
+    expected.update((n, b) for n, b in ours.named_buffers() if n.endswith("expert_bias"))
+    assert pairs.keys() == expected.keys()
+    for name, tensor in pairs.items():
+        assert torch.equal(tensor.to(expected[name].dtype), expected[name]), name

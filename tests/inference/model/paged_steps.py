@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.attention_backends import EagerBackend
+from inference.attention_backends import select_attention
 from inference.model import AttentionMetadata, ForwardContext, MoEGPT
 from inference.model.recurrent import RecurrentMetadata
 from inference.state_pool import StatePool
@@ -38,12 +38,13 @@ class PagedSteps:
         self.model, self.sequences, self.block_size, self.mode = model, sequences, block_size, mode
         self.max_blocks = -(-max(len(s) for s in sequences) // block_size)
         self.num_blocks = self.max_blocks * len(sequences)
-        dtype = next(model.parameters()).dtype
+        param = next(model.parameters())
+        self.device = param.device
+        self.attention = select_attention(self.device)
         shape = (self.num_blocks + 1, block_size, c.num_kv_heads, c.head_dim)
         # Only attention layers get KV (a mapping, as a hybrid-aware cache would hand over).
-        self.kv = {i: (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
-                   for i in c.attention_layer_indices}
-        self.pool = StatePool.for_model(c, num_slots or len(sequences) + 1, dtype)
+        self.kv = {i: (param.new_zeros(shape), param.new_zeros(shape)) for i in c.attention_layer_indices}
+        self.pool = StatePool.for_model(c, num_slots or len(sequences) + 1, param.dtype, self.device)
         self.states = {i: self.pool.layer_states(i) for i in c.recurrent_layer_indices}
         self.computed = [0] * len(sequences)
 
@@ -52,17 +53,18 @@ class PagedSteps:
         return self.pool.allocate(seq) if slot is None else slot
 
     def _attention(self, chunks: list[Chunk], padded: int) -> AttentionMetadata:
-        bs, i32 = self.block_size, dict(dtype=torch.int32)
+        bs, i32 = self.block_size, dict(dtype=torch.int32, device=self.device)
         slots, starts = [], [0]
         for ch in chunks:
             pos = torch.arange(ch.start, ch.start + ch.n)
             slots.append((ch.seq * self.max_blocks + pos // bs) * bs + pos % bs)
             starts.append(starts[-1] + ch.n)
         dummy = torch.full((padded - starts[-1],), self.num_blocks * bs)
+        slot_mapping = torch.cat(slots + [dummy]).to(self.device)
         tables = torch.stack([torch.arange(self.max_blocks) + ch.seq * self.max_blocks for ch in chunks]).to(**i32)
         lens = [ch.start + ch.n for ch in chunks]
         return AttentionMetadata(
-            slot_mapping=torch.cat(slots + [dummy]), block_tables=tables, query_start_loc=torch.tensor(starts, **i32),
+            slot_mapping=slot_mapping, block_tables=tables, query_start_loc=torch.tensor(starts, **i32),
             seq_lens=torch.tensor(lens, **i32), query_start_loc_host=starts, seq_lens_host=lens,
             max_query_len=max(ch.n for ch in chunks), max_seq_len=max(lens), decode_only=all(ch.n == 1 for ch in chunks))
 
@@ -77,12 +79,12 @@ class PagedSteps:
         pos = [torch.arange(ch.start, ch.start + ch.n) for ch in chunks]
         tokens = sum(ch.n for ch in chunks)
         recurrent = RecurrentMetadata.build([ch.n for ch in chunks], [self._slot(ch.seq) for ch in chunks],
-                                            [ch.start > 0 for ch in chunks]) if self.states else None
-        staging = torch.full((tokens + pad, c.num_moe_layers, c.topk), -1, dtype=torch.int64)
-        ctx = ForwardContext(self._attention(chunks, tokens + pad), self.kv, EagerBackend(), staging,
+                                            [ch.start > 0 for ch in chunks], self.device) if self.states else None
+        staging = torch.full((tokens + pad, c.num_moe_layers, c.topk), -1, dtype=torch.int64, device=self.device)
+        ctx = ForwardContext(self._attention(chunks, tokens + pad), self.kv, self.attention, staging,
                              recurrent=recurrent, recurrent_states=self.states or None, recurrent_mode=self.mode)
-        hidden = self.model(torch.cat(ids + [torch.zeros(pad, dtype=torch.int64)]),
-                            torch.cat(pos + [torch.zeros(pad, dtype=torch.int64)]), ctx)
+        hidden = self.model(torch.cat(ids + [torch.zeros(pad, dtype=torch.int64)]).to(self.device),
+                            torch.cat(pos + [torch.zeros(pad, dtype=torch.int64)]).to(self.device), ctx)
         assert hidden.shape[0] == tokens + pad
         for ch in chunks:
             self.computed[ch.seq] += ch.n
