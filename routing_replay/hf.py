@@ -100,7 +100,9 @@ def moe_routers(model: nn.Module) -> list[nn.Module]:
                             "(router modules returning top-k ids); 4.x inlines routing in the MoE block")
     routers, unsupported = [], []
     for name, module in model.named_modules():
-        if not name.endswith(("mlp", "block_sparse_moe", "mixer")):   # mixer: Nemotron-H's MoE blocks
+        # Nemotron-H names every block's module ``mixer``; only its MoE blocks hold experts
+        is_moe_mixer = name.endswith("mixer") and hasattr(module, "experts")
+        if not (name.endswith(("mlp", "block_sparse_moe")) or is_moe_mixer):
             continue
         for attr in ("gate", "router"):
             router = getattr(module, attr, None)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.inference.hf.families import assert_routing_matches
-from tests.inference.hf.hybrid_families import hf_hybrid_routing, make_hybrid_model, transformers
+from tests.inference.hf.hybrid_families import hf_hybrid_routing, make_hybrid_model, randomize, transformers
 from tests.inference.model.paged_steps import Chunk, PagedSteps
 
 pytest.importorskip("safetensors")
@@ -42,7 +42,6 @@ def checkpoint(request, tmp_path_factory):
     if name == "qwen3_5_moe_text":
         config = transformers.Qwen3_5MoeTextConfig(**make_hybrid_model("qwen3_5_moe").config.text_config.to_dict())
         hf = transformers.Qwen3_5MoeForCausalLM(config).eval()
-        from tests.inference.hf.hybrid_families import randomize
         randomize(hf, seed=0)
     else:
         hf = make_hybrid_model(name.removesuffix("_fused"))
