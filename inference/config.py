@@ -26,7 +26,8 @@ MOE_BACKENDS = ("auto", "fused_triton", "grouped_mm", "torch")
 QK_NORMS = ("none", "per_head", "full")
 # Token mixer per layer: attention variants, and the recurrent mixers of hybrid decoders.
 LAYER_TYPES = ATTENTION_LAYER_TYPES + RECURRENT_LAYER_TYPES + (NO_MIXER,)
-EXPERT_ACTIVATIONS = ("silu", "swiglu_oai")
+# silu: SwiGLU; swiglu_oai: GPT-OSS's clamped SwiGLU; relu2: Nemotron-H's non-gated relu(x)^2.
+EXPERT_ACTIVATIONS = ("silu", "swiglu_oai", "relu2")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -128,7 +129,15 @@ class ModelConfig:
     MiniMax-M2). ``layer_types`` (empty: all full) marks ``sliding_attention`` layers, which
     see the last ``sliding_window`` positions (the query's included). ``attention_sinks``:
     one learned logit per head joins every softmax denominator (GPT-OSS). Experts are SwiGLU
-    (``silu``) or GPT-OSS's clamped ``swiglu_oai`` with ``expert_bias``.
+    (``silu``) or GPT-OSS's clamped ``swiglu_oai`` with ``expert_bias``; with ``relu2``
+    (Nemotron-H) every MLP of the model (routed experts, shared expert, dense layers) is a
+    non-gated ``down(relu(up(x))^2)``.
+
+    ``attention_output_gate`` (Qwen3-Next / Qwen3.5): each query head also projects a gate,
+    and the head's attention output is multiplied by its sigmoid before ``o_proj``.
+    ``zero_centered_norms`` (Qwen3-Next / Qwen3.5): the decoder's RMSNorms (layer norms, q/k
+    norms, final norm) store ``w`` and scale by ``1 + w``. ``use_rope`` False: attention has
+    no position embedding (Nemotron-H).
 
     Hybrid decoders (Qwen3-Next / Qwen3.5, Nemotron-H) also use ``layer_types`` for their
     recurrent mixers (``gated_deltanet``, ``mamba2``, ``none``: an MLP-only layer) and set
@@ -174,6 +183,9 @@ class ModelConfig:
     gated_deltanet: GatedDeltaNetConfig | None = None
     mamba2: Mamba2Config | None = None
     recurrent_state_dtype: str = "float32"
+    attention_output_gate: bool = False
+    zero_centered_norms: bool = False
+    use_rope: bool = True
 
     def __post_init__(self) -> None:
         for name, cls in (("router", RouterConfig), ("mla", MLAConfig), ("rope_scaling", RopeScaling),
@@ -204,6 +216,8 @@ class ModelConfig:
         _require(self.expert_activation in EXPERT_ACTIVATIONS,
                  f"expert_activation must be one of {EXPERT_ACTIVATIONS}, got {self.expert_activation!r}")
         _require(self.swiglu_limit > 0 and self.swiglu_alpha > 0, "swiglu_alpha and swiglu_limit must be > 0")
+        _require(not (self.expert_activation == "relu2" and self.expert_bias),
+                 "expert_bias is only supported with expert_activation='swiglu_oai'")
         validate_layer_kinds(self.num_layers, self.layer_types, self.mlp_types, self.dense_layers,
                              self.gated_deltanet, self.mamba2)
         _require(self.recurrent_state_dtype in DTYPES,
@@ -224,7 +238,9 @@ class ModelConfig:
             unsupported = [name for name, on in (("qk_norm", self.qk_norm != "none"), ("rotary_dim", self.rotary_dim),
                                                  ("sliding_attention", "sliding_attention" in self.layer_types),
                                                  ("attention_sinks", self.attention_sinks),
-                                                 ("attention_bias", self.attention_bias)) if on]
+                                                 ("attention_bias", self.attention_bias),
+                                                 ("attention_output_gate", self.attention_output_gate),
+                                                 ("use_rope=False", not self.use_rope)) if on]
             _require(not unsupported, f"multi-head latent attention does not combine with {unsupported}")
 
     def window_of(self, layer: int) -> int:

@@ -8,7 +8,8 @@ from torch import nn
 from inference.config import ModelConfig
 from inference.model.attention import build_attention
 from inference.model.context import ForwardContext
-from inference.model.layers import RMSNorm, SwiGLUMLP
+from inference.model.hybrid import HybridDecoderLayer, paged_forward, reference_forward, uses_hybrid_layers
+from inference.model.layers import RMSNorm, SwiGLUMLP, build_norm
 from inference.model.moe import MoEMLP
 from inference.model.rotary import RotaryEmbedding
 from inference.model.router import TopKRouter
@@ -35,17 +36,20 @@ class DecoderLayer(nn.Module):
 
 
 class MoEGPT(nn.Module):
-    """Decoder-only MoE transformer. Invariant: MoE layer j (j-th in depth order, global
-    index ``config.moe_layer_indices[j]``) writes its top-k ids into column j of the
-    routing buffer it is given."""
+    """Decoder-only MoE transformer; hybrid configs (``uses_hybrid_layers``) get the layers
+    and forward passes of ``inference.model.hybrid``. Invariant: MoE layer j (j-th in depth
+    order, global index ``config.moe_layer_indices[j]``) writes its top-k ids into column j
+    of the routing buffer it is given."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary = rotary_for(config)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hybrid = uses_hybrid_layers(config)     # recurrent / MLP-only layers: inference.model.hybrid
+        self.layers = nn.ModuleList((HybridDecoderLayer if self.hybrid else DecoderLayer)(config, i)
+                                    for i in range(config.num_layers))
+        self.norm = build_norm(config, config.hidden_size)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
@@ -60,6 +64,8 @@ class MoEGPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Paged forward over one step's tokens; returns final hidden states [T, H]."""
+        if self.hybrid:
+            return paged_forward(self, input_ids, positions, ctx)
         h = self.embed_tokens(input_ids)
         staging = ctx.routing_staging
         rope = self.rotary.tables(positions)
@@ -78,6 +84,8 @@ class MoEGPT(nn.Module):
                           forced_routing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-sequence forward without KV cache: (logits [S, V] fp32, top-k ids
         [S, num_moe_layers, topk]). ``forced_routing`` replays given ids instead of routing."""
+        if self.hybrid:
+            return reference_forward(self, token_ids, forced_routing)
         s = token_ids.shape[0]
         positions = torch.arange(s, device=token_ids.device)
         h = self.embed_tokens(token_ids)
@@ -93,7 +101,9 @@ class MoEGPT(nn.Module):
 
 
 def rotary_for(config: ModelConfig) -> RotaryEmbedding:
-    return RotaryEmbedding(config.rope_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+    # Without rotary (Nemotron-H) the tables are never read: one row instead of a context's worth.
+    positions = config.max_position_embeddings if config.use_rope else 1
+    return RotaryEmbedding(config.rope_dim, positions, config.rope_theta, config.rope_scaling)
 
 
 def allocate_model(config: ModelConfig, device: str | torch.device, dtype: torch.dtype) -> MoEGPT:

@@ -123,5 +123,14 @@ def test_nemotron_3_nano_30b_a3b_shape():
 
 
 def test_hybrid_presets_are_not_built_as_attention_models():
-    with pytest.raises(ValueError, match="hybrid"):
-        build_model(get_preset("tiny-hybrid-gdn"))
+    model = build_model(get_preset("tiny-hybrid-gdn"))
+    assert model.hybrid and [layer.self_attn is not None for layer in model.layers] == [False, False, False, True]
+
+
+def test_hybrid_model_features_validate():
+    with pytest.raises(ValueError, match="expert_bias is only supported"):
+        ModelConfig(expert_activation="relu2", expert_bias=True)
+    mla = dict(mla=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8))
+    for feature in (dict(attention_output_gate=True), dict(use_rope=False)):
+        with pytest.raises(ValueError, match="does not combine with"):
+            ModelConfig(**mla, **feature)
