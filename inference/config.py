@@ -10,12 +10,24 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from inference.recurrent_config import (
+    ATTENTION_LAYER_TYPES,
+    MOE,
+    NO_MIXER,
+    RECURRENT_LAYER_TYPES,
+    GatedDeltaNetConfig,
+    Mamba2Config,
+    validate_layer_kinds,
+)
+
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 # Mirrors inference.kernels.moe_grouped.MOE_BACKENDS (config stays free of kernel imports).
 MOE_BACKENDS = ("auto", "fused_triton", "grouped_mm", "torch")
 QK_NORMS = ("none", "per_head", "full")
-LAYER_TYPES = ("full_attention", "sliding_attention")
-EXPERT_ACTIVATIONS = ("silu", "swiglu_oai")
+# Token mixer per layer: attention variants, and the recurrent mixers of hybrid decoders.
+LAYER_TYPES = ATTENTION_LAYER_TYPES + RECURRENT_LAYER_TYPES + (NO_MIXER,)
+# silu: SwiGLU; swiglu_oai: GPT-OSS's clamped SwiGLU; relu2: Nemotron-H's non-gated relu(x)^2.
+EXPERT_ACTIVATIONS = ("silu", "swiglu_oai", "relu2")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -117,7 +129,22 @@ class ModelConfig:
     MiniMax-M2). ``layer_types`` (empty: all full) marks ``sliding_attention`` layers, which
     see the last ``sliding_window`` positions (the query's included). ``attention_sinks``:
     one learned logit per head joins every softmax denominator (GPT-OSS). Experts are SwiGLU
-    (``silu``) or GPT-OSS's clamped ``swiglu_oai`` with ``expert_bias``."""
+    (``silu``) or GPT-OSS's clamped ``swiglu_oai`` with ``expert_bias``; with ``relu2``
+    (Nemotron-H) every MLP of the model (routed experts, shared expert, dense layers) is a
+    non-gated ``down(relu(up(x))^2)``.
+
+    ``attention_output_gate`` (Qwen3-Next / Qwen3.5): each query head also projects a gate,
+    and the head's attention output is multiplied by its sigmoid before ``o_proj``.
+    ``zero_centered_norms`` (Qwen3-Next / Qwen3.5): the decoder's RMSNorms (layer norms, q/k
+    norms, final norm) store ``w`` and scale by ``1 + w``. ``use_rope`` False: attention has
+    no position embedding (Nemotron-H).
+
+    Hybrid decoders (Qwen3-Next / Qwen3.5, Nemotron-H) also use ``layer_types`` for their
+    recurrent mixers (``gated_deltanet``, ``mamba2``, ``none``: an MLP-only layer) and set
+    ``mlp_types`` (``moe``, ``dense`` or ``none`` per layer); then MoE layers are those with
+    ``mlp_types[i] == "moe"`` and ``dense_layers`` must list exactly the dense ones.
+    ``recurrent_state_dtype`` is the dtype of recurrent / SSM states (conv states use the
+    model dtype)."""
 
     name: str = "custom"
     vocab_size: int = 512
@@ -152,13 +179,22 @@ class ModelConfig:
     expert_bias: bool = False
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
+    mlp_types: tuple[str, ...] = ()
+    gated_deltanet: GatedDeltaNetConfig | None = None
+    mamba2: Mamba2Config | None = None
+    recurrent_state_dtype: str = "float32"
+    attention_output_gate: bool = False
+    zero_centered_norms: bool = False
+    use_rope: bool = True
 
     def __post_init__(self) -> None:
-        for name, cls in (("router", RouterConfig), ("mla", MLAConfig), ("rope_scaling", RopeScaling)):
+        for name, cls in (("router", RouterConfig), ("mla", MLAConfig), ("rope_scaling", RopeScaling),
+                          ("gated_deltanet", GatedDeltaNetConfig), ("mamba2", Mamba2Config)):
             if isinstance(getattr(self, name), dict):
                 object.__setattr__(self, name, cls(**getattr(self, name)))
         object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "mlp_types", tuple(self.mlp_types))
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "num_experts", "topk", "max_position_embeddings"):
             _require(getattr(self, name) >= 1, f"model {name} must be >= 1, got {getattr(self, name)}")
@@ -180,6 +216,12 @@ class ModelConfig:
         _require(self.expert_activation in EXPERT_ACTIVATIONS,
                  f"expert_activation must be one of {EXPERT_ACTIVATIONS}, got {self.expert_activation!r}")
         _require(self.swiglu_limit > 0 and self.swiglu_alpha > 0, "swiglu_alpha and swiglu_limit must be > 0")
+        _require(not (self.expert_activation == "relu2" and self.expert_bias),
+                 "expert_bias is only supported with expert_activation='swiglu_oai'")
+        validate_layer_kinds(self.num_layers, self.layer_types, self.mlp_types, self.dense_layers,
+                             self.gated_deltanet, self.mamba2)
+        _require(self.recurrent_state_dtype in DTYPES,
+                 f"recurrent_state_dtype must be one of {sorted(DTYPES)}, got {self.recurrent_state_dtype!r}")
 
     def _validate_attention(self) -> None:
         _require(0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
@@ -196,7 +238,9 @@ class ModelConfig:
             unsupported = [name for name, on in (("qk_norm", self.qk_norm != "none"), ("rotary_dim", self.rotary_dim),
                                                  ("sliding_attention", "sliding_attention" in self.layer_types),
                                                  ("attention_sinks", self.attention_sinks),
-                                                 ("attention_bias", self.attention_bias)) if on]
+                                                 ("attention_bias", self.attention_bias),
+                                                 ("attention_output_gate", self.attention_output_gate),
+                                                 ("use_rope=False", not self.use_rope)) if on]
             _require(not unsupported, f"multi-head latent attention does not combine with {unsupported}")
 
     def window_of(self, layer: int) -> int:
@@ -214,7 +258,25 @@ class ModelConfig:
 
     @property
     def moe_layer_indices(self) -> tuple[int, ...]:
+        if self.mlp_types:
+            return tuple(i for i, kind in enumerate(self.mlp_types) if kind == MOE)
         return tuple(i for i in range(self.num_layers) if i not in self.dense_layers)
+
+    @property
+    def attention_layer_indices(self) -> tuple[int, ...]:
+        """Layers with paged KV (all of them unless ``layer_types`` says otherwise)."""
+        if not self.layer_types:
+            return tuple(range(self.num_layers))
+        return tuple(i for i, kind in enumerate(self.layer_types) if kind in ATTENTION_LAYER_TYPES)
+
+    @property
+    def recurrent_layer_indices(self) -> tuple[int, ...]:
+        """Layers with a per-request state (gated_deltanet or mamba2 mixers)."""
+        return tuple(i for i, kind in enumerate(self.layer_types) if kind in RECURRENT_LAYER_TYPES)
+
+    @property
+    def is_hybrid(self) -> bool:
+        return bool(self.recurrent_layer_indices)
 
     @property
     def num_moe_layers(self) -> int:
@@ -222,24 +284,26 @@ class ModelConfig:
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """KV cache elements per token across all layers (multiply by the dtype size for
-        bytes): K and V per kv head, or with MLA the latent and the rotary key."""
+        """KV cache elements per token across all attention layers (multiply by the dtype
+        size for bytes): K and V per kv head, or with MLA the latent and the rotary key."""
+        attention_layers = len(self.attention_layer_indices)
         if self.mla is not None:
-            return self.num_layers * self.mla.cache_dim
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+            return attention_layers * self.mla.cache_dim
+        return 2 * attention_layers * self.num_kv_heads * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["moe_layer_indices"] = list(self.moe_layer_indices)
         d["dense_layers"] = list(self.dense_layers)
         d["layer_types"] = list(self.layer_types)
+        d["mlp_types"] = list(self.mlp_types)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
-        for name in ("dense_layers", "layer_types"):
+        for name in ("dense_layers", "layer_types", "mlp_types"):
             if name in kwargs:
                 kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)

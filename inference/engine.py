@@ -48,6 +48,11 @@ class LLMEngine:
     def __init__(self, model: MoEGPT, config: EngineConfig) -> None:
         """A tensor-parallel ``model`` makes this one rank's engine of its replica: building
         it is collective (``inference.replica``); only the replica leader reads routing back."""
+        if model.config.is_hybrid:
+            # The scheduler, KV cache and decode graphs know no recurrent state yet (issue 11).
+            raise ValueError(f"{model.config.name}: hybrid models (recurrent layers "
+                             f"{list(model.config.recurrent_layer_indices)}) are not served by the engine yet; "
+                             "they run in the model's reference and paged forwards")
         self.model = model
         self.model_config = model.config
         param = next(model.parameters())

@@ -100,3 +100,10 @@ def require(module: str, extra: str, feature: str) -> ModuleType:
         raise MissingDependencyError(
             f"{feature} needs the optional dependency {module.split('.')[0]!r} ({exc}); install it with "
             f"pip install -e \".[{extra}]\" (or pip install \"moe-routing-replay[{extra}]\")") from exc
+
+
+class NoFreeStateSlotsError(RuntimeError):
+    """The recurrent state pool has no free slot for another running request.
+
+    Invariant: raised before any state changes, so the pool is exactly as it was.
+    """

@@ -22,6 +22,13 @@ Layout notes (megatron-core 0.16.1):
   ``MLASelfAttention`` with a ``DotProductAttention`` that takes no ``k_channels`` (TypeError
   at construction); MLA needs the Transformer Engine spec, which does not run on CPU.
 - YaRN rotary scaling is not mapped (refused).
+- Hybrid models are refused. megatron-core 0.16 has Mamba layers only in ``MambaModel``,
+  whose one layer spec is Transformer Engine's and whose ``MambaMixer`` needs mamba_ssm's
+  CUDA kernels (ImportError at construction without them), and Gated DeltaNet only as an
+  ``experimental_attention_variant`` whose block spec asserts Transformer Engine and whose
+  layer needs flash-linear-attention (Triton, CUDA) and refuses inference contexts and
+  packed sequences. Neither builds on CPU. Qwen's gated attention output and zero-centred
+  norms, no-rope attention, relu^2 MLPs and MLP-only layers are not mapped either.
 """
 
 from __future__ import annotations
@@ -65,8 +72,28 @@ def _bias_problems(config: ModelConfig) -> list[str]:
     return problems
 
 
-def _check_supported(config: ModelConfig) -> None:
+HYBRID_REFUSAL = ("megatron-core 0.16 builds Mamba layers only in MambaModel with its Transformer Engine spec and "
+                  "mamba_ssm's CUDA kernels, and Gated DeltaNet only as a Transformer-Engine-only experimental "
+                  "attention variant that needs flash-linear-attention; neither builds on CPU, and the export of "
+                  "hybrid models is not implemented")
+
+
+def _hybrid_problems(config: ModelConfig) -> list[str]:
     problems = []
+    if config.is_hybrid:
+        problems.append(f"recurrent layers {list(config.recurrent_layer_indices)} ({HYBRID_REFUSAL})")
+    features = {"attention_output_gate": config.attention_output_gate,
+                "zero_centered_norms": config.zero_centered_norms, "use_rope=False": not config.use_rope,
+                "expert_activation='relu2'": config.expert_activation == "relu2",
+                "mlp_types (per-layer MLP kinds)": bool(config.mlp_types)}
+    unmapped = [name for name, on in features.items() if on]
+    if unmapped:
+        problems.append(f"{', '.join(unmapped)} not mapped to megatron-core")
+    return problems
+
+
+def _check_supported(config: ModelConfig) -> None:
+    problems = _hybrid_problems(config)
     if config.mla is not None:
         problems.append("multi-head latent attention: megatron-core 0.16's local (non-Transformer-Engine) spec "
                         "cannot build MLASelfAttention (its DotProductAttention takes no k_channels), and the "
@@ -190,6 +217,8 @@ def megatron_weight_plan(model: MoEGPT) -> WeightPlan:
     (``inference.weight_sync.named_tensors_from_megatron``). ``model`` may live on the meta
     device: only its structure is read."""
     c = model.config
+    if _hybrid_problems(c):
+        raise UnsupportedForMegatron("cannot map to megatron-core: " + "; ".join(_hybrid_problems(c)))
     plan: WeightPlan = [("embed_tokens.weight", ("embedding.word_embeddings.weight",), "copy")]
     for i, layer in enumerate(model.layers):
         p, o, attn = f"decoder.layers.{i}", f"layers.{i}", layer.self_attn

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from inference.config import ModelConfig
-from inference.hf.common import IGNORED_SUFFIXES, HFCheckpointError
+from inference.hf.common import IGNORED_SUFFIXES, HFCheckpointError, TensorRecipe
 from inference.hf.loader import _assemble
 from inference.hf.registry import model_recipes, mtp_tensors, parse_hf_config
 from inference.megatron_export import megatron_weight_plan, our_weights
@@ -107,8 +107,9 @@ def _raw_config(hf_config: Any) -> dict[str, Any]:
 
 class _HFStream:
     """Matches arriving checkpoint tensors to the loader's recipes. Invariant: ``pending``
-    holds exactly the arrived tensors that no emitted recipe has used; ``by_source`` maps
-    every source name of the current recipes to (recipe, shape). The recipes depend on the
+    holds exactly the arrived tensors that some recipe still needs; ``by_source`` maps every
+    source name of the current recipes to its shape and the recipes using it (Qwen's
+    ``q_proj`` feeds both ``qkv_proj`` and ``output_gate_proj``). The recipes depend on the
     names a layer holds (classic or fused experts, the MoE block's module name), so a name
     that no current recipe uses makes them be recomputed from every name known so far."""
 
@@ -123,22 +124,26 @@ class _HFStream:
 
     def _plan(self) -> None:
         self.recipes = model_recipes(self.config, self.arch, self.names, self.raw)
-        self.by_source = {name: (r, shape) for r in self.recipes for name, shape in r.sources}
+        self.by_source: dict[str, tuple[tuple[int, ...], list[TensorRecipe]]] = {}
+        for r in self.recipes:
+            for name, shape in r.sources:
+                self.by_source.setdefault(name, (shape, []))[1].append(r)
 
     def ignored(self, name: str) -> bool:
-        # a tied head may be saved or not; it is the embedding either way; MTP layers are not served
+        # a tied head may be saved or not; it is the embedding either way; MTP layers and a
+        # vision tower are not served
         return (name.endswith(IGNORED_SUFFIXES) or bool(mtp_tensors(self.config, self.arch, {name}, self.raw))
-                or (name == "lm_head.weight" and self.config.tie_word_embeddings))
+                or (name == "lm_head.weight" and self.config.tie_word_embeddings) or bool(self.arch.skipped({name})))
 
     def check_mapping(self, tensors: Mapping[str, torch.Tensor]) -> list[str]:
         """Every problem of a whole state dict, from names and shapes only."""
         names = {n for n in tensors if not self.ignored(n)}
-        problems = [f"missing tensor {n} (expected shape {list(self.by_source[n][1])})"
+        problems = [f"missing tensor {n} (expected shape {list(self.by_source[n][0])})"
                     for n in sorted(self.by_source.keys() - names)]
         problems += [f"unexpected tensor {n} (the model has no place for it)"
                      for n in sorted(names - self.by_source.keys())]
-        problems += [f"tensor {n} has shape {list(tensors[n].shape)}, expected {list(self.by_source[n][1])}"
-                     for n in sorted(names & self.by_source.keys()) if tuple(tensors[n].shape) != self.by_source[n][1]]
+        problems += [f"tensor {n} has shape {list(tensors[n].shape)}, expected {list(self.by_source[n][0])}"
+                     for n in sorted(names & self.by_source.keys()) if tuple(tensors[n].shape) != self.by_source[n][0]]
         return problems
 
     def add(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -161,19 +166,22 @@ class _HFStream:
     def _complete(self, name: str) -> list[tuple[str, torch.Tensor]]:
         if name not in self.by_source:
             return []
-        recipe, shape = self.by_source[name]
+        shape, recipes = self.by_source[name]
         tensor = self.pending[name]
         if tuple(tensor.shape) != shape:
             raise HFCheckpointError("hf tensors",
                                     [f"tensor {name} has shape {list(tensor.shape)}, expected {list(shape)}"])
-        if recipe.target in self.emitted or any(n not in self.pending for n, _ in recipe.sources):
-            return []
-        with torch.no_grad():
-            assembled = _assemble(recipe, lambda n: self.pending[n].detach())
-        for n, _ in recipe.sources:
-            del self.pending[n]
-        self.emitted.add(recipe.target)
-        return [(recipe.target, assembled)]
+        done = []
+        for recipe in recipes:
+            if recipe.target in self.emitted or any(n not in self.pending for n, _ in recipe.sources):
+                continue
+            with torch.no_grad():
+                done.append((recipe.target, _assemble(recipe, lambda n: self.pending[n].detach())))
+            self.emitted.add(recipe.target)
+            for n, _ in recipe.sources:     # a source is dropped once every recipe using it is done
+                if all(r.target in self.emitted for r in self.by_source[n][1]):
+                    del self.pending[n]
+        return done
 
     def leftovers(self) -> list[str]:
         """What a finished stream left unmatched."""

@@ -4,8 +4,11 @@ Supported: transformers >= 5, whose sparse MoE blocks call a router module (``bl
 or ``block.router`` for GPT-OSS) returning ``(router_logits, top_k_weights, top_k_index)``:
 ``MixtralTopKRouter``, ``Qwen2MoeTopKRouter``, ``Qwen3MoeTopKRouter``, ``OlmoeTopKRouter``,
 ``DeepseekV3TopkRouter`` (also Kimi-K2 / Moonlight), ``Glm4MoeTopkRouter``,
-``GptOssTopKRouter``, ``MiniMaxM2TopKRouter``. transformers 4.x (a plain ``nn.Linear`` gate
-with routing inlined in the block) is refused with that reason.
+``GptOssTopKRouter``, ``MiniMaxM2TopKRouter``, and the hybrids' ``Qwen3NextTopKRouter``,
+``Qwen3_5MoeTopKRouter`` and ``NemotronHTopkRouter`` (whose MoE block is a layer's
+``mixer``). transformers 4.x (a plain ``nn.Linear`` gate with routing inlined in the block)
+is refused with that reason. Layers without MoE (recurrent, attention-only or dense blocks)
+have no router and take no targets.
 
 While ``replay_routing`` is active each router returns the recorded expert ids; the combine
 weights come from the current logits exactly as that router computes them (softmax over
@@ -77,6 +80,9 @@ SUPPORTED_ROUTERS: Mapping[str, Weights] = MappingProxyType({
     "Glm4MoeTopkRouter": _sigmoid_scaled_weights,
     "GptOssTopKRouter": _topk_softmax_weights,
     "MiniMaxM2TopKRouter": _sigmoid_normalised_weights,
+    "Qwen3NextTopKRouter": _softmax_weights(False, keep_fp32=False),
+    "Qwen3_5MoeTopKRouter": _softmax_weights(True, keep_fp32=False),    # always renormalises
+    "NemotronHTopkRouter": _sigmoid_scaled_weights,
 })
 
 
@@ -94,7 +100,9 @@ def moe_routers(model: nn.Module) -> list[nn.Module]:
                             "(router modules returning top-k ids); 4.x inlines routing in the MoE block")
     routers, unsupported = [], []
     for name, module in model.named_modules():
-        if not name.endswith(("mlp", "block_sparse_moe")):
+        # Nemotron-H names every block's module ``mixer``; only its MoE blocks hold experts
+        is_moe_mixer = name.endswith("mixer") and hasattr(module, "experts")
+        if not (name.endswith(("mlp", "block_sparse_moe")) or is_moe_mixer):
             continue
         for attr in ("gate", "router"):
             router = getattr(module, attr, None)

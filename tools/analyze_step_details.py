@@ -28,7 +28,8 @@ if __package__ in (None, ""):  # run as a script: the repository root is not on 
 
 from routing_replay.schema import SchemaError, load_step_details  # noqa: E402
 from routing_replay.step_details import ROUTING_PHASES, STEP_KINDS, step_kind  # noqa: E402
-from tools.step_breakdown import BREAKDOWN_HEADERS, breakdown_by_kind, breakdown_rows, gpu_idle_share  # noqa: E402
+from tools.step_breakdown import (BREAKDOWN_HEADERS, breakdown_by_kind, breakdown_rows,  # noqa: E402
+                                  describe, gpu_idle_share)
 from tools.step_plots import PlottingUnavailable, pyplot, write_plots  # noqa: E402
 
 STEP_MODES = ("graph", "eager")
@@ -73,15 +74,6 @@ def load_runs(paths: Sequence[str | Path], labels: Optional[Sequence[str]] = Non
 def _ratio(numerator: float, denominator: float) -> Optional[float]:
     # None rather than inf/NaN: JSON has neither, and "undefined" is the honest answer.
     return numerator / denominator if denominator > 0 else None
-
-
-def describe(values: Sequence[float]) -> dict[str, Optional[float]]:
-    """mean, p50, p99 and total of ``values`` (None for an empty sequence, total 0)."""
-    array = np.asarray(values, dtype=np.float64)
-    if array.size == 0:
-        return {"mean": None, "p50": None, "p99": None, "total": 0.0}
-    return {"mean": float(array.mean()), "p50": float(np.percentile(array, 50)),
-            "p99": float(np.percentile(array, 99)), "total": float(array.sum())}
 
 
 def group_key(entry: dict) -> str:

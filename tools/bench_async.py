@@ -31,11 +31,11 @@ import orjson
 import torch
 
 from inference.engine import LLMEngine
-from inference.presets import PRESETS, build_model, get_preset, torch_dtype
+from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import SamplingParams
 from inference.workload import synthetic_prompts
 from routing_replay import step_kind
-from tools.bench_routing import decode_stats, engine_config
+from tools.bench_routing import add_workload_args, decode_stats, engine_config
 
 RECORDERS = ("off", "gpu", "host-sync")
 SCHEDULING = ("sync", "async")
@@ -43,20 +43,9 @@ SCHEDULING = ("sync", "async")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="olmoe-1b-7b-shape", choices=list(PRESETS))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--output-len", type=int, default=256)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-step-tokens", type=int, default=8192)
-    p.add_argument("--repetitions", type=int, default=3)
+    add_workload_args(p)
     p.add_argument("--recorders", default=",".join(RECORDERS))
     p.add_argument("--sync-count-steps", type=int, default=16, help="decode steps watched for host syncs")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", help="JSON file")
     return p.parse_args(argv)
 
 

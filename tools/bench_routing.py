@@ -36,10 +36,10 @@ MODES = ("off", "gpu", "host-sync")
 PHASES = ("routing_gather_ms", "routing_store_ms", "routing_reconstruct_ms", "routing_finalize_ms")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The model, device and synthetic workload flags the engine benchmarks share (what
+    ``engine_config`` reads): OLMoE-1B-7B shape, 256 requests x (512 + 256) by default."""
     p.add_argument("--model", default="olmoe-1b-7b-shape", choices=list(PRESETS))
-    p.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count (memory)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--num-requests", type=int, default=256)
@@ -48,10 +48,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-step-tokens", type=int, default=8192)
     p.add_argument("--repetitions", type=int, default=3)
-    p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", help="JSON file")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_args(p)
+    p.add_argument("--num-layers", type=int, default=None, help="override the preset's layer count (memory)")
+    p.add_argument("--modes", default=",".join(MODES))
     return p.parse_args(argv)
 
 

@@ -123,8 +123,9 @@ def parallel_layout(world_size: int, tp: int, ep: int, config: ModelConfig, *, d
         layout = ParallelLayout(planned, tp, ep)
     except ParallelLayoutError as exc:
         problems += exc.problems
-    try:      # the model's own constraints, reported together with the world's
-        problems += [p for p in ParallelLayout(tp, tp, ep).model_problems(config) if p not in problems]
+    try:      # the model's own constraints (nothing is split at tp = 1), reported with the world's
+        if tp != 1 or ep != 1:
+            problems += [p for p in ParallelLayout(tp, tp, ep).model_problems(config) if p not in problems]
     except ParallelLayoutError:
         pass  # tp / ep themselves are invalid: already reported
     if problems:

@@ -13,7 +13,8 @@ from routing_replay.step_details import ENGINE_STAGES, ROUTING_SUBPHASES, STEP_K
 PHASES_WITH_SUBS = {**ENGINE_STAGES, **ROUTING_SUBPHASES}
 
 
-def _describe(values: Sequence[float]) -> dict[str, Optional[float]]:
+def describe(values: Sequence[float]) -> dict[str, Optional[float]]:
+    """mean, p50, p99 and total of ``values`` (None for an empty sequence, total 0)."""
     array = np.asarray(values, dtype=np.float64)
     if array.size == 0:
         return {"mean": None, "p50": None, "p99": None, "total": 0.0}
@@ -35,10 +36,10 @@ def phase_breakdown(entries: Sequence[dict]) -> dict[str, Any]:
         keys = [f"{phase}_ms", *(f"{phase}_{sub}_ms" for sub in subs)]
         if not entries or not all(k in e for e in entries for k in keys):
             continue  # a version 1 file (routing phase totals only), or an engine without stages
-        stats = _describe([float(e[keys[0]]) for e in entries])
+        stats = describe([float(e[keys[0]]) for e in entries])
         item: dict[str, Any] = {**stats, "share_of_step": _share(stats["total"], step_total), "subs": {}}
         for sub, sub_key in zip(subs, keys[1:]):
-            sub_stats = _describe([float(e[sub_key]) for e in entries])
+            sub_stats = describe([float(e[sub_key]) for e in entries])
             item["subs"][sub] = {**sub_stats, "share_of_phase": _share(sub_stats["total"], stats["total"])}
         out[phase] = item
     return out

@@ -2,7 +2,8 @@
 (``registry.FAMILIES``, one module per family), and the safetensors loader.
 
 Supported ``model_type`` values: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3 (and
-kimi_k2), glm4_moe, gpt_oss, minimax_m2.
+kimi_k2), glm4_moe, gpt_oss, minimax_m2, and the hybrids qwen3_next, qwen3_5_moe (+ qwen3_5_moe_text)
+and nemotron_h (model and reference paths; not served by the engine yet).
 """
 
 from inference.hf.common import HFCheckpointError, HFFamily, TensorRecipe

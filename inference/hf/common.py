@@ -47,12 +47,17 @@ class HFFamily:
     after appending to ``problems`` what it cannot express; ``layer_recipes(config, i,
     names, raw)`` covers every parameter of decoder layer i given the checkpoint's tensor
     names and config.json; ``mtp_layers(raw)`` counts next-token-prediction layers stored after the
-    decoder layers (never served: their tensors are skipped)."""
+    decoder layers or under ``mtp.`` (never served: their tensors are skipped).
+    ``outer_names(names)``: the checkpoint names of the token embedding and the final norm;
+    ``skipped(names)``: other tensors the text model does not serve (a vision tower), by
+    what they are (skipped with a log line)."""
 
     model_types: tuple[str, ...]
     parse: Callable[[dict[str, Any], list[str]], ModelConfig | None]
     layer_recipes: Callable[[ModelConfig, int, set[str], dict[str, Any]], list[TensorRecipe]]
     mtp_layers: Callable[[dict[str, Any]], int] = lambda raw: 0
+    outer_names: Callable[[set[str]], tuple[str, str]] = lambda names: ("model.embed_tokens.weight", "model.norm.weight")
+    skipped: Callable[[set[str]], dict[str, list[str]]] = lambda names: {}
 
 
 def get(raw: dict[str, Any], *names: str, default: Any = None) -> Any:

@@ -145,13 +145,16 @@ def check_hf_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[ModelConfig,
     files = tensor_files(checkpoint_dir)
     recipes = model_recipes(config, family, set(files), raw)
     skipped = mtp_tensors(config, family, set(files), raw)
-    problems = _check(recipes, files, config, set(skipped))
+    unserved = family.skipped(set(files))
+    problems = _check(recipes, files, config, set(skipped).union(*unserved.values()))
     if problems:
         raise HFCheckpointError(f"checkpoint {checkpoint_dir} does not match its config ({raw.get('model_type')})",
                                 problems)
     if skipped:
         log.info("skipping %d tensors of %d next-token-prediction (MTP) layer(s): not served, never routed",
                  len(skipped), family.mtp_layers(raw))
+    for what, names in unserved.items():
+        log.info("skipping %d tensors of %s", len(names), what)
     return config, files, recipes
 
 

@@ -1,12 +1,18 @@
 """Per-step state handed to the model explicitly (no globals): attention metadata, the KV
-cache tensors, the attention implementation and the routing capture buffer."""
+cache tensors, the attention implementation, the routing capture buffer and, for hybrid
+models, the recurrent layers' metadata and state slots."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:   # the recurrent package imports kernels; the context stays a leaf module
+    from inference.model.recurrent.metadata import RecurrentMetadata
 
 
 @dataclass
@@ -57,9 +63,22 @@ AttentionFn = AttentionBackend
 class ForwardContext:
     """Everything a paged forward needs besides token ids and positions. ``kv_caches[i]``
     is layer i's (k, v) pair [num_blocks + 1, block_size, kv_heads, head_dim]; for an MLA
-    layer it is (rows [.., 1, L + R], their latent view [.., 1, L])."""
+    layer it is (rows [.., 1, L + R], their latent view [.., 1, L]). Only attention layers
+    index it, by global layer index (a list over every layer or a mapping of the attention
+    layers both work).
+
+    Hybrid models only (None otherwise, and then never read): ``recurrent`` lays out this
+    step's sequences for the recurrent layers (the same sequences, in the same order, as
+    ``attn``) and names each one's state slot; ``recurrent_states[i]`` is recurrent layer
+    i's slot tensors (conv state, recurrent / SSM state), each ``[num_slots + 1, ...]``
+    (``StatePool.layer_states(i)``), advanced in place by exactly this step's tokens;
+    ``recurrent_mode`` picks the recurrences' implementation
+    (``inference.model.recurrent.MODES``)."""
 
     attn: AttentionMetadata
-    kv_caches: list[tuple[torch.Tensor, torch.Tensor]]
+    kv_caches: list[tuple[torch.Tensor, torch.Tensor]] | Mapping[int, tuple[torch.Tensor, torch.Tensor]]
     attention: AttentionBackend
     routing_staging: torch.Tensor | None = None          # [T_pad, num_moe_layers, topk]
+    recurrent: RecurrentMetadata | None = None
+    recurrent_states: Mapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    recurrent_mode: str = "auto"

@@ -18,7 +18,8 @@ from torch import nn
 from inference.config import ModelConfig
 from inference.model.attention import build_attention
 from inference.model.context import ForwardContext
-from inference.model.layers import RMSNorm, SwiGLUMLP
+from inference.model.hybrid import HybridDecoderLayer, paged_forward, reference_forward, uses_hybrid_layers
+from inference.model.layers import RMSNorm, SwiGLUMLP, build_norm
 from inference.model.moe import MoEMLP
 from inference.model.rotary import RotaryEmbedding
 from inference.model.router import TopKRouter
@@ -52,10 +53,11 @@ class DecoderLayer(nn.Module):
 
 
 class MoEGPT(nn.Module):
-    """Decoder-only MoE transformer. Invariant: MoE layer j (j-th in depth order, global
-    index ``config.moe_layer_indices[j]``) writes its top-k ids into column j of the
-    routing buffer it is given. ``config`` is the whole model's; ``attention_config`` is
-    the one this rank's attention (and KV cache) runs on: ``config`` itself without
+    """Decoder-only MoE transformer; hybrid configs (``uses_hybrid_layers``) get the layers
+    and forward passes of ``inference.model.hybrid``. Invariant: MoE layer j (j-th in depth
+    order, global index ``config.moe_layer_indices[j]``) writes its top-k ids into column j
+    of the routing buffer it is given. ``config`` is the whole model's; ``attention_config``
+    is the one this rank's attention (and KV cache) runs on: ``config`` itself without
     ``parallel``, this rank's heads with it."""
 
     def __init__(self, config: ModelConfig, parallel: "ParallelGroups | None" = None) -> None:
@@ -72,8 +74,10 @@ class MoEGPT(nn.Module):
             self.attention_config = local_attention_config(config, parallel.layout, parallel.tp.rank)
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel.tp)
         self.rotary = rotary_for(config)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, parallel) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hybrid = uses_hybrid_layers(config)     # recurrent / MLP-only layers: inference.model.hybrid
+        self.layers = nn.ModuleList(HybridDecoderLayer(config, i) if self.hybrid else DecoderLayer(config, i, parallel)
+                                    for i in range(config.num_layers))
+        self.norm = build_norm(config, config.hidden_size)
         if parallel is None:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
             if config.tie_word_embeddings:
@@ -93,6 +97,8 @@ class MoEGPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Paged forward over one step's tokens; returns final hidden states [T, H]."""
+        if self.hybrid:
+            return paged_forward(self, input_ids, positions, ctx)
         h = self.embed_tokens(input_ids)
         staging = ctx.routing_staging
         rope = self.rotary.tables(positions)
@@ -111,6 +117,8 @@ class MoEGPT(nn.Module):
                           forced_routing: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole-sequence forward without KV cache: (logits [S, V] fp32, top-k ids
         [S, num_moe_layers, topk]). ``forced_routing`` replays given ids instead of routing."""
+        if self.hybrid:
+            return reference_forward(self, token_ids, forced_routing)
         s = token_ids.shape[0]
         positions = torch.arange(s, device=token_ids.device)
         h = self.embed_tokens(token_ids)
@@ -137,7 +145,9 @@ def _parallel_blocks(config: ModelConfig, layer_index: int, moe: bool,
 
 
 def rotary_for(config: ModelConfig) -> RotaryEmbedding:
-    return RotaryEmbedding(config.rope_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling)
+    # Without rotary (Nemotron-H) the tables are never read: one row instead of a context's worth.
+    positions = config.max_position_embeddings if config.use_rope else 1
+    return RotaryEmbedding(config.rope_dim, positions, config.rope_theta, config.rope_scaling)
 
 
 def allocate_model(config: ModelConfig, device: str | torch.device, dtype: torch.dtype,

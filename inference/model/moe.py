@@ -1,4 +1,5 @@
-"""MoE MLP: router, routed experts, optional (gated) shared expert."""
+"""MoE MLP: router, routed experts (SwiGLU, GPT-OSS's clamped SwiGLU or Nemotron-H's relu^2),
+optional (gated) shared expert."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from torch import nn
 
 from inference.config import ModelConfig
 from inference.kernels.moe_grouped import moe_experts_reference
-from inference.model.experts import oai_experts, oai_experts_reference
-from inference.model.layers import SwiGLUMLP
+from inference.model.experts import oai_experts, oai_experts_reference, relu2_experts, relu2_experts_reference
+from inference.model.layers import build_dense_mlp
 from inference.model.router import TopKRouter, combine_weights, router_scores
 
 
@@ -21,13 +22,16 @@ class MoEMLP(nn.Module):
     """Routed experts (+ optional shared expert). ``forward`` writes the router's top-k ids
     into ``routing_out`` when given, the capture point of the routing recorder.
     ``experts_fn`` (the engine's choice of kernel) applies to SwiGLU experts; GPT-OSS's
-    biased clamped experts choose their sync-free path by device themselves."""
+    biased clamped experts and relu^2 experts (``w13`` then holds the up rows only) choose
+    their sync-free path by device themselves. The shared expert has the experts'
+    activation (non-gated for relu^2)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i, e = config.hidden_size, config.moe_intermediate_size, config.num_experts
         self.router = TopKRouter(h, e, config.topk, config.router)
-        self.w13 = nn.Parameter(torch.empty(e, 2 * i, h))
+        gated = config.expert_activation != "relu2"
+        self.w13 = nn.Parameter(torch.empty(e, (2 if gated else 1) * i, h))
         self.w2 = nn.Parameter(torch.empty(e, h, i))
         self.activation = config.expert_activation
         self.swiglu_alpha, self.swiglu_limit = config.swiglu_alpha, config.swiglu_limit
@@ -36,7 +40,7 @@ class MoEMLP(nn.Module):
             self.b2 = nn.Parameter(torch.empty(e, h))
         else:
             self.b13 = self.b2 = None
-        self.shared_expert = (SwiGLUMLP(h, config.shared_expert_intermediate_size)
+        self.shared_expert = (build_dense_mlp(config, config.shared_expert_intermediate_size)
                               if config.shared_expert_intermediate_size > 0 else None)
         self.shared_expert_gate = (nn.Linear(h, 1, bias=False)
                                    if self.shared_expert is not None and config.shared_expert_gate else None)
@@ -71,6 +75,9 @@ class MoEMLP(nn.Module):
             b13 = self.b13 if self.b13 is not None else x.new_zeros(self.w13.shape[:2])
             b2 = self.b2 if self.b2 is not None else x.new_zeros(self.w2.shape[:2])
             return fn(x, topk_ids, topk_weights, self.w13, self.w2, b13, b2, self.swiglu_alpha, self.swiglu_limit)
+        if self.activation == "relu2":
+            fn = relu2_experts_reference if reference else relu2_experts
+            return fn(x, topk_ids, topk_weights, self.w13, self.w2)
         fn = experts_reference if reference else self.experts_fn
         return fn(x, topk_ids, topk_weights, self.w13, self.w2)
 

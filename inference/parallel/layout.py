@@ -205,6 +205,13 @@ class ParallelLayout:
         if config.shared_expert_intermediate_size % t:
             problems.append(f"--tensor-parallel-size {t} does not divide the shared-expert width "
                             f"{config.shared_expert_intermediate_size}")
+        hybrid = [name for name, on in (
+            ("recurrent layers", config.is_hybrid), ("per-layer MLP kinds (mlp_types)", bool(config.mlp_types)),
+            ("gated attention output", config.attention_output_gate), ("zero-centred norms", config.zero_centered_norms),
+            ("relu^2 MLPs", config.expert_activation == "relu2"), ("attention without rotary", not config.use_rope))
+            if on]
+        if hybrid:
+            problems.append(f"the parallel blocks do not build hybrid models yet ({', '.join(hybrid)})")
         return problems
 
     def validate_model(self, config: "ModelConfig") -> None:

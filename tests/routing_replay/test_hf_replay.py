@@ -1,7 +1,9 @@
 """Routing replay inside transformers MoE models: the experts receive exactly the replayed
 ids (0 disagreement), logits equal our model's forward with the same forced routing, and
 nothing stays patched afterwards. Covers the classic families and DeepSeek-V3 / Moonlight,
-GLM-4.5, GPT-OSS and MiniMax-M2."""
+GLM-4.5, GPT-OSS and MiniMax-M2, and the hybrids Qwen3-Next, Qwen3.5-MoE (multimodal
+checkpoint, text forward) and Nemotron-H, whose recurrent and attention-only layers have no
+router and take no targets."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from inference.hf_loader import load_hf_model  # noqa: E402
 from routing_replay.hf import HFReplayError, moe_routers, replay_routing  # noqa: E402
 from routing_replay.replay_targets import complete_rows, padded_targets  # noqa: E402
 from tests.inference.hf.families import FAMILIES, make_hf_model  # noqa: E402
+from tests.inference.hf.hybrid_families import MODELS as HYBRIDS, make_hybrid_model  # noqa: E402
 
 COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=128, pad_token_id=0)
@@ -33,10 +36,12 @@ ARCHS = {
 }
 
 
-@pytest.fixture(scope="module", params=list(ARCHS) + list(FAMILIES))
+@pytest.fixture(scope="module", params=list(ARCHS) + list(FAMILIES) + list(HYBRIDS))
 def pair(request, tmp_path_factory):
     """(transformers model, our model loaded from its saved checkpoint)."""
-    if request.param in FAMILIES:
+    if request.param in HYBRIDS:
+        hf = make_hybrid_model(request.param)
+    elif request.param in FAMILIES:
         hf = make_hf_model(request.param, vocab_size=128, max_position_embeddings=128)
     else:
         config_cls, model_cls, extra = ARCHS[request.param]

@@ -282,3 +282,35 @@ def test_refusals(tiny, gpt):
         megatron_config(get_preset("gpt-oss-20b-shape"))
     with pytest.raises(UnsupportedForMegatron, match=r"biases on only some linear layers \['o_proj'\]"):
         megatron_config(dataclasses.replace(tiny.config, o_proj_bias=True))
+
+
+@pytest.mark.parametrize("preset", ["tiny-hybrid-gdn", "tiny-hybrid-mamba"])
+def test_hybrid_models_are_refused_with_the_reason(preset):
+    model = build_model(get_preset(preset))
+    with pytest.raises(UnsupportedForMegatron, match="recurrent layers .* neither builds on CPU"):
+        export_to_megatron(model)
+    with pytest.raises(UnsupportedForMegatron, match="not mapped"):
+        megatron_config(dataclasses.replace(get_preset("tiny-moe"), attention_output_gate=True))
+
+
+def test_megatron_core_cannot_build_hybrid_layers_on_cpu():
+    """What the refusal says, tried on the installed megatron-core: its Mamba stack (Transformer
+    Engine spec) fails for want of mamba_ssm, and the Gated DeltaNet block spec asserts
+    Transformer Engine (and its layer needs flash-linear-attention)."""
+    from megatron.core.models.mamba import MambaModel
+    from megatron.core.models.mamba.mamba_layer_specs import mamba_stack_spec
+    from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
+        get_transformer_block_with_experimental_attention_variant_spec)
+    from megatron.core.ssm import gated_delta_net
+    from megatron.core.transformer import TransformerConfig
+    shape = dict(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=8,
+                 ffn_hidden_size=64, use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0)
+    mamba = TransformerConfig(**shape, mamba_num_heads=4, mamba_head_dim=8, mamba_state_dim=8, mamba_num_groups=2)
+    with pytest.raises(ImportError, match="MambaSSM is not installed"):
+        MambaModel(mamba, mamba_stack_spec, vocab_size=64, max_sequence_length=64, hybrid_override_pattern="M*")
+    gdn = TransformerConfig(**shape, experimental_attention_variant="gated_delta_net", linear_attention_freq=2,
+                            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                            linear_value_head_dim=8)
+    with pytest.raises(Exception, match="TESpecProvider|transformer engine"):
+        get_transformer_block_with_experimental_attention_variant_spec(gdn)
+    assert not gated_delta_net.HAVE_FLA

@@ -1,5 +1,6 @@
-"""Grouped-query self-attention: rotary (full or partial), optional q/k norm and biases,
-and for GPT-OSS a per-layer sliding window and attention sinks."""
+"""Grouped-query self-attention: rotary (full, partial or none), optional q/k norm and
+biases, for GPT-OSS a per-layer sliding window and attention sinks, and for Qwen3-Next /
+Qwen3.5 a sigmoid gate on each head's output."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torch import nn
 from inference.config import ModelConfig
 from inference.model.attention.reference import full_attention
 from inference.model.context import ForwardContext
-from inference.model.layers import RMSNorm
+from inference.model.layers import build_norm
 from inference.model.rotary import apply_rotary
 from inference.paged_attention import write_kv
 
@@ -19,8 +20,10 @@ RotaryTables = tuple[torch.Tensor, torch.Tensor]
 class GQAttention(nn.Module):
     """q/k/v projections fused into one weight ([q; k; v] rows). ``qk_norm`` is applied
     per head (Qwen3, GLM-4.5) or over the whole projection (OLMoE, MiniMax-M2) before
-    rotary. Invariant: ``window`` is 0 (full attention) or the layer's sliding window, and
-    both the paged and the reference forward apply the same window and sinks."""
+    rotary. ``output_gate_proj`` (``attention_output_gate``): per-head gates, applied as
+    ``out * sigmoid(gate)`` before ``o_proj``. Without ``use_rope`` the rotary tables are
+    ignored. Invariant: ``window`` is 0 (full attention) or the layer's sliding window, and
+    both the paged and the reference forward apply the same window, sinks and gate."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -32,11 +35,16 @@ class GQAttention(nn.Module):
         self.window = config.window_of(layer_index)
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.o_proj_bias)
+        # A separate projection (not more rows of qkv_proj): the fused q/k/v layout stays the
+        # one the kernels, tensor parallelism and the megatron export know.
+        self.output_gate_proj = (nn.Linear(config.hidden_size, self.q_size, bias=config.attention_bias)
+                                 if config.attention_output_gate else None)
+        self.use_rope = config.use_rope
         self.qk_norm = config.qk_norm
         if config.qk_norm == "per_head":
-            self.q_norm, self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps), RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm, self.k_norm = build_norm(config, self.head_dim), build_norm(config, self.head_dim)
         elif config.qk_norm == "full":
-            self.q_norm, self.k_norm = RMSNorm(self.q_size, config.rms_norm_eps), RMSNorm(self.kv_size, config.rms_norm_eps)
+            self.q_norm, self.k_norm = build_norm(config, self.q_size), build_norm(config, self.kv_size)
         else:
             self.q_norm = self.k_norm = None
         # Logits added to the (fp32) softmax: used in fp32 whatever the model dtype.
@@ -52,6 +60,8 @@ class GQAttention(nn.Module):
         v = v.reshape(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
+        if not self.use_rope:
+            return q, k, v
         return apply_rotary(q, *rope), apply_rotary(k, *rope), v
 
     def _sinks(self) -> torch.Tensor | None:
@@ -62,10 +72,16 @@ class GQAttention(nn.Module):
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
         write_kv(k_cache, v_cache, ctx.attn.slot_mapping, k, v)
         out = ctx.attention.attend(q, k_cache, v_cache, ctx.attn, self.scale, self.window, self._sinks())
-        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+        return self._output(out, x)
 
     def forward_full(self, x: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
         """Causal attention over one whole sequence, no KV cache (the reference path)."""
         q, k, v = self.project(x, rope)
         out = full_attention(q, k, v, self.scale, self.window, self._sinks())
-        return self.o_proj(out.reshape(x.shape[0], self.q_size))
+        return self._output(out, x)
+
+    def _output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = out.reshape(x.shape[0], self.q_size)
+        if self.output_gate_proj is not None:
+            out = out * torch.sigmoid(self.output_gate_proj(x))
+        return self.o_proj(out)
