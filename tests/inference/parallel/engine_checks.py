@@ -116,6 +116,8 @@ def serve_case(case: EngineCase, groups: ParallelGroups | None, dp_rank: int = 0
         refit, _ = serve(engine, requests[:2], prefix="refit")
         out.update(outputs(refit, f"{case.name}/"))
     out[f"{case.name}/launched"] = np.array(len(engine.step_log))
+    out[f"{case.name}/padded_steps"] = np.array(sum(e["padded_tokens"] > e["active_tokens"]
+                                                    for e in engine.step_log.entries))
     if engine.replica is not None:
         out[f"{case.name}/checks"] = np.array(engine.replica.num_checks)
     engine.close()

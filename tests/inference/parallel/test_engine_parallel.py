@@ -1,8 +1,9 @@
 """The engine on 2 and 4 gloo ranks (tensor, expert and data parallel) serves exactly what the
 single-process engine serves (fp32): the same tokens and routing (global expert ids, read
 back by each replica's leader only), through prefix-cache hits, chunked prefill and
-preemption, in synchronous and asynchronous scheduling, from preset weights and from a
-Hugging Face checkpoint loaded shard by shard, before and after ``update_weights``. Ranks
+preemption, in synchronous and asynchronous scheduling, through the padded (graph-shaped)
+decode path, from preset weights and from a Hugging Face checkpoint loaded shard by shard,
+before and after ``update_weights``. Ranks
 given different requests raise instead of hanging."""
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from tests.inference.parallel.harness import run_ranks
 
 CASES = {
     2: [EngineCase("tiny", 2, 1, True, refit=True), EngineCase("tiny", 2, 2, False),
-        EngineCase("rich", 2, 2, True), EngineCase("tiny", 1, 1, True, tag="-dp2")],
+        EngineCase("rich", 2, 2, True), EngineCase("tiny", 1, 1, True, tag="-dp2"),
+        EngineCase("oss", 2, 2, True, engine=(("padded_decode", True),), tag="-padded")],
     4: [EngineCase("tiny", 2, 2, True, tag="-dp2"), EngineCase("sigmoid", 4, 2, False),
         EngineCase("mla", 4, 4, True, tag="-hf")],
 }
@@ -104,6 +106,8 @@ def test_workload_exercises_prefix_hits_chunks_and_preemption(world, world_size)
     for case in cases:
         ids = _requests(leader, case.name)
         assert sum(int(leader[f"{case.name}/{i}/cached"]) for i in ids) > 0, f"{case.name}: no prefix-cache hit"
+        if dict(case.engine).get("padded_decode"):
+            assert int(leader[f"{case.name}/padded_steps"]) > 0, f"{case.name}: no padded decode step"
         if case.tp == world_size:      # one replica serves all eight requests
             assert sum(int(leader[f"{case.name}/{i}/preemptions"]) for i in ids) > 0, f"{case.name}: no preemption"
 
