@@ -331,6 +331,7 @@ class EngineConfig:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    replica_check_interval: int = 16   # tensor parallelism: steps between schedule agreement checks
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_requests", "max_step_tokens"):
@@ -340,6 +341,8 @@ class EngineConfig:
         _require(self.routing_recorder in ("gpu", "host-sync"),
                  f"routing_recorder must be 'gpu' or 'host-sync', got {self.routing_recorder!r}")
         _require(self.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        _require(isinstance(self.replica_check_interval, int) and self.replica_check_interval >= 1,
+                 f"--replica-check-interval must be >= 1, got {self.replica_check_interval}")
         _require(self.moe_backend in MOE_BACKENDS,
                  f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
 

@@ -30,6 +30,9 @@ class DecodeGraphRunner:
         self.use_graphs = use_graphs
         self.sizes = tuple(s for s in DEFAULT_LADDER if s < max_batch) + (max_batch,)
         self.gather_in_graph = recorder is not None and getattr(recorder, "graph_safe", True)
+        # A tensor-parallel forward captures NCCL collectives; NCCL's watchdog thread queries
+        # events meanwhile, which "global" capture mode would turn into a capture error.
+        self.capture_error_mode = "thread_local" if getattr(model, "parallel", None) is not None else "global"
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
 
@@ -69,7 +72,7 @@ class DecodeGraphRunner:
         torch.cuda.synchronize()
         for size in reversed(self.sizes):
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode=self.capture_error_mode):
                 self._logits[size] = self._forward(size)
             self._graphs[size] = graph
         torch.cuda.synchronize()

@@ -38,11 +38,14 @@ class DeviceState:
 
     @classmethod
     def build(cls, model: MoEGPT, config: EngineConfig, max_model_len: int, sampler: Sampler,
-              attention_fn: AttentionFn) -> "DeviceState":
+              attention_fn: AttentionFn, reads_routing: bool = True) -> "DeviceState":
+        """``reads_routing`` False (a tensor-parallel rank that is not its replica's leader):
+        the recorder's device buffers and writes exist, so every rank runs the same kernels
+        and graphs, but no routing is read back (``routing`` is None)."""
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
         with allocating("KV cache", "lower num_kv_blocks (--num-kv-blocks / --kv-cache-memory)"):
-            kv_cache = KVCache(model.config, config.num_kv_blocks, config.block_size, dtype, device)
+            kv_cache = KVCache(model.attention_config, config.num_kv_blocks, config.block_size, dtype, device)
         with allocating("step buffers"):
             batch = StepBatch(max_step_tokens=config.max_step_tokens, max_requests=config.max_requests,
                               max_blocks_per_request=-(-max_model_len // config.block_size),
@@ -59,11 +62,13 @@ class DeviceState:
                 model, batch, kv_cache, recorder,
                 max_batch=min(config.max_requests, config.cuda_graph_max_batch, config.max_step_tokens),
                 use_graphs=config.cuda_graphs)
+            if config.cuda_graphs and model.parallel is not None:
+                _warm_collectives(model.parallel, device)
             with allocating("CUDA graphs", "lower max_requests (--max-requests) or turn graphs off (--no-cuda-graphs)"):
                 graph_runner.capture()
         runner = ModelRunner(model, kv_cache, batch, sampler, attention_fn, recorder, graph_runner,
                              cuda_graphs=config.cuda_graphs, logprobs=config.compute_logprobs)
-        routing = RoutingCollector(recorder) if recorder is not None else None
+        routing = RoutingCollector(recorder) if recorder is not None and reads_routing else None
         return cls(kv_cache, batch, recorder, routing, graph_runner, runner)
 
     def release(self) -> None:
@@ -77,6 +82,15 @@ class DeviceState:
         clear_cublas_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
         if self.kv_cache.storage.is_cuda and clear_cublas_workspaces is not None:
             clear_cublas_workspaces()
+
+
+def _warm_collectives(parallel, device: torch.device) -> None:
+    """Create the replica's NCCL communicator with the collectives the forward uses, before
+    any graph capture (a communicator must not be created inside one)."""
+    x = torch.zeros(8, device=device)
+    parallel.tp.all_reduce(x)
+    parallel.tp.all_gather(x)
+    torch.cuda.synchronize(device)
 
 
 def _make_recorder(model: MoEGPT, config: EngineConfig, device: torch.device):

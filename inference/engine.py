@@ -29,10 +29,11 @@ from inference.device_state import DeviceState
 from inference.errors import InvalidRequestError, allocating
 from inference.model import MoEGPT
 from inference.model_runner import LaunchedStep
+from inference.replica import ReplicaSync
 from inference.request import Request, RequestResult, SamplingParams
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler, SchedulerConfig
-from inference.step_entry import step_entry
+from inference.step_entry import gpu_timings, step_entry
 from inference.weight_refit import copy_named_tensors
 from routing_replay import StepDetailsLog
 from routing_replay.phase_timer import PhaseTimer
@@ -45,6 +46,8 @@ class LLMEngine:
     most one step is in flight between ``step()`` calls (asynchronous scheduling)."""
 
     def __init__(self, model: MoEGPT, config: EngineConfig) -> None:
+        """A tensor-parallel ``model`` makes this one rank's engine of its replica: building
+        it is collective (``inference.replica``); only the replica leader reads routing back."""
         if model.config.is_hybrid:
             # The scheduler, KV cache and decode graphs know no recurrent state yet (issue 11).
             raise ValueError(f"{model.config.name}: hybrid models (recurrent layers "
@@ -72,8 +75,12 @@ class LLMEngine:
         if self.device.type == "cuda":
             from inference.kernels import moe_experts_fn
             model.set_experts_fn(moe_experts_fn(config.moe_backend))
+        parallel = model.parallel
+        self.replica = (ReplicaSync.build(parallel, config.replica_check_interval)
+                        if parallel is not None and parallel.tp.size > 1 else None)
+        self.reads_routing = parallel is None or parallel.is_replica_leader
         self._state: DeviceState | None = DeviceState.build(model, config, self.max_model_len, self.sampler,
-                                                            self._attention_fn)
+                                                            self._attention_fn, self.reads_routing)
         self.step_log = StepDetailsLog()
         self.weight_version: int | str = 0
         self.num_generated_tokens = 0          # tokens received by the host so far, all requests
@@ -123,6 +130,8 @@ class LLMEngine:
             self._routing_start[request] = routing_start
         self._live[request_id] = request
         self.scheduler.add(request)
+        if self.replica is not None:
+            self.replica.on_add(request)
         return request_id
 
     def _validate(self, request_id: str, prompt: Sequence[int], params: SamplingParams) -> None:
@@ -208,6 +217,8 @@ class LLMEngine:
         if not output.chunks and not output.preempted:
             return None
         index, self._step_index = self._step_index, self._step_index + 1
+        if self.replica is not None:
+            self.replica.on_schedule(index, output)
         if not output.chunks:
             return LaunchedStep(index=index, output=output, prepared=None, timer=timer)
         return self.runner.launch(index, output, self._in_flight, timer)
@@ -220,6 +231,8 @@ class LLMEngine:
         step.wait()
         t = timer.lap("stage_complete", "wait", t)
         sampled = step.sampled()
+        if self.replica is not None:
+            self.replica.on_complete(step.index, step.host.get("tokens"))
         self.num_generated_tokens += sum(1 for r in step.sampling_requests if not r.is_finished)
         step.apply_logprobs()
         finished = self.scheduler.update(step.output, sampled)
@@ -246,14 +259,7 @@ class LLMEngine:
         return None
 
     def _record(self, step: LaunchedStep, step_ms: float) -> None:
-        gpu_ms = None
-        if step.gpu is not None:
-            gpu = step.gpu
-            gpu_ms = {"gpu_forward_ms": gpu.begin.elapsed_time(gpu.forward_end),
-                      "gpu_step_ms": gpu.begin.elapsed_time(gpu.end)}
-            if self._last_gpu_end is not None:
-                gpu_ms["gpu_idle_before_ms"] = max(0.0, self._last_gpu_end.elapsed_time(gpu.begin))
-            self._last_gpu_end = gpu.end
+        gpu_ms, self._last_gpu_end = gpu_timings(step, self._last_gpu_end)
         self.step_log.record(step_entry(step, step_ms, time.perf_counter() - self._start_time, gpu_ms))
 
     # ---- scheduler hooks (called before blocks are freed) ----------------------------------
@@ -318,7 +324,7 @@ class LLMEngine:
             raise RuntimeError("the engine is closed")
         if self._state is None:
             self._state = DeviceState.build(self.model, self.config, self.max_model_len, self.sampler,
-                                            self._attention_fn)
+                                            self._attention_fn, self.reads_routing)
 
     @property
     def is_sleeping(self) -> bool:

@@ -33,19 +33,24 @@ Layout notes (megatron-core 0.16.1):
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any, Iterator
-from unittest import mock
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from inference.config import ModelConfig
+from inference.megatron_runtime import causal_mask, cpu_megatron_runtime, packed_causal_mask, packed_position_ids
 from inference.model import MoEGPT
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
+
+    from inference.parallel import ParallelLayout
+
+__all__ = ["UnsupportedForMegatron", "build_megatron_gpt", "causal_mask", "copy_weights_to_megatron",
+           "cpu_megatron_runtime", "export_to_megatron", "megatron_config", "megatron_rank_state", "megatron_state",
+           "megatron_weight_plan", "our_weights", "packed_causal_mask", "packed_position_ids"]
 
 
 class UnsupportedForMegatron(ValueError):
@@ -130,13 +135,23 @@ def _mlp_kwargs(config: ModelConfig) -> dict[str, Any]:
 
 
 def megatron_config(config: ModelConfig, *, params_dtype: torch.dtype = torch.float32,
-                    routing_replay: bool = True, recompute: bool = False, **overrides: Any) -> "TransformerConfig":
+                    routing_replay: bool = True, recompute: bool = False, layout: "ParallelLayout | None" = None,
+                    sequence_parallel: bool = False, **overrides: Any) -> "TransformerConfig":
     """The TransformerConfig of a GPTModel equivalent to ours (dropout off, no aux loss,
-    fp32 router logits like ours, allgather dispatcher so one process needs no all-to-all)."""
+    fp32 router logits like ours, allgather dispatcher: with expert parallelism the tokens
+    are all-gathered over the EP group, as our replicas hold them). ``layout``: the
+    tensor/expert-parallel sizes of ``inference.parallel`` (megatron_layout.py maps them)."""
     from megatron.core.transformer import TransformerConfig
     _check_supported(config)
     r = config.router
-    kwargs: dict[str, Any] = dict(
+    parallel: dict[str, Any] = {}
+    if layout is not None:
+        from inference.parallel.megatron_layout import megatron_parallel_kwargs
+        if not layout.megatron_compatible(config):
+            raise UnsupportedForMegatron(f"megatron-core cannot shard {config.name!r} over tp={layout.tp}, "
+                                         f"ep={layout.ep} (it splits KV heads and never replicates them)")
+        parallel = megatron_parallel_kwargs(layout)
+    kwargs: dict[str, Any] = dict(**parallel, sequence_parallel=sequence_parallel,
         num_layers=config.num_layers, hidden_size=config.hidden_size, num_attention_heads=config.num_heads,
         num_query_groups=config.num_kv_heads, kv_channels=config.head_dim, ffn_hidden_size=config.intermediate_size,
         moe_ffn_hidden_size=config.moe_intermediate_size, num_moe_experts=config.num_experts,
@@ -165,15 +180,19 @@ def megatron_config(config: ModelConfig, *, params_dtype: torch.dtype = torch.fl
     return TransformerConfig(**kwargs)
 
 
-def build_megatron_gpt(config: ModelConfig, tconfig: "TransformerConfig") -> "GPTModel":
-    """An uninitialised-weights GPTModel of our shape (local spec, neox rotary)."""
+def build_megatron_gpt(config: ModelConfig, tconfig: "TransformerConfig", vocab_size: int | None = None,
+                       parallel_output: bool = True) -> "GPTModel":
+    """An uninitialised-weights GPTModel of our shape (local spec, neox rotary), this rank's
+    shards under an initialised tensor-parallel state. ``vocab_size``: the (padded) size to
+    build with (``megatron_vocab_size`` under TP); ``parallel_output``: logits stay split
+    over the vocabulary (what training's vocab-parallel cross entropy takes)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=False, normalization="RMSNorm")
-    return GPTModel(config=tconfig, transformer_layer_spec=spec, vocab_size=config.vocab_size,
+    return GPTModel(config=tconfig, transformer_layer_spec=spec, vocab_size=vocab_size or config.vocab_size,
                     max_sequence_length=config.max_position_embeddings, position_embedding_type="rope",
                     rotary_percent=config.rope_dim / config.head_dim, rotary_base=int(config.rope_theta),
-                    share_embeddings_and_output_weights=config.tie_word_embeddings)
+                    share_embeddings_and_output_weights=config.tie_word_embeddings, parallel_output=parallel_output)
 
 
 def _grouped_qkv(qkv: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -268,13 +287,61 @@ def megatron_state(model: MoEGPT) -> dict[str, torch.Tensor]:
     return sd
 
 
-@torch.no_grad()
-def copy_weights_to_megatron(model: MoEGPT, gpt: "GPTModel") -> None:
-    """Copy every weight; raises ValueError naming any parameter left uncopied or any
-    shape that disagrees (a silent partial copy would corrupt a comparison)."""
+_VOCAB_ROWS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _rank_shard(name: str, full: torch.Tensor, local_shape: torch.Size, rank: int) -> torch.Tensor:
+    """Part ``rank`` of ``full`` for a local tensor of ``local_shape``: the one dimension
+    that differs is split evenly (megatron's column / row parallel layers); a SwiGLU
+    ``linear_fc1`` splits its gate and up halves separately."""
+    dims = [d for d, (a, b) in enumerate(zip(full.shape, local_shape)) if a != b]
+    if not dims:
+        return full
+    if len(dims) > 1 or full.shape[dims[0]] % local_shape[dims[0]]:
+        raise ValueError(f"{name}: a local shard {list(local_shape)} of {list(full.shape)} is not an even split")
+    d = dims[0]
+    parts = full.shape[d] // local_shape[d]
+    if name.endswith(("linear_fc1.weight", "linear_fc1.bias")) and d == 0:
+        return torch.cat([half.chunk(parts, dim=0)[rank] for half in full.chunk(2, dim=0)])
+    return full.chunk(parts, dim=d)[rank]
+
+
+def megatron_rank_state(model: MoEGPT, gpt: "GPTModel") -> dict[str, torch.Tensor]:
+    """This rank's part of ``megatron_state(model)`` for the GPTModel megatron built under
+    its initialised parallel state: vocabulary rows padded then split over TP, heads and
+    MLP widths split over TP, local expert ``l`` = global expert ``ep_rank * N / E + l``
+    split over the expert-TP ranks (megatron_layout.py)."""
+    from megatron.core import parallel_state as ps
+    full = megatron_state(model)
     targets = dict(gpt.named_parameters())
     targets.update((n, b) for n, b in gpt.named_buffers() if n.endswith("expert_bias"))
-    source = megatron_state(model)
+    tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+    first_expert = ps.get_expert_model_parallel_rank() * (model.config.num_experts // ps.get_expert_model_parallel_world_size())
+    out = {}
+    for name, target in targets.items():
+        source, expert = name, ".mlp.experts.local_experts." in name
+        if expert:
+            head, rest = name.split(".local_experts.", 1)
+            local, tail = rest.split(".", 1)
+            source = f"{head}.local_experts.{first_expert + int(local)}.{tail}"
+        if source not in full:
+            continue       # reported by copy_weights_to_megatron
+        tensor = full[source]
+        if name in _VOCAB_ROWS:
+            padded = target.shape[0] * ps.get_tensor_model_parallel_world_size()
+            tensor = torch.cat([tensor, tensor.new_zeros(padded - tensor.shape[0], *tensor.shape[1:])])
+        out[name] = _rank_shard(name, tensor, target.shape, etp_rank if expert else tp_rank)
+    return out
+
+
+@torch.no_grad()
+def copy_weights_to_megatron(model: MoEGPT, gpt: "GPTModel", sharded: bool = False) -> None:
+    """Copy every weight (``sharded``: this rank's shards, ``megatron_rank_state``); raises
+    ValueError naming any parameter left uncopied or any shape that disagrees (a silent
+    partial copy would corrupt a comparison)."""
+    targets = dict(gpt.named_parameters())
+    targets.update((n, b) for n, b in gpt.named_buffers() if n.endswith("expert_bias"))
+    source = megatron_rank_state(model, gpt) if sharded else megatron_state(model)
     problems = [f"no megatron parameter {n}" for n in source if n not in targets]
     problems += [f"{n}: ours {list(t.shape)}, megatron {list(targets[n].shape)}"
                  for n, t in source.items() if n in targets and targets[n].shape != t.shape]
@@ -286,100 +353,39 @@ def copy_weights_to_megatron(model: MoEGPT, gpt: "GPTModel") -> None:
 
 
 def export_to_megatron(model: MoEGPT, *, params_dtype: torch.dtype = torch.float32, routing_replay: bool = True,
-                       recompute: bool = False, **overrides: Any) -> "GPTModel":
-    """A megatron-core GPTModel computing what ``model`` computes (needs an initialised
-    model-parallel state, e.g. ``cpu_megatron_runtime()`` on CPU). In bf16/fp16 it comes
-    wrapped in megatron's ``Float16Module``, as training runs it (fp32 logits out)."""
+                       recompute: bool = False, layout: "ParallelLayout | None" = None, sequence_parallel: bool = False,
+                       parallel_output: bool = True, **overrides: Any) -> "GPTModel":
+    """A megatron-core GPTModel computing what ``model`` (the whole, unsharded model)
+    computes; needs an initialised model-parallel state (``cpu_megatron_runtime(layout)`` on
+    CPU). With ``layout`` (the inference replica's ``ParallelLayout``) it is this rank's
+    TP/EP shard of it, the same heads, experts and vocabulary rows as the inference rank's
+    (``inference.parallel.megatron_layout``); with ``sequence_parallel`` each TP rank routes
+    its slice of the tokens (``routing_replay.replay_targets.sequence_parallel_slice``).
+    In bf16/fp16 it comes wrapped in megatron's ``Float16Module``, as training runs it."""
     from megatron.core.transformer.module import Float16Module
     tconfig = megatron_config(model.config, params_dtype=params_dtype, routing_replay=routing_replay,
-                              recompute=recompute, **overrides)
-    gpt = build_megatron_gpt(model.config, tconfig)
-    copy_weights_to_megatron(model, gpt)
+                              recompute=recompute, layout=layout, sequence_parallel=sequence_parallel, **overrides)
+    vocab = None
+    if layout is not None:
+        from inference.parallel.megatron_layout import megatron_vocab_size
+        _check_megatron_state(layout)
+        vocab = megatron_vocab_size(model.config, layout)
+    gpt = build_megatron_gpt(model.config, tconfig, vocab, parallel_output)
+    copy_weights_to_megatron(model, gpt, sharded=layout is not None)
     return Float16Module(tconfig, gpt) if params_dtype in (torch.bfloat16, torch.float16) else gpt
 
 
-def causal_mask(batch: int, seq_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Megatron's boolean attention mask [batch, 1, seq, seq] (True = masked)."""
-    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
-    return mask.expand(batch, 1, seq_len, seq_len)
 
 
-def packed_causal_mask(cu_seqlens: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """[1, 1, T, T] mask of packed sequences (block-diagonal causal): the local spec has no
-    THD kernel, so packing is expressed as a mask over one [T, 1] batch, the same token
-    order a THD forward routes."""
-    total = cu_seqlens[-1]
-    seq_id = torch.repeat_interleave(torch.arange(len(cu_seqlens) - 1), torch.diff(torch.tensor(cu_seqlens)))
-    same = seq_id[:, None] == seq_id[None, :]
-    allowed = same & torch.ones(total, total, dtype=torch.bool).tril()
-    return (~allowed).to(device).view(1, 1, total, total)
-
-
-def packed_position_ids(cu_seqlens: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """[1, T] positions restarting at 0 at every packed sequence."""
-    return torch.cat([torch.arange(b - a) for a, b in zip(cu_seqlens, cu_seqlens[1:])]).to(device).view(1, -1)
-
-
-def _window_mask_cpu(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
-    """megatron's ``get_sliding_window_causal_mask`` (True = masked), on the CPU."""
-    m = torch.ones(sq, skv, dtype=torch.bool)
-    return ~torch.tril(torch.triu(m, diagonal=skv - sq - window_size[0]), diagonal=skv - sq + window_size[1])
-
-
-class _NoOpRngTracker:
-    """Stands in for megatron's CUDA RNG tracker on CPU: dropout is off, so forking an RNG
-    stream has nothing to protect. Invariant: holds no state."""
-
-    def fork(self, name: str = "") -> Any:
-        return nullcontext()
-
-    def get_states(self) -> dict:
-        return {}
-
-    def set_states(self, states: dict) -> None:
-        pass
-
-    def add(self, name: str, seed: int) -> None:
-        pass
-
-    def is_initialized(self) -> bool:
-        return True
-
-
-@contextmanager
-def cpu_megatron_runtime() -> Iterator[None]:
-    """Run megatron-core 0.16 on CPU in this process: a gloo process group of one rank
-    (in-process store: no port, so concurrent runs cannot collide),
-    model-parallel state of size 1, and patches (undone on exit) for its CUDA assumptions:
-    ``torch.cuda.current_device`` (router buffers), the CUDA RNG tracker (attention
-    dropout fork, activation-recompute RNG save/restore), the missing TE router GEMM name (``moe_utils.te_general_gemm``, undefined without
-    Transformer Engine, read by the fp32 router) and the sliding-window mask that is built on
-    ``device="cuda"``."""
+def _check_megatron_state(layout: "ParallelLayout") -> None:
+    """megatron's initialised groups must be ``layout``'s, this rank at the same coordinates."""
     import torch.distributed as dist
-    from megatron.core import parallel_state
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.tensor_parallel import random as mrandom
-    from megatron.core.transformer.moe import moe_utils
-
-    created_group = not dist.is_initialized()
-    if created_group:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    with ExitStack() as stack:
-        stack.enter_context(mock.patch.object(torch.cuda, "current_device", lambda: "cpu"))
-        stack.enter_context(mock.patch.object(mrandom, "_CUDA_RNG_STATE_TRACKER", _NoOpRngTracker()))
-        stack.enter_context(mock.patch.object(mrandom, "_CUDA_RNG_STATE_TRACKER_INITIALIZED", True))
-        stack.enter_context(mock.patch.object(mrandom, "_get_cuda_rng_state", lambda *a, **k: None))
-        stack.enter_context(mock.patch.object(mrandom, "_set_cuda_rng_state", lambda *a, **k: None))
-        stack.enter_context(mock.patch.object(moe_utils, "te_general_gemm", None, create=True))
-        if hasattr(fused_softmax, "get_sliding_window_causal_mask"):
-            stack.enter_context(mock.patch.object(fused_softmax, "get_sliding_window_causal_mask", _window_mask_cpu))
-        created_state = not parallel_state.model_parallel_is_initialized()
-        if created_state:
-            parallel_state.initialize_model_parallel(1, 1)
-        try:
-            yield
-        finally:
-            if created_state:
-                parallel_state.destroy_model_parallel()
-            if created_group:
-                dist.destroy_process_group()
+    from megatron.core import parallel_state as ps
+    c = layout.coords(dist.get_rank())
+    have = (ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size(),
+            ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank(),
+            ps.get_expert_tensor_parallel_rank())
+    want = (layout.tp, layout.ep, c.tp_rank, c.ep_rank, c.etp_rank)
+    if have != want:
+        raise ValueError(f"megatron's parallel state (tp, ep, tp rank, ep rank, etp rank) {have} is not the layout's "
+                         f"{want}: initialise it with megatron_parallel_kwargs(layout)")

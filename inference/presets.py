@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,6 +44,9 @@ QWEN_HYBRID_FEATURES = dict(attention_output_gate=True, zero_centered_norms=True
 NEMOTRON_FEATURES = dict(use_rope=False, expert_activation="relu2")
 NEMOTRON_3_NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
 
+
+if TYPE_CHECKING:
+    from inference.parallel import ParallelGroups
 
 PRESETS = MappingProxyType({
     "tiny-moe": ModelConfig(
@@ -160,7 +164,10 @@ def torch_dtype(name: str) -> torch.dtype:
 def init_random_weights(model: MoEGPT, seed: int) -> None:
     """Seeded weights scaled by 1/sqrt(fan_in) so signals keep unit scale through depth and
     routers see logits of order one (a realistic spread of expert choices). Norms start at
-    the identity scale (weight 1, or 0 for zero-centred norms)."""
+    the identity scale (weight 1, or 0 for zero-centred norms). A tensor-parallel model
+    gets this rank's shards of exactly the unsharded model's weights."""
+    if model.parallel is not None:
+        return _init_random_shards(model, seed)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     zero_centred = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, ZeroCenteredRMSNorm)}
@@ -176,11 +183,33 @@ def init_random_weights(model: MoEGPT, seed: int) -> None:
             buf.copy_(torch.randn(buf.shape, generator=gen, device=device) * 0.05)
 
 
+def _init_random_shards(model: MoEGPT, seed: int) -> None:
+    """``init_random_weights``'s draws in the unsharded order (one full tensor at a time, on
+    this rank's device), each cut to this rank's shard: bit-identical to the single-process
+    weights, with at most one full tensor alive. (Parallel models have no zero-centred norms.)"""
+    from inference.parallel.loading import shard_targets
+    device = next(model.parameters()).device
+    targets = {name: (tensor, shard) for name, tensor, shard, _ in shard_targets(model)}
+    with torch.device("meta"):
+        full = MoEGPT(model.config)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in full.named_parameters():
+        tensor, shard = targets[name]
+        if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            tensor.fill_(1.0)
+            continue
+        std = 0.02 if name.startswith("embed_tokens") else 1.0 / math.sqrt(p.shape[-1])
+        tensor.copy_(shard.take(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std)))
+    for name, buf in full.named_buffers():
+        if name.endswith("expert_bias"):
+            targets[name][0].copy_(torch.randn(buf.shape, generator=gen, device=device) * 0.05)
+
+
 def build_model(config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> MoEGPT:
-    """A model with seeded random weights, on ``device`` in ``dtype`` (buffers stay fp32).
-    Hybrid models build (and run their reference and paged forwards); the engine does not
-    serve them yet."""
-    model = allocate_model(config, device, dtype)
+                device: str | torch.device = "cpu", parallel: "ParallelGroups | None" = None) -> MoEGPT:
+    """A model with seeded random weights, on ``device`` in ``dtype`` (buffers stay fp32);
+    with ``parallel``, this rank's shards of the same weights. Hybrid models build (and run
+    their reference and paged forwards); the engine does not serve them yet."""
+    model = allocate_model(config, device, dtype, parallel)
     init_random_weights(model, seed)
     return model.eval()

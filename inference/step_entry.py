@@ -35,3 +35,15 @@ def step_entry(step: LaunchedStep, step_ms: float, time_s: float, gpu_ms: dict[s
         "time_s": time_s,
         **(gpu_ms or {}),
     }
+
+
+def gpu_timings(step: LaunchedStep, last_end) -> tuple[dict[str, float] | None, object]:
+    """The ``gpu_*`` fields of a completed CUDA step (events already completed, so reading
+    them never waits) and the event that ends it (the next step's idle time starts there)."""
+    gpu = step.gpu
+    if gpu is None:
+        return None, last_end
+    gpu_ms = {"gpu_forward_ms": gpu.begin.elapsed_time(gpu.forward_end), "gpu_step_ms": gpu.begin.elapsed_time(gpu.end)}
+    if last_end is not None:
+        gpu_ms["gpu_idle_before_ms"] = max(0.0, last_end.elapsed_time(gpu.begin))
+    return gpu_ms, gpu.end

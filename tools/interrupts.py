@@ -51,6 +51,12 @@ class InterruptGuard:
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "no signal"
 
+    def adopt(self, signum: int) -> None:
+        """Stop as if ``signum`` had arrived here: another rank of this tensor-parallel
+        replica received it, and the replica stops together (``inference.replica``)."""
+        if self.signum is None:
+            self.signum = signum
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.signum is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from inference.kv_cache import KVCache
 from inference.model import MoEGPT
 from inference.presets import torch_dtype
 from routing_replay import routing_dtype
+
+if TYPE_CHECKING:
+    from inference.parallel import ParallelLayout
 
 KV_FLAGS = "--kv-cache-memory or --num-kv-blocks"
 _FLAGS = {
@@ -81,17 +85,27 @@ def _activation_bytes_per_token(mc: ModelConfig, elem: int) -> int:
     return elem * (8 * mc.hidden_size + 3 * widest_mlp + qkv) + 8 * mc.num_experts
 
 
-def plan_memory(mc: ModelConfig, config: EngineConfig, device: torch.device, *, local_processes: int = 1) -> MemoryPlan:
-    """The memory plan of ``config`` serving model ``mc`` on ``device``."""
+def plan_memory(mc: ModelConfig, config: EngineConfig, device: torch.device, *, local_processes: int = 1,
+                layout: "ParallelLayout | None" = None, rank: int = 0) -> MemoryPlan:
+    """The memory plan of ``config`` serving model ``mc`` on ``device``: with a
+    tensor-parallel ``layout``, global rank ``rank``'s (its weight shards, its KV heads)."""
     dtype = torch_dtype(config.dtype)
     elem = torch.empty((), dtype=dtype).element_size()
-    params = count_parameters(mc)
-    kv_block = KVCache.bytes_per_block(mc, config.block_size, dtype)
+    kv_config, shards = mc, ""
+    if layout is not None and layout.tp > 1:
+        from inference.parallel.attention import local_attention_config
+        from inference.parallel.plan import rank_weight_elements
+        params = rank_weight_elements(mc, layout, rank)
+        kv_config = local_attention_config(mc, layout, layout.coords(rank).tp_rank)
+        shards = f" (rank {rank}'s shards, tp={layout.tp} ep={layout.ep})"
+    else:
+        params = count_parameters(mc)
+    kv_block = KVCache.bytes_per_block(kv_config, config.block_size, dtype)
     components = [
-        ("weights", params * elem, f"{params:,} parameters x {elem} B"),
+        ("weights", params * elem, f"{params:,} parameters x {elem} B{shards}"),
         ("KV cache", kv_block * (config.num_kv_blocks + 1),
          f"{config.num_kv_blocks} blocks (+1 dummy) x {config.block_size} tokens x "
-         f"{fmt_bytes(kv_block // config.block_size)}/token{kv_layout(mc)} = {config.kv_capacity_tokens:,} tokens"),
+         f"{fmt_bytes(kv_block // config.block_size)}/token{kv_layout(kv_config)} = {config.kv_capacity_tokens:,} tokens"),
     ]
     if config.record_routing:
         route_elem = torch.empty((), dtype=routing_dtype(mc.num_experts)).element_size()

@@ -4,9 +4,12 @@
     torchrun --nproc-per-node 1 tools/run_inference.py --record-routing --output-dir OUT
 
 Plain ``python tools/run_inference.py ...`` works too. With more than one torchrun process
-each rank serves its share of the requests (data parallel) and rank 0 merges the outputs.
-Finished requests reach OUT as checkpoints while the run goes on; an interrupted run
-(signal, crash, preemption) continues with --resume.
+the world splits into data-parallel replicas of --tensor-parallel-size ranks (experts over
+--expert-parallel-size of them): each replica serves its share of the requests, its leader
+writes them, and rank 0 merges the outputs. Finished requests reach OUT as checkpoints while
+the run goes on; an interrupted run (signal, crash, preemption) continues with --resume.
+
+    torchrun --nproc-per-node 4 tools/run_inference.py --tensor-parallel-size 2 --expert-parallel-size 2 ...
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from tools.output_dir import (RunLock, finish_complete_run, finished_ids, inspec
                               run_fingerprint)
 from tools.run_report import EXIT_OK, EXIT_USAGE, RunPlan, serve_and_report
 from tools.run_setup import (build_engine, degenerate_config_warnings, describe_memory_plan, distributed_context,
-                             load_prompts, model_source, output_limit, parse_memory_size, sampling_params_for)
+                             load_prompts, model_source, output_limit, parallel_layout, parse_memory_size,
+                             sampling_params_for)
 
 log = logging.getLogger("run_inference")
 
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("engine")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="usable KV blocks (default 1024, or from --kv-cache-memory)")
-    g.add_argument("--kv-cache-memory", metavar="SIZE", help="KV cache size instead of --num-kv-blocks, e.g. 512MiB, 8GiB")
+    g.add_argument("--kv-cache-memory", metavar="SIZE", help="KV cache size instead of --num-kv-blocks, e.g. 512MiB, 8GiB (per rank: with tensor parallelism a rank holds its KV heads)")
     g.add_argument("--max-requests", type=int, default=64, help="requests running at once")
     g.add_argument("--max-step-tokens", type=int, default=512, help="token budget per step (decodes + prefill chunks)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
@@ -97,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and prepare step N+1 while the GPU runs step N; sampled tokens reach the next "
                         "step on the device (default: on when running on CUDA)")
+    g = p.add_argument_group("parallelism (torchrun; world = data-parallel replicas x tensor-parallel size)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="T",
+                   help="ranks per replica: attention heads, MLPs and the vocabulary split over T ranks")
+    g.add_argument("--expert-parallel-size", type=int, default=1, metavar="E",
+                   help="experts split over E of a replica's T ranks (E divides T; each expert is split over T/E ranks)")
+    g.add_argument("--replica-check-interval", type=int, default=16, metavar="N",
+                   help="with T > 1: every N steps the ranks of a replica check they computed the same schedule "
+                        "and tokens (and agree to stop on a signal)")
     g = p.add_argument_group("routing recording")
     g.add_argument("--record-routing", action="store_true",
                    help="record every token's top-k experts per MoE layer (routing.npz, routing_meta.json)")
@@ -117,12 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def engine_config_from_args(args: argparse.Namespace, model_config, device: torch.device) -> EngineConfig:
+def engine_config_from_args(args: argparse.Namespace, model_config, device: torch.device,
+                            attention_config=None) -> EngineConfig:
+    """``attention_config``: this rank's attention shard (its KV heads), which sizes a KV
+    block for --kv-cache-memory; every rank of a replica has the same, so the same block count."""
     num_blocks = args.num_kv_blocks
     if args.kv_cache_memory:
         from inference.kv_cache import KVCache
         from inference.presets import torch_dtype
-        per_block = KVCache.bytes_per_block(model_config, args.block_size, torch_dtype(args.dtype))
+        per_block = KVCache.bytes_per_block(attention_config or model_config, args.block_size, torch_dtype(args.dtype))
         num_blocks = parse_memory_size(args.kv_cache_memory) // per_block
         if num_blocks < 1:
             raise ValueError(f"--kv-cache-memory {args.kv_cache_memory} holds no block of {per_block} bytes")
@@ -132,7 +147,8 @@ def engine_config_from_args(args: argparse.Namespace, model_config, device: torc
     return EngineConfig(block_size=args.block_size, num_kv_blocks=num_blocks or 1024, max_requests=args.max_requests,
                         max_step_tokens=args.max_step_tokens, enable_prefix_caching=args.enable_prefix_caching,
                         record_routing=args.record_routing, cuda_graphs=cuda_graphs, dtype=args.dtype,
-                        device=str(device), seed=args.seed, async_scheduling=args.async_scheduling)
+                        device=str(device), seed=args.seed, async_scheduling=args.async_scheduling,
+                        replica_check_interval=args.replica_check_interval)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -141,7 +157,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("num_requests", "prompt_len", "output_len", "block_size", "max_requests", "max_step_tokens",
-                 "checkpoint_every"):
+                 "checkpoint_every", "tensor_parallel_size", "expert_parallel_size", "replica_check_interval"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("num_kv_blocks", "max_new_tokens"):
@@ -201,19 +217,24 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.Ex
         args.dtype = "bfloat16" if dist.device.type == "cuda" else "float32"
     model_config, model_loader = model_source(args)
     check_model_args(args, model_config)
-    engine_config = engine_config_from_args(args, model_config, dist.device)
+    layout = parallel_layout(dist.world_size, args.tensor_parallel_size, args.expert_parallel_size, model_config,
+                             dry_run=args.dry_run)
+    if layout.world_size == dist.world_size:      # else a single-process --dry-run planning a replica
+        dist = dist.with_layout(layout)
+    engine_config = engine_config_from_args(args, model_config, dist.device,
+                                            _attention_config(model_config, layout, dist.rank))
     specs = load_prompts(args, model_config)
     limits = [output_limit(args, s) for s in specs]
     memory = plan_memory(model_config, engine_config, dist.device,
-                         local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                         local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), layout=layout, rank=dist.rank)
     fingerprint = run_fingerprint(args, model_config, engine_config, specs, limits)
     out_plan = _inspect_output_dir(args, dist, fingerprint)
     warnings = degenerate_config_warnings(model_config, engine_config, specs, limits)
     if args.dry_run:
-        return _dry_run(model_config, engine_config, memory, len(specs), out_plan, warnings)
-    for problem in (memory.problem(), out_plan.problem if out_plan else None):
-        if problem:
-            raise ValueError(problem)
+        return _dry_run(model_config, engine_config, memory, len(specs), out_plan, warnings, layout)
+    problem = _any_rank_problem(dist, memory.problem()) or (out_plan.problem if out_plan else None)
+    if problem:
+        raise ValueError(problem)
     if out_plan is not None and dist.is_main:
         held.enter_context(RunLock(out_plan.path))
     for warning in warnings:
@@ -223,12 +244,43 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.Ex
             finish_complete_run(out_plan.path)   # a run killed while tidying up after completion
         print(f"{out_plan.path}: the run is already complete ({len(specs)} requests); nothing to resume")
         return EXIT_OK
-    engine = build_engine(model_loader, engine_config, dist.device)
+    dist = dist.with_groups()
+    engine = build_engine(model_loader, engine_config, dist.device, dist.groups)
+    _adopt_peer_signal(dist, guard)
     if guard.requested:
         log.warning("interrupted by %s before any request was served; nothing was written", guard.name)
         return guard.exit_code
     meta = routing_meta_for(model_config, engine_config.block_size) if engine_config.record_routing else None
     return engine, dist, specs, _plan_run(args, dist, specs, out_plan, fingerprint, meta)
+
+
+def _attention_config(model_config, layout, rank: int):
+    """This rank's attention shard (its KV heads), or the whole model's without TP."""
+    if layout.tp == 1:
+        return model_config
+    from inference.parallel.attention import local_attention_config
+    return local_attention_config(model_config, layout, layout.coords(rank).tp_rank)
+
+
+def _adopt_peer_signal(dist, guard: InterruptGuard) -> None:
+    """A signal any rank received before serving stops every rank (alone, it would leave
+    the others waiting in a collective)."""
+    if dist.world_size > 1:
+        signals: list = [None] * dist.world_size
+        torch.distributed.all_gather_object(signals, guard.signum)
+        received = [s for s in signals if s]
+        if received:
+            guard.adopt(received[0])
+
+
+def _any_rank_problem(dist, problem: str | None) -> str | None:
+    """The first rank's problem, on every rank (a rank that stopped alone would leave the
+    others waiting in a collective)."""
+    if dist.world_size == 1:
+        return problem
+    problems: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(problems, problem)
+    return next((p if r == dist.rank else f"rank {r}: {p}" for r, p in enumerate(problems) if p), None)
 
 
 def _inspect_output_dir(args: argparse.Namespace, dist, fingerprint: dict):
@@ -243,32 +295,35 @@ def _inspect_output_dir(args: argparse.Namespace, dist, fingerprint: dict):
     return plan[0]
 
 
-def _dry_run(model_config, engine_config, memory, num_requests: int, out_plan, warnings: list[str]) -> int:
+def _dry_run(model_config, engine_config, memory, num_requests: int, out_plan, warnings: list[str], layout) -> int:
     verdict = None if out_plan is None else (out_plan.problem or f"{out_plan.path}: ok ({out_plan.action})")
     problems = [p for p in (memory.problem(), out_plan.problem if out_plan else None) if p]
     head = ("dry run: configuration is valid" if not problems else
             "dry run: configuration is NOT valid:\n" + "\n".join(f"  error: {p}" for p in problems))
     notes = "".join(f"\n  warning: {w}" for w in warnings)
-    print(head + notes + "\n" + describe_memory_plan(model_config, engine_config, memory, num_requests, verdict))
+    print(head + notes + "\n" + describe_memory_plan(model_config, engine_config, memory, num_requests, verdict, layout))
     return EXIT_USAGE if problems else EXIT_OK
 
 
 def _plan_run(args, dist, specs, out_plan, fingerprint, routing_meta) -> RunPlan:
-    """Prepare --output-dir (rank 0) and pick this rank's share of the requests not yet on disk."""
+    """Prepare --output-dir (rank 0) and pick this replica's share of the requests not yet
+    on disk (every rank of a replica gets the same share, in the same order)."""
     if out_plan is None:
-        return RunPlan(specs, specs[dist.rank::dist.world_size], 0, 1, None)
+        return RunPlan(specs, specs[dist.dp_rank::dist.dp_size], 0, 1, None)
     if dist.is_main:
         if out_plan.action in ("resume", "reopen"):
             log.info("resuming the run in %s", out_plan.path)
         elif args.resume:
             log.info("--resume: %s holds no run yet; starting a new one", out_plan.path)
         prepare_output_dir(out_plan, {"num_requests": len(specs), "record_routing": args.record_routing,
-                                      "world_size": dist.world_size, "fingerprint": fingerprint}, routing_meta)
+                                      "world_size": dist.dp_size, "tensor_parallel_size": dist.tp_size,
+                                      "expert_parallel_size": dist.layout.ep, "fingerprint": fingerprint},
+                           routing_meta)
     dist.barrier()
     attempt = int(read_manifest(out_plan.path)["attempt"])
     done = finished_ids(out_plan.path, attempt)
     remaining = [s for s in specs if s.request_id not in done]
-    return RunPlan(specs, remaining[dist.rank::dist.world_size], len(specs) - len(remaining), attempt, out_plan.path)
+    return RunPlan(specs, remaining[dist.dp_rank::dist.dp_size], len(specs) - len(remaining), attempt, out_plan.path)
 
 
 if __name__ == "__main__":

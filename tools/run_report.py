@@ -42,8 +42,9 @@ EXIT_OK, EXIT_RUNTIME_ERROR, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
 
 @dataclass(frozen=True)
 class RunPlan:
-    """One rank's share of a run. Invariant: ``my_specs`` is ``remaining[rank::world_size]``
-    where ``remaining`` are the workload's specs minus the ``num_done`` already on disk."""
+    """One replica's share of a run (every rank of a tensor-parallel replica holds the same).
+    Invariant: ``my_specs`` is ``remaining[dp_rank::dp_size]`` where ``remaining`` are the
+    workload's specs minus the ``num_done`` already on disk."""
 
     specs: Sequence[PromptSpec]           # the whole workload, input order
     my_specs: Sequence[PromptSpec]
@@ -56,14 +57,15 @@ def serve_and_report(engine: LLMEngine, args: argparse.Namespace, dist: Distribu
                      params_for: Callable[[PromptSpec], SamplingParams], guard: InterruptGuard) -> int:
     """Serve this rank's requests, finish the directory, print the summary; the exit code."""
     writer = _open_writer(engine, args, dist, plan)
-    total = len(plan.my_specs) + (plan.num_done if dist.world_size == 1 else 0)
+    single = dist.dp_size == 1
+    total = len(plan.my_specs) + (plan.num_done if single else 0)
     progress = ProgressBar(total, enabled=args.progress if dist.is_main else False,
-                           done_before=plan.num_done if dist.world_size == 1 else 0)
+                           done_before=plan.num_done if single else 0)
     sink = writer.submit if writer is not None else (lambda result: None)
     start = time.perf_counter()
     try:
-        stats = serve_requests(engine, plan.my_specs, params_for, sink, lambda: guard.requested, progress,
-                               done_before=plan.num_done if dist.world_size == 1 else 0)
+        stats = serve_requests(engine, plan.my_specs, params_for, sink, _stop_condition(engine, guard), progress,
+                               done_before=plan.num_done if single else 0)
         if writer is not None:
             writer.close()
     except CheckpointError as exc:
@@ -86,7 +88,7 @@ def serve_and_report(engine: LLMEngine, args: argparse.Namespace, dist: Distribu
                   "command with --resume", plan.out_dir, exc)
         return EXIT_RUNTIME_ERROR
     if dist.is_main:
-        print(summarize(engine, stats, wall, files, dist.world_size, plan))
+        print(summarize(engine, stats, wall, files, dist.dp_size, plan))
     if guard.requested:
         _say_how_to_resume(guard, plan, stats)
         return guard.exit_code
@@ -94,11 +96,28 @@ def serve_and_report(engine: LLMEngine, args: argparse.Namespace, dist: Distribu
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
+def _stop_condition(engine: LLMEngine, guard: InterruptGuard) -> Callable[[], bool]:
+    """When serving stops on a signal. A tensor-parallel replica stops only once all its
+    ranks agreed (at the engine's next replica check), all at the same step: a rank that
+    stopped alone would leave the others waiting in a collective."""
+    replica = engine.replica
+    if replica is None:
+        return lambda: guard.requested
+    replica.stop_source = lambda: guard.signum or 0
+
+    def agreed() -> bool:
+        if replica.stop_signal:
+            guard.adopt(replica.stop_signal)
+        return bool(replica.stop_signal)
+    return agreed
+
+
 def _open_writer(engine: LLMEngine, args, dist: DistributedContext, plan: RunPlan) -> CheckpointWriter | None:
-    if plan.out_dir is None:
+    """The replica leader's checkpoint writer (shards named by its data-parallel rank)."""
+    if plan.out_dir is None or not dist.is_replica_leader:
         return None
     meta = routing_meta_for(engine.model_config, engine.config.block_size) if engine.recorder is not None else None
-    return CheckpointWriter(plan.out_dir, attempt=plan.attempt, rank=dist.rank, routing_meta=meta,
+    return CheckpointWriter(plan.out_dir, attempt=plan.attempt, rank=dist.dp_rank, routing_meta=meta,
                             policy=CheckpointPolicy(args.checkpoint_every, args.checkpoint_interval))
 
 
@@ -111,19 +130,22 @@ def _close_quietly(writer: CheckpointWriter) -> None:
 
 def _finish_directory(engine: LLMEngine, args, dist: DistributedContext, plan: RunPlan, stats: ServeStats,
                       interrupted: bool) -> list[Path]:
-    """Write step_details; when every rank served all of its requests, rank 0 consolidates
-    the shards into results.jsonl / routing.npz and marks run.json complete."""
+    """Replica leaders write step_details; when every rank served all of its requests,
+    rank 0 consolidates the shards into results.jsonl / routing.npz and marks run.json
+    complete."""
     if plan.out_dir is None:
         return []
     out = plan.out_dir
-    extra = {"rank": dist.rank, "world_size": dist.world_size, "workload": _workload_meta(args, len(plan.specs)),
-             "attempt": plan.attempt, "resumed_requests": plan.num_done}
-    rank_dir = out / f"rank{dist.rank}" if dist.world_size > 1 else out
-    write_step_details(engine.step_log, rank_dir / STEP_DETAILS_FILE, run_meta(engine, extra))
+    if dist.is_replica_leader:
+        extra = {"rank": dist.dp_rank, "world_size": dist.dp_size, "workload": _workload_meta(args, len(plan.specs)),
+                 "attempt": plan.attempt, "resumed_requests": plan.num_done, "tensor_parallel_size": dist.tp_size,
+                 "expert_parallel_size": dist.layout.ep if dist.layout is not None else 1}
+        rank_dir = out / f"rank{dist.dp_rank}" if dist.dp_size > 1 else out
+        write_step_details(engine.step_log, rank_dir / STEP_DETAILS_FILE, run_meta(engine, extra))
     complete = _all_ranks_complete(dist, not interrupted and not stats.unserved)
     files = [out / STEP_DETAILS_FILE]
     if dist.is_main:
-        if dist.world_size > 1:
+        if dist.dp_size > 1:
             shutil.copyfile(out / "rank0" / STEP_DETAILS_FILE, out / STEP_DETAILS_FILE)
         if complete:
             meta = routing_meta_for(engine.model_config, engine.config.block_size) if engine.recorder else None
@@ -179,7 +201,7 @@ def summarize(engine: LLMEngine, stats: ServeStats, wall_s: float, files: Sequen
     summary = engine.step_log.summary()
     resumed = f" ({plan.num_done} more were already on disk)" if plan is not None and plan.num_done else ""
     lines = [
-        "run summary" + (f" (rank 0 of {world_size}; its share of the requests)" if world_size > 1 else ""),
+        "run summary" + (f" (replica 0 of {world_size}; its share of the requests)" if world_size > 1 else ""),
         f"  requests        {stats.finished} finished, {stats.failed} failed"
         + (f", {len(stats.unserved)} not served (interrupted)" if stats.unserved else "") + resumed,
         f"  tokens          {stats.prompt_tokens} prompt, {stats.output_tokens} generated, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -14,25 +15,58 @@ from inference.config import EngineConfig, ModelConfig
 from inference.engine import LLMEngine
 from inference.errors import allocating
 from inference.model import MoEGPT
+from inference.parallel import ParallelGroups, ParallelLayout, ParallelLayoutError
 from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import SamplingParams
 from inference.workload import PromptSpec, read_prompts_file, synthetic_prompts
 from tools.memory_plan import MemoryPlan
 
-ModelLoader = Callable[[torch.device, torch.dtype, int], MoEGPT]
+ModelLoader = Callable[..., MoEGPT]   # (device, dtype, seed, parallel=None) -> model (this rank's shards)
 
 
 @dataclass(frozen=True)
 class DistributedContext:
-    """This process's rank, the world size and its device (data parallel over requests)."""
+    """This process's rank, the world size and its device. ``layout`` splits the world into
+    data-parallel replicas of ``tensor_parallel_size`` consecutive ranks (each replica serves
+    its share of the requests; its leader, tp rank 0, writes the replica's outputs);
+    ``groups`` are this rank's process groups (None without tensor parallelism).
+    Invariant: ``layout`` is None or ``layout.world_size == world_size``."""
 
     rank: int
     world_size: int
     device: torch.device
+    layout: ParallelLayout | None = None
+    groups: ParallelGroups | None = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def tp_size(self) -> int:
+        return self.layout.tp if self.layout is not None else 1
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's replica: the share of the requests it serves."""
+        return self.rank // self.tp_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.tp_size
+
+    @property
+    def is_replica_leader(self) -> bool:
+        return self.rank % self.tp_size == 0
+
+    def with_layout(self, layout: ParallelLayout) -> "DistributedContext":
+        return dataclasses.replace(self, layout=layout)
+
+    def with_groups(self) -> "DistributedContext":
+        """Create the layout's process groups (collective: every rank calls it)."""
+        if self.layout is None or self.layout.tp == 1:
+            return self
+        return dataclasses.replace(self, groups=ParallelGroups.build(self.layout))
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -63,17 +97,41 @@ def distributed_context(device_flag: str) -> DistributedContext:
     """Initialise torch.distributed when torchrun started several processes (gloo on CPU,
     nccl on CUDA); a single process needs no process group. A bad --device raises
     ValueError before any process group exists."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    world = torch.distributed.get_world_size() if initialized else int(os.environ.get("WORLD_SIZE", "1"))
+    rank = torch.distributed.get_rank() if initialized else int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = parse_device(device_flag)
     if device.type == "cuda":
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
+    if world > 1 and not initialized:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return DistributedContext(rank, world, device)
+
+
+def parallel_layout(world_size: int, tp: int, ep: int, config: ModelConfig, *, dry_run: bool = False) -> ParallelLayout:
+    """The layout of ``world_size`` ranks for ``config``; ValueError listing every problem
+    (world not divisible, T not dividing the heads, E not dividing the experts ...) before
+    anything is allocated. A single-process ``--dry-run`` plans one replica of ``tp`` ranks
+    (to see a layout's per-rank memory before launching it)."""
+    planned = tp if dry_run and world_size == 1 and isinstance(tp, int) and tp > 1 else world_size
+    problems: list[str] = []
+    layout = None
+    try:
+        layout = ParallelLayout(planned, tp, ep)
+    except ParallelLayoutError as exc:
+        problems += exc.problems
+    try:      # the model's own constraints (nothing is split at tp = 1), reported with the world's
+        if tp != 1 or ep != 1:
+            problems += [p for p in ParallelLayout(tp, tp, ep).model_problems(config) if p not in problems]
+    except ParallelLayoutError:
+        pass  # tp / ep themselves are invalid: already reported
+    if problems:
+        raise ValueError(f"invalid parallel layout (world size {world_size}, --tensor-parallel-size {tp}, "
+                         f"--expert-parallel-size {ep}) for model {config.name!r}:\n  " + "\n  ".join(problems))
+    return layout
 
 
 def model_source(args: argparse.Namespace) -> tuple[ModelConfig, ModelLoader]:
@@ -81,15 +139,19 @@ def model_source(args: argparse.Namespace) -> tuple[ModelConfig, ModelLoader]:
     if args.hf_checkpoint:
         from inference.hf_loader import check_hf_checkpoint, load_hf_model
         config = check_hf_checkpoint(args.hf_checkpoint)[0]   # every header read: a bad file fails now
-        return config, lambda device, dtype, seed: load_hf_model(args.hf_checkpoint, device=device, dtype=dtype)
+        return config, lambda device, dtype, seed, parallel=None: load_hf_model(args.hf_checkpoint, device=device,
+                                                                           dtype=dtype, parallel=parallel)
     config = get_preset(args.model)
-    return config, lambda device, dtype, seed: build_model(config, seed=seed, dtype=dtype, device=device)
+    return config, lambda device, dtype, seed, parallel=None: build_model(config, seed=seed, dtype=dtype, device=device,
+                                                                     parallel=parallel)
 
 
-def build_engine(loader: ModelLoader, config: EngineConfig, device: torch.device) -> LLMEngine:
-    """Weights, then the engine; an allocation failure is an AllocationError naming the part."""
-    with allocating("weights", "use --dtype bfloat16 or a smaller model"):
-        model = loader(device, torch_dtype(config.dtype), config.seed)
+def build_engine(loader: ModelLoader, config: EngineConfig, device: torch.device,
+                 parallel: ParallelGroups | None = None) -> LLMEngine:
+    """Weights (this rank's shards with ``parallel``), then the engine; an allocation
+    failure is an AllocationError naming the part."""
+    with allocating("weights", "use --dtype bfloat16, a smaller model or a larger --tensor-parallel-size"):
+        model = loader(device, torch_dtype(config.dtype), config.seed, parallel)
     return LLMEngine(model, config)
 
 
@@ -173,9 +235,10 @@ def parse_memory_size(text: str) -> int:
 
 
 def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, plan: MemoryPlan, num_requests: int,
-                         output_verdict: str | None = None) -> str:
+                         output_verdict: str | None = None, layout: ParallelLayout | None = None) -> str:
     """The --dry-run report: what would be allocated (without allocating it) and whether it
-    fits, plus the --output-dir verdict."""
+    fits, plus the --output-dir verdict; with tensor parallelism the plan is this rank's,
+    followed by every rank's (``inference.parallel.plan``)."""
     rows = [("model", f"{model_config.name}: {model_config.num_layers} layers ({model_config.num_moe_layers} MoE, "
                       f"layers {list(model_config.moe_layer_indices)}), {model_config.num_experts} experts "
                       f"top-{model_config.topk}")]
@@ -187,7 +250,16 @@ def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, plan: 
                         f"max_step_tokens={config.max_step_tokens} prefix_caching={config.enable_prefix_caching} "
                         f"cuda_graphs={config.cuda_graphs} async_scheduling={async_scheduling}"),
              ("workload", f"{num_requests} requests")]
+    if layout is not None and layout.tp > 1:
+        rows.append(("parallel", f"world {layout.world_size} = {layout.dp} data-parallel replica(s) x tensor-parallel "
+                                 f"{layout.tp}; experts over expert-parallel {layout.ep} (expert-TP {layout.etp})"))
     if output_verdict:
         rows.append(("output dir", output_verdict))
     width = max(len(k) for k, _ in rows)
-    return "memory plan\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    text = "memory plan" + (" (rank 0)" if layout is not None and layout.tp > 1 else "") + "\n"
+    text += "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    if layout is not None and layout.tp > 1:
+        from inference.parallel.plan import describe_rank_plans, memory_plan
+        lines = describe_rank_plans(memory_plan(model_config, config, layout)).splitlines()
+        text += "\nper-rank plan (weights, KV cache, routing buffer)\n" + "\n".join(f"  {line}" for line in lines)
+    return text

@@ -53,10 +53,10 @@ def serve_requests(engine: LLMEngine, specs: Sequence[PromptSpec], params_for: C
     never-admitted ids end in ``stats.unserved`` (a resumed run serves them)."""
     stats = ServeStats()
     pending = deque(specs)
-    in_flight: set[str] = set()
+    in_flight: dict[str, None] = {}    # ordered: ranks of a replica abort in the same order
 
     def hand_on(result: RequestResult) -> None:
-        in_flight.discard(result.request_id)
+        in_flight.pop(result.request_id, None)
         stats.add(result)
         if result.finish_reason == "error":
             log.warning("%s", result.error)
@@ -68,7 +68,7 @@ def serve_requests(engine: LLMEngine, specs: Sequence[PromptSpec], params_for: C
             try:
                 engine.add_request(spec.prompt_token_ids, params_for(spec), request_id=spec.request_id,
                                    routing_start=spec.routing_start)
-                in_flight.add(spec.request_id)
+                in_flight[spec.request_id] = None
             except InvalidRequestError as exc:
                 hand_on(RequestResult.failed(spec.request_id, list(spec.prompt_token_ids)
                                              if isinstance(spec.prompt_token_ids, (list, tuple)) else [], str(exc)))
@@ -81,7 +81,8 @@ def serve_requests(engine: LLMEngine, specs: Sequence[PromptSpec], params_for: C
             progress.update(snapshot(engine, stats, done_before))
     if stop_requested():
         stats.unserved = [i for i in list(in_flight) if engine.abort(i)] + [s.request_id for s in pending]
-        in_flight.difference_update(stats.unserved)
+        for request_id in stats.unserved:
+            in_flight.pop(request_id, None)
         while engine.has_unfinished():   # results that were already final (e.g. awaiting routing)
             _step(engine, hand_on)
     return stats

@@ -14,7 +14,7 @@ import logging
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -24,6 +24,9 @@ from inference.hf.common import IGNORED_SUFFIXES, HFCheckpointError, HFFamily, T
 from inference.hf.registry import model_recipes, mtp_tensors, parse_hf_config
 from inference.model import MoEGPT
 from inference.model.gpt import allocate_model
+
+if TYPE_CHECKING:
+    from inference.parallel import ParallelGroups
 
 __all__ = ["HFCheckpointError", "load_hf_config", "load_hf_model", "load_tokenizer", "read_hf_config"]
 
@@ -157,11 +160,14 @@ def check_hf_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[ModelConfig,
 
 @torch.no_grad()
 def load_hf_model(checkpoint_dir: str | os.PathLike, *, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32) -> MoEGPT:
+                  dtype: torch.dtype = torch.float32, parallel: "ParallelGroups | None" = None) -> MoEGPT:
     """MoEGPT with the checkpoint's weights, on ``device`` in ``dtype`` (expert biases of
-    the router stay fp32), in eval mode."""
+    the router stay fp32), in eval mode. With ``parallel``, this rank's shards, read as
+    slices of the safetensors files (no rank reads or holds the full model)."""
     config, files, recipes = check_hf_checkpoint(checkpoint_dir)
     device = torch.device(device)
+    if parallel is not None:
+        return _load_shards(config, files, recipes, device, dtype, parallel)
     model = allocate_model(config, device, dtype)
     targets = _targets(model, recipes)
     with ExitStack() as stack:
@@ -173,6 +179,16 @@ def load_hf_model(checkpoint_dir: str | os.PathLike, *, device: str | torch.devi
                 raise RuntimeError(f"internal error: {recipe.target} assembled as {list(tensor.shape)}, "
                                    f"the model has {list(target.shape)}")
             target.copy_(tensor.to(device=device, dtype=target.dtype))
+    return model.eval()
+
+
+def _load_shards(config: ModelConfig, files: dict[str, Path], recipes: list[TensorRecipe], device: torch.device,
+                 dtype: torch.dtype, parallel: "ParallelGroups") -> MoEGPT:
+    from inference.parallel.loading import SafetensorsCheckpoint, load_shards
+    model = allocate_model(config, device, dtype, parallel)
+    _targets(model, recipes)     # every parameter has a recipe
+    with SafetensorsCheckpoint(files) as checkpoint:
+        load_shards(model, checkpoint.recipe_sources(recipes))
     return model.eval()
 
 

@@ -1,6 +1,16 @@
-"""MoE GPT decoder: a paged forward for the engine and a full-sequence reference forward."""
+"""MoE GPT decoder: a paged forward for the engine and a full-sequence reference forward.
+
+With ``parallel`` (an ``inference.parallel.ParallelGroups``) the model is one rank's shard of
+a tensor/expert-parallel replica: vocabulary-parallel embedding and logits, attention on
+this rank's heads, expert-parallel MoE and row/column-parallel dense MLPs (one all-reduce
+per block). Module and parameter names are the unsharded model's, so routing capture,
+replay, ``set_experts_fn`` and loading by name work unchanged; the logits and the routing
+ids (global expert ids) are identical on every rank of the replica.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -14,19 +24,26 @@ from inference.model.moe import MoEMLP
 from inference.model.rotary import RotaryEmbedding
 from inference.model.router import TopKRouter
 
+if TYPE_CHECKING:
+    from inference.parallel import ParallelGroups
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm attention + MLP. ``moe_index`` is this layer's position among MoE layers
     (its slice of the routing staging tensor), or None for a dense layer."""
 
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, parallel: "ParallelGroups | None" = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = build_attention(config, layer_index)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         moe_layers = config.moe_layer_indices
         self.moe_index = moe_layers.index(layer_index) if layer_index in moe_layers else None
-        self.mlp = MoEMLP(config) if self.moe_index is not None else SwiGLUMLP(config.hidden_size, config.intermediate_size)
+        if parallel is None:
+            self.self_attn = build_attention(config, layer_index)
+            self.mlp = MoEMLP(config) if self.moe_index is not None else SwiGLUMLP(config.hidden_size,
+                                                                                      config.intermediate_size)
+        else:
+            self.self_attn, self.mlp = _parallel_blocks(config, layer_index, self.moe_index is not None, parallel)
 
     def mlp_forward(self, x: torch.Tensor, routing_out: torch.Tensor | None,
                     forced: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
@@ -39,20 +56,36 @@ class MoEGPT(nn.Module):
     """Decoder-only MoE transformer; hybrid configs (``uses_hybrid_layers``) get the layers
     and forward passes of ``inference.model.hybrid``. Invariant: MoE layer j (j-th in depth
     order, global index ``config.moe_layer_indices[j]``) writes its top-k ids into column j
-    of the routing buffer it is given."""
+    of the routing buffer it is given. ``config`` is the whole model's; ``attention_config``
+    is the one this rank's attention (and KV cache) runs on: ``config`` itself without
+    ``parallel``, this rank's heads with it."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, parallel: "ParallelGroups | None" = None) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.parallel = parallel
+        if parallel is None:
+            self.attention_config = config
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        else:
+            from inference.parallel import VocabParallelEmbedding
+            from inference.parallel.attention import local_attention_config
+            parallel.layout.validate_model(config)
+            self.attention_config = local_attention_config(config, parallel.layout, parallel.tp.rank)
+            self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel.tp)
         self.rotary = rotary_for(config)
         self.hybrid = uses_hybrid_layers(config)     # recurrent / MLP-only layers: inference.model.hybrid
-        self.layers = nn.ModuleList((HybridDecoderLayer if self.hybrid else DecoderLayer)(config, i)
+        self.layers = nn.ModuleList(HybridDecoderLayer(config, i) if self.hybrid else DecoderLayer(config, i, parallel)
                                     for i in range(config.num_layers))
         self.norm = build_norm(config, config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        if parallel is None:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            if config.tie_word_embeddings:
+                self.lm_head.weight = self.embed_tokens.weight
+        else:   # vocabulary-parallel: fp32 logits all-gathered, the same on every TP rank
+            from inference.parallel import ParallelLMHead
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, parallel.tp,
+                                          tied_to=self.embed_tokens if config.tie_word_embeddings else None)
 
     def set_experts_fn(self, fn) -> None:
         """Choose the routed-expert implementation of every MoE layer (same contract as
@@ -100,19 +133,32 @@ class MoEGPT(nn.Module):
         return self.compute_logits(self.norm(h)), routing
 
 
+def _parallel_blocks(config: ModelConfig, layer_index: int, moe: bool,
+                     parallel: "ParallelGroups") -> tuple[nn.Module, nn.Module]:
+    """This rank's attention and MLP of one decoder layer (imported lazily: the parallel
+    blocks import this package's attention and MoE code)."""
+    from inference.parallel import ExpertParallelMoE, ParallelSwiGLUMLP, sharded_attention
+    attn = sharded_attention(config, layer_index, parallel.layout, parallel.tp)
+    mlp = (ExpertParallelMoE(config, parallel) if moe
+           else ParallelSwiGLUMLP(config.hidden_size, config.intermediate_size, parallel.tp))
+    return attn, mlp
+
+
 def rotary_for(config: ModelConfig) -> RotaryEmbedding:
     # Without rotary (Nemotron-H) the tables are never read: one row instead of a context's worth.
     positions = config.max_position_embeddings if config.use_rope else 1
     return RotaryEmbedding(config.rope_dim, positions, config.rope_theta, config.rope_scaling)
 
 
-def allocate_model(config: ModelConfig, device: str | torch.device, dtype: torch.dtype) -> MoEGPT:
+def allocate_model(config: ModelConfig, device: str | torch.device, dtype: torch.dtype,
+                   parallel: "ParallelGroups | None" = None) -> MoEGPT:
     """A model whose parameters are allocated directly in ``dtype`` on ``device`` but not
-    initialised (a 30B-parameter shape never exists in fp32). The rotary tables and expert
-    biases, which no checkpoint carries, are fp32 and set (bias zero)."""
+    initialised (a 30B-parameter shape never exists in fp32; with ``parallel`` only this
+    rank's shards exist). The rotary tables and expert biases, which no checkpoint carries,
+    are fp32 and set (bias zero)."""
     device = torch.device(device)
     with torch.device("meta"):
-        model = MoEGPT(config).to(dtype)
+        model = MoEGPT(config, parallel).to(dtype)
     model.to_empty(device=device)
     if config.tie_word_embeddings:      # to_empty materialises the shared parameter twice
         model.lm_head.weight = model.embed_tokens.weight

@@ -46,6 +46,13 @@ def _local_config(config: ModelConfig, p: HeadPartition) -> ModelConfig:
     return dataclasses.replace(config, num_heads=p.num_heads, num_kv_heads=kv)
 
 
+def local_attention_config(config: ModelConfig, layout: ParallelLayout, tp_rank: int) -> ModelConfig:
+    """The config TP rank ``tp_rank``'s attention runs on: its query and KV heads (every
+    layer alike). Its KV cache is ``KVCache(local_attention_config(...))``: this rank's KV
+    heads, or the whole (replicated) latent for MLA, whose cache ignores the head counts."""
+    return _local_config(config, layout.heads(config, tp_rank))
+
+
 def attention_shard(config: ModelConfig, layout: ParallelLayout, tp: GroupHandle, *,
                     dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> AttentionShard:
     """This rank's sharded attention projections (GQA or MLA, from ``config.mla``)."""

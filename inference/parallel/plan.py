@@ -9,8 +9,8 @@ Per rank, with ``tp`` / ``ep`` / ``etp = tp / ep``:
   on the meta device exactly as the TP model builds them;
 - KV cache: ``num_kv_blocks + 1`` blocks of this rank's KV heads (``kv_heads / tp``, or one
   replicated head when ``tp > kv_heads``). Every rank of a replica has the same block ids:
-  the replica's one schedule drives all of them. (A latent-attention cache, MLA, is
-  replicated over TP instead: the later integration must count it whole per rank.)
+  the replica's one schedule drives all of them. A latent-attention (MLA) cache is
+  replicated over TP: counted whole on every rank.
 - routing: ``staging [max_step_tokens]`` + ``block_routing [(num_kv_blocks + 1) *
   block_size]`` rows of ``num_moe_layers * topk`` ids. ``routing_on="all"`` (recommended)
   allocates them on every rank so every rank's forward and decode graphs are the same

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-PRELOAD = ["torch", "torch.distributed", "inference.parallel", "tests.inference.parallel.rank_checks"]
+PRELOAD = ["torch", "torch.distributed", "inference.parallel", "tests.inference.parallel.rank_checks", "tools.run_inference"]
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
 

@@ -1,9 +1,10 @@
 """What each gloo rank runs in the multi-rank tests, and the inputs both sides share.
 
 A ``Case`` is a model config and a layout. Every rank of the world builds its shards of
-``TPMoEGPT`` for each case, loads them from the case's safetensors file (the single-process
-model's state dict, saved by the test), runs the checks and returns the outputs by name. The
-test computes the same quantities with the unsharded model and compares."""
+``MoEGPT(config, parallel=groups)`` for each case, loads them from the case's safetensors
+file (the single-process model's state dict, saved by the test), runs the checks and returns
+the outputs by name. The test computes the same quantities with the unsharded model and
+compares."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import torch
 from inference.attention_backends import EagerBackend
 from inference.config import MLAConfig, ModelConfig, RouterConfig
 from inference.model.context import AttentionMetadata, ForwardContext
+from inference.model.gpt import allocate_model
 from inference.parallel import (ColumnParallelLinear, GroupHandle, ParallelGroups, ParallelLayout, RowParallelLinear,
                                 SafetensorsCheckpoint, load_full, load_shards)
 from inference.presets import get_preset
-from tests.inference.parallel.tp_model import TPMoEGPT
 
 # Shared expert with a gate, whole-projection q/k norm (OLMoE), qkv bias, tied embeddings,
 # a vocabulary no TP size divides, sigmoid routing with expert bias and groups (DeepSeek).
@@ -191,7 +192,7 @@ def run_cases(rank: int, world_size: int, cases: list[Case], checkpoints: dict[s
     for case in cases:
         config = CONFIGS[case.config]
         groups = ParallelGroups.build(ParallelLayout(world_size, case.tp, case.ep))
-        model = TPMoEGPT(config, groups).to(dev).eval()
+        model = allocate_model(config, dev, torch.float32, groups).eval()
         with SafetensorsCheckpoint({n: checkpoints[case.config] for n in _names(checkpoints[case.config])}) as ck:
             load_shards(model, {n: ck.source(n) for n in ck.files})
         outputs = model_outputs(model, prompt(config, groups.coords.dp_rank).to(dev))

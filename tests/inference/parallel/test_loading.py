@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import save_file
 
 from inference.hf.common import TensorRecipe
+from inference.model import MoEGPT
 from inference.parallel import ParallelGroups, ParallelLayout, SafetensorsCheckpoint, ShardLoadError, TensorShard
 from inference.parallel.loading import load_full, load_shards, shard_targets
 from inference.presets import build_model
 from tests.inference.parallel.rank_checks import CONFIGS, SEEDS
-from tests.inference.parallel.tp_model import TPMoEGPT
 
 
 def test_tensor_shard_reads_ranges_in_order_and_pads_with_zeros():
@@ -44,8 +44,8 @@ def test_safetensors_slices_equal_full_tensor_shards_and_read_only_the_shard(ric
     full_elements = sum(t.numel() for t in state.values() if t is not state.get("lm_head.weight"))
     layout = ParallelLayout(tp, tp, ep)
     for rank in range(layout.world_size):
-        rank_model = TPMoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
-        from_memory = TPMoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
+        rank_model = MoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
+        from_memory = MoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
         load_full(from_memory, state)
         with SafetensorsCheckpoint({name: path for name in state}) as ck:
             copied = load_shards(rank_model, {n: ck.source(n) for n in ck.files})
@@ -97,9 +97,9 @@ def test_recipes_read_split_checkpoints_shard_by_shard(rich_checkpoint, tmp_path
     layout = ParallelLayout(4, 4, 2)
     assert sum(r.combine == "stack_pairs" for r in recipes) == model.config.num_moe_layers
     for rank in range(layout.world_size):
-        fused = TPMoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
+        fused = MoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
         load_full(fused, state)
-        from_split = TPMoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
+        from_split = MoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
         with SafetensorsCheckpoint({n: path for n in split}) as ck:
             load_shards(from_split, ck.recipe_sources(recipes))
             assert ck.elements_read < 0.5 * sum(t.numel() for t in split.values())
@@ -112,7 +112,7 @@ def test_every_problem_reported_before_loading(rich_checkpoint):
     bad = dict(state)
     del bad["layers.1.mlp.w2"]
     bad["norm.weight"] = torch.ones(3)
-    rank_model = TPMoEGPT(model.config, ParallelGroups.shard_only(ParallelLayout(2, 2, 2), 0))
+    rank_model = MoEGPT(model.config, ParallelGroups.shard_only(ParallelLayout(2, 2, 2), 0))
     with torch.no_grad():
         rank_model.embed_tokens.weight.fill_(3.0)
     with pytest.raises(ShardLoadError) as info:
@@ -143,10 +143,28 @@ def test_transformed_recipes_are_read_whole_then_sharded(tmp_path):
                for n, t in stored.items()]
     layout = ParallelLayout(4, 4, 2)
     for rank in range(layout.world_size):
-        expected = TPMoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
+        expected = MoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
         load_full(expected, state)
-        got = TPMoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
+        got = MoEGPT(model.config, ParallelGroups.shard_only(layout, rank))
         with SafetensorsCheckpoint({n: path for n in stored}) as ck:
             load_shards(got, ck.recipe_sources(recipes))
         for (name, a, _, _), (_, b, _, _) in zip(shard_targets(expected), shard_targets(got)):
             assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("name,tp,ep", [("rich", 4, 2), ("oss", 2, 2), ("mla", 2, 1)])
+def test_preset_weights_built_per_rank_are_the_single_process_weights_sharded(name, tp, ep):
+    """``build_model(parallel=...)`` draws every full tensor as the single-process model does
+    and keeps this rank's shard: the same weights without any rank building the full model."""
+    full = build_model(CONFIGS[name], seed=SEEDS[name])
+    state = {k: v for k, v in full.state_dict().items()}
+    layout = ParallelLayout(tp, tp, ep)
+    for rank in range(layout.world_size):
+        groups = ParallelGroups.shard_only(layout, rank)
+        expected = MoEGPT(full.config, groups)
+        load_full(expected, state)
+        got = build_model(full.config, seed=SEEDS[name], parallel=groups)
+        pairs = list(zip(shard_targets(expected), shard_targets(got)))
+        assert len(pairs) > 20
+        for (name_a, a, _, _), (name_b, b, _, _) in pairs:
+            assert name_a == name_b and torch.equal(a, b), name_a

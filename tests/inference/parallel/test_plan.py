@@ -18,7 +18,6 @@ from inference.parallel.plan import describe_rank_plans, memory_plan, rank_weigh
 from inference.presets import PRESETS
 from routing_replay import RoutingRecorder
 from tests.inference.parallel.rank_checks import CONFIGS
-from tests.inference.parallel.tp_model import TPMoEGPT
 
 ENGINE = EngineConfig(block_size=4, num_kv_blocks=32, max_step_tokens=64, record_routing=True)
 
@@ -65,7 +64,7 @@ def test_rank_weights_equal_the_shards_built(name, tp, ep):
     plans = memory_plan(config, ENGINE, layout)
     for rank in range(layout.world_size):
         with torch.device("meta"):
-            shards = TPMoEGPT(config, ParallelGroups.shard_only(layout, rank))
+            shards = MoEGPT(config, ParallelGroups.shard_only(layout, rank))
         assert plans[rank].weight_elements == _parameters(shards), f"rank {rank}"
         assert plans[rank].weight_bytes == 4 * plans[rank].weight_elements
 
