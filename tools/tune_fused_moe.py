@@ -38,7 +38,8 @@ from inference.kernels import fused_moe_configs as cfgs
 from inference.kernels.moe_grouped import moe_experts_grouped_mm, moe_experts_reference
 from tools.decode_profile import gpu_slug
 
-SHAPES = {"olmoe-1b-7b": (64, 8, 2048, 1024), "qwen3-30b-a3b": (128, 8, 2048, 768)}  # E, topk, H, I
+SHAPES = {"olmoe-1b-7b": (64, 8, 2048, 1024), "qwen3-30b-a3b": (128, 8, 2048, 768),  # E, topk, H, I
+          "moonlight-16b-a3b": (64, 6, 2048, 1408)}
 # Decode batch sizes first: they matter most and are cheapest to tune.
 TOKENS = (64, 256, 1, 16, 128, 32, 8192, 4096, 1024, 2048, 512, 8, 4, 2, 24, 48, 96, 192, 384)
 QUICK_TOKENS = (64, 256, 1, 16, 4096, 8192, 1024)

@@ -39,7 +39,10 @@ FAMILIES = {
         num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=8, sliding_window=4,
         rope_parameters=dict(YARN, rope_theta=150000.0, truncate=False))),
     "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(
-        num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=8, rotary_dim=4)),
+        num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, head_dim=8, rotary_dim=4,
+        # the factor spelled out too: transformers before ~5.2x ignores the legacy rotary_dim
+        # (rotating every dim), so the reference would differ with the version installed
+        rope_parameters=dict(rope_type="default", rope_theta=5000000.0, partial_rotary_factor=0.5))),
 }
 
 
