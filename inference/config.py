@@ -325,6 +325,13 @@ class EngineConfig:
     cuda_graphs: bool = False
     cuda_graph_max_batch: int = 256
     padded_decode: bool = False      # decode steps through the static padded path without graphs (tests)
+    # Steps with prefill chunks of up to piecewise_max_tokens tokens as piecewise CUDA graphs
+    # (everything but attention captured; inference/piecewise_graphs.py). None: on with
+    # cuda_graphs for models without recurrent layers. padded_prefill runs that padded path
+    # eagerly, without graphs (tests).
+    piecewise_graphs: bool | None = None
+    piecewise_max_tokens: int = 2048
+    padded_prefill: bool = False
     async_scheduling: bool | None = None   # host runs one step ahead of the GPU; None: on for CUDA
     compute_logprobs: bool = True    # log-prob of every sampled token (off only to measure its cost)
     moe_backend: str = "auto"        # routed experts on CUDA: inference.kernels.MOE_BACKENDS
@@ -343,6 +350,10 @@ class EngineConfig:
         _require(self.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         _require(isinstance(self.replica_check_interval, int) and self.replica_check_interval >= 1,
                  f"--replica-check-interval must be >= 1, got {self.replica_check_interval}")
+        _require(not self.piecewise_graphs or self.cuda_graphs,
+                 "--piecewise-graphs needs --cuda-graphs")
+        _require(isinstance(self.piecewise_max_tokens, int) and self.piecewise_max_tokens >= 2,
+                 f"piecewise_max_tokens must be an int >= 2, got {self.piecewise_max_tokens!r}")
         _require(self.moe_backend in MOE_BACKENDS,
                  f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
 

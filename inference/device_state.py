@@ -17,6 +17,7 @@ from inference.kv_cache import KVCache
 from inference.model import MoEGPT
 from inference.model.context import AttentionFn
 from inference.model_runner import ModelRunner
+from inference.piecewise_graphs import PiecewiseGraphRunner
 from inference.routing_collector import RoutingCollector
 from inference.sampler import Sampler
 from inference.step_batch import StepBatch
@@ -35,6 +36,7 @@ class DeviceState:
     routing: RoutingCollector | None
     graph_runner: DecodeGraphRunner | None
     runner: ModelRunner
+    piecewise_runner: PiecewiseGraphRunner | None = None
 
     @classmethod
     def build(cls, model: MoEGPT, config: EngineConfig, max_model_len: int, sampler: Sampler,
@@ -66,10 +68,12 @@ class DeviceState:
                 _warm_collectives(model.parallel, device)
             with allocating("CUDA graphs", "lower max_requests (--max-requests) or turn graphs off (--no-cuda-graphs)"):
                 graph_runner.capture()
+        piecewise_runner = _piecewise_runner(model, config, batch, kv_cache, recorder, attention_fn)
         runner = ModelRunner(model, kv_cache, batch, sampler, attention_fn, recorder, graph_runner,
-                             cuda_graphs=config.cuda_graphs, logprobs=config.compute_logprobs)
+                             cuda_graphs=config.cuda_graphs, logprobs=config.compute_logprobs,
+                             piecewise_runner=piecewise_runner)
         routing = RoutingCollector(recorder) if recorder is not None and reads_routing else None
-        return cls(kv_cache, batch, recorder, routing, graph_runner, runner)
+        return cls(kv_cache, batch, recorder, routing, graph_runner, runner, piecewise_runner)
 
     def release(self) -> None:
         """Drop the CUDA graphs (their memory pool goes with them); the caller drops the
@@ -79,9 +83,27 @@ class DeviceState:
         with the next matrix product."""
         if self.graph_runner is not None:
             self.graph_runner.release()
+        if self.piecewise_runner is not None:
+            self.piecewise_runner.release()
         clear_cublas_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
         if self.kv_cache.storage.is_cuda and clear_cublas_workspaces is not None:
             clear_cublas_workspaces()
+
+
+def _piecewise_runner(model: MoEGPT, config: EngineConfig, batch: StepBatch, kv_cache: KVCache, recorder,
+                      attention_fn: AttentionFn) -> PiecewiseGraphRunner | None:
+    """The runner of mixed / prefill steps as piecewise graphs (captured here), or None."""
+    graphs = config.piecewise_graphs
+    if graphs is None:
+        graphs = config.cuda_graphs and not model.config.is_hybrid
+    if not (graphs or config.padded_prefill):
+        return None
+    runner = PiecewiseGraphRunner(model, batch, kv_cache, recorder, attention_fn,
+                                  max_tokens=min(config.piecewise_max_tokens, config.max_step_tokens),
+                                  use_graphs=graphs)
+    with allocating("piecewise CUDA graphs", "lower --piecewise-max-tokens or turn them off (--no-piecewise-graphs)"):
+        runner.capture()
+    return runner
 
 
 def _warm_collectives(parallel, device: torch.device) -> None:

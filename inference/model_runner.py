@@ -19,6 +19,7 @@ from inference.device_wait import wait_for_event
 from inference.kv_cache import KVCache
 from inference.model import ForwardContext, MoEGPT
 from inference.model.context import AttentionFn
+from inference.piecewise_graphs import PiecewiseGraphRunner
 from inference.prompt_logprobs import PromptLogprobPlan, compute_prompt_logprobs, plan_prompt_logprobs
 from inference.request import Request
 from inference.sampler import Sampler
@@ -58,6 +59,7 @@ class LaunchedStep:
     prepared: PreparedStep | None
     timer: PhaseTimer
     cuda_graph: bool = False
+    piecewise_graph: bool = False      # a mixed / prefill step replayed as piecewise graphs
     sampling_requests: list[Request] = field(default_factory=list)
     tokens: torch.Tensor | None = None
     done: torch.cuda.Event | None = None
@@ -109,9 +111,11 @@ class ModelRunner:
 
     def __init__(self, model: MoEGPT, kv_cache: KVCache, batch: StepBatch, sampler: Sampler,
                  attention_fn: AttentionFn, recorder=None, graph_runner: DecodeGraphRunner | None = None,
-                 cuda_graphs: bool = False, logprobs: bool = True) -> None:
+                 cuda_graphs: bool = False, logprobs: bool = True,
+                 piecewise_runner: PiecewiseGraphRunner | None = None) -> None:
         self.model, self.kv_cache, self.batch, self.sampler = model, kv_cache, batch, sampler
         self.attention_fn, self.recorder, self.graph_runner = attention_fn, recorder, graph_runner
+        self.piecewise_runner = piecewise_runner
         self.cuda_graphs, self.logprobs = cuda_graphs, logprobs
         self.device = batch.device
 
@@ -124,21 +128,38 @@ class ModelRunner:
             return None
         return runner.padded_size(len(output.chunks))
 
+    def piecewise_size(self, output: SchedulerOutput) -> int | None:
+        """Padded token count when this step (one with a prefill chunk: decode-only steps
+        keep their own path) runs as piecewise graphs, else None."""
+        runner = self.piecewise_runner
+        if runner is None or not any(c.num_tokens > 1 for c in output.chunks):
+            return None
+        return runner.padded_size(sum(c.num_tokens for c in output.chunks))
+
     @torch.inference_mode()
     def launch(self, index: int, output: SchedulerOutput, previous: LaunchedStep | None,
                timer: PhaseTimer) -> LaunchedStep:
         step = LaunchedStep(index=index, output=output, prepared=None, timer=timer)
         gpu = GpuSpan.start() if self.device.type == "cuda" else None
         size = self.graph_size(output)
+        pieces = self.piecewise_size(output) if size is None else None
         t = timer.now()
         feed = TokenFeed(previous.tokens, previous.sample_rows) if previous is not None and previous.tokens is not None else None
-        step.prepared = prepared = self.batch.prepare(output.chunks, size, feed, timer)
+        step.prepared = prepared = self.batch.prepare(output.chunks, size or pieces, feed, timer,
+                                                      pad_requests=size is not None)
         t = timer.now()
         if size is not None:
             logits = self.graph_runner.run(size, len(prepared.sampling_chunks))
             step.cuda_graph = self.cuda_graphs
             if self.recorder is not None and not self.graph_runner.gather_in_graph:
                 self.recorder.gather(prepared.token_to_block, prepared.token_to_offset, timer)
+        elif pieces is not None:
+            runner = self.piecewise_runner
+            hidden = runner.run(pieces, prepared.attn)
+            step.cuda_graph = step.piecewise_graph = runner.use_graphs
+            if self.recorder is not None and not runner.gather_in_graph:
+                self.recorder.gather(prepared.token_to_block, prepared.token_to_offset, timer)
+            logits = self._logits(step, hidden)
         else:
             logits = self._eager_forward(step, timer)
         if gpu is not None:
@@ -165,6 +186,11 @@ class ModelRunner:
         hidden = self.model(prepared.input_ids, prepared.positions, ctx)
         if recorder is not None:
             recorder.gather(prepared.token_to_block, prepared.token_to_offset, timer)
+        return self._logits(step, hidden)
+
+    def _logits(self, step: LaunchedStep, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Prompt log-probs (if planned) and the logits of the sampled rows of ``hidden``."""
+        prepared = step.prepared
         plan = plan_prompt_logprobs(step.output.chunks, prepared.attn.query_start_loc_host)
         if plan:
             step.prompt_plan = plan

@@ -89,19 +89,23 @@ class StepBatch:
         self._next_slot = 0
 
     def prepare(self, chunks: list[ScheduledChunk], num_padded_tokens: int | None = None,
-                feed: TokenFeed | None = None, timer: PhaseTimer | None = None) -> PreparedStep:
+                feed: TokenFeed | None = None, timer: PhaseTimer | None = None,
+                pad_requests: bool = True) -> PreparedStep:
         """Fill the static tensors for ``chunks``: host work into the next staging slot,
         then one non-blocking copy per tensor, then ``feed`` applied on the device.
 
-        With ``num_padded_tokens`` (decode graphs: one token per request) the request rows
-        are padded to the same count: padding rows have seq_len 0 and are never read."""
+        With ``num_padded_tokens`` the token rows are padded to that count (padding rows
+        read and write the dummy block). For decode graphs (one token per request) the
+        request rows are padded to the same count too: padding rows have seq_len 0 and are
+        never read; ``pad_requests=False`` (piecewise graphs of mixed steps) keeps the
+        step's own request rows."""
         t = timer.now() if timer is not None else 0.0
         slot = self._slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self._slots)
         slot.wait_until_free()
         host = slot.arrays
         num_reqs = len(chunks)
-        padded_reqs = num_reqs if num_padded_tokens is None else num_padded_tokens
+        padded_reqs = num_padded_tokens if num_padded_tokens is not None and pad_requests else num_reqs
         if all(c.num_tokens == 1 for c in chunks):
             n, starts, seq_lens = self._fill_single_tokens(host, chunks)
         else:

@@ -26,6 +26,7 @@ def step_entry(step: LaunchedStep, step_ms: float, time_s: float, gpu_ms: dict[s
         "active_tokens": prepared.num_tokens if prepared else 0,
         "padded_tokens": prepared.num_padded_tokens if prepared else 0,
         "cuda_graph": step.cuda_graph,
+        "piecewise_graph": step.piecewise_graph,
         "step_time_ms": step_ms,
         **step.timer.entry(_PHASES),
         "prefill_tokens": sum(c.num_tokens for c in chunks) - num_decode,

@@ -70,6 +70,7 @@ _ENTRY_SPEC: Spec = (
     (("step", "prefill_requests", "decode_requests", "active_tokens", "padded_tokens"), _count, True),
     (("step_time_ms",) + tuple(f"routing_{p}_ms" for p in ROUTING_PHASES), _time, True),
     (("cuda_graph",), _boolean, True),
+    (("piecewise_graph",), _boolean, False),
     (("prefill_tokens", "decode_tokens", "finished_requests", "preempted_requests"), _count, False),
     (("time_s", "gpu_forward_ms", "gpu_step_ms", "gpu_idle_before_ms"), _time, False),
     # schema version 2: routing sub-phases and engine stages
@@ -92,7 +93,7 @@ _MODEL_SPEC: Spec = (
 _ENGINE_SPEC: Spec = (
     (("block_size", "num_kv_blocks", "max_requests", "max_step_tokens", "cuda_graph_max_batch"), _positive, False),
     (("enable_prefix_caching", "chunked_prefill", "record_routing", "cuda_graphs", "padded_decode",
-      "async_scheduling"), _boolean, False),
+      "async_scheduling", "padded_prefill"), _boolean, False),
     (("dtype", "device", "routing_recorder"), _string, False),
 )
 _SUMMARY_SPEC: Spec = (

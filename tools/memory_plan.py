@@ -31,6 +31,7 @@ _FLAGS = {
     "routing buffer": KV_FLAGS,
     "activations": "--max-step-tokens or --max-requests",
     "CUDA graphs": "--max-requests, or --no-cuda-graphs",
+    "piecewise CUDA graphs": "--piecewise-max-tokens, or --no-piecewise-graphs",
 }
 
 
@@ -121,6 +122,13 @@ def plan_memory(mc: ModelConfig, config: EngineConfig, device: torch.device, *, 
         batch = min(config.max_requests, config.cuda_graph_max_batch, config.max_step_tokens)
         components.append(("CUDA graphs", 2 * (batch * per_token_act + logits),
                            f"estimate for a graph pool up to batch {batch}"))
+    piecewise = config.piecewise_graphs if config.piecewise_graphs is not None else (
+        config.cuda_graphs and not mc.is_hybrid)
+    if piecewise:
+        tokens = min(config.piecewise_max_tokens, config.max_step_tokens)
+        q_out = 2 * tokens * mc.num_heads * max(mc.head_dim, getattr(mc.mla, "kv_lora_rank", 0) + 64) * elem
+        components.append(("piecewise CUDA graphs", 2 * tokens * per_token_act + q_out,
+                           f"estimate for graph pools of steps up to {tokens} tokens"))
     available, source = available_memory(device, local_processes)
     return MemoryPlan(str(device), tuple(components), available, source)
 

@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reuse KV (and routing) of identical full-block prefixes")
     g.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="CUDA-graph decode (default: on when running on CUDA)")
+    g.add_argument("--piecewise-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="steps with prefill chunks as piecewise CUDA graphs, attention eager between them "
+                        "(default: on with --cuda-graphs, for models without recurrent layers)")
+    g.add_argument("--piecewise-max-tokens", type=int, default=2048,
+                   help="largest step (tokens) that runs as piecewise graphs; larger steps run eagerly")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and prepare step N+1 while the GPU runs step N; sampled tokens reach the next "
                         "step on the device (default: on when running on CUDA)")
@@ -148,7 +153,8 @@ def engine_config_from_args(args: argparse.Namespace, model_config, device: torc
                         max_step_tokens=args.max_step_tokens, enable_prefix_caching=args.enable_prefix_caching,
                         record_routing=args.record_routing, cuda_graphs=cuda_graphs, dtype=args.dtype,
                         device=str(device), seed=args.seed, async_scheduling=args.async_scheduling,
-                        replica_check_interval=args.replica_check_interval)
+                        replica_check_interval=args.replica_check_interval,
+                        piecewise_graphs=args.piecewise_graphs, piecewise_max_tokens=args.piecewise_max_tokens)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

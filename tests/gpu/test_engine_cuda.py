@@ -122,6 +122,39 @@ def test_cuda_graphs_with_prefix_hits_and_preemption(cuda_model):
     engine.block_pool.check_invariants()
 
 
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_piecewise_graphs_for_mixed_steps(cuda_model, async_scheduling):
+    """Steps with prefill chunks replay piecewise graphs (attention eager between the
+    pieces): tokens and routing equal the full-sequence reference and the run with
+    piecewise graphs off, through prefix hits, chunked prefill and preemption; prompt
+    log-probs agree too."""
+    rng = np.random.default_rng(4)
+    shared = rng.integers(2, 512, size=30).tolist()
+    prompts = [shared[: int(rng.integers(0, 31))] + rng.integers(2, 512, size=int(rng.integers(1, 40))).tolist()
+               for _ in range(24)]
+    params = [SamplingParams(max_new_tokens=5 + i % 11, ignore_eos=True, prompt_logprobs=i % 4 == 0)
+              for i in range(24)]
+    kw = dict(block_size=8, num_kv_blocks=28, max_requests=12, max_step_tokens=96, async_scheduling=async_scheduling)
+    engine = _engine(cuda_model, **kw)
+    results = engine.generate(prompts, params)
+    off = _engine(cuda_model, piecewise_graphs=False, **kw).generate(prompts, params)
+    entries = engine.step_log.entries
+    pieces = [e for e in entries if e.get("piecewise_graph")]
+    assert pieces and any(e["decode_requests"] for e in pieces), "mixed steps should replay piecewise graphs"
+    assert any(e["padded_tokens"] > e["active_tokens"] for e in pieces)
+    assert engine._device_state().piecewise_runner.num_graphs > 0
+    assert sum(r.num_preemptions for r in results) > 0
+    assert sum(r.num_cached_tokens for r in results) > 0
+    _assert_exact(cuda_model, results)
+    for mine, theirs in zip(results, off):
+        assert mine.output_token_ids == theirs.output_token_ids
+        np.testing.assert_array_equal(mine.routing, theirs.routing)
+        assert mine.output_logprobs == pytest.approx(theirs.output_logprobs, abs=1e-4)
+        if theirs.prompt_logprobs is not None:
+            assert mine.prompt_logprobs == pytest.approx(theirs.prompt_logprobs, abs=1e-4, nan_ok=True)
+    engine.block_pool.check_invariants()
+
+
 def test_aborted_request_with_routing_in_flight_never_meets_a_new_request_of_its_id(cuda_model):
     engine = _engine(cuda_model)
     flush = engine.routing.flush

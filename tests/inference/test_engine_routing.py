@@ -115,6 +115,35 @@ def test_padded_decode_path(make_engine, tiny_model, reference):
         assert r.output_token_ids == reference.greedy(tiny_model, r.prompt_token_ids, 3 + i, None, True)
 
 
+def test_padded_prefill_path(make_engine, tiny_model, reference):
+    """The padded path of steps with prefill chunks that piecewise graphs capture, run
+    eagerly on CPU: token rows padded up the ladder (request rows not), padding rows write
+    KV and routing into the dummy block only, and tokens, routing and prompt log-probs stay
+    exact through prefix-cache hits, chunked prefill and preemption."""
+    kw = dict(record_routing=True, max_requests=8, max_step_tokens=40, num_kv_blocks=14, block_size=4)
+    shared = _prompts(1, seed=30, low=13, high=14)[0]
+    prompts = [shared + p for p in _prompts(9, seed=31, low=1, high=30)]
+    params = [SamplingParams(max_new_tokens=4 + i % 5, ignore_eos=True, prompt_logprobs=i % 3 == 0)
+              for i in range(9)]
+    plain = make_engine(**kw).generate(prompts, params)
+    engine = make_engine(padded_prefill=True, **kw)
+    results = engine.generate(prompts, params)
+    entries = engine.step_log.entries
+    padded = [e for e in entries if e["prefill_requests"] and e["padded_tokens"] > e["active_tokens"]]
+    assert padded, "some prefill / mixed steps should have been padded"
+    assert any(e["decode_requests"] for e in padded), "a padded step should mix prefill chunks and decodes"
+    assert not any(e["piecewise_graph"] for e in entries), "no graphs on CPU"
+    assert sum(r.num_cached_tokens for r in results) > 0, "the shared prefix should hit the cache"
+    assert sum(r.num_preemptions for r in results) > 0, "the small KV cache should preempt"
+    _assert_routing_matches(tiny_model, reference, results)
+    for mine, theirs in zip(results, plain):
+        assert mine.output_token_ids == theirs.output_token_ids
+        assert mine.output_logprobs == pytest.approx(theirs.output_logprobs, abs=1e-5)
+        if theirs.prompt_logprobs is not None:
+            assert mine.prompt_logprobs == pytest.approx(theirs.prompt_logprobs, abs=1e-5, nan_ok=True)
+    engine.block_pool.check_invariants()
+
+
 def test_host_sync_baseline_recorder(make_engine, tiny_model, reference):
     """The Megatron-style baseline the benchmark compares against records the same routing
     (as int32) when nothing is preempted."""
