@@ -46,6 +46,7 @@ from tools.decode_profile import copy_bandwidth  # noqa: F401  (tools/bench_fami
 
 MODELS = ("olmoe-1b-7b-shape", "qwen3-30b-a3b-shape")
 PREFILL_STEP_TOKENS = 8192
+TOP_KERNELS_SHOWN = 10       # of the breakdown's "top_kernels" (the JSON keeps 30)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -332,6 +333,9 @@ def format_tables(r: dict) -> str:
         for row in bd["rows"]:
             lines.append(f"  {row['component']:<30} {row['ms']:>8.3f} ms  floor {row['floor_ms']:>7.3f} ms  "
                          f"x{fmt(row['ratio'], '.2f')}")
+        for k in bd.get("top_kernels", [])[:TOP_KERNELS_SHOWN]:
+            lines.append(f"    {k['ms_per_step']:>7.3f} ms {k['calls_per_step']:>6.0f}x  {k['kernel'][:60]:<60} "
+                         f"[{k['component']}]")
     pf = r.get("prefill")
     if pf and "error" not in pf:
         lines.append(f"prefill: {pf['tokens_per_s']:,.0f} tok/s on {pf['step_tokens']}-token steps; FLOP floor "
