@@ -150,6 +150,7 @@ def labelled_components(model, recorder=None) -> Iterator[int]:
                     wrap(sub, "forward", "attention projections")
         elif isinstance(module, RMSNorm):
             wrap(module, "forward", "norms and rotary")
+            wrap(module, "add_forward", "norms and rotary")   # fused residual add + norm
         elif isinstance(module, TopKRouter):
             wrap(module, "forward", "router + top-k")
         elif isinstance(module, MoEMLP):
