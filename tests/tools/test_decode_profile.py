@@ -143,3 +143,22 @@ def test_command_line_quick_mode_and_bad_backend():
         bench_decode.parse_args(["--compare-backends", "cutlass"])
     with pytest.raises(ValueError, match="unknown preset"):
         bench_decode.parse_args(["--models", "gpt-5"])
+    args = bench_decode.parse_args(["--quick", "--compare-small-ops", "off", "--compare-backends", ""])
+    assert args.compare_small_ops == ["off"] and args.compare_backends == [] and args.fused_small_ops == "auto"
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--compare-small-ops", "fast"])
+
+
+def test_tables_show_the_small_ops_comparison_side_by_side():
+    breakdown = {"graph_replay_ms": 1.0, "eager_ms": 2.0, "kernel_ms": 0.8,
+                 "rows": [{"component": "router + top-k", "ms": 0.1, "floor_ms": 0.01, "ratio": 10.0}],
+                 "top_kernels": [{"kernel": "_router_topk_kernel", "calls_per_step": 48.0, "ms_per_step": 0.1,
+                                  "component": "router + top-k"}]}
+    report = {"model": "m", "device": "d", "dtype": "bfloat16", "moe_backend": "auto", "fused_small_ops": "auto",
+              "copy_bandwidth_gb_s": 4000.0, "matmul_tflops": 800.0, "prompt_len": 512, "output_len": 32,
+              "skipped": [], "batches": {"64": {"step_ms": 1.0, "ratio_to_floor": 1.5, "breakdown": breakdown}},
+              "compare_small_ops": {"off": {"ratio_to_floor": {"64": 1.75},
+                                            "batches": {"64": {"breakdown": {"error": "boom"}}}}}}
+    text = bench_decode.format_tables(report)
+    assert "x small-ops off" in text and "1.75" in text
+    assert "_router_topk_kernel" in text and "breakdown at batch 64, small ops off failed: boom" in text
