@@ -8,8 +8,9 @@
   decode CUDA graph captured) under ``torch.profiler`` with each component's modules
   wrapped in ``record_function`` labels; every kernel's device time is charged to the
   innermost label around the CPU call that launched it (``attribute_kernel_time``, via
-  ``tools.profile_attribution``), and the kernels with the most time are listed by name. Graph launch gaps = the graph's replay time
-  minus the sum of kernel times, i.e. what the graph adds between kernels.
+  ``tools.profile_attribution``), and the kernels with the most time are listed by name.
+  Graph launch gaps = the graph's replay time minus the sum of kernel times, i.e. what the
+  graph adds between kernels.
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ def summary(stages: list[dict], out: Path, tune_report: Path) -> str:
                                                              + (f" (x{r['ratio']:.1f})" if r["ratio"] else "")
                                                              for r in top))
         for k in bd.get("top_kernels", [])[:5]:
-            lines.append(f"    {k['ms_per_step']:.3f} ms {k['calls_per_step']:.0f}x {k['kernel'][:50]} [{k['component']}]")
+            lines.append(f"    {k['ms_per_step']:.3f} ms {k['calls_per_step']:.0f}x {k['kernel'][:50]} "
+                         f"[{k['component']}]")
         if rep.get("skipped"):
             lines.append(f"  skipped: {', '.join(rep['skipped'])}")
     return "\n".join(lines)

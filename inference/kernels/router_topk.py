@@ -56,8 +56,8 @@ def router_topk(logits: torch.Tensor, topk: int, config: RouterConfig, expert_bi
                 logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(topk_ids int64 [T, k], combine weights fp32 [T, k]) from fp32 ``logits`` [T, E]
     (``logit_bias`` [E], the projection's bias, is added to them first in fp32; ``expert_bias``
-    [E] shifts the selection only; either may be any floating dtype, it is read as fp32). Runs on CUDA tensors, or anywhere under
-    TRITON_INTERPRET=1."""
+    [E] shifts the selection only; either may be any floating dtype, it is read as fp32).
+    Runs on CUDA tensors, or anywhere under TRITON_INTERPRET=1."""
     t, e = _check(logits, topk, config, expert_bias, logit_bias)
     ids = torch.empty(t, topk, dtype=torch.int64, device=logits.device)
     weights = torch.empty(t, topk, dtype=torch.float32, device=logits.device)

@@ -102,8 +102,8 @@ def test_records_from_profiler_events_use_launch_correlation_and_fall_back_to_th
 
 
 def test_short_kernel_names():
-    assert short_kernel_name("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn"
-                             "_align8>(Params)") == "Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8>"
+    cutlass = "cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8"
+    assert short_kernel_name(f"void cutlass::Kernel2<{cutlass}>(Params)") == f"Kernel2<{cutlass}>"
     assert short_kernel_name("_fused_moe_gate_up_kernel") == "_fused_moe_gate_up_kernel"
     assert short_kernel_name("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda("
                              "at::TensorIteratorBase&)::{lambda()#3}>(int)") == (
