@@ -23,6 +23,7 @@ from inference.recurrent_config import (
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
 # Mirrors inference.kernels.moe_grouped.MOE_BACKENDS (config stays free of kernel imports).
 MOE_BACKENDS = ("auto", "fused_triton", "grouped_mm", "torch")
+FUSED_SMALL_OPS_MODES = ("auto", "on", "off")     # inference.kernels.small_ops says what each means
 QK_NORMS = ("none", "per_head", "full")
 # Token mixer per layer: attention variants, and the recurrent mixers of hybrid decoders.
 LAYER_TYPES = ATTENTION_LAYER_TYPES + RECURRENT_LAYER_TYPES + (NO_MIXER,)
@@ -335,6 +336,7 @@ class EngineConfig:
     async_scheduling: bool | None = None   # host runs one step ahead of the GPU; None: on for CUDA
     compute_logprobs: bool = True    # log-prob of every sampled token (off only to measure its cost)
     moe_backend: str = "auto"        # routed experts on CUDA: inference.kernels.MOE_BACKENDS
+    fused_small_ops: str = "auto"    # router / q-k norm + rotary / add + norm kernels: inference.kernels.small_ops
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
@@ -356,6 +358,8 @@ class EngineConfig:
                  f"piecewise_max_tokens must be an int >= 2, got {self.piecewise_max_tokens!r}")
         _require(self.moe_backend in MOE_BACKENDS,
                  f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
+        _require(self.fused_small_ops in FUSED_SMALL_OPS_MODES,
+                 f"fused_small_ops must be one of {FUSED_SMALL_OPS_MODES}, got {self.fused_small_ops!r}")
 
     @property
     def kv_capacity_tokens(self) -> int:

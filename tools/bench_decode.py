@@ -7,7 +7,9 @@
    against its own bytes floor, plus the graph's launch gaps;
 3. prefill tokens/s on 8k-token steps vs the FLOP floor (2 x active parameters x tokens at
    the measured bf16 matmul rate);
-4. optionally the same decode batches with another MoE backend (before/after), and HF
+4. optionally the same decode batches with another MoE backend (before/after), or with
+   the fused small ops (router, q/k norm + rotary, residual add + norm) in another mode
+   (``--compare-small-ops off``: before/after at every batch, breakdowns included), and HF
    transformers ``generate`` at batch 64 on the same weights.
 
     python tools/bench_decode.py --output-dir docs/bench            # everything (long)
@@ -21,7 +23,6 @@ prefill on 3 steps of 8192 tokens, grouped_mm comparison at 64 and 256, no HF. W
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 import tempfile
@@ -34,7 +35,7 @@ if __package__ in (None, ""):
 import orjson
 import torch
 
-from inference.config import MOE_BACKENDS, EngineConfig
+from inference.config import FUSED_SMALL_OPS_MODES, MOE_BACKENDS, EngineConfig
 from inference.engine import LLMEngine
 from inference.kernels import choose_moe_backend
 from inference.presets import build_model, get_preset, torch_dtype
@@ -43,6 +44,7 @@ from inference.workload import synthetic_prompts
 from routing_replay import step_kind
 from tools import decode_profile as dp
 from tools.decode_profile import copy_bandwidth  # noqa: F401  (tools/bench_families.py imports it from here)
+from tools.decode_tables import format_tables
 
 MODELS = ("olmoe-1b-7b-shape", "qwen3-30b-a3b-shape")
 PREFILL_STEP_TOKENS = 8192
@@ -63,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--moe-backend", default="auto", choices=MOE_BACKENDS)
     p.add_argument("--compare-backends", type=csv, default=["grouped_mm"], help="decode again with these")
     p.add_argument("--compare-batches", type=ints, default=[64, 256])
+    p.add_argument("--fused-small-ops", default="auto", choices=FUSED_SMALL_OPS_MODES,
+                   help="EngineConfig.fused_small_ops of the main run")
+    p.add_argument("--compare-small-ops", type=csv, default=[],
+                   help="decode every batch again with fused_small_ops in these modes (e.g. off)")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="compare with HF generate")
     p.add_argument("--hf-models", type=csv, default=["olmoe-1b-7b-shape"], help="HF is slow: OLMoE only by default")
     p.add_argument("--hf-batch", type=int, default=64)
@@ -84,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for backend in args.compare_backends:
         if backend not in MOE_BACKENDS:
             raise SystemExit(f"--compare-backends: {backend!r} is not one of {MOE_BACKENDS}")
+    for mode in args.compare_small_ops:
+        if mode not in FUSED_SMALL_OPS_MODES:
+            raise SystemExit(f"--compare-small-ops: {mode!r} is not one of {FUSED_SMALL_OPS_MODES}")
     return args
 
 
@@ -97,13 +106,13 @@ class Budget:
         return self.seconds is not None and time.perf_counter() - self.start > self.seconds
 
 
-def make_engine(model, args, max_batch: int, backend: str) -> LLMEngine:
+def make_engine(model, args, max_batch: int, backend: str, small_ops: str | None = None) -> LLMEngine:
     per_request = -(-(args.prompt_len + args.output_len) // 16)
     prefill = args.prefill_requests * -(-(args.prefill_prompt_len + 1) // 16)
     cfg = EngineConfig(block_size=16, num_kv_blocks=max(max_batch * per_request, prefill) + 8,
                        max_requests=max_batch, max_step_tokens=PREFILL_STEP_TOKENS, enable_prefix_caching=False,
                        record_routing=True, cuda_graphs=True, cuda_graph_max_batch=max_batch, dtype=args.dtype,
-                       device="cuda", moe_backend=backend)
+                       device="cuda", moe_backend=backend, fused_small_ops=small_ops or args.fused_small_ops)
     return LLMEngine(model, cfg)
 
 
@@ -256,11 +265,13 @@ def write_report(report: dict, args) -> None:
 def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
     config = get_preset(name)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": name, "dtype": args.dtype,
-              "moe_backend": args.moe_backend, "prompt_len": args.prompt_len, "output_len": args.output_len,
+              "moe_backend": args.moe_backend, "fused_small_ops": args.fused_small_ops,
+              "prompt_len": args.prompt_len, "output_len": args.output_len,
               "copy_bandwidth_gb_s": yard["bandwidth"] / 1e9, "matmul_tflops": yard["matmul"] / 1e12,
               "date": time.strftime("%Y-%m-%d"), "skipped": []}
     model = build_model(config, seed=0, dtype=torch_dtype(args.dtype), device="cuda")
     engine = make_engine(model, args, max(args.batches), args.moe_backend)
+    report["fused_small_ops_modules"] = engine.fused_small_ops
     serve(engine, [p.prompt_token_ids for p in synthetic_prompts(  # warm-up: compiles prefill + decode kernels
         num_requests=8, prompt_len=args.prompt_len, vocab_size=config.vocab_size, seed=99)], 4)
     report["batches"] = decode_batches(engine, model, config, args, args.batches, yard["bandwidth"], profile=True)
@@ -290,6 +301,7 @@ def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
             report["compare"][backend] = {"error": f"{type(exc).__name__}: {exc}"}
         torch.cuda.empty_cache()
         write_report(report, args)
+    compare_small_ops(report, model, config, args, yard, budget)
     del model
     torch.cuda.empty_cache()
     if args.hf and name in args.hf_models and not budget.exhausted():
@@ -303,51 +315,24 @@ def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
     return report
 
 
-def fmt(value, spec: str) -> str:
-    width = "".join(itertools.takewhile(str.isdigit, spec))
-    return "-".rjust(int(width or 0)) if value is None else format(value, spec)
-
-
-def format_tables(r: dict) -> str:
-    lines = [f"\n{r['model']} on {r['device']} ({r['dtype']}, moe {r['moe_backend']}): copy {r['copy_bandwidth_gb_s']:,.0f}"
-             f" GB/s, bf16 matmul {r['matmul_tflops']:.0f} TFLOP/s, context {r['prompt_len']}+{r['output_len']}",
-             f"{'batch':>6} {'step ms':>9} {'graph ms':>9} {'floor ms':>9} {'x floor':>8} {'GPU x floor':>11} "
-             f"{'tok/s':>10} {'moe path':>12}" + "".join(f" {'x floor ' + b:>18}" for b in r.get("compare", {}))]
-    for batch, b in r["batches"].items():
-        cmp = [c.get("ratio_to_floor", {}).get(batch) for c in r.get("compare", {}).values()]
-        lines.append(f"{batch:>6} {fmt(b.get('step_ms'), '9.2f')} {fmt(b.get('gpu_forward_ms'), '9.2f')} "
-                     f"{fmt(b.get('floor_ms'), '9.2f')} {fmt(b.get('ratio_to_floor'), '8.2f')} "
-                     f"{fmt(b.get('gpu_ratio_to_floor'), '11.2f')} {fmt(b.get('decode_tokens_per_s'), '10,.0f')} "
-                     f"{b.get('moe_path', '-'):>12}"
-                     + "".join(f" {fmt(c, '18.2f')}" for c in cmp))
-    for batch, b in r["batches"].items():
-        bd = b.get("breakdown")
-        if not bd:
+def compare_small_ops(report: dict, model, config, args, yard: dict, budget: Budget) -> None:
+    """``report["compare_small_ops"][mode]``: every batch decoded again (breakdowns too)
+    with ``fused_small_ops=mode``, in the same process and on the same weights."""
+    report["compare_small_ops"] = {}
+    for mode in args.compare_small_ops:
+        if mode == args.fused_small_ops or budget.exhausted():
+            report["skipped"].append(f"compare small ops {mode}")
             continue
-        if "error" in bd:
-            lines.append(f"breakdown at batch {batch} failed: {bd['error']}")
-            continue
-        lines.append(f"breakdown at batch {batch} (graph replay {bd['graph_replay_ms']:.2f} ms, eager "
-                     f"{bd['eager_ms']:.2f} ms, kernels {bd['kernel_ms']:.2f} ms)")
-        for row in bd["rows"]:
-            lines.append(f"  {row['component']:<30} {row['ms']:>8.3f} ms  floor {row['floor_ms']:>7.3f} ms  "
-                         f"x{fmt(row['ratio'], '.2f')}")
-    pf = r.get("prefill")
-    if pf and "error" not in pf:
-        lines.append(f"prefill: {pf['tokens_per_s']:,.0f} tok/s on {pf['step_tokens']}-token steps; FLOP floor "
-                     f"{pf['floor_tokens_per_s']:,.0f} tok/s; {pf['fraction_of_matmul_rate']:.0%} of the matmul rate")
-    elif pf:
-        lines.append(f"prefill failed: {pf['error']}")
-    hf = r.get("hf")
-    if hf and "error" not in hf:
-        lines.append(f"HF generate batch {hf['batch']}: {hf['hf_generated_tokens_per_s']:,.0f} tok/s; engine "
-                     f"{hf['engine_generated_tokens_per_s']:,.0f} tok/s ({hf['speedup_vs_hf']:.1f}x), greedy "
-                     f"agreement {hf['greedy_token_agreement']:.3f}")
-    elif hf:
-        lines.append(f"HF comparison failed: {hf['error']}")
-    if r["skipped"]:
-        lines.append(f"skipped (time budget / not applicable): {', '.join(r['skipped'])}")
-    return "\n".join(lines)
+        engine = make_engine(model, args, max(args.batches), args.moe_backend, mode)
+        serve(engine, [p.prompt_token_ids for p in synthetic_prompts(   # warm-up, as the main run
+            num_requests=8, prompt_len=args.prompt_len, vocab_size=config.vocab_size, seed=99)], 4)
+        rows = decode_batches(engine, model, config, args, args.batches, yard["bandwidth"], profile=True)
+        report["compare_small_ops"][mode] = {"ratio_to_floor": {b: r.get("ratio_to_floor") for b, r in rows.items()},
+                                             "modules": engine.fused_small_ops, "batches": rows}
+        engine.close()
+        del engine
+        torch.cuda.empty_cache()
+        write_report(report, args)
 
 
 def main(argv=None) -> int:

@@ -6,9 +6,11 @@
   total and per component; ``active_params`` for the prefill FLOP floor.
 - ``profile_decode_step``: the decode forward run eagerly (the same ``_forward`` that the
   decode CUDA graph captured) under ``torch.profiler`` with each component's modules
-  wrapped in ``record_function`` labels; every kernel's device time is charged to its
-  innermost label (``attribute_kernel_time``). Graph launch gaps = the graph's replay time
-  minus the sum of kernel times, i.e. what the graph adds between kernels.
+  wrapped in ``record_function`` labels; every kernel's device time is charged to the
+  innermost label around the CPU call that launched it (``attribute_kernel_time``, via
+  ``tools.profile_attribution``), and the kernels with the most time are listed by name.
+  Graph launch gaps = the graph's replay time minus the sum of kernel times, i.e. what the
+  graph adds between kernels.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from inference.model.attention import GQAttention, MLAttention
 from inference.model.layers import RMSNorm, SwiGLUMLP
 from inference.model.moe import MoEMLP
 from inference.model.router import TopKRouter
+from tools.profile_attribution import UNLABELLED, attribute_kernels, records_from_events
 
 LABEL_PREFIX = "decode::"
 COMPONENTS = ("attention kernel + KV write", "attention projections", "norms and rotary", "router + top-k",
@@ -148,6 +151,7 @@ def labelled_components(model, recorder=None) -> Iterator[int]:
                     wrap(sub, "forward", "attention projections")
         elif isinstance(module, RMSNorm):
             wrap(module, "forward", "norms and rotary")
+            wrap(module, "add_forward", "norms and rotary")   # fused residual add + norm
         elif isinstance(module, TopKRouter):
             wrap(module, "forward", "router + top-k")
         elif isinstance(module, MoEMLP):
@@ -167,39 +171,16 @@ def labelled_components(model, recorder=None) -> Iterator[int]:
                 setattr(obj, attr, original)
 
 
-def _is_device_event(event) -> bool:
-    return getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA and not getattr(
-        event, "is_user_annotation", False)
-
-
-def attribute_kernel_time(events: Iterable) -> dict[str, float]:
-    """Device microseconds per component label, from profiler ``FunctionEvent``s.
-
-    A kernel is listed under the CPU-side event that launched it (an aten op, or the
-    innermost ``record_function`` for Triton launches); it is charged to the nearest
-    enclosing label. "unlabelled" is kernel time found on no labelled path, including
-    kernels the profiler could not link to a CPU event at all.
-    """
-    events = list(events)
-    totals = {name: 0.0 for name in COMPONENTS}
-    totals["unlabelled"] = 0.0
-    linked = 0.0
-    for event in events:
-        kernels = getattr(event, "kernels", None) or []
-        if not kernels or _is_device_event(event):
-            continue
-        label, node = "unlabelled", event
-        while node is not None:
-            if node.name.startswith(LABEL_PREFIX):
-                label = node.name.removeprefix(LABEL_PREFIX)
-                break
-            node = node.cpu_parent
-        spent = sum(k.duration for k in kernels)
-        totals[label] = totals.get(label, 0.0) + spent
-        linked += spent
-    device_total = sum(e.time_range.end - e.time_range.start for e in events if _is_device_event(e))
-    totals["unlabelled"] += max(0.0, device_total - linked)
-    return totals
+def attribute_kernel_time(events: Iterable, reps: int = 1) -> tuple[dict[str, float], list[dict]]:
+    """Device microseconds per component label from profiler ``FunctionEvent``s (every
+    component present, "unlabelled" included), and the top kernels per step of ``reps``
+    (``tools.profile_attribution``: each kernel is charged to the innermost label around
+    the CPU call that launched it, Triton launches included)."""
+    result = attribute_kernels(*records_from_events(events, LABEL_PREFIX))
+    totals = {name: 0.0 for name in (*COMPONENTS, UNLABELLED)}
+    for name, us in result.totals.items():
+        totals[name] = totals.get(name, 0.0) + us
+    return totals, result.top_kernels(steps=reps)
 
 
 def profile_decode_step(runner, size: int, rows: int, reps: int = 3) -> dict:
@@ -223,10 +204,12 @@ def profile_decode_step(runner, size: int, rows: int, reps: int = 3) -> dict:
                 for _ in range(reps):
                     runner._forward(size)
                 torch.cuda.synchronize()
-    per_call = {k: v / reps / 1e3 for k, v in attribute_kernel_time(prof.events()).items()}
+    totals, top = attribute_kernel_time(prof.events(), reps)
+    per_call = {k: v / reps / 1e3 for k, v in totals.items()}
     kernel_ms = sum(per_call.values())
     return {"graph_replay_ms": graph_ms, "eager_ms": eager_ms, "kernel_ms": kernel_ms,
-            "components_ms": per_call, "graph_launch_gaps_ms": graph_ms - kernel_ms, "labels_wrapped": wrapped}
+            "components_ms": per_call, "graph_launch_gaps_ms": graph_ms - kernel_ms, "labels_wrapped": wrapped,
+            "top_kernels": top}
 
 
 def breakdown_rows(profile: dict, floors: dict[str, float], bandwidth: float) -> list[dict]:

@@ -78,6 +78,7 @@ class MoEGPT(nn.Module):
         self.layers = nn.ModuleList(HybridDecoderLayer(config, i) if self.hybrid else DecoderLayer(config, i, parallel)
                                     for i in range(config.num_layers))
         self.norm = build_norm(config, config.hidden_size)
+        self.fused_residual_norms = False       # set_fused_small_ops
         if parallel is None:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
             if config.tie_word_embeddings:
@@ -102,12 +103,55 @@ class MoEGPT(nn.Module):
         h = self.embed_tokens(input_ids)
         staging = ctx.routing_staging
         rope = self.rotary.tables(positions)
+        if self.fused_residual_norms and h.is_cuda:
+            return self._forward_fused_norms(h, rope, ctx)
         for layer in self.layers:
             a = layer.self_attn(layer.input_layernorm(h), rope, ctx)
             h = h + a
             out = staging[:, layer.moe_index] if staging is not None and layer.moe_index is not None else None
             h = h + layer.mlp_forward(layer.post_attention_layernorm(h), out)
         return self.norm(h)
+
+    def _forward_fused_norms(self, h: torch.Tensor, rope, ctx: ForwardContext) -> torch.Tensor:
+        """``forward``'s layers with every residual add and the RMSNorm after it (the next
+        layer's input norm, the final norm) as one kernel: the same values, half the
+        kernels between the blocks."""
+        staging = ctx.routing_staging
+        x = self.layers[0].input_layernorm(h)
+        for i, layer in enumerate(self.layers):
+            h, x = layer.post_attention_layernorm.add_forward(layer.self_attn(x, rope, ctx), h)
+            out = staging[:, layer.moe_index] if staging is not None and layer.moe_index is not None else None
+            after = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, x = after.add_forward(layer.mlp_forward(x, out), h)
+        return x
+
+    def set_fused_small_ops(self, enabled: bool) -> dict[str, int]:
+        """Turn the fused small-op kernels on or off (the engine's ``fused_small_ops``): the
+        router (``TopKRouter.fused`` / ``half_logits``), q/k norm + rotary
+        (``GQAttention.fused_rotary``) and residual add + RMSNorm (non-hybrid models whose
+        norms are all plain RMSNorms). Each is taken on CUDA tensors only and where its
+        kernel applies; returns how many modules of each kind took it."""
+        from inference.kernels.norm_rotary import add_rms_norm_supported
+        from inference.kernels.router_topk import half_logits_gemm_available, router_topk_supported
+        from inference.model.attention import GQAttention
+        device = next(self.parameters()).device
+        half = enabled and half_logits_gemm_available(device)
+        counts = {"routers": 0, "half_logits": 0, "attention": 0, "residual_norms": 0}
+        for module in self.modules():
+            if isinstance(module, TopKRouter):
+                module.fused = enabled and router_topk_supported(module.num_experts, module.topk, module.config)
+                module.half_logits = half
+                counts["routers"] += module.fused
+                counts["half_logits"] += half
+            elif isinstance(module, GQAttention):
+                module.fused_rotary = enabled and module.fused_rotary_applies()
+                counts["attention"] += module.fused_rotary
+        norms = [] if self.hybrid else [self.norm, *(n for layer in self.layers
+                                                     for n in (layer.input_layernorm, layer.post_attention_layernorm))]
+        self.fused_residual_norms = (enabled and bool(norms) and all(type(n) is RMSNorm for n in norms)
+                                     and add_rms_norm_supported(self.config.hidden_size))
+        counts["residual_norms"] = len(norms) - 1 if self.fused_residual_norms else 0
+        return counts
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

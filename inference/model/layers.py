@@ -23,6 +23,15 @@ class RMSNorm(nn.Module):
         # it accumulates in fp32 for bf16/fp16 inputs.
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, norm(s)) with s = x + residual: one kernel on CUDA (``add_rms_norm``, the same
+        values as the add and ``forward``), the two torch ops elsewhere."""
+        if x.is_cuda and x.dim() == 2:
+            from inference.kernels.norm_rotary import add_rms_norm
+            return add_rms_norm(x, residual, self.weight, self.eps)
+        s = x + residual
+        return s, self(s)
+
 
 class ZeroCenteredRMSNorm(nn.Module):
     """RMSNorm whose weight is stored zero-centred (Qwen3-Next / Qwen3.5): ``rmsnorm(x) *

@@ -55,9 +55,9 @@ class MoEMLP(nn.Module):
                 forced_topk_ids: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
         """``reference=True`` uses the plain expert loop whatever ``experts_fn`` the engine
         chose, so the full-sequence reference stays independent of the fast kernels."""
-        topk_ids, topk_weights = self.router(x)
+        topk_ids, topk_weights = self.router(x, reference)
         if forced_topk_ids is not None:
-            topk_ids, topk_weights = self._replay(x, forced_topk_ids)
+            topk_ids, topk_weights = self._replay(x, forced_topk_ids, reference)
         if routing_out is not None:
             routing_out.copy_(topk_ids)
         y = self._experts(x, topk_ids, topk_weights, reference)
@@ -81,8 +81,9 @@ class MoEMLP(nn.Module):
         fn = experts_reference if reference else self.experts_fn
         return fn(x, topk_ids, topk_weights, self.w13, self.w2)
 
-    def _replay(self, x: torch.Tensor, topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _replay(self, x: torch.Tensor, topk_ids: torch.Tensor,
+                reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing replay: the expert choice is fixed; weights come from the current logits."""
         ids = topk_ids.to(torch.int64)
-        scores = router_scores(self.router.logits(x), self.router.config)
+        scores = router_scores(self.router.logits(x, reference), self.router.config)
         return ids, combine_weights(scores, ids, self.router.config)

@@ -12,8 +12,17 @@ from inference.config import RouterConfig
 class TopKRouter(nn.Module):
     """Chooses ``topk`` experts per token. ``forward`` returns ``(topk_ids, topk_weights)``:
     ids in descending selection-score order (int64 [T, k]) and the combine weights (fp32).
-    Logits are computed in fp32 so routing does not depend on the activation dtype more
-    than it must."""
+    Logits are fp32: exact products of the inputs summed in fp32, so routing does not
+    depend on the activation dtype more than it must.
+
+    Fast paths, off unless the engine turns them on (``MoEGPT.set_fused_small_ops``) and
+    taken on CUDA tensors only: ``fused`` runs scores, top-k and weights as one kernel
+    (``inference.kernels.router_topk``, the same routing as ``route`` but for the order of
+    exact ties and near-ties within an ulp); ``half_logits`` computes the logits of a
+    bf16 / fp16 model from its own operands with fp32 accumulation and fp32 output instead
+    of copying the weight to fp32 every step (the same products, summed in fp32 in the
+    GEMM's order; neither order is specified). The reference forward always takes the
+    plain path."""
 
     def __init__(self, hidden_size: int, num_experts: int, topk: int, config: RouterConfig) -> None:
         super().__init__()
@@ -26,13 +35,29 @@ class TopKRouter(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(num_experts))
         else:
             self.expert_bias = None
+        self.fused = False
+        self.half_logits = False
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def _half_gemm(self, x: torch.Tensor, reference: bool) -> bool:
+        return (self.half_logits and not reference and x.is_cuda and x.dim() == 2
+                and x.dtype == self.weight.dtype and x.dtype in (torch.bfloat16, torch.float16))
+
+    def logits(self, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
         """fp32 router logits [T, E]."""
+        if self._half_gemm(x, reference):
+            out = torch.mm(x, self.weight.t(), out_dtype=torch.float32)
+            return out if self.bias is None else out + self.bias.float()
         return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(self.logits(x), self.topk, self.config, self.expert_bias)
+    def forward(self, x: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused and x.is_cuda and not reference:
+            from inference.kernels.router_topk import router_topk
+            if self._half_gemm(x, reference):
+                logits = torch.mm(x, self.weight.t(), out_dtype=torch.float32)
+            else:
+                logits = F.linear(x.float(), self.weight.float())
+            return router_topk(logits, self.topk, self.config, self.expert_bias, self.bias)
+        return route(self.logits(x, reference), self.topk, self.config, self.expert_bias)
 
 
 def router_scores(logits: torch.Tensor, config: RouterConfig) -> torch.Tensor:

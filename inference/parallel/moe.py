@@ -107,10 +107,10 @@ class ExpertParallelMoE(nn.Module):
     def forward(self, x: torch.Tensor, routing_out: torch.Tensor | None = None,
                 forced_topk_ids: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
         """Same contract as ``MoEMLP.forward``; ``reference`` selects the plain expert loop."""
-        topk_ids, topk_weights = self.router(x)
+        topk_ids, topk_weights = self.router(x, reference)
         if forced_topk_ids is not None:
             # The unsharded block's replay (the router here is the same replicated module).
-            topk_ids, topk_weights = MoEMLP._replay(self, x, forced_topk_ids)
+            topk_ids, topk_weights = MoEMLP._replay(self, x, forced_topk_ids, reference)
         if routing_out is not None:
             routing_out.copy_(topk_ids)
         local_ids, local_weights = localize_topk(topk_ids, topk_weights, self.first_expert, self.num_local_experts)

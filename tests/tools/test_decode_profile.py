@@ -15,6 +15,7 @@ from inference.presets import build_model, get_preset
 from inference.request import SamplingParams
 from tools import bench_decode
 from tools import decode_profile as dp
+from tools.profile_attribution import KernelRecord, LabelRange, Launch, attribute_kernels, short_kernel_name
 
 
 @pytest.fixture(scope="module")
@@ -48,28 +49,67 @@ def test_every_component_is_labelled_and_everything_is_restored(decode_runner):
     assert all("forward" not in vars(m) for m in model.modules())
 
 
-def fake_event(name, parent=None, kernels=(), device=False, span=(0.0, 0.0)):
-    return SimpleNamespace(name=name, cpu_parent=parent, kernels=[SimpleNamespace(duration=d) for d in kernels],
-                           device_type=torch.autograd.DeviceType.CUDA if device else torch.autograd.DeviceType.CPU,
-                           is_user_annotation=False, time_range=SimpleNamespace(start=span[0], end=span[1]))
+def test_kernels_go_to_the_innermost_label_around_their_launch():
+    """Synthetic records: nested labels, an aten-launched kernel, a Triton-style launch
+    straight under a label (no op above it), a launch between labels, a kernel with no
+    launch record, and a second thread whose ranges do not contain the first's launches."""
+    labels = [LabelRange("routing capture", 0, 0.0, 100.0), LabelRange("MoE experts", 0, 10.0, 50.0),
+              LabelRange("logits", 0, 120.0, 130.0), LabelRange("logits", 1, 0.0, 1000.0)]
+    launches = [Launch(1, 0, 5.0),      # in routing capture, before the experts start
+                Launch(2, 0, 20.0),     # aten op inside MoE experts
+                Launch(3, 0, 49.0),     # Triton launch inside MoE experts
+                Launch(4, 0, 60.0),     # back in routing capture after experts ended
+                Launch(5, 0, 110.0),    # between labels
+                Launch(6, 0, 125.0)]    # logits
+    kernels = [KernelRecord("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>,"
+                            " at::detail::Array<char*, 3> >(int, at::native::CUDAFunctor_add<float>)", 1, 2.0),
+               KernelRecord("sm90_xmma_gemm_bf16bf16_bf16f32", 2, 10.0),
+               KernelRecord("_fused_moe_kernel", 3, 5.0), KernelRecord("_fused_moe_kernel", 3, 1.0),
+               KernelRecord("copy", 4, 3.0), KernelRecord("add", 5, 1.0), KernelRecord("gemv", 6, 7.0),
+               KernelRecord("orphan", 99, 4.0)]
+    result = attribute_kernels(labels, launches, kernels)
+    assert result.totals == {"routing capture": 5.0, "MoE experts": 16.0, "logits": 7.0, "unlabelled": 5.0}
+    assert sum(result.totals.values()) == sum(k.duration for k in kernels)
+    top = result.top_kernels(steps=2)
+    assert top[0] == {"kernel": "sm90_xmma_gemm_bf16bf16_bf16f32", "calls_per_step": 0.5, "ms_per_step": 0.005,
+                      "component": "MoE experts"}
+    by_name = {(r["kernel"], r["component"]): r for r in top}
+    assert by_name[("_fused_moe_kernel", "MoE experts")]["calls_per_step"] == 1.0
+    assert ("vectorized_elementwise_kernel<CUDAFunctor_add>", "routing capture") in by_name
+    # the other thread's wide range must not capture thread 0's launches
+    assert attribute_kernels(labels[3:], launches, kernels).totals == {"unlabelled": 33.0}
 
 
-def test_kernel_time_goes_to_the_innermost_label_and_orphans_are_unlabelled():
-    outer = fake_event(dp.LABEL_PREFIX + "routing capture")
-    inner = fake_event(dp.LABEL_PREFIX + "MoE experts", parent=outer)
-    events = [
-        outer, inner,
-        fake_event("aten::copy_", parent=outer, kernels=[2.0]),
-        fake_event("aten::mm", parent=fake_event("aten::linear", parent=inner), kernels=[10.0, 5.0]),
-        fake_event(dp.LABEL_PREFIX + "logits", kernels=[7.0]),   # a Triton launch: its kernel sits on the label
-        fake_event("aten::add", kernels=[1.0]),                                  # no label above it
-        # device-side records of those kernels, plus one the profiler linked to nothing
-        *(fake_event("k", device=True, span=(0.0, d)) for d in (2.0, 10.0, 5.0, 7.0, 1.0, 4.0)),
-    ]
-    totals = dp.attribute_kernel_time(events)
-    assert totals["MoE experts"] == 15.0 and totals["routing capture"] == 2.0 and totals["logits"] == 7.0
-    assert totals["unlabelled"] == 1.0 + 4.0
-    assert sum(totals.values()) == 29.0
+def test_records_from_profiler_events_use_launch_correlation_and_fall_back_to_the_op():
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def ev(name, id_, span, device=cpu, linked=0):
+        return SimpleNamespace(name=name, id=id_, device_type=device, is_user_annotation=False,
+                               linked_correlation_id=linked, time_range=SimpleNamespace(start=span[0], end=span[1]))
+
+    events = [ev(dp.LABEL_PREFIX + "router + top-k", 7, (0, 100)),
+              ev("cuLaunchKernelEx", 501, (10, 12)),                  # Triton: no op, linked to nothing
+              ev("_router_topk_kernel", 501, (200, 203), cuda),
+              ev("aten::mm", 8, (20, 40)),                            # kernel without a runtime record
+              ev("gemm", 502, (210, 220), cuda, linked=8),
+              ev("aten::add", 9, (150, 160)),
+              ev("cudaLaunchKernel", 503, (151, 152), linked=9),
+              ev("add_kernel", 503, (230, 231), cuda, linked=9)]
+    totals, top = dp.attribute_kernel_time(events)
+    assert totals["router + top-k"] == 13.0 and totals["unlabelled"] == 1.0
+    assert set(totals) == {*dp.COMPONENTS, "unlabelled"}
+    assert {r["kernel"] for r in top} == {"_router_topk_kernel", "gemm", "add_kernel"}
+
+
+def test_short_kernel_names():
+    cutlass = "cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_16x16_128x2_tn_align8"
+    assert short_kernel_name(f"void cutlass::Kernel2<{cutlass}>(Params)") == f"Kernel2<{cutlass}>"
+    assert short_kernel_name("_fused_moe_gate_up_kernel") == "_fused_moe_gate_up_kernel"
+    assert short_kernel_name("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda("
+                             "at::TensorIteratorBase&)::{lambda()#3}>(int)") == (
+        "unrolled_elementwise_kernel<direct_copy_kernel_cuda>")
+    assert short_kernel_name("Memcpy DtoD (Device -> Device)") == "Memcpy DtoD"
+    assert len(short_kernel_name("k" * 200)) == 80
 
 
 @pytest.mark.parametrize("name", ["olmoe-1b-7b-shape", "qwen3-30b-a3b-shape"])
@@ -103,3 +143,22 @@ def test_command_line_quick_mode_and_bad_backend():
         bench_decode.parse_args(["--compare-backends", "cutlass"])
     with pytest.raises(ValueError, match="unknown preset"):
         bench_decode.parse_args(["--models", "gpt-5"])
+    args = bench_decode.parse_args(["--quick", "--compare-small-ops", "off", "--compare-backends", ""])
+    assert args.compare_small_ops == ["off"] and args.compare_backends == [] and args.fused_small_ops == "auto"
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--compare-small-ops", "fast"])
+
+
+def test_tables_show_the_small_ops_comparison_side_by_side():
+    breakdown = {"graph_replay_ms": 1.0, "eager_ms": 2.0, "kernel_ms": 0.8,
+                 "rows": [{"component": "router + top-k", "ms": 0.1, "floor_ms": 0.01, "ratio": 10.0}],
+                 "top_kernels": [{"kernel": "_router_topk_kernel", "calls_per_step": 48.0, "ms_per_step": 0.1,
+                                  "component": "router + top-k"}]}
+    report = {"model": "m", "device": "d", "dtype": "bfloat16", "moe_backend": "auto", "fused_small_ops": "auto",
+              "copy_bandwidth_gb_s": 4000.0, "matmul_tflops": 800.0, "prompt_len": 512, "output_len": 32,
+              "skipped": [], "batches": {"64": {"step_ms": 1.0, "ratio_to_floor": 1.5, "breakdown": breakdown}},
+              "compare_small_ops": {"off": {"ratio_to_floor": {"64": 1.75},
+                                            "batches": {"64": {"breakdown": {"error": "boom"}}}}}}
+    text = bench_decode.format_tables(report)
+    assert "x small-ops off" in text and "1.75" in text
+    assert "_router_topk_kernel" in text and "breakdown at batch 64, small ops off failed: boom" in text

@@ -10,7 +10,7 @@ from torch import nn
 from inference.config import ModelConfig
 from inference.model.attention.reference import full_attention
 from inference.model.context import ForwardContext
-from inference.model.layers import build_norm
+from inference.model.layers import RMSNorm, build_norm
 from inference.model.rotary import apply_rotary
 from inference.paged_attention import write_kv
 
@@ -49,9 +49,24 @@ class GQAttention(nn.Module):
             self.q_norm = self.k_norm = None
         # Logits added to the (fp32) softmax: used in fp32 whatever the model dtype.
         self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
+        # q/k norm + rotary as one kernel on CUDA (MoEGPT.set_fused_small_ops); off: torch.
+        self.fused_rotary = False
 
-    def project(self, x: torch.Tensor, rope: RotaryTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fused_rotary_applies(self) -> bool:
+        """Whether ``qk_norm_rotary`` computes this layer's q/k norm and rotary (plain
+        RMSNorms or none; zero-centred and sharded whole-projection norms keep torch; a
+        layer with neither norm nor rotary has nothing to fuse)."""
+        from inference.kernels.norm_rotary import qk_norm_rotary_supported
+        norms_plain = self.q_norm is None or (type(self.q_norm) is RMSNorm and type(self.k_norm) is RMSNorm)
+        has_work = self.use_rope or self.q_norm is not None     # else q and k are views: nothing to fuse
+        return norms_plain and has_work and qk_norm_rotary_supported(self.num_heads, self.num_kv_heads,
+                                                                     self.head_dim)
+
+    def project(self, x: torch.Tensor, rope: RotaryTables,
+                reference: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = x.shape[0]
+        if self.fused_rotary and x.is_cuda and not reference:
+            return self._project_fused(x, rope)
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -63,6 +78,20 @@ class GQAttention(nn.Module):
         if not self.use_rope:
             return q, k, v
         return apply_rotary(q, *rope), apply_rotary(k, *rope), v
+
+    def _project_fused(self, x: torch.Tensor, rope: RotaryTables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``project`` with the norms and rotary as one kernel (same values, see
+        ``inference.kernels.norm_rotary``)."""
+        from inference.kernels.norm_rotary import qk_norm_rotary
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size:].reshape(x.shape[0], self.num_kv_heads, self.head_dim)
+        cos, sin = rope if self.use_rope else (None, None)
+        norm = self.qk_norm
+        q, k = qk_norm_rotary(qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin, norm,
+                              None if norm == "none" else self.q_norm.weight,
+                              None if norm == "none" else self.k_norm.weight,
+                              1e-6 if norm == "none" else self.q_norm.eps)
+        return q, k, v
 
     def _sinks(self) -> torch.Tensor | None:
         return None if self.sinks is None else self.sinks.float()
@@ -76,7 +105,7 @@ class GQAttention(nn.Module):
 
     def forward_full(self, x: torch.Tensor, rope: RotaryTables) -> torch.Tensor:
         """Causal attention over one whole sequence, no KV cache (the reference path)."""
-        q, k, v = self.project(x, rope)
+        q, k, v = self.project(x, rope, reference=True)
         out = full_attention(q, k, v, self.scale, self.window, self._sinks())
         return self._output(out, x)
 
