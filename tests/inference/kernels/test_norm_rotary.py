@@ -145,10 +145,18 @@ GPU_QK_CASES = [  # Qwen3-30B-A3B (32/4/128, per-head), OLMoE (16/16/128, full),
 ]
 
 
-def ulp_close(a, b):
-    """Within one bf16 ulp of the larger magnitude (fp32 reductions and FMAs round differently)."""
-    scale = torch.maximum(a.float().abs(), b.float().abs()).clamp_min(1e-3)
-    assert ((a.float() - b.float()).abs() <= scale * 2 ** -7 + 1e-6).all()
+def no_worse_than_torch(a, ref, truth):
+    """bf16 ``a`` is as close to the fp32 ``truth`` (the same ops on the bf16 inputs, in
+    fp32) as torch's bf16 path ``ref`` is: fp32 reductions, FMAs and where the rounding to
+    bf16 happens differ, so single elements may differ by an ulp or two (more in absolute
+    terms where rotary cancels), but a wrong kernel is off by O(1)."""
+    err, ref_err = (a.float() - truth).abs(), (ref.float() - truth).abs()
+    assert err.max() <= 2 * ref_err.max() + 1e-6, (err.max(), ref_err.max())
+    assert err.mean() <= 1.5 * ref_err.mean() + 1e-7, (err.mean(), ref_err.mean())
+
+
+def _fp32(*tensors):
+    return [None if t is None else t.float() for t in tensors]
 
 
 @needs_cuda
@@ -162,8 +170,9 @@ def test_gpu_qk_norm_rotary_matches_torch_without_host_sync(case):
     with forbid_host_sync():
         q, k = qk_norm_rotary(qkv, heads, kv_heads, d, cos, sin, norm, qw, kw, 1e-6)
     ref_q, ref_k = torch_qk(qkv, heads, kv_heads, d, rope, norm, qw, kw, 1e-6)
-    ulp_close(q, ref_q)
-    ulp_close(k, ref_k)
+    true_q, true_k = torch_qk(qkv.float(), heads, kv_heads, d, rope, norm, *_fp32(qw, kw), 1e-6)
+    no_worse_than_torch(q, ref_q, true_q)
+    no_worse_than_torch(k, ref_k, true_k)
     fp32 = make_qk_case(t, heads, kv_heads, d, rope_dim, norm, torch.float32, seed=1, device="cuda")
     q32, k32 = qk_norm_rotary(fp32[0], heads, kv_heads, d, *fp32[1], norm, fp32[2], fp32[3], 1e-6)
     ref32 = torch_qk(fp32[0], heads, kv_heads, d, fp32[1], norm, fp32[2], fp32[3], 1e-6)
@@ -182,7 +191,7 @@ def test_gpu_add_rms_norm_matches_torch_without_host_sync(t, h):
     with forbid_host_sync():
         total, normed = add_rms_norm(x, r, w, 1e-6)
     assert torch.equal(total, x + r)                       # one fp32 add rounded once, as torch does
-    ulp_close(normed, F.rms_norm(x + r, (h,), w, 1e-6))
+    no_worse_than_torch(normed, F.rms_norm(x + r, (h,), w, 1e-6), F.rms_norm((x + r).float(), (h,), w.float(), 1e-6))
 
 
 @needs_cuda
@@ -206,8 +215,9 @@ def test_gpu_graph_replay_follows_new_inputs():
         positions.add_(step * 100)
         graph.replay()
         ref_q, ref_k = torch_qk(qkv, 32, 4, 128, rotary.tables(positions), "per_head", qw, kw, 1e-6)
-        ulp_close(q, ref_q)
-        ulp_close(k, ref_k)
+        true_q, true_k = torch_qk(qkv.float(), 32, 4, 128, rotary.tables(positions), "per_head", *_fp32(qw, kw), 1e-6)
+        no_worse_than_torch(q, ref_q, true_q)
+        no_worse_than_torch(k, ref_k, true_k)
 
 
 if __name__ == "__main__":
