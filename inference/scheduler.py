@@ -166,6 +166,11 @@ class Scheduler:
         """Blocks of finished or aborted requests held until their last chunk lands."""
         return sum(len(held.blocks) for held in self._retiring.values())
 
+    @property
+    def num_retiring_requests(self) -> int:
+        """Finished or aborted requests whose held blocks / state wait for their last chunk."""
+        return len(self._retiring)
+
     def is_in_flight(self, request: Request) -> bool:
         """Whether a scheduled chunk of `request` has not been passed to `update` yet."""
         return request in self._in_flight
