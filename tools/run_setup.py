@@ -250,6 +250,11 @@ def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, plan: 
                         f"max_step_tokens={config.max_step_tokens} prefix_caching={config.enable_prefix_caching} "
                         f"cuda_graphs={config.cuda_graphs} async_scheduling={async_scheduling}"),
              ("workload", f"{num_requests} requests")]
+    if model_config.is_hybrid:
+        rows.insert(len(rows) - 1, ("hybrid", f"recurrent layers {list(model_config.recurrent_layer_indices)}, "
+                                              f"attention layers {list(model_config.attention_layer_indices)}; "
+                                              f"{config.num_state_checkpoints} state checkpoints, every "
+                                              f"{config.checkpoint_interval_blocks or 'auto'} blocks"))
     if layout is not None and layout.tp > 1:
         rows.append(("parallel", f"world {layout.world_size} = {layout.dp} data-parallel replica(s) x tensor-parallel "
                                  f"{layout.tp}; experts over expert-parallel {layout.ep} (expert-TP {layout.etp})"))
