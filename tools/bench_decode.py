@@ -45,6 +45,7 @@ from tools import decode_profile as dp
 from tools.decode_profile import copy_bandwidth  # noqa: F401  (tools/bench_families.py imports it from here)
 
 MODELS = ("olmoe-1b-7b-shape", "qwen3-30b-a3b-shape")
+HYBRID_MODELS = ("qwen3.5-35b-a3b-shape", "nemotron-3-nano-30b-a3b-shape")   # tools/gpu_recurrent.sh
 PREFILL_STEP_TOKENS = 8192
 
 
@@ -177,7 +178,10 @@ def decode_batches(engine, model, config, args, batches, bandwidth, profile: boo
         prompts = [p.prompt_token_ids for p in synthetic_prompts(
             num_requests=batch, prompt_len=args.prompt_len, vocab_size=config.vocab_size, seed=batch)]
         floor_ms = dp.bytes_per_decode_step(config, model, batch, context, elem)["total"] / bandwidth * 1e3
-        hook = profile_hook(engine, config, batch, context, elem, bandwidth) if profile and batch in args.profile_batches else None
+        # The breakdown replays a decode step: recurrent states would advance twice, and the
+        # component floors assume attention in every layer, so hybrids report the step only.
+        profiled = profile and batch in args.profile_batches and not config.is_hybrid
+        hook = profile_hook(engine, config, batch, context, elem, bandwidth) if profiled else None
         run = serve(engine, prompts, args.output_len, hook)
         out[str(batch)] = {**decode_stats(run, batch, floor_ms), "moe_path": moe_path(model, batch, engine),
                            "bytes_per_step": dp.bytes_per_decode_step(config, model, batch, context, elem)}
@@ -320,6 +324,11 @@ def format_tables(r: dict) -> str:
                      f"{fmt(b.get('gpu_ratio_to_floor'), '11.2f')} {fmt(b.get('decode_tokens_per_s'), '10,.0f')} "
                      f"{b.get('moe_path', '-'):>12}"
                      + "".join(f" {fmt(c, '18.2f')}" for c in cmp))
+    for batch, b in r["batches"].items():
+        need = b.get("bytes_per_step", {})
+        if need.get("state"):
+            lines.append(f"floor bytes at batch {batch}: weights {need['weights'] / 2**30:.2f} GiB + KV "
+                         f"{need['kv'] / 2**30:.2f} GiB + recurrent state read+written {need['state'] / 2**30:.2f} GiB")
     for batch, b in r["batches"].items():
         bd = b.get("breakdown")
         if not bd:

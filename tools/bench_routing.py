@@ -130,7 +130,9 @@ def main(argv=None) -> int:
     config = get_preset(args.model)
     if args.num_layers:
         from dataclasses import replace
-        config = replace(config, num_layers=args.num_layers, dense_layers=tuple(i for i in config.dense_layers if i < args.num_layers))
+        n = args.num_layers
+        config = replace(config, num_layers=n, dense_layers=tuple(i for i in config.dense_layers if i < n),
+                         layer_types=config.layer_types[:n], mlp_types=config.mlp_types[:n])
     model = build_model(config, seed=args.seed, dtype=torch_dtype(args.dtype), device=args.device)
     prompts = synthetic_prompts(num_requests=args.num_requests, prompt_len=args.prompt_len,
                                 vocab_size=config.vocab_size, seed=args.seed)
