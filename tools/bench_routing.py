@@ -176,8 +176,10 @@ def build_report(args, config, modes, per_mode, last_results) -> dict:
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     def gpu_ratio(mode: str):
+        if mode not in per_mode or "off" not in per_mode:      # a --modes subset
+            return None
         times = {m: [s["mean_gpu_forward_ms"] for s in per_mode[m] if s.get("mean_gpu_forward_ms")] for m in ("off", mode)}
-        if mode not in per_mode or "off" not in per_mode or not all(times.values()):
+        if not all(times.values()):
             return None
         return statistics.median(times["off"]) / statistics.median(times[mode])
 
