@@ -30,6 +30,10 @@ for model in qwen3.5-35b-a3b-shape nemotron-3-nano-30b-a3b-shape; do
   timeout 110 python3 tools/bench_routing.py --model "$model" --num-requests 64 --prompt-len 256 --output-len 64 \
     --repetitions 2 --modes off,gpu --output "$OUT/routing_$s.json" 2>&1 | tail -4
 done
+for model in qwen3.5-35b-a3b-shape nemotron-3-nano-30b-a3b-shape; do   # state pool / checkpoint memory (no weights built)
+  python3 tools/run_inference.py --model "$model" --dry-run --max-requests 64 --kv-cache-memory 16GiB 2>&1 \
+    | grep -E "^  (model|KV cache|state pool|state checkpoints|hybrid) "
+done
 python3 - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
