@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from inference.errors import NoFreeBlocksError
 
@@ -33,6 +33,8 @@ class BlockPool:
     evictable, LRU order) + num_in_use (ref > 0) == num_blocks. Block ids run
     `0 .. num_blocks - 1`; `dummy_block_id == num_blocks` is the KV cache's padding block and
     is never handed out. Every entry of the hash map points at a block carrying that hash.
+    ``on_hash_dropped`` (optional) is called with each hash that stops being advertised
+    (its block evicted or the cache reset), so state kept per cached prefix can follow.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class BlockPool:
         self._cached_free: OrderedDict[int, None] = OrderedDict()
         self._block_of_hash: dict[int, int] = {}
         self._num_in_use = 0
+        self.on_hash_dropped: Callable[[int], None] | None = None
 
     # ----------------------------------------------------------------- counts
 
@@ -78,6 +81,10 @@ class BlockPool:
     def block_hash(self, block_id: int) -> int | None:
         self._check_id(block_id)
         return self._hashes[block_id]
+
+    def is_advertised(self, block_hash: int) -> bool:
+        """Whether ``match_prefix`` can find a block under ``block_hash``."""
+        return block_hash in self._block_of_hash
 
     def ref_count(self, block_id: int) -> int:
         self._check_id(block_id)
@@ -291,5 +298,7 @@ class BlockPool:
         block_hash = self._hashes[block_id]
         if block_hash is not None and self._block_of_hash.get(block_hash) == block_id:
             del self._block_of_hash[block_hash]
+            if self.on_hash_dropped is not None:
+                self.on_hash_dropped(block_hash)
         self._hashes[block_id] = None
         self._block_tokens[block_id] = None

@@ -31,6 +31,10 @@ LAYER_TYPES = ATTENTION_LAYER_TYPES + RECURRENT_LAYER_TYPES + (NO_MIXER,)
 EXPERT_ACTIVATIONS = ("silu", "swiglu_oai", "relu2")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -313,7 +317,12 @@ class ModelConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     """Engine sizes. ``num_kv_blocks`` is the usable block count; the KV cache holds one
-    more (the dummy block that padding rows write to)."""
+    more (the dummy block that padding rows write to).
+
+    Hybrid models only: ``state_checkpoints`` is the number of recurrent-state checkpoints
+    the prefix cache keeps (None: ``max_requests``; 0: prefix hits are never reused, since
+    recurrent layers cannot resume without one); ``checkpoint_interval_blocks`` spaces the
+    checkpoints inside long prompts (0: automatic, ``inference.hybrid_cache``)."""
 
     block_size: int = 16
     num_kv_blocks: int = 256
@@ -341,6 +350,8 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     replica_check_interval: int = 16   # tensor parallelism: steps between schedule agreement checks
+    state_checkpoints: int | None = None
+    checkpoint_interval_blocks: int = 0
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_kv_blocks", "max_requests", "max_step_tokens"):
@@ -360,6 +371,18 @@ class EngineConfig:
                  f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
         _require(self.fused_small_ops in FUSED_SMALL_OPS_MODES,
                  f"fused_small_ops must be one of {FUSED_SMALL_OPS_MODES}, got {self.fused_small_ops!r}")
+        _require(self.state_checkpoints is None or (_is_int(self.state_checkpoints) and self.state_checkpoints >= 0),
+                 f"--state-checkpoints must be an int >= 0, got {self.state_checkpoints!r}")
+        _require(_is_int(self.checkpoint_interval_blocks) and self.checkpoint_interval_blocks >= 0,
+                 f"--checkpoint-interval-blocks must be an int >= 0 (0: automatic), got "
+                 f"{self.checkpoint_interval_blocks!r}")
+
+    @property
+    def num_state_checkpoints(self) -> int:
+        """Checkpoint entries a hybrid model's prefix cache gets (none without prefix caching)."""
+        if not self.enable_prefix_caching:
+            return 0
+        return self.max_requests if self.state_checkpoints is None else self.state_checkpoints
 
     @property
     def kv_capacity_tokens(self) -> int:

@@ -3,7 +3,10 @@
 Every input a graph reads is a static tensor of the ``StepBatch`` (updated in place each
 step) or the recorder's staging tensor; padding rows write KV and routing into the dummy
 block. With a graph-safe recorder the routing scatter into ``block_routing`` is captured
-in the graph too, so recording adds no host work to graph steps.
+in the graph too, so recording adds no host work to graph steps. Hybrid models' recurrent
+layers read and write their state slots through the batch's static ``state_slots`` (padding
+rows: the state pool's dummy slot), and the pool's tensors never move, so a graph stays
+valid as slots change hands.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import torch
 from inference.attention_backends import DecodeBackend
 from inference.kv_cache import KVCache
 from inference.model import AttentionMetadata, ForwardContext, MoEGPT
+from inference.model.recurrent import RecurrentMetadata
 from inference.step_batch import StepBatch
 
 DEFAULT_LADDER = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
@@ -25,8 +29,11 @@ class DecodeGraphRunner:
     logits in ``self._logits[B]`` until the next run of that size."""
 
     def __init__(self, model: MoEGPT, batch: StepBatch, kv_cache: KVCache, recorder,
-                 max_batch: int, use_graphs: bool) -> None:
+                 max_batch: int, use_graphs: bool, recurrent_states=None) -> None:
+        """``recurrent_states``: hybrid models' ``ForwardContext.recurrent_states`` (the
+        state pool's per-layer tensors), with the batch's ``state_slots`` tensors."""
         self.model, self.batch, self.kv_cache, self.recorder = model, batch, kv_cache, recorder
+        self.recurrent_states = recurrent_states
         self.use_graphs = use_graphs
         self.sizes = tuple(s for s in DEFAULT_LADDER if s < max_batch) + (max_batch,)
         self.gather_in_graph = recorder is not None and getattr(recorder, "graph_safe", True)
@@ -50,7 +57,15 @@ class DecodeGraphRunner:
             query_start_loc=b.query_start_loc[: size + 1], seq_lens=b.seq_lens[:size],
             query_start_loc_host=[], seq_lens_host=[], max_query_len=1, max_seq_len=0, decode_only=True)
         staging = self.recorder.staging[:size] if self.recorder is not None else None
-        ctx = ForwardContext(meta, self.kv_cache.per_layer, DecodeBackend(), staging)
+        recurrent = None
+        if self.recurrent_states is not None:
+            # Row r is sequence r (one token each); host lists are only read off the decode path.
+            recurrent = RecurrentMetadata(
+                query_start_loc=b.query_start_loc[: size + 1], state_slots=b.state_slots[:size],
+                has_initial_state=b.has_initial_state[:size], query_start_loc_host=list(range(size + 1)),
+                state_slots_host=[], has_initial_state_host=[], decode_only=True)
+        ctx = ForwardContext(meta, self.kv_cache.per_layer, DecodeBackend(), staging, recurrent=recurrent,
+                             recurrent_states=self.recurrent_states)
         hidden = self.model(b.input_ids[:size], b.positions[:size], ctx)
         if self.gather_in_graph:
             self.recorder.gather(b.token_to_block[:size], b.token_to_offset[:size])
@@ -85,6 +100,9 @@ class DecodeGraphRunner:
         b.slot_mapping.fill_(dummy * b.block_size)
         b.block_tables.fill_(dummy)
         b.seq_lens.fill_(1)
+        if b.state_slots is not None:
+            b.state_slots.fill_(b.dummy_state_slot)
+            b.has_initial_state.fill_(False)
 
     def release(self) -> None:
         """Drop every captured graph and its outputs; the shared memory pool is freed with

@@ -1,6 +1,7 @@
 """Everything an engine allocates on its device, built together and released together:
 the KV cache, the static step tensors and their pinned staging, the routing recorder's
-buffers, the decode CUDA graphs, and the runner that uses them. ``LLMEngine.sleep`` drops
+buffers, the decode CUDA graphs, the runner that uses them and, for hybrid models, the
+recurrent state pool and the prefix cache's state checkpoints. ``LLMEngine.sleep`` drops
 it and ``wake_up`` builds it again; the model's weights are not part of it.
 """
 
@@ -20,6 +21,9 @@ from inference.model_runner import ModelRunner
 from inference.piecewise_graphs import PiecewiseGraphRunner
 from inference.routing_collector import RoutingCollector
 from inference.sampler import Sampler
+from inference.sequence_cache import SequenceCache
+from inference.state_checkpoints import CheckpointStore
+from inference.state_pool import StatePool
 from inference.step_batch import StepBatch
 from routing_replay import RoutingRecorder
 from routing_replay.host_sync_recorder import HostSyncRecorder
@@ -37,21 +41,35 @@ class DeviceState:
     graph_runner: DecodeGraphRunner | None
     runner: ModelRunner
     piecewise_runner: PiecewiseGraphRunner | None = None
+    state_pool: StatePool | None = None
+    checkpoints: CheckpointStore | None = None
 
     @classmethod
     def build(cls, model: MoEGPT, config: EngineConfig, max_model_len: int, sampler: Sampler,
-              attention_fn: AttentionFn, reads_routing: bool = True) -> "DeviceState":
+              attention_fn: AttentionFn, reads_routing: bool = True,
+              sequence_cache: SequenceCache | None = None) -> "DeviceState":
         """``reads_routing`` False (a tensor-parallel rank that is not its replica's leader):
         the recorder's device buffers and writes exist, so every rank runs the same kernels
-        and graphs, but no routing is read back (``routing`` is None)."""
+        and graphs, but no routing is read back (``routing`` is None). A hybrid model's
+        ``sequence_cache`` (``HybridSequenceCache``) is attached to the state pool and
+        checkpoint store built here."""
         param = next(model.parameters())
         device, dtype = param.device, param.dtype
         with allocating("KV cache", "lower num_kv_blocks (--num-kv-blocks / --kv-cache-memory)"):
             kv_cache = KVCache(model.attention_config, config.num_kv_blocks, config.block_size, dtype, device)
+        pool = store = states = None
+        if model.config.is_hybrid:
+            with allocating("state pool", "lower max_requests (--max-requests)"):
+                pool = StatePool.for_model(model.config, config.max_requests, dtype, device)
+            with allocating("state checkpoints", "lower --state-checkpoints"):
+                store = CheckpointStore.for_pool(pool, config.num_state_checkpoints)
+            states = sequence_cache
+            states.attach(pool, store)
         with allocating("step buffers"):
             batch = StepBatch(max_step_tokens=config.max_step_tokens, max_requests=config.max_requests,
                               max_blocks_per_request=-(-max_model_len // config.block_size),
-                              block_size=config.block_size, dummy_block_id=kv_cache.dummy_block_id, device=device)
+                              block_size=config.block_size, dummy_block_id=kv_cache.dummy_block_id, device=device,
+                              dummy_state_slot=pool.dummy_slot if pool is not None else None)
         recorder = None
         if config.record_routing:
             with allocating("routing buffer", "lower num_kv_blocks (--num-kv-blocks / --kv-cache-memory)"):
@@ -63,17 +81,18 @@ class DeviceState:
             graph_runner = DecodeGraphRunner(
                 model, batch, kv_cache, recorder,
                 max_batch=min(config.max_requests, config.cuda_graph_max_batch, config.max_step_tokens),
-                use_graphs=config.cuda_graphs)
+                use_graphs=config.cuda_graphs, recurrent_states=states.layer_states if states is not None else None)
             if config.cuda_graphs and model.parallel is not None:
                 _warm_collectives(model.parallel, device)
             with allocating("CUDA graphs", "lower max_requests (--max-requests) or turn graphs off (--no-cuda-graphs)"):
                 graph_runner.capture()
         piecewise_runner = _piecewise_runner(model, config, batch, kv_cache, recorder, attention_fn)
         runner = ModelRunner(model, kv_cache, batch, sampler, attention_fn, recorder, graph_runner,
-                             cuda_graphs=config.cuda_graphs, logprobs=config.compute_logprobs,
+                             cuda_graphs=config.cuda_graphs, logprobs=config.compute_logprobs, states=states,
                              piecewise_runner=piecewise_runner)
         routing = RoutingCollector(recorder) if recorder is not None and reads_routing else None
-        return cls(kv_cache, batch, recorder, routing, graph_runner, runner, piecewise_runner)
+        return cls(kv_cache, batch, recorder, routing, graph_runner, runner, piecewise_runner=piecewise_runner,
+                   state_pool=pool, checkpoints=store)
 
     def release(self) -> None:
         """Drop the CUDA graphs (their memory pool goes with them); the caller drops the

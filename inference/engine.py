@@ -24,6 +24,8 @@ import torch
 
 from inference.attention_backends import select_attention
 from inference.block_pool import BlockPool
+from inference.hybrid_cache import HybridSequenceCache, auto_checkpoint_interval
+from inference.kv_cache import KVCache
 from inference.config import EngineConfig
 from inference.device_state import DeviceState
 from inference.errors import InvalidRequestError, allocating
@@ -33,6 +35,8 @@ from inference.replica import ReplicaSync
 from inference.request import Request, RequestResult, SamplingParams
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler, SchedulerConfig
+from inference.sequence_cache import SequenceCache
+from inference.state_pool import state_bytes_per_sequence
 from inference.step_entry import gpu_timings, step_entry
 from inference.weight_refit import copy_named_tensors
 from routing_replay import StepDetailsLog
@@ -48,11 +52,6 @@ class LLMEngine:
     def __init__(self, model: MoEGPT, config: EngineConfig) -> None:
         """A tensor-parallel ``model`` makes this one rank's engine of its replica: building
         it is collective (``inference.replica``); only the replica leader reads routing back."""
-        if model.config.is_hybrid:
-            # The scheduler, KV cache and decode graphs know no recurrent state yet (issue 11).
-            raise ValueError(f"{model.config.name}: hybrid models (recurrent layers "
-                             f"{list(model.config.recurrent_layer_indices)}) are not served by the engine yet; "
-                             "they run in the model's reference and paged forwards")
         self.model = model
         self.model_config = model.config
         param = next(model.parameters())
@@ -63,13 +62,14 @@ class LLMEngine:
         self.max_model_len = min(self.model_config.max_position_embeddings, config.kv_capacity_tokens)
         with allocating("KV cache", "lower num_kv_blocks (--num-kv-blocks / --kv-cache-memory)"):
             self.block_pool = BlockPool(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.sequence_cache = self._sequence_cache()
         # The scheduler calls back into the engine through weak references, so dropping the
         # engine frees its device memory at once, without waiting for the garbage collector.
         self.scheduler = Scheduler(
             SchedulerConfig(max_requests=config.max_requests, max_step_tokens=config.max_step_tokens,
                             block_size=config.block_size, chunked_prefill=config.chunked_prefill,
                             eos_token_id=self.model_config.eos_token_id, max_model_len=self.max_model_len),
-            self.block_pool, on_preempt=_weak(self._on_preempt), on_finish=_weak(self._on_finish))
+            self.sequence_cache, on_preempt=_weak(self._on_preempt), on_finish=_weak(self._on_finish))
         self.sampler = Sampler(config.seed, self.device)
         self._attention_fn = select_attention(self.device)
         if self.device.type == "cuda":
@@ -83,7 +83,8 @@ class LLMEngine:
                         if parallel is not None and parallel.tp.size > 1 else None)
         self.reads_routing = parallel is None or parallel.is_replica_leader
         self._state: DeviceState | None = DeviceState.build(model, config, self.max_model_len, self.sampler,
-                                                            self._attention_fn, self.reads_routing)
+                                                            self._attention_fn, self.reads_routing,
+                                                            self.sequence_cache)
         self.step_log = StepDetailsLog()
         self.weight_version: int | str = 0
         self.num_generated_tokens = 0          # tokens received by the host so far, all requests
@@ -97,6 +98,15 @@ class LLMEngine:
         self._last_gpu_end: torch.cuda.Event | None = None
         self._unattributed_ms = 0.0            # host time of calls that completed no step
         self._closed = False
+
+    def _sequence_cache(self) -> SequenceCache:
+        """KV blocks only, or for a hybrid model also state slots and checkpoints."""
+        mc, config = self.model_config, self.config
+        if not mc.is_hybrid:
+            return SequenceCache(self.block_pool)
+        interval = config.checkpoint_interval_blocks or auto_checkpoint_interval(
+            state_bytes_per_sequence(mc, self.dtype), KVCache.bytes_per_block(mc, config.block_size, self.dtype))
+        return HybridSequenceCache(self.block_pool, interval)
 
     # Device-side parts (absent while the engine sleeps, and after close).
     def _device_state(self) -> DeviceState:
@@ -296,7 +306,7 @@ class LLMEngine:
                                "has_unfinished() is False) before refitting")
         version = weight_version if weight_version is not None else self._next_version()
         copy_named_tensors(self.model, named_tensors)
-        if not self.block_pool.reset_prefix_cache():
+        if not self.sequence_cache.reset_prefix_cache():
             raise AssertionError("KV blocks still in use with no request being served")
         self.weight_version = version
         return version
@@ -317,7 +327,8 @@ class LLMEngine:
         self._state.release()
         self._state = None
         self._last_gpu_end = None
-        self.block_pool.reset_prefix_cache()
+        self.sequence_cache.reset_prefix_cache()
+        self._detach_states()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -327,7 +338,12 @@ class LLMEngine:
             raise RuntimeError("the engine is closed")
         if self._state is None:
             self._state = DeviceState.build(self.model, self.config, self.max_model_len, self.sampler,
-                                            self._attention_fn, self.reads_routing)
+                                            self._attention_fn, self.reads_routing, self.sequence_cache)
+
+    def _detach_states(self) -> None:
+        """Let go of the state pool and checkpoints (their memory leaves with the device state)."""
+        if isinstance(self.sequence_cache, HybridSequenceCache):
+            self.sequence_cache.attach(None, None)
 
     @property
     def is_sleeping(self) -> bool:
@@ -345,6 +361,7 @@ class LLMEngine:
             self._state.release()
         self._state = None
         self._closed = True
+        self._detach_states()
         self.sampler = Sampler(self.config.seed, self.device)    # drops per-request generators
         self._live.clear()
         if self.device.type == "cuda":

@@ -111,12 +111,16 @@ class ModelRunner:
 
     def __init__(self, model: MoEGPT, kv_cache: KVCache, batch: StepBatch, sampler: Sampler,
                  attention_fn: AttentionFn, recorder=None, graph_runner: DecodeGraphRunner | None = None,
-                 cuda_graphs: bool = False, logprobs: bool = True,
+                 cuda_graphs: bool = False, logprobs: bool = True, states=None,
                  piecewise_runner: PiecewiseGraphRunner | None = None) -> None:
+        """``states``: a hybrid model's ``HybridSequenceCache`` (state slot per request,
+        per-layer state tensors, checkpoint snapshots after each forward)."""
         self.model, self.kv_cache, self.batch, self.sampler = model, kv_cache, batch, sampler
         self.attention_fn, self.recorder, self.graph_runner = attention_fn, recorder, graph_runner
         self.piecewise_runner = piecewise_runner
         self.cuda_graphs, self.logprobs = cuda_graphs, logprobs
+        self.states = states
+        self.recurrent_states = states.layer_states if states is not None else None
         self.device = batch.device
 
     def graph_size(self, output: SchedulerOutput) -> int | None:
@@ -145,7 +149,8 @@ class ModelRunner:
         pieces = self.piecewise_size(output) if size is None else None
         t = timer.now()
         feed = TokenFeed(previous.tokens, previous.sample_rows) if previous is not None and previous.tokens is not None else None
-        step.prepared = prepared = self.batch.prepare(output.chunks, size or pieces, feed, timer,
+        slots = [self.states.slot_of(c.request) for c in output.chunks] if self.states is not None else None
+        step.prepared = prepared = self.batch.prepare(output.chunks, size or pieces, feed, timer, slots,
                                                       pad_requests=size is not None)
         t = timer.now()
         if size is not None:
@@ -162,6 +167,8 @@ class ModelRunner:
             logits = self._logits(step, hidden)
         else:
             logits = self._eager_forward(step, timer)
+        if self.states is not None:
+            self.states.after_forward(output.chunks)     # checkpoint snapshots, after the forward
         if gpu is not None:
             gpu.forward_end.record()
         t = timer.lap("stage_launch", "forward", t)
@@ -182,7 +189,8 @@ class ModelRunner:
     def _eager_forward(self, step: LaunchedStep, timer: PhaseTimer) -> torch.Tensor | None:
         prepared, recorder = step.prepared, self.recorder
         staging = recorder.staging[: prepared.num_padded_tokens] if recorder is not None else None
-        ctx = ForwardContext(prepared.attn, self.kv_cache.per_layer, self.attention_fn, staging)
+        ctx = ForwardContext(prepared.attn, self.kv_cache.per_layer, self.attention_fn, staging,
+                             recurrent=prepared.recurrent, recurrent_states=self.recurrent_states)
         hidden = self.model(prepared.input_ids, prepared.positions, ctx)
         if recorder is not None:
             recorder.gather(prepared.token_to_block, prepared.token_to_offset, timer)

@@ -13,8 +13,11 @@ with `update()` one step later (asynchronous scheduling) or right away (synchron
 `schedule()` for step N+1 may run before `update()` of step N. A request whose pending
 token is certainly its last (max_new_tokens, max_model_len) is not scheduled again; one
 that stops on EOS or a stop token learns it a step late, and the one extra chunk it was
-given is discarded by `update()`. Blocks of a request that finishes or is aborted while a
-chunk of it is still in flight are freed only once that chunk's output has been applied.
+given is discarded by `update()`. What a request holds (KV blocks; for hybrid models also a
+recurrent-state slot) is managed by a `SequenceCache` that the scheduler calls at each
+transition (admit, grow, chunk applied, preempt, finish); what a request that finishes or is
+aborted while a chunk of it is still in flight holds is freed only once that chunk's output
+has been applied.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass, field
 from inference.block_pool import BlockPool
 from inference.errors import InvalidRequestError, NoFreeBlocksError
 from inference.request import Request, RequestStatus
+from inference.sequence_cache import Held, SequenceCache
 
 
 @dataclass(frozen=True)
@@ -109,29 +113,32 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    """Waiting and running queues over one BlockPool.
+    """Waiting and running queues over one SequenceCache (a bare BlockPool is wrapped in one).
 
     Invariant: every unfinished request is in exactly one of waiting / running; running is
     ordered by arrival; a running request's block_ids cover positions
     [0, num_computed_tokens); waiting requests hold no blocks. A request with chunks in
-    flight (scheduled, not yet passed to `update`) is counted in `_in_flight`; the blocks of
-    such a request that finished or was aborted wait in `_retiring` until its count is 0.
+    flight (scheduled, not yet passed to `update`) is counted in `_in_flight`; what such a
+    request that finished or was aborted held waits in `_retiring` until its count is 0.
     """
 
     def __init__(
         self,
         config: SchedulerConfig,
-        block_pool: BlockPool,
+        cache: SequenceCache | BlockPool,
         on_preempt: Callable[[Request], None] | None = None,
         on_finish: Callable[[Request], None] | None = None,
     ) -> None:
-        if config.block_size != block_pool.block_size:
+        if isinstance(cache, BlockPool):
+            cache = SequenceCache(cache)
+        if config.block_size != cache.block_size:
             raise ValueError(
                 f"scheduler block_size {config.block_size} != pool block_size "
-                f"{block_pool.block_size}"
+                f"{cache.block_size}"
             )
         self.config = config
-        self.block_pool = block_pool
+        self.cache = cache
+        self.block_pool = cache.block_pool
         self._on_preempt = on_preempt
         self._on_finish = on_finish
         self._waiting: deque[Request] = deque()
@@ -141,7 +148,7 @@ class Scheduler:
         self._order: dict[str, tuple[int, int]] = {}
         self._num_added = 0
         self._in_flight: dict[Request, int] = {}
-        self._retiring: dict[Request, list[int]] = {}
+        self._retiring: dict[Request, Held] = {}
 
     @property
     def num_waiting(self) -> int:
@@ -157,7 +164,12 @@ class Scheduler:
     @property
     def num_retiring_blocks(self) -> int:
         """Blocks of finished or aborted requests held until their last chunk lands."""
-        return sum(len(blocks) for blocks in self._retiring.values())
+        return sum(len(held.blocks) for held in self._retiring.values())
+
+    @property
+    def num_retiring_requests(self) -> int:
+        """Finished or aborted requests whose held blocks / state wait for their last chunk."""
+        return len(self._retiring)
 
     def is_in_flight(self, request: Request) -> bool:
         """Whether a scheduled chunk of `request` has not been passed to `update` yet."""
@@ -180,8 +192,8 @@ class Scheduler:
     def abort(self, request_id: str) -> Request | None:
         """Remove a request wherever it is and free its blocks; None if unknown.
 
-        The request ends FINISHED with `finish_reason` None; `on_finish` is not called. Its
-        blocks are freed once no chunk of it is in flight.
+        The request ends FINISHED with `finish_reason` None; `on_finish` is not called. What
+        it holds is freed once no chunk of it is in flight.
         """
         request = self._requests.pop(request_id, None)
         if request is None:
@@ -248,8 +260,8 @@ class Scheduler:
         A victim already scheduled this step loses its chunk; its tokens are not handed to
         anyone else this step (rare, and keeps the budget accounting one-way)."""
         start = request.num_computed_tokens
-        num_tokens = min(request.num_scheduled_tokens - start, budget)
-        while not self._grow_blocks(request, start + num_tokens):
+        num_tokens = self.cache.chunk_tokens(request, start, min(request.num_scheduled_tokens - start, budget))
+        while not self.cache.grow(request, start + num_tokens):
             if self._retiring:
                 return 0  # blocks free up when the in-flight step lands: no need to preempt
             victim = max(self._running, key=lambda r: self._order[r.request_id])
@@ -285,13 +297,9 @@ class Scheduler:
 
     def _admit(self, request: Request, budget: int) -> ScheduledChunk | None:
         """Give a waiting request its prefix hits and first chunk's blocks, or return None
-        (changing nothing) when the budget or the pool cannot take it this step."""
-        pool, block_size = self.block_pool, self.config.block_size
-        # The last token is always recomputed (its logits are needed), and hits are whole
-        # blocks, so a shared block is never written.
-        # Prompt log-probs need every prompt position computed: no hits for such requests.
-        hits = ([] if request.sampling_params.prompt_logprobs
-                else pool.match_prefix(request.all_token_ids, (request.num_tokens - 1) // block_size))
+        (changing nothing) when the budget or the cache cannot take it this step."""
+        cache, block_size = self.cache, self.config.block_size
+        hits = cache.match_prefix(request)
         start = len(hits) * block_size
         remaining = request.num_tokens - start
         num_tokens = min(remaining, budget)
@@ -306,22 +314,21 @@ class Scheduler:
                     request.request_id,
                 )
             return None
+        num_tokens = cache.chunk_tokens(request, start, num_tokens)
         num_new_blocks = self._blocks_for(start + num_tokens) - len(hits)
-        revived = sum(pool.ref_count(block_id) == 0 for block_id in hits)
-        if num_new_blocks > pool.num_available - revived:
-            if not self._running and not self._retiring:  # every block is available and still too few
+        if not cache.can_admit(request, hits, num_new_blocks):
+            if not self._running and not self._retiring:  # everything is available and still too few
                 raise NoFreeBlocksError(
                     f"request {request.request_id!r} cannot start even with every KV "
-                    f"block free ({pool.num_blocks} blocks of {block_size})"
+                    f"block free ({self.block_pool.num_blocks} blocks of {block_size})"
                 )
             return None
-        pool.take(hits)
-        request.block_ids = hits + pool.allocate(num_new_blocks)
+        cache.admit(request, hits, num_new_blocks)
         request.num_computed_tokens = start
         if request.num_preemptions == 0:  # only a request's first admission counts
             request.num_cached_tokens = start
         request.status = RequestStatus.RUNNING
-        return ScheduledChunk(request, start, num_tokens, num_tokens == remaining)
+        return ScheduledChunk(request, start, num_tokens, start + num_tokens == request.num_tokens)
 
     # ----------------------------------------------------------------- update
 
@@ -344,8 +351,10 @@ class Scheduler:
             self._chunk_landed(request)
             if request.status is RequestStatus.FINISHED:
                 continue  # stopped a step earlier, or aborted: discard the extra work
-            if request.status is RequestStatus.RUNNING:
-                self._commit_full_blocks(request, chunk.start, chunk.start + chunk.num_tokens)
+            kept = request.status is RequestStatus.RUNNING
+            if kept:
+                self.cache.commit_full_blocks(request, chunk.start, chunk.start + chunk.num_tokens)
+            self.cache.chunk_applied(chunk, kept)
             if not chunk.samples:
                 continue
             if request.request_id not in sampled:
@@ -365,25 +374,19 @@ class Scheduler:
             self._in_flight[request] = count
             return
         del self._in_flight[request]
-        blocks = self._retiring.pop(request, None)
-        if blocks is not None:
-            self.block_pool.free(blocks)
+        held = self._retiring.pop(request, None)
+        if held is not None:
+            self.cache.free(held)
 
     def _release_blocks(self, request: Request) -> None:
-        """Free a finished or aborted request's blocks now, or once its last chunk lands."""
-        if request.block_ids:
-            if request in self._in_flight:
-                self._retiring[request] = request.block_ids
-            else:
-                self.block_pool.free(request.block_ids)
-        request.block_ids = []
-
-    def _commit_full_blocks(self, request: Request, old_computed: int, new_computed: int) -> None:
-        block_size = self.config.block_size
-        for index in range(old_computed // block_size, new_computed // block_size):
-            parent = request.block_ids[index - 1] if index > 0 else None
-            tokens = request.token_slice(index * block_size, (index + 1) * block_size)
-            self.block_pool.commit_full_block(request.block_ids[index], parent, tokens)
+        """Free what a finished or aborted request holds now, or once its last chunk lands."""
+        held = self.cache.detach(request)
+        if held.is_empty:
+            return
+        if request in self._in_flight:
+            self._retiring[request] = held
+        else:
+            self.cache.free(held)
 
     def _finish(self, request: Request, reason: str) -> None:
         if request.status is RequestStatus.RUNNING:
@@ -404,23 +407,13 @@ class Scheduler:
     def _blocks_for(self, num_positions: int) -> int:
         return -(-num_positions // self.config.block_size)
 
-    def _grow_blocks(self, request: Request, num_positions: int) -> bool:
-        """Give the request blocks for positions [0, num_positions); False if the pool is short."""
-        missing = self._blocks_for(num_positions) - len(request.block_ids)
-        if missing <= 0:
-            return True
-        if missing > self.block_pool.num_available:
-            return False
-        request.block_ids.extend(self.block_pool.allocate(missing))
-        return True
-
     def _preempt(self, request: Request) -> None:
         # Still holds its blocks: routing can be snapshotted, and the engine waits there for
-        # an in-flight step that writes them. Its pending token, if any, arrives later.
+        # an in-flight step that writes them (so its blocks and state slot can be freed now).
+        # Its pending token, if any, arrives later.
         if self._on_preempt is not None:
             self._on_preempt(request)
-        self.block_pool.free(request.block_ids)
-        request.block_ids = []
+        self.cache.free(self.cache.detach(request))
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
@@ -450,8 +443,8 @@ class Scheduler:
                     raise AssertionError(f"running request {rid!r} has too few blocks")
         if seen != set(self._requests):
             raise AssertionError("a known request is in neither waiting nor running")
-        for request, blocks in self._retiring.items():
-            if not request.is_finished or request.block_ids or request not in self._in_flight or not blocks:
+        for request, held in self._retiring.items():
+            if not request.is_finished or request.block_ids or request not in self._in_flight or held.is_empty:
                 raise AssertionError(f"retiring request {request.request_id!r} is inconsistent")
         keys = [self._order[r.request_id] for r in self._running]
         if keys != sorted(keys):

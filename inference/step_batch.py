@@ -19,6 +19,7 @@ import torch
 
 from inference.device_wait import wait_for_event
 from inference.model.context import AttentionMetadata
+from inference.model.recurrent.metadata import RecurrentMetadata
 from inference.scheduler import ScheduledChunk
 from routing_replay.phase_timer import PhaseTimer
 
@@ -38,6 +39,7 @@ class PreparedStep:
     attn: AttentionMetadata
     logits_indices: torch.Tensor        # [S] rows whose logits are sampled, in ``sampling_chunks`` order
     sampling_chunks: list[ScheduledChunk]
+    recurrent: RecurrentMetadata | None = None    # hybrid models: the same sequences' state slots
 
 
 @dataclass(frozen=True)
@@ -69,12 +71,17 @@ class _StagingSlot:
 class StepBatch:
     """Static tensors of ``max_step_tokens`` token rows and ``max_requests`` request rows.
     Invariant: token rows past ``num_tokens`` point at the dummy block with offset 0;
-    block-table row r starts with the block ids of the step's r-th request."""
+    block-table row r starts with the block ids of the step's r-th request. With
+    ``dummy_state_slot`` (hybrid models) ``state_slots[r]`` / ``has_initial_state[r]`` are
+    request r's state slot and whether it continues from it; padding request rows name the
+    dummy slot, so a captured decode graph only ever writes that slot for them."""
 
     def __init__(self, *, max_step_tokens: int, max_requests: int, max_blocks_per_request: int,
-                 block_size: int, dummy_block_id: int, device: torch.device, num_staging_slots: int = 2) -> None:
+                 block_size: int, dummy_block_id: int, device: torch.device, num_staging_slots: int = 2,
+                 dummy_state_slot: int | None = None) -> None:
         self.block_size = block_size
         self.dummy_block_id = dummy_block_id
+        self.dummy_state_slot = dummy_state_slot
         self.max_blocks_per_request = max_blocks_per_request
         self.device = device
         t, r = max_step_tokens, max_requests
@@ -82,6 +89,9 @@ class StepBatch:
         shapes.update(block_tables=((r, max_blocks_per_request), torch.int32), query_start_loc=((r + 1,), torch.int32),
                       seq_lens=((r,), torch.int32), logits_indices=((r,), torch.int64),
                       feed_rows=((r,), torch.int64), feed_sources=((r,), torch.int64))
+        self.state_slots = self.has_initial_state = None
+        if dummy_state_slot is not None:
+            shapes.update(state_slots=((r,), torch.int64), has_initial_state=((r,), torch.bool))
         for name, (shape, dtype) in shapes.items():
             setattr(self, name, torch.zeros(shape, dtype=dtype, device=device))
         pin = device.type == "cuda"
@@ -90,7 +100,7 @@ class StepBatch:
 
     def prepare(self, chunks: list[ScheduledChunk], num_padded_tokens: int | None = None,
                 feed: TokenFeed | None = None, timer: PhaseTimer | None = None,
-                pad_requests: bool = True) -> PreparedStep:
+                state_slots: list[int] | None = None, pad_requests: bool = True) -> PreparedStep:
         """Fill the static tensors for ``chunks``: host work into the next staging slot,
         then one non-blocking copy per tensor, then ``feed`` applied on the device.
 
@@ -98,7 +108,8 @@ class StepBatch:
         read and write the dummy block). For decode graphs (one token per request) the
         request rows are padded to the same count too: padding rows have seq_len 0 and are
         never read; ``pad_requests=False`` (piecewise graphs of mixed steps) keeps the
-        step's own request rows."""
+        step's own request rows. ``state_slots`` (hybrid models: each chunk's state slot)
+        fills the recurrent rows."""
         t = timer.now() if timer is not None else 0.0
         slot = self._slots[self._next_slot]
         self._next_slot = (self._next_slot + 1) % len(self._slots)
@@ -126,10 +137,12 @@ class StepBatch:
         host["seq_lens"][num_reqs:padded_reqs] = 0
         host["logits_indices"][: len(logits_rows)] = logits_rows
         num_fed = self._fill_feed(host, chunks, starts, feed)
+        initial = self._fill_states(host, chunks, state_slots, padded_reqs)
         if timer is not None:
             t = timer.lap("stage_prepare", "inputs", t)
         self._upload(slot, {"block_tables": padded_reqs, "query_start_loc": padded_reqs + 1, "seq_lens": padded_reqs,
-                            "logits_indices": len(logits_rows), "feed_rows": num_fed, "feed_sources": num_fed}, padded)
+                            "logits_indices": len(logits_rows), "feed_rows": num_fed, "feed_sources": num_fed,
+                            "state_slots": padded_reqs, "has_initial_state": padded_reqs}, padded)
         if num_fed:
             self.input_ids.index_copy_(0, self.feed_rows[:num_fed], feed.tokens.index_select(0, self.feed_sources[:num_fed]))
         if timer is not None:
@@ -140,11 +153,35 @@ class StepBatch:
             query_start_loc_host=starts, seq_lens_host=seq_lens,
             max_query_len=max((c.num_tokens for c in chunks), default=0), max_seq_len=max(seq_lens, default=0),
             decode_only=all(c.num_tokens == 1 for c in chunks))
+        recurrent = None
+        if initial is not None:
+            recurrent = RecurrentMetadata(
+                query_start_loc=self.query_start_loc[: num_reqs + 1], state_slots=self.state_slots[:num_reqs],
+                has_initial_state=self.has_initial_state[:num_reqs], query_start_loc_host=starts,
+                state_slots_host=list(state_slots), has_initial_state_host=initial, decode_only=attn.decode_only)
         return PreparedStep(
             num_tokens=n, num_padded_tokens=padded, input_ids=self.input_ids[:padded],
             positions=self.positions[:padded], token_to_block=self.token_to_block[:padded],
             token_to_offset=self.token_to_offset[:padded], attn=attn,
-            logits_indices=self.logits_indices[: len(logits_rows)], sampling_chunks=sampling)
+            logits_indices=self.logits_indices[: len(logits_rows)], sampling_chunks=sampling, recurrent=recurrent)
+
+    def _fill_states(self, host: dict[str, np.ndarray], chunks: list[ScheduledChunk],
+                     state_slots: list[int] | None, padded_reqs: int) -> list[bool] | None:
+        """Request rows' state slots and initial-state flags (a chunk past position 0
+        continues from its slot: a later chunk, a decode, or a restored checkpoint)."""
+        if (state_slots is None) != (self.dummy_state_slot is None):
+            raise ValueError("state_slots are given exactly for the steps of a hybrid model's batch")
+        if state_slots is None:
+            return None
+        if len(state_slots) != len(chunks):
+            raise ValueError(f"{len(state_slots)} state slots for {len(chunks)} chunks")
+        n = len(chunks)
+        initial = [c.start > 0 for c in chunks]
+        host["state_slots"][:n] = state_slots
+        host["state_slots"][n:padded_reqs] = self.dummy_state_slot
+        host["has_initial_state"][:n] = initial
+        host["has_initial_state"][n:padded_reqs] = False
+        return initial
 
     def _fill_single_tokens(self, host: dict[str, np.ndarray], chunks: list[ScheduledChunk]) -> tuple[int, list[int], list[int]]:
         """Decode steps: one token per request, filled with list comprehensions (the

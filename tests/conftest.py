@@ -43,7 +43,7 @@ def scheduling(request) -> bool:
 
 @pytest.fixture
 def make_engine(tiny_model, scheduling):
-    """Engines of the tiny model; ``block_pool.check_invariants()`` (and the scheduler's)
+    """Engines of the tiny model; ``sequence_cache.check_invariants()`` (and the scheduler's)
     run after every step of every engine it makes."""
     def make(model=None, **overrides) -> LLMEngine:
         kwargs = dict(block_size=4, num_kv_blocks=256, max_requests=16, max_step_tokens=64,
@@ -59,7 +59,7 @@ def _checked(engine: LLMEngine) -> LLMEngine:
 
     def step_and_check():
         results = step()
-        engine.block_pool.check_invariants()
+        engine.sequence_cache.check_invariants()      # the block pool's (and a hybrid's state pool's)
         engine.scheduler.check_invariants()
         return results
 

@@ -47,6 +47,7 @@ from tools.decode_profile import copy_bandwidth  # noqa: F401  (tools/bench_fami
 from tools.decode_tables import format_tables
 
 MODELS = ("olmoe-1b-7b-shape", "qwen3-30b-a3b-shape")
+HYBRID_MODELS = ("qwen3.5-35b-a3b-shape", "nemotron-3-nano-30b-a3b-shape")   # tools/gpu_recurrent.sh
 PREFILL_STEP_TOKENS = 8192
 
 
@@ -186,7 +187,10 @@ def decode_batches(engine, model, config, args, batches, bandwidth, profile: boo
         prompts = [p.prompt_token_ids for p in synthetic_prompts(
             num_requests=batch, prompt_len=args.prompt_len, vocab_size=config.vocab_size, seed=batch)]
         floor_ms = dp.bytes_per_decode_step(config, model, batch, context, elem)["total"] / bandwidth * 1e3
-        hook = profile_hook(engine, config, batch, context, elem, bandwidth) if profile and batch in args.profile_batches else None
+        # The breakdown replays a decode step: recurrent states would advance twice, and the
+        # component floors assume attention in every layer, so hybrids report the step only.
+        profiled = profile and batch in args.profile_batches and not config.is_hybrid
+        hook = profile_hook(engine, config, batch, context, elem, bandwidth) if profiled else None
         run = serve(engine, prompts, args.output_len, hook)
         out[str(batch)] = {**decode_stats(run, batch, floor_ms), "moe_path": moe_path(model, batch, engine),
                            "bytes_per_step": dp.bytes_per_decode_step(config, model, batch, context, elem)}

@@ -130,7 +130,9 @@ def main(argv=None) -> int:
     config = get_preset(args.model)
     if args.num_layers:
         from dataclasses import replace
-        config = replace(config, num_layers=args.num_layers, dense_layers=tuple(i for i in config.dense_layers if i < args.num_layers))
+        n = args.num_layers
+        config = replace(config, num_layers=n, dense_layers=tuple(i for i in config.dense_layers if i < n),
+                         layer_types=config.layer_types[:n], mlp_types=config.mlp_types[:n])
     model = build_model(config, seed=args.seed, dtype=torch_dtype(args.dtype), device=args.device)
     prompts = synthetic_prompts(num_requests=args.num_requests, prompt_len=args.prompt_len,
                                 vocab_size=config.vocab_size, seed=args.seed)
@@ -174,8 +176,10 @@ def build_report(args, config, modes, per_mode, last_results) -> dict:
 
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     def gpu_ratio(mode: str):
+        if mode not in per_mode or "off" not in per_mode:      # a --modes subset
+            return None
         times = {m: [s["mean_gpu_forward_ms"] for s in per_mode[m] if s.get("mean_gpu_forward_ms")] for m in ("off", mode)}
-        if mode not in per_mode or "off" not in per_mode or not all(times.values()):
+        if not all(times.values()):
             return None
         return statistics.median(times["off"]) / statistics.median(times[mode])
 

@@ -27,6 +27,7 @@ from inference.model.layers import RMSNorm, SwiGLUMLP
 from inference.model.moe import MoEMLP
 from inference.model.router import TopKRouter
 from tools.profile_attribution import UNLABELLED, attribute_kernels, records_from_events
+from inference.state_pool import state_bytes_per_sequence
 
 LABEL_PREFIX = "decode::"
 COMPONENTS = ("attention kernel + KV write", "attention projections", "norms and rotary", "router + top-k",
@@ -90,12 +91,15 @@ def active_params(config, model) -> float:
 
 def bytes_per_decode_step(config, model, batch: int, context: int, elem: int) -> dict:
     """Weights a decode step of ``batch`` tokens touches (routed experts: the expected
-    fraction under uniform routing), plus the KV it reads."""
+    fraction under uniform routing), plus the KV it reads (attention layers only) and, for
+    hybrid models, every request's recurrent state read and written once."""
     g = param_groups(model)
     touched = 1.0 - (1.0 - config.topk / config.num_experts) ** batch
     weights = (g["other"] + g["lm_head"] + g["experts"] * touched + batch * config.hidden_size) * elem
     kv = batch * context * config.kv_bytes_per_token * elem
-    return {"weights": weights, "kv": kv, "total": weights + kv, "expert_touched_fraction": touched}
+    state = 2 * batch * state_bytes_per_sequence(config, next(model.parameters()).dtype)
+    return {"weights": weights, "kv": kv, "state": state, "total": weights + kv + state,
+            "expert_touched_fraction": touched}
 
 
 def component_floor_bytes(config, batch: int, context: int, elem: int) -> dict[str, float]:

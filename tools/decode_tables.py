@@ -49,6 +49,11 @@ def format_tables(r: dict) -> str:
                      f"{b.get('moe_path', '-'):>12}"
                      + "".join(f" {fmt(c.get('ratio_to_floor', {}).get(batch), '18.2f')}" for c in cmp.values()))
     for batch, b in r["batches"].items():
+        need = b.get("bytes_per_step", {})
+        if need.get("state"):
+            lines.append(f"floor bytes at batch {batch}: weights {need['weights'] / 2**30:.2f} GiB + KV "
+                         f"{need['kv'] / 2**30:.2f} GiB + recurrent state read+written {need['state'] / 2**30:.2f} GiB")
+    for batch, b in r["batches"].items():
         if b.get("breakdown"):
             lines += format_breakdown(batch, b["breakdown"])
     for mode, c in r.get("compare_small_ops", {}).items():

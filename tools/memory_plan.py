@@ -1,7 +1,9 @@
 """What a run will allocate, checked against the device's free memory before any weights
 are built; the same plan is what ``--dry-run`` prints.
 
-Weights, KV cache and routing buffer are exact sizes of the tensors the engine allocates.
+Weights, KV cache (attention layers only), routing buffer and, for hybrid models, the
+recurrent state pool and the prefix cache's state checkpoints are exact sizes of the tensors
+the engine allocates.
 Activations and the CUDA-graph pool are estimates (a few activation tensors per token of
 the step budget); they are small next to the KV cache of any real configuration.
 """
@@ -19,6 +21,7 @@ from inference.config import EngineConfig, ModelConfig
 from inference.kv_cache import KVCache
 from inference.model import MoEGPT
 from inference.presets import torch_dtype
+from inference.state_pool import state_bytes_per_sequence
 from routing_replay import routing_dtype
 
 if TYPE_CHECKING:
@@ -29,6 +32,8 @@ _FLAGS = {
     "weights": "--dtype bfloat16 or a smaller --model",
     "KV cache": KV_FLAGS,
     "routing buffer": KV_FLAGS,
+    "state pool": "--max-requests",
+    "state checkpoints": "--state-checkpoints",
     "activations": "--max-step-tokens or --max-requests",
     "CUDA graphs": "--max-requests, or --no-cuda-graphs",
     "piecewise CUDA graphs": "--piecewise-max-tokens, or --no-piecewise-graphs",
@@ -114,6 +119,7 @@ def plan_memory(mc: ModelConfig, config: EngineConfig, device: torch.device, *, 
         rows = (config.num_kv_blocks + 1) * config.block_size + config.max_step_tokens
         components.append(("routing buffer", per_token * rows,
                            f"{per_token} B/token, {100.0 * per_token * rows / max(components[1][1], 1):.2f}% of KV"))
+    components += _state_components(mc, config, dtype)
     per_token_act = _activation_bytes_per_token(mc, elem)
     logits = min(config.max_requests, config.max_step_tokens) * mc.vocab_size * 4 * 3
     components.append(("activations", config.max_step_tokens * per_token_act + logits,
@@ -133,11 +139,27 @@ def plan_memory(mc: ModelConfig, config: EngineConfig, device: torch.device, *, 
     return MemoryPlan(str(device), tuple(components), available, source)
 
 
+def _state_components(mc: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> list[tuple[str, int, str]]:
+    """Hybrid models: one state slot per running request (+1 dummy) and the checkpoints."""
+    if not mc.is_hybrid:
+        return []
+    per_seq = state_bytes_per_sequence(mc, dtype)
+    layers = f"{len(mc.recurrent_layer_indices)} recurrent layers, {mc.recurrent_state_dtype} states"
+    checkpoints = config.num_state_checkpoints
+    return [("state pool", per_seq * (config.max_requests + 1),
+             f"{config.max_requests} slots (+1 dummy) x {fmt_bytes(per_seq)} ({layers})"),
+            ("state checkpoints", per_seq * checkpoints,
+             f"{checkpoints} prefix-cache checkpoints x {fmt_bytes(per_seq)}"
+             + ("" if config.enable_prefix_caching else " (prefix caching off)"))]
+
+
 def kv_layout(config: ModelConfig) -> str:
     """What one token's KV is made of, for the plan's KV row."""
     if config.mla is not None:
         return f" (MLA: latent {config.mla.kv_lora_rank} + rotary key {config.mla.qk_rope_head_dim} per layer)"
-    return f" (K and V: {config.num_kv_heads} kv heads x {config.head_dim} per layer)"
+    layers = ("" if len(config.attention_layer_indices) == config.num_layers
+              else f", {len(config.attention_layer_indices)} attention layers of {config.num_layers}")
+    return f" (K and V: {config.num_kv_heads} kv heads x {config.head_dim} per layer{layers})"
 
 
 def available_memory(device: torch.device, local_processes: int = 1) -> tuple[int | None, str]:

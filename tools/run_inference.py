@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule and prepare step N+1 while the GPU runs step N; sampled tokens reach the next "
                         "step on the device (default: on when running on CUDA)")
+    g.add_argument("--state-checkpoints", type=int, default=None, metavar="N",
+                   help="hybrid models: recurrent-state checkpoints the prefix cache keeps (default: --max-requests; "
+                        "0: cached prefixes are never reused, recurrent layers cannot resume without one)")
+    g.add_argument("--checkpoint-interval-blocks", type=int, default=0, metavar="N",
+                   help="hybrid models: a state checkpoint every N blocks of long prompts, besides the last full "
+                        "block of each prompt (0: automatic, a checkpoint's state bytes <= the KV of N blocks)")
     g = p.add_argument_group("parallelism (torchrun; world = data-parallel replicas x tensor-parallel size)")
     g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="T",
                    help="ranks per replica: attention heads, MLPs and the vocabulary split over T ranks")
@@ -153,7 +159,8 @@ def engine_config_from_args(args: argparse.Namespace, model_config, device: torc
                         max_step_tokens=args.max_step_tokens, enable_prefix_caching=args.enable_prefix_caching,
                         record_routing=args.record_routing, cuda_graphs=cuda_graphs, dtype=args.dtype,
                         device=str(device), seed=args.seed, async_scheduling=args.async_scheduling,
-                        replica_check_interval=args.replica_check_interval,
+                        replica_check_interval=args.replica_check_interval, state_checkpoints=args.state_checkpoints,
+                        checkpoint_interval_blocks=args.checkpoint_interval_blocks,
                         piecewise_graphs=args.piecewise_graphs, piecewise_max_tokens=args.piecewise_max_tokens)
 
 
@@ -169,6 +176,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag in ("num_kv_blocks", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("state_checkpoints", "checkpoint_interval_blocks"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.shared_prefix_len < 0 or args.shared_prefix_len > args.prompt_len:
         parser.error(f"--shared-prefix-len must be in [0, --prompt-len={args.prompt_len}], got {args.shared_prefix_len}")
     if not math.isfinite(args.temperature) or args.temperature < 0:

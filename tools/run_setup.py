@@ -234,6 +234,19 @@ def parse_memory_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
+def _hybrid_row(model_config: ModelConfig, config: EngineConfig) -> str:
+    from inference.hybrid_cache import auto_checkpoint_interval
+    from inference.kv_cache import KVCache
+    from inference.state_pool import state_bytes_per_sequence
+    dtype = torch_dtype(config.dtype)
+    interval = config.checkpoint_interval_blocks or auto_checkpoint_interval(
+        state_bytes_per_sequence(model_config, dtype), KVCache.bytes_per_block(model_config, config.block_size, dtype))
+    how = "" if config.checkpoint_interval_blocks else " (auto)"
+    return (f"recurrent layers {list(model_config.recurrent_layer_indices)}, attention layers "
+            f"{list(model_config.attention_layer_indices)}; {config.num_state_checkpoints} state checkpoints, at each "
+            f"prompt's last full block and every {interval} blocks{how}")
+
+
 def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, plan: MemoryPlan, num_requests: int,
                          output_verdict: str | None = None, layout: ParallelLayout | None = None) -> str:
     """The --dry-run report: what would be allocated (without allocating it) and whether it
@@ -250,6 +263,8 @@ def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, plan: 
                         f"max_step_tokens={config.max_step_tokens} prefix_caching={config.enable_prefix_caching} "
                         f"cuda_graphs={config.cuda_graphs} async_scheduling={async_scheduling}"),
              ("workload", f"{num_requests} requests")]
+    if model_config.is_hybrid:
+        rows.insert(len(rows) - 1, ("hybrid", _hybrid_row(model_config, config)))
     if layout is not None and layout.tp > 1:
         rows.append(("parallel", f"world {layout.world_size} = {layout.dp} data-parallel replica(s) x tensor-parallel "
                                  f"{layout.tp}; experts over expert-parallel {layout.ep} (expert-TP {layout.etp})"))

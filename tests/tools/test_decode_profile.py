@@ -125,6 +125,30 @@ def test_component_floors_add_up_to_the_step_floor(name, batch):
     assert abs(parts - step) <= 0.03 * step
 
 
+@pytest.mark.parametrize("name", ["qwen3.5-35b-a3b-shape", "nemotron-3-nano-30b-a3b-shape"])
+def test_the_decode_floor_counts_recurrent_state_read_and_written(name):
+    """Hybrids: KV of the attention layers only, plus each request's recurrent state twice
+    (counted here from the layer shapes: conv states in bf16, recurrent / SSM states fp32)."""
+    config = get_preset(name)
+    with torch.device("meta"):
+        model = MoEGPT(config).to(torch.bfloat16)
+    batch, context = 64, 640
+    need = dp.bytes_per_decode_step(config, model, batch, context, 2)
+    per_seq = 0
+    for kind in config.layer_types:
+        if kind == "gated_deltanet":
+            g = config.gated_deltanet
+            per_seq += g.conv_dim * (g.conv_kernel - 1) * 2 + g.num_v_heads * g.head_k_dim * g.head_v_dim * 4
+        elif kind == "mamba2":
+            m = config.mamba2
+            conv_dim = m.num_heads * m.head_dim + 2 * m.n_groups * m.state_size
+            per_seq += conv_dim * (m.conv_kernel - 1) * 2 + m.num_heads * m.head_dim * m.state_size * 4
+    assert need["state"] == 2 * batch * per_seq > 0
+    attention = sum(k in ("full_attention", "sliding_attention") for k in config.layer_types)
+    assert need["kv"] == batch * context * 2 * attention * config.num_kv_heads * config.head_dim * 2
+    assert need["total"] == need["weights"] + need["kv"] + need["state"]
+
+
 def test_breakdown_rows_and_gpu_names():
     profile = {"components_ms": {"MoE experts": 2.0, "logits": 0.5}, "graph_launch_gaps_ms": 0.3}
     rows = dp.breakdown_rows(profile, {"MoE experts": 1e9, "logits": 0.0}, bandwidth=1e12)

@@ -29,6 +29,24 @@ def test_exact_components_match_the_engine(preset, record):
     assert plan["activations"] > 0 and "CUDA graphs" not in plan
 
 
+@pytest.mark.parametrize("preset", ["tiny-hybrid-gdn", "tiny-hybrid-mamba"])
+def test_hybrid_components_match_the_engine(preset):
+    """KV for the attention layers only; the state pool and checkpoints as their own lines."""
+    mc = get_preset(preset)
+    config = EngineConfig(block_size=4, num_kv_blocks=21, max_requests=3, max_step_tokens=16, state_checkpoints=5)
+    plan = plan_memory(mc, config, torch.device("cpu"))
+    sizes = dict((name, size) for name, size, _ in plan.components)
+    engine = LLMEngine(build_model(mc, seed=0), config)
+    assert sizes["KV cache"] == engine.kv_cache.nbytes and len(mc.attention_layer_indices) < mc.num_layers
+    assert sizes["state pool"] == engine._state.state_pool.nbytes > 0
+    assert sizes["state checkpoints"] == engine._state.checkpoints.nbytes > 0
+    assert "attention layers of" in dict(plan.rows())["KV cache"]
+    off = dict((n, s) for n, s, _ in plan_memory(mc, EngineConfig(enable_prefix_caching=False), torch.device("cpu")).components)
+    assert off["state checkpoints"] == 0
+    assert "state pool" not in dict((n, s) for n, s, _ in plan_memory(get_preset("tiny-moe"), config,
+                                                                       torch.device("cpu")).components)
+
+
 def test_a_plan_that_does_not_fit_names_numbers_and_flag():
     plan = MemoryPlan("cpu", (("weights", 2 << 20, ""), ("KV cache", 30 << 30, "")), 8 << 30, "MemAvailable")
     assert not plan.fits

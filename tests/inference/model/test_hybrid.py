@@ -10,6 +10,7 @@ import torch
 
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
+from inference.kv_cache import KVCache
 from inference.model.hybrid import HybridDecoderLayer
 from inference.model.layers import Relu2MLP, ZeroCenteredRMSNorm
 from inference.model.recurrent import GatedDeltaNet, Mamba2Mixer
@@ -106,10 +107,17 @@ def test_reference_forward_replays_forced_routing():
     torch.testing.assert_close(again, logits, atol=0, rtol=0)
 
 
-def test_the_engine_refuses_hybrid_models():
+def test_the_engine_keeps_kv_for_attention_layers_only_and_a_state_slot_per_request():
     model = build_model(get_preset("tiny-hybrid-gdn"))
-    with pytest.raises(ValueError, match="hybrid models .* are not served by the engine yet"):
-        LLMEngine(model, EngineConfig(num_kv_blocks=8, block_size=4))
+    c = model.config
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=8, block_size=4, max_requests=3, state_checkpoints=5))
+    kv = engine.kv_cache
+    assert sorted(kv.per_layer) == list(c.attention_layer_indices) and len(c.recurrent_layer_indices) > 0
+    assert kv.storage.shape[0] == len(c.attention_layer_indices)
+    assert kv.nbytes == KVCache.bytes_per_block(c, 4, torch.float32) * 9
+    pool, store = engine._state.state_pool, engine._state.checkpoints
+    assert pool.num_slots == 3 and store.capacity == 5
+    assert sorted(engine.sequence_cache.layer_states) == list(c.recurrent_layer_indices)
 
 
 def test_recurrent_modules_keep_no_state_between_calls():

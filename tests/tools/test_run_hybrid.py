@@ -1,0 +1,68 @@
+"""The CLI serves hybrid models: a hybrid preset and an HF hybrid checkpoint with
+--record-routing (tokens and routing checked against independent forwards), the state
+flags validated up front, the dry run's separate state lines."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+import torch
+
+from routing_replay import load_routing
+from tests.tools.test_run_inference import _results, _run
+
+
+def test_hybrid_preset_with_recording_and_shared_prefixes(tmp_path):
+    proc = _run(["--model", "tiny-hybrid-mamba", "--record-routing", "--output-dir", str(tmp_path), "--num-requests",
+                 "6", "--prompt-len", "20", "--shared-prefix-len", "14", "--output-len", "5", "--block-size", "4",
+                 "--max-step-tokens", "16", "--ignore-eos", "--checkpoint-interval-blocks", "2"])
+    assert proc.returncode == 0, proc.stderr
+    from inference.presets import build_model, get_preset
+    model = build_model(get_preset("tiny-hybrid-mamba"), seed=0, dtype=torch.float32)
+    results = _results(tmp_path)
+    routings, meta = load_routing(tmp_path)
+    assert meta.moe_layer_indices == list(model.config.moe_layer_indices) and len(results) == 6
+    assert sum(r["num_cached_tokens"] for r in results) > 0, "the shared prefix restores a state checkpoint"
+    for r in results:
+        seq = r["prompt_token_ids"] + r["output_token_ids"]
+        logits, routing = model.forward_reference(torch.tensor(seq))
+        assert logits[len(r["prompt_token_ids"]) - 1:-1].argmax(-1).tolist() == r["output_token_ids"]
+        assert np.array_equal(routings[r["id"]].astype(np.int64), routing[:-1].numpy())
+
+
+def test_hf_hybrid_checkpoint_with_recording(tmp_path):
+    pytest.importorskip("safetensors")
+    from tests.inference.hf.families import assert_routing_matches
+    from tests.inference.hf.hybrid_families import hf_hybrid_routing, make_hybrid_model
+    hf = make_hybrid_model("nemotron_h")
+    hf.save_pretrained(tmp_path / "ckpt")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b"".join(orjson.dumps({"id": f"p{i}", "prompt_token_ids": [5 + i, 17, 99, 23, 42, 8, 150, 3, 77]})
+                                 + b"\n" for i in range(3)))
+    out = tmp_path / "out"
+    proc = _run(["--hf-checkpoint", str(tmp_path / "ckpt"), "--prompts-file", str(prompts), "--max-new-tokens", "4",
+                 "--ignore-eos", "--record-routing", "--block-size", "4", "--output-dir", str(out)])
+    assert proc.returncode == 0, proc.stderr
+    routings, _ = load_routing(out)
+    for r in _results(out):
+        seq = r["prompt_token_ids"] + r["output_token_ids"]
+        logits, ids, scores = hf_hybrid_routing(hf, seq)
+        assert logits[len(r["prompt_token_ids"]) - 1:-1].argmax(-1).tolist() == r["output_token_ids"]
+        assert assert_routing_matches(routings[r["id"]], ids, scores) == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--state-checkpoints", "-1"], "--state-checkpoints must be >= 0"),
+    (["--checkpoint-interval-blocks", "-2"], "--checkpoint-interval-blocks must be >= 0"),
+])
+def test_bad_state_flags_name_the_flag(args, message):
+    proc = _run(["--model", "tiny-hybrid-gdn", "--dry-run"] + args)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_dry_run_lists_state_pool_and_checkpoints():
+    proc = _run(["--model", "tiny-hybrid-gdn", "--dry-run", "--max-requests", "8", "--state-checkpoints", "3"])
+    assert proc.returncode == 0, proc.stderr
+    assert "8 slots (+1 dummy)" in proc.stdout and "3 prefix-cache checkpoints" in proc.stdout
+    assert "1 attention layers of 4" in proc.stdout
