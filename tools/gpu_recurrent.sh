@@ -18,16 +18,16 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import importlib.util as u; print('fla importable:', u.find_spec('fla') is not None)"
-timeout 200 python3 -m pytest -q tests/gpu/test_recurrent_cuda.py tests/inference/kernels/test_recurrent_decode.py \
+timeout 160 python3 -m pytest -q -rfE -p no:cacheprovider tests/gpu/test_recurrent_cuda.py tests/inference/kernels/test_recurrent_decode.py \
   tests/gpu/test_hybrid_cuda.py tests/inference/model/test_experts.py 2>&1 | tee "$OUT/pytest.log" | tail -15
 python3 tools/recurrent_state_bytes.py --json "$OUT/state_bytes.json" | tail -6
-timeout 60 python3 tools/bench_recurrent.py --batch 64 --prefill-len 2048 --output "$OUT/bench_recurrent.json" 2>&1 | tail -16
+timeout 30 python3 tools/bench_recurrent.py --batch 64 --prefill-len 2048 --output "$OUT/bench_recurrent.json" 2>&1 | tail -16
 declare -A SHORT=([qwen3.5-35b-a3b-shape]=qwen35 [nemotron-3-nano-30b-a3b-shape]=nemotron)
 for model in qwen3.5-35b-a3b-shape nemotron-3-nano-30b-a3b-shape; do
   s=${SHORT[$model]}
-  timeout 110 python3 tools/bench_decode.py --model "$model" --batch 64 --prompt-len 512 --output-len 64 \
+  timeout 90 python3 tools/bench_decode.py --model "$model" --batch 64 --prompt-len 512 --output-len 64 \
     --prefill-requests 4 --no-hf --compare-backends "" --time-budget 60 --output "$OUT/decode_$s.json" 2>&1 | tail -6
-  timeout 110 python3 tools/bench_routing.py --model "$model" --num-requests 64 --prompt-len 256 --output-len 64 \
+  timeout 90 python3 tools/bench_routing.py --model "$model" --num-requests 64 --prompt-len 256 --output-len 64 \
     --repetitions 2 --modes off,gpu --output "$OUT/routing_$s.json" 2>&1 | tail -4
 done
 for model in qwen3.5-35b-a3b-shape nemotron-3-nano-30b-a3b-shape; do   # state pool / checkpoint memory (no weights built)

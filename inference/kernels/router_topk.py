@@ -53,12 +53,21 @@ def router_topk_supported(num_experts: int, topk: int, config: RouterConfig) -> 
 
 
 def router_topk(logits: torch.Tensor, topk: int, config: RouterConfig, expert_bias: torch.Tensor | None = None,
-                logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                logit_bias: torch.Tensor | None = None,
+                routing_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(topk_ids int64 [T, k], combine weights fp32 [T, k]) from fp32 ``logits`` [T, E]
     (``logit_bias`` [E], the projection's bias, is added to them first in fp32; ``expert_bias``
     [E] shifts the selection only; either may be any floating dtype, it is read as fp32).
+    ``routing_out`` (an integer [T, k] view with unit column stride, e.g. one layer's
+    columns of the routing recorder's staging rows) receives the same ids from the same
+    kernel, so capturing routing costs no launch of its own.
     Runs on CUDA tensors, or anywhere under TRITON_INTERPRET=1."""
     t, e = _check(logits, topk, config, expert_bias, logit_bias)
+    if routing_out is not None and (routing_out.shape != (t, topk) or routing_out.stride(1) != 1
+                                    or routing_out.is_floating_point() or routing_out.device != logits.device):
+        raise ValueError(f"router_topk: routing_out must be an integer [{t}, {topk}] view with unit column "
+                         f"stride on {logits.device}, got {routing_out.dtype} {tuple(routing_out.shape)} "
+                         f"strides {routing_out.stride()}")
     ids = torch.empty(t, topk, dtype=torch.int64, device=logits.device)
     weights = torch.empty(t, topk, dtype=torch.float32, device=logits.device)
     if t == 0:
@@ -66,11 +75,12 @@ def router_topk(logits: torch.Tensor, topk: int, config: RouterConfig, expert_bi
     block_e = triton.next_power_of_2(e)
     _router_topk_kernel[(t,)](
         logits, logit_bias if logit_bias is not None else logits, expert_bias if expert_bias is not None else logits,
-        ids, weights, logits.stride(0), e, float(config.scaling_factor),
+        ids, weights, routing_out if routing_out is not None else ids,
+        routing_out.stride(0) if routing_out is not None else 0, logits.stride(0), e, float(config.scaling_factor),
         1e-20 if config.score_function == "sigmoid" else 0.0,
         TOPK=topk, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(topk),
         SIGMOID=config.score_function == "sigmoid", HAS_LOGIT_BIAS=logit_bias is not None,
-        HAS_EXPERT_BIAS=expert_bias is not None, NORMALIZE=config.norm_topk_prob,
+        HAS_EXPERT_BIAS=expert_bias is not None, NORMALIZE=config.norm_topk_prob, HAS_ROUTING_OUT=routing_out is not None,
         num_warps=4 if block_e <= 256 else 8)
     return ids, weights
 
@@ -113,10 +123,10 @@ if triton is not None:
 
     @triton.jit
     def _router_topk_kernel(logits_ptr, logit_bias_ptr, expert_bias_ptr, ids_ptr, weights_ptr,
-                            stride_t, num_experts, scaling_factor, norm_eps,
+                            routing_ptr, stride_rt, stride_t, num_experts, scaling_factor, norm_eps,
                             TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
                             SIGMOID: tl.constexpr, HAS_LOGIT_BIAS: tl.constexpr, HAS_EXPERT_BIAS: tl.constexpr,
-                            NORMALIZE: tl.constexpr):
+                            NORMALIZE: tl.constexpr, HAS_ROUTING_OUT: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_E)
         valid = offs < num_experts
@@ -153,3 +163,5 @@ if triton is not None:
         kmask = koffs < TOPK
         tl.store(ids_ptr + row * TOPK + koffs, ids, mask=kmask)
         tl.store(weights_ptr + row * TOPK + koffs, w, mask=kmask)
+        if HAS_ROUTING_OUT:
+            tl.store(routing_ptr + row * stride_rt + koffs, ids.to(routing_ptr.dtype.element_ty), mask=kmask)

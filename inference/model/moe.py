@@ -55,11 +55,12 @@ class MoEMLP(nn.Module):
                 forced_topk_ids: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
         """``reference=True`` uses the plain expert loop whatever ``experts_fn`` the engine
         chose, so the full-sequence reference stays independent of the fast kernels."""
-        topk_ids, topk_weights = self.router(x, reference)
-        if forced_topk_ids is not None:
+        if forced_topk_ids is None:
+            topk_ids, topk_weights = self.router(x, reference, routing_out)   # writes routing_out
+        else:   # replay: the ids are given, the weights come from this forward's logits
             topk_ids, topk_weights = self._replay(x, forced_topk_ids, reference)
-        if routing_out is not None:
-            routing_out.copy_(topk_ids)
+            if routing_out is not None:
+                routing_out.copy_(topk_ids)
         y = self._experts(x, topk_ids, topk_weights, reference)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

@@ -49,15 +49,26 @@ class TopKRouter(nn.Module):
             return out if self.bias is None else out + self.bias.float()
         return F.linear(x.float(), self.weight.float(), None if self.bias is None else self.bias.float())
 
-    def forward(self, x: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, reference: bool = False,
+                routing_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``routing_out`` (the recorder's capture view, any integer dtype) holds the chosen
+        ids on return: written by the fused kernel itself, or copied."""
         if self.fused and x.is_cuda and not reference:
             from inference.kernels.router_topk import router_topk
             if self._half_gemm(x, reference):
                 logits = torch.mm(x, self.weight.t(), out_dtype=torch.float32)
             else:
                 logits = F.linear(x.float(), self.weight.float())
-            return router_topk(logits, self.topk, self.config, self.expert_bias, self.bias)
-        return route(self.logits(x, reference), self.topk, self.config, self.expert_bias)
+            direct = routing_out is not None and routing_out.stride(-1) == 1
+            ids, weights = router_topk(logits, self.topk, self.config, self.expert_bias, self.bias,
+                                       routing_out if direct else None)
+            if routing_out is not None and not direct:
+                routing_out.copy_(ids)
+            return ids, weights
+        ids, weights = route(self.logits(x, reference), self.topk, self.config, self.expert_bias)
+        if routing_out is not None:
+            routing_out.copy_(ids)
+        return ids, weights
 
 
 def router_scores(logits: torch.Tensor, config: RouterConfig) -> torch.Tensor:

@@ -53,11 +53,15 @@ def check_against_route(t, e, k, config, expert_bias, logit_bias, seed=0, device
         logits_in = wide[:, 3:3 + e]
     else:
         logits_in = logits
-    ids, weights = router_topk(logits_in, k, config, eb, lb)
+    # The recorder's staging rows: [T, layers, k] in the routing dtype; this is layer 1.
+    staging = torch.full((t, 3, k), 7, dtype=torch.uint8 if e <= 256 else torch.int16, device=device)
+    ids, weights = router_topk(logits_in, k, config, eb, lb, routing_out=staging[:, 1])
     ref_ids, ref_weights = route(logits if lb is None else logits + lb, k, config, eb)
     assert ids.dtype == torch.int64 and weights.dtype == torch.float32 and ids.shape == (t, k)
     assert torch.equal(ids, ref_ids), (ids, ref_ids)
     torch.testing.assert_close(weights, ref_weights, rtol=2e-6, atol=1e-7)
+    assert torch.equal(staging[:, 1].long(), ref_ids), "routing_out must hold the chosen ids"
+    assert (staging[:, 0] == 7).all() and (staging[:, 2] == 7).all(), "other layers' columns untouched"
 
 
 def check_ties_and_nans() -> int:
@@ -131,10 +135,12 @@ def test_gpu_matches_route_without_host_sync(case):
     logits, eb, lb = make_case(*case, seed=1, device="cuda")
     t, e, k, config = case[:4]
     router_topk(logits, k, config, eb, lb)     # compile outside the guard
+    staging = torch.zeros(t, 2, k, dtype=torch.uint8 if e <= 256 else torch.int16, device="cuda")
     with forbid_host_sync():
-        ids, weights = router_topk(logits, k, config, eb, lb)
+        ids, weights = router_topk(logits, k, config, eb, lb, routing_out=staging[:, 1])
     ref_ids, ref_weights = route(logits if lb is None else logits + lb, k, config, eb)
     assert torch.equal(ids, ref_ids)
+    assert torch.equal(staging[:, 1].long(), ref_ids) and (staging[:, 0] == 0).all()
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
 
 
