@@ -214,6 +214,11 @@ def summarize(engine: LLMEngine, stats: ServeStats, wall_s: float, files: Sequen
         share = summary.get("routing_share", 0.0) or 0.0
         lines.append(f"  routing         recorded for {stats.with_routing} requests; "
                      f"recorder host time {100 * share:.2f}% of step time")
+    state = getattr(engine.sequence_cache, "stats", None)     # hybrid models: the state-checkpoint cache
+    if state is not None:
+        lines.append(f"  state cache     {state['restores']} prefix hits restored a checkpoint "
+                     f"({state['restored_tokens']} tokens); {state['commits']} checkpoints committed, "
+                     f"{state['store_evictions']} evicted by its LRU, {state['dropped']} dropped with their KV block")
     if stats.preemptions:
         lines.append(f"  preemptions     {stats.preemptions}")
     if files:

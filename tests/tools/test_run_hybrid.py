@@ -24,6 +24,9 @@ def test_hybrid_preset_with_recording_and_shared_prefixes(tmp_path):
     routings, meta = load_routing(tmp_path)
     assert meta.moe_layer_indices == list(model.config.moe_layer_indices) and len(results) == 6
     assert sum(r["num_cached_tokens"] for r in results) > 0, "the shared prefix restores a state checkpoint"
+    summary = next(line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if "state cache" in line)
+    restores = int(summary.split("state cache")[1].split()[0])
+    assert restores > 0, summary
     for r in results:
         seq = r["prompt_token_ids"] + r["output_token_ids"]
         logits, routing = model.forward_reference(torch.tensor(seq))
