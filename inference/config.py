@@ -322,7 +322,7 @@ class EngineConfig:
     Hybrid models only: ``state_checkpoints`` is the number of recurrent-state checkpoints
     the prefix cache keeps (None: ``max_requests``; 0: prefix hits are never reused, since
     recurrent layers cannot resume without one); ``checkpoint_interval_blocks`` spaces the
-    checkpoints inside long prompts (0: automatic, ``inference.hybrid_cache``)."""
+    checkpoints inside long prompts (0: automatic, ``inference.cache.hybrid_cache``)."""
 
     block_size: int = 16
     num_kv_blocks: int = 256
@@ -336,7 +336,7 @@ class EngineConfig:
     cuda_graph_max_batch: int = 256
     padded_decode: bool = False      # decode steps through the static padded path without graphs (tests)
     # Steps with prefill chunks of up to piecewise_max_tokens tokens as piecewise CUDA graphs
-    # (everything but attention captured; inference/piecewise_graphs.py). None: on with
+    # (everything but attention captured; inference/graphs/piecewise.py). None: on with
     # cuda_graphs for models without recurrent layers. padded_prefill runs that padded path
     # eagerly, without graphs (tests).
     piecewise_graphs: bool | None = None

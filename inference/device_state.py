@@ -12,18 +12,18 @@ from dataclasses import dataclass
 import torch
 
 from inference.config import EngineConfig
-from inference.cuda_graphs import DecodeGraphRunner
+from inference.graphs.decode import DecodeGraphRunner
 from inference.errors import allocating
-from inference.kv_cache import KVCache
+from inference.cache.kv_cache import KVCache
 from inference.model import MoEGPT
 from inference.model.context import AttentionFn
 from inference.model_runner import ModelRunner
-from inference.piecewise_graphs import PiecewiseGraphRunner
+from inference.graphs.piecewise import PiecewiseGraphRunner
 from inference.routing_collector import RoutingCollector
 from inference.sampler import Sampler
-from inference.sequence_cache import SequenceCache
-from inference.state_checkpoints import CheckpointStore
-from inference.state_pool import StatePool
+from inference.cache.sequence_cache import SequenceCache
+from inference.cache.state_checkpoints import CheckpointStore
+from inference.cache.state_pool import StatePool
 from inference.step_batch import StepBatch
 from routing_replay import RoutingRecorder
 from routing_replay.host_sync_recorder import HostSyncRecorder

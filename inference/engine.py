@@ -23,9 +23,9 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from inference.attention_backends import select_attention
-from inference.block_pool import BlockPool
-from inference.hybrid_cache import HybridSequenceCache, auto_checkpoint_interval
-from inference.kv_cache import KVCache
+from inference.cache.block_pool import BlockPool
+from inference.cache.hybrid_cache import HybridSequenceCache, auto_checkpoint_interval
+from inference.cache.kv_cache import KVCache
 from inference.config import EngineConfig
 from inference.device_state import DeviceState
 from inference.errors import InvalidRequestError, allocating
@@ -35,8 +35,8 @@ from inference.replica import ReplicaSync
 from inference.request import Request, RequestResult, SamplingParams
 from inference.sampler import Sampler
 from inference.scheduler import Scheduler, SchedulerConfig
-from inference.sequence_cache import SequenceCache
-from inference.state_pool import state_bytes_per_sequence
+from inference.cache.sequence_cache import SequenceCache
+from inference.cache.state_pool import state_bytes_per_sequence
 from inference.step_entry import gpu_timings, step_entry
 from inference.weight_refit import copy_named_tensors
 from routing_replay import StepDetailsLog

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inference.cuda_graphs import DecodeGraphRunner
+from inference.graphs.decode import DecodeGraphRunner
 from inference.device_wait import wait_for_event
-from inference.kv_cache import KVCache
+from inference.cache.kv_cache import KVCache
 from inference.model import ForwardContext, MoEGPT
 from inference.model.context import AttentionFn
-from inference.piecewise_graphs import PiecewiseGraphRunner
+from inference.graphs.piecewise import PiecewiseGraphRunner
 from inference.prompt_logprobs import PromptLogprobPlan, compute_prompt_logprobs, plan_prompt_logprobs
 from inference.request import Request
 from inference.sampler import Sampler

@@ -27,10 +27,10 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from inference.block_pool import BlockPool
+from inference.cache.block_pool import BlockPool
 from inference.errors import InvalidRequestError, NoFreeBlocksError
 from inference.request import Request, RequestStatus
-from inference.sequence_cache import Held, SequenceCache
+from inference.cache.sequence_cache import Held, SequenceCache
 
 
 @dataclass(frozen=True)

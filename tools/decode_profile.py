@@ -27,7 +27,7 @@ from inference.model.layers import RMSNorm, SwiGLUMLP
 from inference.model.moe import MoEMLP
 from inference.model.router import TopKRouter
 from tools.profile_attribution import UNLABELLED, attribute_kernels, records_from_events
-from inference.state_pool import state_bytes_per_sequence
+from inference.cache.state_pool import state_bytes_per_sequence
 
 LABEL_PREFIX = "decode::"
 COMPONENTS = ("attention kernel + KV write", "attention projections", "norms and rotary", "router + top-k",

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import torch
 
 from inference.config import EngineConfig, ModelConfig
-from inference.kv_cache import KVCache
+from inference.cache.kv_cache import KVCache
 from inference.model import MoEGPT
 from inference.presets import torch_dtype
-from inference.state_pool import state_bytes_per_sequence
+from inference.cache.state_pool import state_bytes_per_sequence
 from routing_replay import routing_dtype
 
 if TYPE_CHECKING:

@@ -20,9 +20,9 @@ import sys
 import torch
 
 from inference.config import ModelConfig
-from inference.kv_cache import KVCache
+from inference.cache.kv_cache import KVCache
 from inference.presets import PRESETS
-from inference.state_pool import state_bytes_per_sequence
+from inference.cache.state_pool import state_bytes_per_sequence
 
 MIB = 1 << 20
 

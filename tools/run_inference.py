@@ -146,7 +146,7 @@ def engine_config_from_args(args: argparse.Namespace, model_config, device: torc
     block for --kv-cache-memory; every rank of a replica has the same, so the same block count."""
     num_blocks = args.num_kv_blocks
     if args.kv_cache_memory:
-        from inference.kv_cache import KVCache
+        from inference.cache.kv_cache import KVCache
         from inference.presets import torch_dtype
         per_block = KVCache.bytes_per_block(attention_config or model_config, args.block_size, torch_dtype(args.dtype))
         num_blocks = parse_memory_size(args.kv_cache_memory) // per_block

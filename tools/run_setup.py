@@ -235,9 +235,9 @@ def parse_memory_size(text: str) -> int:
 
 
 def _hybrid_row(model_config: ModelConfig, config: EngineConfig) -> str:
-    from inference.hybrid_cache import auto_checkpoint_interval
-    from inference.kv_cache import KVCache
-    from inference.state_pool import state_bytes_per_sequence
+    from inference.cache.hybrid_cache import auto_checkpoint_interval
+    from inference.cache.kv_cache import KVCache
+    from inference.cache.state_pool import state_bytes_per_sequence
     dtype = torch_dtype(config.dtype)
     interval = config.checkpoint_interval_blocks or auto_checkpoint_interval(
         state_bytes_per_sequence(model_config, dtype), KVCache.bytes_per_block(model_config, config.block_size, dtype))

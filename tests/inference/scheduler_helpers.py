@@ -11,7 +11,7 @@ what the host has received), so ``update`` can be applied one step later.
 
 from __future__ import annotations
 
-from inference.block_pool import BlockPool
+from inference.cache.block_pool import BlockPool
 from inference.request import Request, SamplingParams
 from inference.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 

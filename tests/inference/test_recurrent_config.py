@@ -12,7 +12,7 @@ import torch
 from inference.config import ModelConfig
 from inference.presets import build_model, get_preset
 from inference.recurrent_config import GatedDeltaNetConfig, Mamba2Config
-from inference.state_pool import state_bytes_per_sequence
+from inference.cache.state_pool import state_bytes_per_sequence
 
 GDN = GatedDeltaNetConfig()
 MAMBA = Mamba2Config()

@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from inference.block_pool import BlockPool
+from inference.cache.block_pool import BlockPool
 from inference.errors import InvalidRequestError, NoFreeBlocksError
 from inference.request import Request, RequestStatus
 from inference.scheduler import Scheduler, SchedulerConfig

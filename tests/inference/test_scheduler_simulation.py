@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from inference.block_pool import BlockPool
+from inference.cache.block_pool import BlockPool
 from inference.request import RequestStatus
 
 # Registered before the import so the helpers' asserts keep pytest's detailed failure reports.

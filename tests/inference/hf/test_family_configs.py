@@ -19,7 +19,7 @@ pytest.importorskip("safetensors")
 from inference.config import EngineConfig  # noqa: E402
 from inference.engine import LLMEngine  # noqa: E402
 from inference.hf_loader import HFCheckpointError, load_hf_config, load_hf_model  # noqa: E402
-from inference.kv_cache import KVCache  # noqa: E402
+from inference.cache.kv_cache import KVCache  # noqa: E402
 from inference.request import SamplingParams  # noqa: E402
 from inference.run_outputs import write_run_outputs  # noqa: E402
 from routing_replay import load_routing  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 from inference.attention_backends import select_attention
 from inference.model import AttentionMetadata, ForwardContext, MoEGPT
 from inference.model.recurrent import RecurrentMetadata
-from inference.state_pool import StatePool
+from inference.cache.state_pool import StatePool
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
-from inference.kv_cache import KVCache
+from inference.cache.kv_cache import KVCache
 from inference.model.hybrid import HybridDecoderLayer
 from inference.model.layers import Relu2MLP, ZeroCenteredRMSNorm
 from inference.model.recurrent import GatedDeltaNet, Mamba2Mixer

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from inference.config import EngineConfig
-from inference.kv_cache import KVCache
+from inference.cache.kv_cache import KVCache
 from inference.model import MoEGPT
 from inference.model.hybrid import uses_hybrid_layers
 from inference.parallel import ParallelGroups, ParallelLayout, ParallelLayoutError

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.block_pool import BlockPool
-from inference.hybrid_cache import HybridSequenceCache, auto_checkpoint_interval
-from inference.kv_cache import KVCache
+from inference.cache.block_pool import BlockPool
+from inference.cache.hybrid_cache import HybridSequenceCache, auto_checkpoint_interval
+from inference.cache.kv_cache import KVCache
 from inference.presets import get_preset
 from inference.request import Request, SamplingParams
-from inference.state_checkpoints import CheckpointStore
-from inference.state_pool import StatePool, state_bytes_per_sequence
+from inference.cache.state_checkpoints import CheckpointStore
+from inference.cache.state_pool import StatePool, state_bytes_per_sequence
 
 
 def _cache(interval: int, caching: bool = True, capacity: int = 4) -> HybridSequenceCache:

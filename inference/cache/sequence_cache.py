@@ -5,7 +5,7 @@ The scheduler decides when requests are admitted, grow, are preempted and finish
 family keeps per request:
 
 - ``SequenceCache``: KV blocks of the ``BlockPool`` (every model), prefix hits by block hash.
-- ``HybridSequenceCache`` (models with recurrent layers, ``inference.hybrid_cache``): the
+- ``HybridSequenceCache`` (models with recurrent layers, ``inference.cache.hybrid_cache``): the
   same KV blocks for the attention layers, plus one ``StatePool`` slot per request for the
   recurrent layers and ``CheckpointStore`` entries that make a prefix hit restorable.
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from inference.block_pool import BlockPool
+from inference.cache.block_pool import BlockPool
 from inference.request import Request
 
 if TYPE_CHECKING:

@@ -26,7 +26,7 @@ from collections.abc import Hashable
 
 import torch
 
-from inference.state_pool import StatePool, StateSpec
+from inference.cache.state_pool import StatePool, StateSpec
 
 __all__ = ["CheckpointStore"]
 

@@ -10,7 +10,7 @@ import torch
 from inference.errors import NoFreeStateSlotsError
 from inference.model.recurrent import GatedDeltaNet, Mamba2Mixer, RecurrentMetadata
 from inference.presets import get_preset
-from inference.state_pool import StatePool, state_bytes_per_sequence, state_specs
+from inference.cache.state_pool import StatePool, state_bytes_per_sequence, state_specs
 
 
 def test_specs_of_the_tiny_hybrids():

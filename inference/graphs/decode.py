@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from inference.attention_backends import DecodeBackend
-from inference.kv_cache import KVCache
+from inference.cache.kv_cache import KVCache
 from inference.model import AttentionMetadata, ForwardContext, MoEGPT
 from inference.model.recurrent import RecurrentMetadata
 from inference.step_batch import StepBatch

@@ -10,8 +10,8 @@ import torch
 
 from inference.model.recurrent import GatedDeltaNet, Mamba2Mixer, RecurrentMetadata
 from inference.presets import get_preset
-from inference.state_checkpoints import CheckpointStore
-from inference.state_pool import StatePool
+from inference.cache.state_checkpoints import CheckpointStore
+from inference.cache.state_pool import StatePool
 
 
 def make(capacity=3, num_slots=4):

@@ -31,16 +31,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from inference.block_pool import BlockPool
+from inference.cache.block_pool import BlockPool
 from inference.request import Request, RequestStatus
-from inference.sequence_cache import Held, SequenceCache
+from inference.cache.sequence_cache import Held, SequenceCache
 
 if TYPE_CHECKING:
     import torch
 
     from inference.scheduler import ScheduledChunk
-    from inference.state_checkpoints import CheckpointStore
-    from inference.state_pool import StatePool
+    from inference.cache.state_checkpoints import CheckpointStore
+    from inference.cache.state_pool import StatePool
 
 
 def auto_checkpoint_interval(state_bytes: int, kv_block_bytes: int) -> int:

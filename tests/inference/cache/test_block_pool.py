@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from inference.block_pool import BlockPool, NoFreeBlocksError
+from inference.cache.block_pool import BlockPool, NoFreeBlocksError
 
 BS = 4
 
