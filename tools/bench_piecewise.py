@@ -170,10 +170,6 @@ def main(argv=None) -> int:
     model = build_model(config, seed=0, dtype=torch_dtype(args.dtype), device="cuda")
     prompts, params = workload(args, config.vocab_size)
     per_mode: dict[str, list[dict]] = {m: [] for m in MODES}
-    # Warm-up (discarded): the first prefill of the process compiles the attention kernels
-    # (about 1 s, measured: it landed in whichever mode ran first).
-    for mode in MODES:
-        run_mode(model, args, mode, prompts[:8], params[:8])
     for rep in range(args.repetitions):
         for mode in (MODES if rep % 2 == 0 else MODES[::-1]):
             stats = run_mode(model, args, mode, prompts, params)

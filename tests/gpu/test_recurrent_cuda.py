@@ -92,8 +92,8 @@ def test_fla_prefill_of_a_mixed_step_matches_torch_chunked(preset, dtype):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_prefill_chunks_then_graph_free_decode_equal_one_whole_sequence(preset):
-    """fp32: auto prefill chunks (the torch chunked form: fla is used for bf16 / fp16 only)
-    + auto decode steps (Triton) give the torch chunked form of the whole sequence."""
+    """fp32: auto prefill chunks (fla when installed) + auto decode steps (Triton) give the
+    torch chunked form of the whole sequence."""
     dtype = torch.float32
     layer = make_layer(preset, dtype, "cuda")
     x = torch.randn(150, layer.in_proj.in_features, device="cuda", generator=torch.Generator(device="cuda").manual_seed(4))

@@ -4,12 +4,8 @@
 - ``"auto"``: on CUDA, decode-only steps use our slot-indexed Triton step kernels
   (``inference.kernels.recurrent_decode``: state updated in place, CUDA-graph capturable)
   and other steps use flash-linear-attention's chunked kernels when ``fla`` is importable
-  and the inputs are bf16 / fp16 (``inference.kernels.recurrent_fla``); otherwise, and
-  always on CPU, the chunked torch form. fla's chunked kernels take their matrix products
-  in reduced precision (tf32) even for fp32 inputs: measured on the H200, a 40-token fp32
-  prefill chunk of the tiny Gated DeltaNet hybrid was off the reference by 1% of its
-  largest logit, so fp32 models (the exact path) keep the torch form. The CPU path never
-  imports ``fla``.
+  (``inference.kernels.recurrent_fla``); otherwise, and always on CPU, the chunked torch
+  form. The CPU path never imports ``fla``.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ AUTO = "auto"
 CHUNKED = "chunked"
 RECURRENT = "recurrent"
 MODES = (AUTO, CHUNKED, RECURRENT)
-_FLA_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _check_mode(mode: str) -> None:
@@ -43,7 +38,7 @@ def run_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
             n = meta.num_sequences
             return recurrent_decode.gated_delta_rule_step_triton(
                 q[:n], k[:n], v[:n], g[:n], beta[:n], states, meta.state_slots, meta.has_initial_state)
-        if q.dtype in _FLA_DTYPES and recurrent_fla.fla_available():
+        if recurrent_fla.fla_available():
             return recurrent_fla.gated_delta_rule_varlen_fla(q, k, v, g, beta, states, meta)
     return gated_delta_rule_varlen(q, k, v, g, beta, states, meta,
                                    mode=CHUNKED if mode == AUTO else mode, chunk_size=chunk_size)
@@ -59,7 +54,7 @@ def run_ssd(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
             n = meta.num_sequences
             return recurrent_decode.ssd_step_triton(
                 x[:n], dt[:n], a, b[:n], c[:n], d, states, meta.state_slots, meta.has_initial_state)
-        if x.dtype in _FLA_DTYPES and recurrent_fla.fla_available():
+        if recurrent_fla.fla_available():
             return recurrent_fla.ssd_varlen_fla(x, dt, a, b, c, d, states, meta)
     return ssd_varlen(x, dt, a, b, c, d, states, meta, mode=CHUNKED if mode == AUTO else mode,
                       chunk_size=chunk_size)
