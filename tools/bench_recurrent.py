@@ -36,6 +36,7 @@ from inference.model.recurrent import GatedDeltaNet, Mamba2Mixer, RecurrentMetad
 from inference.model.recurrent.delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent  # noqa: E402
 from inference.model.recurrent.ssd import discretize_dt, ssd_chunked, ssd_recurrent  # noqa: E402
 from inference.presets import get_preset  # noqa: E402
+from tools.decode_profile import cuda_ms  # noqa: E402
 
 LAYERS = {"qwen3.5-35b-a3b gdn": "qwen3.5-35b-a3b-shape", "nemotron-3-nano mamba2": "nemotron-3-nano-30b-a3b-shape"}
 
@@ -65,16 +66,8 @@ def slot_tensors(layer: torch.nn.Module, num_slots: int, dtype: torch.dtype, dev
 
 
 def cuda_time_us(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
+    """Median per-call CUDA-event time in microseconds, after one warm-up call."""
+    return statistics.median(cuda_ms(fn, reps, warmup=1)) * 1e3
 
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -33,6 +33,7 @@ from inference.kernels import (  # noqa: E402  (path set up above for `python to
     prefill_attention_reference,
     prefill_attention_triton,
 )
+from tools.decode_profile import cuda_ms  # noqa: E402
 
 ATTENTION_MODELS = {"qwen3-30b-a3b": (32, 4, 128), "olmoe-1b-7b": (16, 16, 128)}
 MOE_MODELS = {"olmoe-1b-7b": (64, 8, 2048, 1024), "qwen3-30b-a3b": (128, 8, 2048, 768)}
@@ -58,17 +59,7 @@ class Row:
 
 def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
     """Median over ``reps`` of per-call CUDA-event time (each call bracketed by events)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(cuda_ms(fn, reps, warmup))
 
 
 def graph_time_ms(fn: Callable[[], object], reps: int) -> float:
