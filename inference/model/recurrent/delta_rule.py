@@ -150,22 +150,10 @@ def gated_delta_rule_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g
         n = meta.num_sequences
         return gated_delta_rule_step(q[:n], k[:n], v[:n], g[:n], beta[:n], states, meta.state_slots,
                                      meta.has_initial_state)
-    out = v.new_empty(meta.num_tokens, *v.shape[1:])
-    starts = meta.query_start_loc_host
-    singles = [r for r in range(meta.num_sequences) if starts[r + 1] - starts[r] == 1]
-    if singles:
-        rows = torch.tensor([starts[r] for r in singles], device=v.device)
-        picked = torch.tensor(singles, device=v.device)
-        out[rows] = gated_delta_rule_step(q[rows], k[rows], v[rows], g[rows], beta[rows], states,
-                                          meta.state_slots[picked], meta.has_initial_state[picked])
     form = gated_delta_rule_chunked if mode == CHUNKED else gated_delta_rule_recurrent
     kwargs = {"chunk_size": chunk_size} if mode == CHUNKED else {}
-    single_set = set(singles)
-    for r, slot in enumerate(meta.state_slots_host):
-        if r in single_set:
-            continue
-        rows = meta.sequence_rows(r)
-        initial = states[slot] if meta.has_initial_state_host[r] else None
-        out[rows], final = form(q[rows], k[rows], v[rows], g[rows], beta[rows], initial, **kwargs)
-        states[slot] = final.to(states.dtype)
-    return out
+    return meta.apply_per_sequence(
+        v.new_empty(meta.num_tokens, *v.shape[1:]), states,
+        lambda rows, slots, has_initial: gated_delta_rule_step(q[rows], k[rows], v[rows], g[rows], beta[rows],
+                                                               states, slots, has_initial),
+        lambda rows, initial: form(q[rows], k[rows], v[rows], g[rows], beta[rows], initial, **kwargs))

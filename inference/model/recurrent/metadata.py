@@ -65,3 +65,25 @@ class RecurrentMetadata:
 
     def sequence_rows(self, r: int) -> slice:
         return slice(self.query_start_loc_host[r], self.query_start_loc_host[r + 1])
+
+    def apply_per_sequence(self, out: torch.Tensor, states: torch.Tensor, step, whole) -> torch.Tensor:
+        """The host loop of a step that is not decode-only, shared by the recurrences:
+        single-token sequences in one batched ``step(rows, slots, has_initial_state)`` (device
+        index tensors) whose result fills ``out[rows]``; every longer sequence through
+        ``whole(rows, initial_state_or_None) -> (out_rows, final_state)``, its slot of
+        ``states`` then overwritten with the final state. Returns ``out``."""
+        starts = self.query_start_loc_host
+        singles = [r for r in range(self.num_sequences) if starts[r + 1] - starts[r] == 1]
+        if singles:
+            rows = torch.tensor([starts[r] for r in singles], device=out.device)
+            picked = torch.tensor(singles, device=out.device)
+            out[rows] = step(rows, self.state_slots[picked], self.has_initial_state[picked])
+        single_set = set(singles)
+        for r, slot in enumerate(self.state_slots_host):
+            if r in single_set:
+                continue
+            rows = self.sequence_rows(r)
+            initial = states[slot] if self.has_initial_state_host[r] else None
+            out[rows], final = whole(rows, initial)
+            states[slot] = final.to(states.dtype)
+        return out

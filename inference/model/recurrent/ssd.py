@@ -136,22 +136,10 @@ def ssd_varlen(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tens
     if meta.decode_only:
         n = meta.num_sequences
         return ssd_step(x[:n], dt[:n], a, b[:n], c[:n], d, states, meta.state_slots, meta.has_initial_state)
-    out = x.new_empty(meta.num_tokens, *x.shape[1:])
-    starts = meta.query_start_loc_host
-    singles = [r for r in range(meta.num_sequences) if starts[r + 1] - starts[r] == 1]
-    if singles:
-        rows = torch.tensor([starts[r] for r in singles], device=x.device)
-        picked = torch.tensor(singles, device=x.device)
-        out[rows] = ssd_step(x[rows], dt[rows], a, b[rows], c[rows], d, states,
-                             meta.state_slots[picked], meta.has_initial_state[picked])
     form = ssd_chunked if mode == CHUNKED else ssd_recurrent
     kwargs = {"chunk_size": chunk_size} if mode == CHUNKED else {}
-    single_set = set(singles)
-    for r, slot in enumerate(meta.state_slots_host):
-        if r in single_set:
-            continue
-        rows = meta.sequence_rows(r)
-        initial = states[slot] if meta.has_initial_state_host[r] else None
-        out[rows], final = form(x[rows], dt[rows], a, b[rows], c[rows], d, initial, **kwargs)
-        states[slot] = final.to(states.dtype)
-    return out
+    return meta.apply_per_sequence(
+        x.new_empty(meta.num_tokens, *x.shape[1:]), states,
+        lambda rows, slots, has_initial: ssd_step(x[rows], dt[rows], a, b[rows], c[rows], d, states, slots,
+                                                  has_initial),
+        lambda rows, initial: form(x[rows], dt[rows], a, b[rows], c[rows], d, initial, **kwargs))
