@@ -76,19 +76,27 @@ def _selection_scores(router, args, logits: torch.Tensor) -> torch.Tensor:
 def hf_routing(model, tokens: list[int]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """transformers' forward of one sequence: (logits [S, V], per MoE layer the chosen ids
     [S, k] and the selection scores [S, E]), read from the routers' own outputs."""
+    return routed_forward(model, tokens, ROUTER_CLASSES, _selection_scores)
+
+
+def routed_forward(model, tokens: list[int], router_classes: tuple[str, ...],
+                   selection_scores) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """``hf_routing`` for any family: forward hooks on the modules whose class is in
+    ``router_classes`` collect each router's chosen ids (its output 2) and
+    ``selection_scores(router, args, router_logits)``."""
     ids, scores, hooks = [], [], []
 
     def hook(module, args, output):
         ids.append(output[2].detach().clone())
-        scores.append(_selection_scores(module, args, output[0].detach()))
+        scores.append(selection_scores(module, args, output[0].detach()))
 
     for module in model.modules():
-        if type(module).__name__ in ROUTER_CLASSES:
+        if type(module).__name__ in router_classes:
             hooks.append(module.register_forward_hook(hook))
     assert hooks, "no router found"
     try:
         with torch.no_grad():
-            logits = model(torch.tensor([tokens])).logits[0]
+            logits = model(input_ids=torch.tensor([tokens])).logits[0]
     finally:
         for h in hooks:
             h.remove()

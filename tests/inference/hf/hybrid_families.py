@@ -15,6 +15,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from tests.inference.hf.families import routed_forward  # noqa: E402
+
 VOCAB = 160
 ATTENTION = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                  max_position_embeddings=256, eos_token_id=1, pad_token_id=0, bos_token_id=2)
@@ -96,20 +98,4 @@ def _selection_scores(router, logits: torch.Tensor) -> torch.Tensor:
 def hf_hybrid_routing(model, tokens: list[int]) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """transformers' forward of one sequence: (logits [S, V], per MoE layer the chosen ids
     [S, k] and the selection scores [S, E]), read from the routers' own outputs."""
-    ids, scores, hooks = [], [], []
-
-    def hook(module, args, output):
-        ids.append(output[2].detach().clone())
-        scores.append(_selection_scores(module, output[0].detach()))
-
-    for module in model.modules():
-        if type(module).__name__ in ROUTER_CLASSES:
-            hooks.append(module.register_forward_hook(hook))
-    assert hooks, "no router found"
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([tokens])).logits[0]
-    finally:
-        for h in hooks:
-            h.remove()
-    return logits, ids, scores
+    return routed_forward(model, tokens, ROUTER_CLASSES, lambda router, args, logits: _selection_scores(router, logits))
