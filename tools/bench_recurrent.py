@@ -36,7 +36,7 @@ from inference.model.recurrent import GatedDeltaNet, Mamba2Mixer, RecurrentMetad
 from inference.model.recurrent.delta_rule import gated_delta_rule_chunked, gated_delta_rule_recurrent  # noqa: E402
 from inference.model.recurrent.ssd import discretize_dt, ssd_chunked, ssd_recurrent  # noqa: E402
 from inference.presets import get_preset  # noqa: E402
-from tools.decode_profile import cuda_ms  # noqa: E402
+from tools.decode_profile import capture_graph, cuda_ms  # noqa: E402
 
 LAYERS = {"qwen3.5-35b-a3b gdn": "qwen3.5-35b-a3b-shape", "nemotron-3-nano mamba2": "nemotron-3-nano-30b-a3b-shape"}
 
@@ -92,25 +92,13 @@ def decode_rows(name: str, preset: str, batch: int, reps: int, hbm_gbps: float) 
         for label, mode in (("layer eager torch", "recurrent"), ("layer eager auto", "auto")):
             us = cuda_time_us(lambda: layer(x, meta, conv, rec, mode=mode), reps)
             rows.append(dict(layer=name, phase="decode", impl=label, batch=batch, us=us))
-        graph = capture(lambda: layer(x, meta, conv, rec, mode="auto"))
+        graph = capture_graph(lambda: layer(x, meta, conv, rec, mode="auto"))
         rows.append(dict(layer=name, phase="decode", impl="layer cuda graph", batch=batch,
                          us=cuda_time_us(graph.replay, reps)))
     for r in rows:
         r.update(max_err=err if r["impl"] != "layer eager torch" else 0.0,
                  state_gbps=traffic / (r["us"] * 1e3), floor_us=traffic / (hbm_gbps * 1e3))
     return rows
-
-
-def capture(fn) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def prefill_rows(name: str, preset: str, length: int, reps: int) -> list[dict]:

@@ -55,6 +55,21 @@ def cuda_ms(fn: Callable[[], object], reps: int, warmup: int = 2) -> list[float]
     return times
 
 
+def capture_graph(fn: Callable[[], object], calls: int = 1) -> torch.cuda.CUDAGraph:
+    """``calls`` back-to-back calls of ``fn`` captured in one CUDA graph, after a warm-up
+    call on a side stream (Triton compiles, the allocator settles)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
+
+
 def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 10) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read and written."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")

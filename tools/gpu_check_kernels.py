@@ -33,7 +33,7 @@ from inference.kernels import (  # noqa: E402  (path set up above for `python to
     prefill_attention_reference,
     prefill_attention_triton,
 )
-from tools.decode_profile import cuda_ms  # noqa: E402
+from tools.decode_profile import capture_graph, cuda_ms  # noqa: E402
 
 ATTENTION_MODELS = {"qwen3-30b-a3b": (32, 4, 128), "olmoe-1b-7b": (16, 16, 128)}
 MOE_MODELS = {"olmoe-1b-7b": (64, 8, 2048, 1024), "qwen3-30b-a3b": (128, 8, 2048, 768)}
@@ -65,14 +65,7 @@ def cuda_time_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
 def graph_time_ms(fn: Callable[[], object], reps: int) -> float:
     """Median replay time of ``fn`` captured in a CUDA graph: the engine's decode-step cost,
     free of Python launch overhead."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = capture_graph(fn)
     return cuda_time_ms(graph.replay, reps)
 
 

@@ -36,7 +36,7 @@ import torch
 from inference.kernels import fused_moe as fm
 from inference.kernels import fused_moe_configs as cfgs
 from inference.kernels.moe_grouped import moe_experts_grouped_mm, moe_experts_reference
-from tools.decode_profile import gpu_slug
+from tools.decode_profile import capture_graph, cuda_ms, gpu_slug
 
 SHAPES = {"olmoe-1b-7b": (64, 8, 2048, 1024), "qwen3-30b-a3b": (128, 8, 2048, 768),  # E, topk, H, I
           "moonlight-16b-a3b": (64, 6, 2048, 1408)}
@@ -126,26 +126,10 @@ def precompile_all(shape: tuple, smem: int, jobs: int) -> set[tuple[int, cfgs.Ge
 def graph_ms(fn, num_tokens: int) -> float:
     """Median time of one ``fn()`` from CUDA-graph replays of several back-to-back calls."""
     calls = 20 if num_tokens <= 256 else 5 if num_tokens <= 2048 else 2
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
+    graph = capture_graph(fn, calls)
+    times = cuda_ms(graph.replay, reps=5, warmup=1)
     del graph
-    return statistics.median(times)
+    return statistics.median(times) / calls
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
