@@ -55,19 +55,9 @@ class MoEMLP(nn.Module):
                 forced_topk_ids: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
         """``reference=True`` uses the plain expert loop whatever ``experts_fn`` the engine
         chose, so the full-sequence reference stays independent of the fast kernels."""
-        if forced_topk_ids is None:
-            topk_ids, topk_weights = self.router(x, reference, routing_out)   # writes routing_out
-        else:   # replay: the ids are given, the weights come from this forward's logits
-            topk_ids, topk_weights = self._replay(x, forced_topk_ids, reference)
-            if routing_out is not None:
-                routing_out.copy_(topk_ids)
-        y = self._experts(x, topk_ids, topk_weights, reference)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            y = y + shared
-        return y
+        topk_ids, topk_weights = route(self.router, x, routing_out, forced_topk_ids, reference)
+        return add_shared_expert(self, x, self._experts(x, topk_ids, topk_weights, reference))
+
 
     def _experts(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                  reference: bool) -> torch.Tensor:
@@ -82,9 +72,27 @@ class MoEMLP(nn.Module):
         fn = experts_reference if reference else self.experts_fn
         return fn(x, topk_ids, topk_weights, self.w13, self.w2)
 
-    def _replay(self, x: torch.Tensor, topk_ids: torch.Tensor,
-                reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Routing replay: the expert choice is fixed; weights come from the current logits."""
-        ids = topk_ids.to(torch.int64)
-        scores = router_scores(self.router.logits(x, reference), self.router.config)
-        return ids, combine_weights(scores, ids, self.router.config)
+
+def route(router: TopKRouter, x: torch.Tensor, routing_out: torch.Tensor | None,
+          forced_topk_ids: torch.Tensor | None, reference: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(global top-k ids, combine weights) of a MoE block, the ids also in ``routing_out``
+    when given: the router's choice (the router writes ``routing_out`` itself), or under
+    replay the forced ids, with weights from this forward's logits. The unsharded and the
+    expert-parallel block both route through it."""
+    if forced_topk_ids is None:
+        return router(x, reference, routing_out)
+    ids = forced_topk_ids.to(torch.int64)
+    scores = router_scores(router.logits(x, reference), router.config)
+    if routing_out is not None:
+        routing_out.copy_(ids)
+    return ids, combine_weights(scores, ids, router.config)
+
+
+def add_shared_expert(block: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y`` plus ``block``'s (optionally gated) shared expert on ``x``, if it has one."""
+    if block.shared_expert is None:
+        return y
+    shared = block.shared_expert(x)
+    if block.shared_expert_gate is not None:
+        shared = torch.sigmoid(block.shared_expert_gate(x)) * shared
+    return y + shared

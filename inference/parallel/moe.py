@@ -22,7 +22,7 @@ from torch import nn
 from inference.config import ModelConfig
 from inference.kernels.moe_grouped import moe_experts_reference
 from inference.model.experts import oai_experts, oai_experts_reference
-from inference.model.moe import MoEMLP
+from inference.model.moe import add_shared_expert, route
 from inference.model.router import TopKRouter
 from inference.parallel.groups import ParallelGroups
 from inference.parallel.layers import ParallelSwiGLUMLP
@@ -107,19 +107,9 @@ class ExpertParallelMoE(nn.Module):
     def forward(self, x: torch.Tensor, routing_out: torch.Tensor | None = None,
                 forced_topk_ids: torch.Tensor | None = None, reference: bool = False) -> torch.Tensor:
         """Same contract as ``MoEMLP.forward``; ``reference`` selects the plain expert loop."""
-        topk_ids, topk_weights = self.router(x, reference)
-        if forced_topk_ids is not None:
-            # The unsharded block's replay (the router here is the same replicated module).
-            topk_ids, topk_weights = MoEMLP._replay(self, x, forced_topk_ids, reference)
-        if routing_out is not None:
-            routing_out.copy_(topk_ids)
+        topk_ids, topk_weights = route(self.router, x, routing_out, forced_topk_ids, reference)
         local_ids, local_weights = localize_topk(topk_ids, topk_weights, self.first_expert, self.num_local_experts)
-        y = self._experts(x, local_ids, local_weights, reference)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            y = y + shared
+        y = add_shared_expert(self, x, self._experts(x, local_ids, local_weights, reference))
         return self.tp.all_reduce(y)
 
     def _experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, reference: bool) -> torch.Tensor:
