@@ -23,7 +23,7 @@ from inference.graphs.piecewise import PiecewiseGraphRunner
 from inference.prompt_logprobs import PromptLogprobPlan, compute_prompt_logprobs, plan_prompt_logprobs
 from inference.request import Request
 from inference.sampler import Sampler
-from inference.scheduler import SchedulerOutput
+from inference.scheduled_step import SchedulerOutput
 from inference.step_batch import PreparedStep, StepBatch, TokenFeed
 from routing_replay.phase_timer import PhaseTimer
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from inference.request import Request
-from inference.scheduler import ScheduledChunk
+from inference.scheduled_step import ScheduledChunk
 
 ROWS_PER_SLICE = 1024   # logits of at most this many rows exist at once ([rows, vocab] fp32)
 

@@ -20,7 +20,7 @@ import torch
 from inference.device_wait import wait_for_event
 from inference.model.context import AttentionMetadata
 from inference.model.recurrent.metadata import RecurrentMetadata
-from inference.scheduler import ScheduledChunk
+from inference.scheduled_step import ScheduledChunk
 from routing_replay.phase_timer import PhaseTimer
 
 _TOKEN_FIELDS = ("input_ids", "positions", "token_to_block", "token_to_offset", "slot_mapping")

@@ -38,7 +38,7 @@ from inference.cache.sequence_cache import Held, SequenceCache
 if TYPE_CHECKING:
     import torch
 
-    from inference.scheduler import ScheduledChunk
+    from inference.scheduled_step import ScheduledChunk
     from inference.cache.state_checkpoints import CheckpointStore
     from inference.cache.state_pool import StatePool
 

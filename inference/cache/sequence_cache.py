@@ -29,7 +29,7 @@ from inference.cache.block_pool import BlockPool
 from inference.request import Request
 
 if TYPE_CHECKING:
-    from inference.scheduler import ScheduledChunk
+    from inference.scheduled_step import ScheduledChunk
 
 
 @dataclass

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from inference.cache.block_pool import BlockPool
 from inference.request import Request, SamplingParams
-from inference.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from inference.scheduled_step import SchedulerOutput
+from inference.scheduler import Scheduler, SchedulerConfig
 
 BS = 4
 VOCAB = 50

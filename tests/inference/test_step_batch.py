@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from inference.request import Request, SamplingParams
-from inference.scheduler import ScheduledChunk
+from inference.scheduled_step import ScheduledChunk
 from inference.step_batch import StepBatch, TokenFeed
 
 
