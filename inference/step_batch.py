@@ -98,6 +98,21 @@ class StepBatch:
         self._slots = [_StagingSlot(shapes, pin) for _ in range(max(1, num_staging_slots))]
         self._next_slot = 0
 
+    def point_at_dummy_block(self) -> None:
+        """Valid inputs for a graph capture: every token row reads and writes the dummy block
+        only, every request row has one token of context in it and (hybrid models) the
+        dummy state slot, fresh. (A later ``prepare`` uploads whole rows from its staging
+        slot, so nothing it caches goes stale.)"""
+        dummy = self.dummy_block_id
+        self.input_ids.zero_(); self.positions.zero_(); self.token_to_offset.zero_()
+        self.token_to_block.fill_(dummy)
+        self.slot_mapping.fill_(dummy * self.block_size)
+        self.block_tables.fill_(dummy)
+        self.seq_lens.fill_(1)
+        if self.state_slots is not None:
+            self.state_slots.fill_(self.dummy_state_slot)
+            self.has_initial_state.fill_(False)
+
     def prepare(self, chunks: list[ScheduledChunk], num_padded_tokens: int | None = None,
                 feed: TokenFeed | None = None, timer: PhaseTimer | None = None,
                 state_slots: list[int] | None = None, pad_requests: bool = True) -> PreparedStep:

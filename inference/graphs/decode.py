@@ -76,7 +76,7 @@ class DecodeGraphRunner:
         """Capture every ladder size, largest first, in one shared memory pool."""
         if not self.use_graphs:
             return
-        self._reset_static_inputs()
+        self.batch.point_at_dummy_block()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -91,18 +91,6 @@ class DecodeGraphRunner:
                 self._logits[size] = self._forward(size)
             self._graphs[size] = graph
         torch.cuda.synchronize()
-
-    def _reset_static_inputs(self) -> None:
-        """Valid inputs for capture: every row reads and writes the dummy block only."""
-        b, dummy = self.batch, self.batch.dummy_block_id
-        b.input_ids.zero_(); b.positions.zero_(); b.token_to_offset.zero_()
-        b.token_to_block.fill_(dummy)
-        b.slot_mapping.fill_(dummy * b.block_size)
-        b.block_tables.fill_(dummy)
-        b.seq_lens.fill_(1)
-        if b.state_slots is not None:
-            b.state_slots.fill_(b.dummy_state_slot)
-            b.has_initial_state.fill_(False)
 
     def release(self) -> None:
         """Drop every captured graph and its outputs; the shared memory pool is freed with

@@ -169,10 +169,7 @@ class PiecewiseGraphRunner:
         """Capture a chain per ladder size, largest first, in one shared memory pool."""
         if not self.use_graphs:
             return
-        b = self.batch
-        b.input_ids.zero_(); b.positions.zero_(); b.token_to_offset.zero_()
-        b.token_to_block.fill_(b.dummy_block_id)
-        b.slot_mapping.fill_(b.dummy_block_id * b.block_size)
+        self.batch.point_at_dummy_block()
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
