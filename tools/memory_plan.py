@@ -132,7 +132,10 @@ def plan_memory(mc: ModelConfig, config: EngineConfig, device: torch.device, *, 
         config.cuda_graphs and not mc.is_hybrid)
     if piecewise:
         tokens = min(config.piecewise_max_tokens, config.max_step_tokens)
-        q_out = 2 * tokens * mc.num_heads * max(mc.head_dim, getattr(mc.mla, "kv_lora_rank", 0) + 64) * elem
+        # the static q and attention-output buffers: a query row is the head, or MLA's
+        # absorbed latent + rotary part
+        q_row = mc.head_dim if mc.mla is None else mc.mla.kv_lora_rank + mc.mla.qk_rope_head_dim
+        q_out = 2 * tokens * mc.num_heads * q_row * elem
         components.append(("piecewise CUDA graphs", 2 * tokens * per_token_act + q_out,
                            f"estimate for graph pools of steps up to {tokens} tokens"))
     available, source = available_memory(device, local_processes)

@@ -63,3 +63,18 @@ def test_host_memory_is_measured_and_shared_by_local_processes():
     two, _ = available_memory(torch.device("cpu"), local_processes=2)
     assert one is not None and one > 0 and ("MemAvailable" in source or "free" in source)
     assert abs(two - one // 2) <= one // 10       # MemAvailable moves a little between reads
+
+
+def test_piecewise_graphs_are_planned_only_where_they_are_captured():
+    """With CUDA graphs on, attention-only models plan a pool for the piecewise graphs plus
+    their static query / output buffers (MLA: latent + rotary rows, wider than a head);
+    hybrids, and an explicit off, plan none."""
+    def pieces(mc, **kw):
+        config = EngineConfig(cuda_graphs=True, max_step_tokens=4096, piecewise_max_tokens=1024, **kw)
+        return dict((n, s) for n, s, _ in plan_memory(mc, config, torch.device("cpu")).components).get(
+            "piecewise CUDA graphs")
+    gqa, mla = get_preset("qwen3-30b-a3b-shape"), get_preset("moonlight-16b-a3b-shape")
+    assert pieces(gqa) >= 2 * 1024 * gqa.num_heads * gqa.head_dim * 2
+    assert pieces(mla) >= 2 * 1024 * mla.num_heads * (mla.mla.kv_lora_rank + mla.mla.qk_rope_head_dim) * 2
+    assert pieces(gqa, piecewise_graphs=False) is None
+    assert pieces(get_preset("tiny-hybrid-gdn")) is None
