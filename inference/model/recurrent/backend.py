@@ -4,8 +4,10 @@
 - ``"auto"``: on CUDA, decode-only steps use our slot-indexed Triton step kernels
   (``inference.kernels.recurrent_decode``: state updated in place, CUDA-graph capturable)
   and other steps use flash-linear-attention's chunked kernels when ``fla`` is importable
-  (``inference.kernels.recurrent_fla``); otherwise, and always on CPU, the chunked torch
-  form. The CPU path never imports ``fla``.
+  (``inference.kernels.recurrent_fla``) for bf16 / fp16 inputs; otherwise, and always on
+  CPU, the chunked torch form. fp32 stays on the torch form because fla's chunked kernels
+  multiply in tf32 (measured on the H200: 1% off an fp32 reference), and fp32 runs exist
+  to be exact. The CPU path never imports ``fla``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ AUTO = "auto"
 CHUNKED = "chunked"
 RECURRENT = "recurrent"
 MODES = (AUTO, CHUNKED, RECURRENT)
+_FLA_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _check_mode(mode: str) -> None:
@@ -38,7 +41,7 @@ def run_gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
             n = meta.num_sequences
             return recurrent_decode.gated_delta_rule_step_triton(
                 q[:n], k[:n], v[:n], g[:n], beta[:n], states, meta.state_slots, meta.has_initial_state)
-        if recurrent_fla.fla_available():
+        if q.dtype in _FLA_DTYPES and recurrent_fla.fla_available():
             return recurrent_fla.gated_delta_rule_varlen_fla(q, k, v, g, beta, states, meta)
     return gated_delta_rule_varlen(q, k, v, g, beta, states, meta,
                                    mode=CHUNKED if mode == AUTO else mode, chunk_size=chunk_size)
@@ -54,7 +57,7 @@ def run_ssd(x: torch.Tensor, dt: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
             n = meta.num_sequences
             return recurrent_decode.ssd_step_triton(
                 x[:n], dt[:n], a, b[:n], c[:n], d, states, meta.state_slots, meta.has_initial_state)
-        if recurrent_fla.fla_available():
+        if x.dtype in _FLA_DTYPES and recurrent_fla.fla_available():
             return recurrent_fla.ssd_varlen_fla(x, dt, a, b, c, d, states, meta)
     return ssd_varlen(x, dt, a, b, c, d, states, meta, mode=CHUNKED if mode == AUTO else mode,
                       chunk_size=chunk_size)
