@@ -84,7 +84,6 @@ def mla_decode_attention_triton(q_latent: torch.Tensor, q_rope: torch.Tensor, ca
         num_splits = choose_num_splits(batch, head_blocks, max_blocks, block_size, q_latent.device)
     block_l = max(16, triton.next_power_of_2(latent))
     block_n = 16 if block_l >= 256 else 32   # a [BLOCK_N, L] latent tile per iteration
-    tokens_per_split = triton.cdiv(triton.cdiv(max_blocks * block_size, num_splits), block_n) * block_n
     if num_splits == 1:
         partial_out, partial_lse = out, out
     else:
@@ -92,7 +91,7 @@ def mla_decode_attention_triton(q_latent: torch.Tensor, q_rope: torch.Tensor, ca
         partial_lse = torch.empty(batch, num_heads, num_splits, device=out.device, dtype=torch.float32)
     _mla_decode_kernel[(batch, head_blocks, num_splits)](
         q_latent, q_rope, cache, block_tables, seq_lens, partial_out, partial_lse,
-        scale * LOG2E, tokens_per_split, num_heads,
+        scale * LOG2E, num_heads,
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         cache.stride(0), cache.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         LATENT=latent, ROPE=rope, KV_BLOCK_SIZE=block_size, BLOCK_H=block_h, BLOCK_N=block_n,
@@ -109,7 +108,7 @@ if triton is not None:
     @triton.jit
     def _mla_decode_kernel(
         q_lat_ptr, q_rope_ptr, cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr,
-        qk_scale, tokens_per_split, num_heads,
+        qk_scale, num_heads,
         stride_qlb, stride_qlh, stride_qrb, stride_qrh, stride_cb, stride_ct, stride_ob, stride_oh, stride_bt,
         LATENT: tl.constexpr, ROPE: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -118,6 +117,9 @@ if triton is not None:
         head_block = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + row)
+        # Splits of this row's own context (whole BLOCK_N tiles), sized on the device: the
+        # block table's width is the longest context allowed, not this row's.
+        tokens_per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
         lo = split * tokens_per_split
         hi = tl.minimum(seq_len, lo + tokens_per_split)
 

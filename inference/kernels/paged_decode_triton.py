@@ -137,8 +137,6 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         num_splits = choose_num_splits(batch, kv_heads, -(-span // block_size), block_size, q.device)
     use_dot = group > 1
     block_n = 64 if use_dot else 32
-    # Splits cover whole BLOCK_N tiles so only the last tile of a row is ever partial.
-    tokens_per_split = triton.cdiv(triton.cdiv(span, num_splits), block_n) * block_n
     has_sinks = sinks is not None
     sinks_arg = sinks.float().contiguous() if has_sinks else out
     block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
@@ -149,7 +147,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         partial_lse = torch.empty(batch, num_heads, num_splits, device=q.device, dtype=torch.float32)
     _decode_split_kernel[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, partial_out, partial_lse, sinks_arg,
-        scale * LOG2E, tokens_per_split, window if window > 0 else NO_WINDOW,
+        scale * LOG2E, window if window > 0 else NO_WINDOW,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, KV_BLOCK_SIZE=block_size,
@@ -205,7 +203,7 @@ if triton is not None:
     @triton.jit
     def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr, sinks_ptr,
-        qk_scale, tokens_per_split, window,
+        qk_scale, window,
         stride_qb, stride_qh, stride_ob, stride_oh, stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
@@ -216,8 +214,14 @@ if triton is not None:
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         seq_len = tl.load(seq_lens_ptr + row)
-        # Splits partition the window [seq_len - window, seq_len); nothing before it is read.
-        lo = tl.maximum(seq_len - window, 0) + split * tokens_per_split
+        # Splits partition this row's own span, the window [seq_len - window, seq_len) (nothing
+        # before it is read), in whole BLOCK_N tiles so only a split's last tile is partial.
+        # Sized per row on the device, not from the block table's width: in a decode graph
+        # that width is the longest context the engine allows, and splits cut from it would
+        # leave a short row to its first split alone.
+        first = tl.maximum(seq_len - window, 0)
+        tokens_per_split = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        lo = first + split * tokens_per_split
         hi = tl.minimum(seq_len, lo + tokens_per_split)
 
         offs_g = tl.arange(0, BLOCK_G)

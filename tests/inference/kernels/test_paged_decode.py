@@ -180,6 +180,18 @@ def check_interpreter_cases() -> int:
         err = (out - ref).abs().max().item()
         assert err < 1e-4, f"{case} splits={num_splits} window={window} sinks={with_sinks}: max abs err {err}"
         checked += 1
+    # A decode graph's block table is as wide as the longest context allowed: splits sized
+    # per row must cover short rows exactly and never read the dummy block (poisoned here).
+    q, k_cache, v_cache, tables, lens, _, _ = random_case(seq_lens=[1, 9, 0, 70, 33], kv_heads=2, group=2,
+                                                          head_dim=32, block_size=8, seed=300)
+    dummy = k_cache.shape[0] - 1
+    wide = torch.cat([tables, torch.full((tables.shape[0], 40), dummy, dtype=tables.dtype)], dim=1)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE)
+    k_cache[dummy], v_cache[dummy] = float("nan"), float("nan")
+    for num_splits in (4, 7):
+        out = paged_decode_attention_triton(q, k_cache, v_cache, wide, lens, SCALE, num_splits=num_splits)
+        assert (out - ref).abs().max().item() < 1e-4, f"wide table, splits={num_splits}"
+        checked += 1
     args, expected, window = poisoned_window_case()
     for num_splits in (1, 2):
         out = paged_decode_attention_triton(*args, SCALE, num_splits=num_splits, window=window)
@@ -190,7 +202,7 @@ def check_interpreter_cases() -> int:
 
 @needs_triton
 def test_triton_kernel_matches_reference_in_interpreter():
-    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())) + 2)
+    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())) + 4)
 
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
