@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from inference.kernels.paged_decode_triton import LOG2E, choose_num_splits, merge_splits
+from inference.kernels.paged_decode_triton import LOG2E, check_decode_rows, choose_num_splits, merge_splits
 
 try:
     import triton
@@ -35,6 +35,7 @@ def mla_decode_attention(q_latent: torch.Tensor, q_rope: torch.Tensor, cache: to
     (the current token already written); block_tables: [B, max_blocks] int32; seq_lens: [B]
     int32. Returns [B, H, L]; rows with ``seq_lens == 0`` are zeros.
     """
+    check_decode_rows(q_latent.shape[0], block_tables, seq_lens)
     if q_latent.is_cuda and triton is not None:
         return mla_decode_attention_triton(q_latent, q_rope, cache, block_tables, seq_lens, scale)
     return mla_decode_attention_reference(q_latent, q_rope, cache, block_tables, seq_lens, scale)

@@ -43,6 +43,15 @@ def triton_available() -> bool:
     return triton is not None
 
 
+def check_decode_rows(batch: int, block_tables: torch.Tensor, seq_lens: torch.Tensor) -> None:
+    """A decode kernel reads row r's length and block table for query row r, padding rows
+    included (seq_len 0): fewer metadata rows than query rows would be read out of bounds."""
+    if block_tables.shape[0] != batch or seq_lens.shape[0] != batch:
+        raise ValueError(f"decode attention needs one block-table row and one seq_len per query row: "
+                         f"{batch} query rows, {block_tables.shape[0]} block-table rows, "
+                         f"{seq_lens.shape[0]} seq_lens")
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -52,6 +61,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     head_dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (the current token's
     KV is already in the cache). Rows with ``seq_lens == 0`` return zeros.
     """
+    check_decode_rows(q.shape[0], block_tables, seq_lens)
     if q.is_cuda and triton is not None:
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                              window=window, sinks=sinks)

@@ -85,6 +85,12 @@ def test_public_entry_point_on_cpu_is_the_reference():
     torch.testing.assert_close(mla_decode_attention(*args, SCALE), mla_decode_attention_reference(*args, SCALE))
 
 
+def test_fewer_metadata_rows_than_query_rows_are_refused():
+    (q_latent, q_rope, cache, tables, lens), _ = make_case([3, 24], 4, 16, 8, 8, seed=5)
+    with pytest.raises(ValueError, match="2 query rows, 2 block-table rows, 1 seq_lens"):
+        mla_decode_attention(q_latent, q_rope, cache, tables, lens[:1], SCALE)
+
+
 def interpreter_cases():
     """Heads 1/4/20 (one or two head blocks), latent 16/48, rope 8/16, 1 or 3 splits."""
     shapes = [(4, 16, 8, 8, 1), (4, 16, 8, 8, 3), (20, 48, 16, 16, 1), (1, 32, 8, 4, 2), (20, 16, 8, 16, 3)]

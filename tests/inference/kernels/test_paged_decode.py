@@ -149,6 +149,17 @@ def test_public_entry_point_on_cpu_matches_dense_attention():
     torch.testing.assert_close(out, dense_decode(q, dense_k, dense_v, SCALE), atol=1e-5, rtol=1e-5)
 
 
+def test_fewer_metadata_rows_than_query_rows_are_refused():
+    """Padded query rows need their own (seq_len 0) metadata rows; a kernel would read the
+    missing ones out of bounds (an illegal address on the GPU, not an error)."""
+    q, k_cache, v_cache, tables, lens, _, _ = random_case([5, 0, 9], 2, 2, 32, 8, seed=3)
+    padded_q = torch.cat([q, torch.zeros_like(q[:2])])
+    with pytest.raises(ValueError, match="one block-table row and one seq_len per query row"):
+        paged_decode_attention(padded_q, k_cache, v_cache, tables, lens, SCALE)
+    with pytest.raises(ValueError, match="3 block-table rows, 2 seq_lens"):
+        paged_decode_attention(q, k_cache, v_cache, tables, lens[:2], SCALE)
+
+
 def interpreter_cases():
     """Many small shapes: block 8/16, head_dim 32/64, groups 1/2/4, 1 or 3 context splits;
     then windows (smaller and larger than contexts) with and without sinks; then head_dim 8

@@ -61,12 +61,18 @@ class PagedSteps:
             starts.append(starts[-1] + ch.n)
         dummy = torch.full((padded - starts[-1],), self.num_blocks * bs)
         slot_mapping = torch.cat(slots + [dummy]).to(self.device)
-        tables = torch.stack([torch.arange(self.max_blocks) + ch.seq * self.max_blocks for ch in chunks]).to(**i32)
+        tables = [torch.arange(self.max_blocks) + ch.seq * self.max_blocks for ch in chunks]
         lens = [ch.start + ch.n for ch in chunks]
+        decode_only = all(ch.n == 1 for ch in chunks)
+        if decode_only:  # as StepBatch pads: one request row per token row, length 0, the dummy block
+            pad = padded - len(chunks)
+            tables += [torch.full((self.max_blocks,), self.num_blocks)] * pad
+            lens, starts = lens + [0] * pad, starts + [starts[-1]] * pad
         return AttentionMetadata(
-            slot_mapping=slot_mapping, block_tables=tables, query_start_loc=torch.tensor(starts, **i32),
-            seq_lens=torch.tensor(lens, **i32), query_start_loc_host=starts, seq_lens_host=lens,
-            max_query_len=max(ch.n for ch in chunks), max_seq_len=max(lens), decode_only=all(ch.n == 1 for ch in chunks))
+            slot_mapping=slot_mapping, block_tables=torch.stack(tables).to(**i32),
+            query_start_loc=torch.tensor(starts, **i32), seq_lens=torch.tensor(lens, **i32),
+            query_start_loc_host=starts, seq_lens_host=lens,
+            max_query_len=max(ch.n for ch in chunks), max_seq_len=max(lens), decode_only=decode_only)
 
     @torch.no_grad()
     def step(self, chunks: list[Chunk], pad: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
