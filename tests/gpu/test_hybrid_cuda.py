@@ -7,6 +7,8 @@ preemption). Skips without CUDA."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -18,33 +20,64 @@ from inference.request import SamplingParams
 from tests.inference.model.paged_steps import Chunk, PagedSteps
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-TOL = {torch.float32: 2e-3, torch.bfloat16: 6e-2}
+
+
+def _max_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max())
+
+
+def _same_sets(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    return (got.sort(-1).values == want.sort(-1).values).all(-1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("preset", ["tiny-hybrid-gdn", "tiny-hybrid-mamba"])
 def test_paged_auto_mode_matches_the_reference(preset, dtype):
+    """fp32: the paged auto forward equals the reference forward (exact routing sets).
+    bf16: both round, and a near-tie that routes a token differently changes its logits
+    by O(1), so logits are measured against the fp32 truth (the same weights in fp32)
+    replaying the paged run's own routing: the paged auto forward (fla-core prefill,
+    Triton decode) may be at most twice as far from it as the bf16 reference forward
+    replaying the same routing is; its routing must agree with the unforced truth about
+    as often as the bf16 reference's does."""
     model = build_model(get_preset(preset), seed=11, dtype=dtype, device="cuda")
+    truth_model = copy.deepcopy(model).float() if dtype != torch.float32 else model
     model.set_experts_fn(moe_experts_fn("auto"))
     gen = torch.Generator().manual_seed(12)
     seqs = [torch.randint(2, model.config.vocab_size, (n,), generator=gen).tolist() for n in (70, 33, 9)]
-    ref = [model.forward_reference(torch.tensor(s, device="cuda")) for s in seqs]
+    tokens = [torch.tensor(s, device="cuda") for s in seqs]
+    truth = [truth_model.forward_reference(t) for t in tokens]
     run = PagedSteps(model, seqs, block_size=16, mode="auto")
     plan = [([Chunk(0, 0, 40), Chunk(1, 0, 30)], 6), ([Chunk(0, 40, 29), Chunk(1, 30, 1), Chunk(2, 0, 8)], 0)]
     plan += [([Chunk(0, 69, 1), Chunk(1, 31, 1), Chunk(2, 8, 1)], 5), ([Chunk(1, 32, 1)], 7)]
-    agree = total = 0
+    got = []   # (chunk, logits, routing) in step order
     for chunks, pad in plan:
         logits, routing = run.step(chunks, pad)
-        for ch, lg, rt in zip(chunks, logits, routing):
-            want_logits, want_routing = ref[ch.seq]
-            want = want_logits[ch.start:ch.start + ch.n]
-            scale = want.abs().max().clamp(min=1.0)
-            assert (lg - want).abs().max() <= TOL[dtype] * scale, (preset, dtype, ch)
-            same = (rt.sort(-1).values == want_routing[ch.start:ch.start + ch.n].sort(-1).values).all(-1)
-            agree, total = agree + int(same.sum()), total + same.numel()
+        got += list(zip(chunks, logits, routing))
     assert run.computed == [70, 33, 9]
-    # fp32: exact sets; bf16: kernels round differently, near-ties may flip
-    assert agree == total if dtype == torch.float32 else agree >= 0.97 * total, (agree, total)
+    routed = [torch.cat([rt for ch, _, rt in got if ch.seq == i]) for i in range(len(seqs))]
+    if dtype == torch.float32:
+        want = truth
+    else:
+        want = [truth_model.forward_reference(t, forced_routing=r) for t, r in zip(tokens, routed)]
+        ref = [model.forward_reference(t, forced_routing=r)[0] for t, r in zip(tokens, routed)]
+    for ch, lg, _ in got:
+        rows = slice(ch.start, ch.start + ch.n)
+        scale = float(want[ch.seq][0][rows].abs().max().clamp(min=1.0))
+        err = _max_err(lg, want[ch.seq][0][rows])
+        if dtype == torch.float32:
+            assert err <= 2e-3 * scale, (preset, ch, err)
+        else:
+            ref_err = _max_err(ref[ch.seq][rows], want[ch.seq][0][rows])
+            assert err <= 2 * ref_err + 1e-2 * scale, (preset, ch, err, ref_err)
+    agree = sum(int(_same_sets(r, t[1]).sum()) for r, t in zip(routed, truth))
+    total = sum(r.shape[0] * r.shape[1] for r in routed)
+    if dtype == torch.float32:
+        assert agree == total, (agree, total)
+    else:   # near-ties flip either way in bf16
+        ref_routing = [model.forward_reference(t)[1] for t in tokens]
+        ref_agree = sum(int(_same_sets(r, t[1]).sum()) for r, t in zip(ref_routing, truth))
+        assert agree >= ref_agree - 0.03 * total, (agree, ref_agree, total)
 
 
 # ---- the engine ---------------------------------------------------------------------------
