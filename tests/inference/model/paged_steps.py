@@ -14,6 +14,7 @@ import torch
 
 from inference.attention_backends import select_attention
 from inference.model import AttentionMetadata, ForwardContext, MoEGPT
+from inference.model.context import AttentionBackend
 from inference.model.recurrent import RecurrentMetadata
 from inference.cache.state_pool import StatePool
 
@@ -33,14 +34,15 @@ class PagedSteps:
     its first chunk on, one state-pool slot; ``computed[s]`` tokens have been fed."""
 
     def __init__(self, model: MoEGPT, sequences: list[list[int]], block_size: int = 4,
-                 mode: str = "auto", num_slots: int | None = None) -> None:
+                 mode: str = "auto", num_slots: int | None = None,
+                 attention: AttentionBackend | None = None) -> None:
         c = model.config
         self.model, self.sequences, self.block_size, self.mode = model, sequences, block_size, mode
         self.max_blocks = -(-max(len(s) for s in sequences) // block_size)
         self.num_blocks = self.max_blocks * len(sequences)
         param = next(model.parameters())
         self.device = param.device
-        self.attention = select_attention(self.device)
+        self.attention = attention if attention is not None else select_attention(self.device)
         shape = (self.num_blocks + 1, block_size, c.num_kv_heads, c.head_dim)
         # Only attention layers get KV (a mapping, as a hybrid-aware cache would hand over).
         self.kv = {i: (param.new_zeros(shape), param.new_zeros(shape)) for i in c.attention_layer_indices}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from inference.attention_backends import EagerBackend, TritonBackend
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.cache.kv_cache import KVCache
@@ -51,15 +52,19 @@ def test_classic_presets_keep_their_layers():
     assert not model.hybrid and type(model.layers[0]).__name__ == "DecoderLayer"
 
 
+@pytest.mark.parametrize("attention", ["eager", "kernels"])
 @pytest.mark.parametrize("preset", ["tiny-hybrid-gdn", "tiny-hybrid-mamba"])
 @pytest.mark.parametrize("mode", ["auto", "recurrent"])
-def test_paged_chunks_and_decodes_equal_the_reference(preset, mode):
+def test_paged_chunks_and_decodes_equal_the_reference(preset, mode, attention):
     """Three sequences through mixed steps (a fresh prompt, continued prefill chunks,
     decodes, padding rows, one sequence idle for a step) give every token the logits and
-    routing of the whole-sequence reference."""
+    routing of the whole-sequence reference. ``kernels``: the CUDA backend's dispatch
+    (decode and prefill kernels' torch references on CPU), which reads the metadata row of
+    every query row, padding included, as the GPU kernels do."""
     model = build_model(get_preset(preset), seed=3)
     seqs = _sequences(model.config.vocab_size, [19, 16, 9], seed=4)
-    run = PagedSteps(model, seqs, block_size=4, mode=mode)
+    backend = TritonBackend() if attention == "kernels" else EagerBackend()
+    run = PagedSteps(model, seqs, block_size=4, mode=mode, attention=backend)
     ref = [model.forward_reference(torch.tensor(s)) for s in seqs]
     plan = [
         ([Chunk(0, 0, 7), Chunk(1, 0, 13)], 3),                 # fresh prompts, 3 padding rows
