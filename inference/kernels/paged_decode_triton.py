@@ -126,9 +126,12 @@ def choose_num_splits(batch: int, kv_heads: int, max_blocks: int, block_size: in
 def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                   num_splits: int | None = None, window: int = 0,
-                                  sinks: torch.Tensor | None = None) -> torch.Tensor:
+                                  sinks: torch.Tensor | None = None, block_n: int | None = None,
+                                  num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Triton flash-decoding kernel; ``num_splits`` overrides the shape-based heuristic.
-    With a window the splits partition the window, not the whole context."""
+    With a window the splits partition the window, not the whole context. ``block_n``
+    (context tokens per tile; default 64 with query groups, else 32), ``num_warps`` and
+    ``num_stages`` (Triton's default when None) are tuning knobs (tools/tune_paged_decode.py)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     batch, num_heads, head_dim = q.shape
@@ -146,7 +149,11 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if num_splits is None:
         num_splits = choose_num_splits(batch, kv_heads, -(-span // block_size), block_size, q.device)
     use_dot = group > 1
-    block_n = 64 if use_dot else 32
+    if block_n is None:
+        block_n = 64 if use_dot else 32
+    elif block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    launch = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     has_sinks = sinks is not None
     sinks_arg = sinks.float().contiguous() if has_sinks else out
     block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
@@ -163,7 +170,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         GROUP=group, HEAD_DIM=head_dim, KV_BLOCK_SIZE=block_size,
         BLOCK_G=block_g, BLOCK_N=block_n,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)) if use_dot else triton.next_power_of_2(head_dim),  # tl.dot: K >= 16
-        NUM_SPLITS=num_splits, USE_DOT=use_dot, HAS_SINKS=has_sinks and num_splits == 1, num_warps=4,
+        NUM_SPLITS=num_splits, USE_DOT=use_dot, HAS_SINKS=has_sinks and num_splits == 1, **launch,
     )
     if num_splits > 1:
         merge_splits(partial_out, partial_lse, out, sinks_arg if has_sinks else None)

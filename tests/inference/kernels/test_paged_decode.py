@@ -208,12 +208,29 @@ def check_interpreter_cases() -> int:
         out = paged_decode_attention_triton(*args, SCALE, num_splits=num_splits, window=window)
         assert (out - expected).abs().max().item() < 1e-4, f"NaN before the window leaked (splits={num_splits})"
         checked += 1
+    # Tuning knobs (tools/tune_paged_decode.py): other tile lengths, with and without query groups.
+    for block_n, group, num_splits in ((16, 1, 3), (128, 1, 2), (16, 4, 1), (128, 2, 3)):
+        q, k_cache, v_cache, tables, lens, _, _ = random_case(seq_lens=[1, 9, 0, 150, 33], kv_heads=2, group=group,
+                                                              head_dim=32, block_size=8, seed=400 + block_n)
+        out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits=num_splits,
+                                            block_n=block_n, num_warps=2, num_stages=2)
+        ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE)
+        assert (out - ref).abs().max().item() < 1e-4, f"block_n={block_n} group={group} splits={num_splits}"
+        checked += 1
     return checked
 
 
 @needs_triton
 def test_triton_kernel_matches_reference_in_interpreter():
-    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())) + 4)
+    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())) + 8)
+
+
+@needs_triton
+@pytest.mark.parametrize("block_n", [8, 48])
+def test_tile_length_must_be_a_power_of_two_of_at_least_16(block_n):
+    q, k_cache, v_cache, tables, lens, _, _ = random_case([5, 9], 2, 2, 32, 8, seed=3)
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 16"):
+        paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, block_n=block_n)
 
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
