@@ -346,6 +346,7 @@ class EngineConfig:
     compute_logprobs: bool = True    # log-prob of every sampled token (off only to measure its cost)
     moe_backend: str = "auto"        # routed experts on CUDA: inference.kernels.MOE_BACKENDS
     fused_small_ops: str = "auto"    # router / q-k norm + rotary / add + norm kernels: inference.kernels.small_ops
+    fused_kv_write: bool = True      # with them, K/V cache writes join the norm + rotary kernel (off: to measure)
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
@@ -371,6 +372,7 @@ class EngineConfig:
                  f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
         _require(self.fused_small_ops in FUSED_SMALL_OPS_MODES,
                  f"fused_small_ops must be one of {FUSED_SMALL_OPS_MODES}, got {self.fused_small_ops!r}")
+        _require(isinstance(self.fused_kv_write, bool), f"fused_kv_write must be a bool, got {self.fused_kv_write!r}")
         _require(self.state_checkpoints is None or (_is_int(self.state_checkpoints) and self.state_checkpoints >= 0),
                  f"--state-checkpoints must be an int >= 0, got {self.state_checkpoints!r}")
         _require(_is_int(self.checkpoint_interval_blocks) and self.checkpoint_interval_blocks >= 0,

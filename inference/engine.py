@@ -77,7 +77,8 @@ class LLMEngine:
             model.set_experts_fn(moe_experts_fn(config.moe_backend))
         # Before the decode graphs are captured: they bake in whichever ops run.
         from inference.kernels.small_ops import fused_small_ops_enabled
-        self.fused_small_ops = model.set_fused_small_ops(fused_small_ops_enabled(config.fused_small_ops, self.device))
+        self.fused_small_ops = model.set_fused_small_ops(fused_small_ops_enabled(config.fused_small_ops, self.device),
+                                                         kv_write=config.fused_kv_write)
         parallel = model.parallel
         self.replica = (ReplicaSync.build(parallel, config.replica_check_interval)
                         if parallel is not None and parallel.tp.size > 1 else None)

@@ -9,8 +9,10 @@
    the measured bf16 matmul rate);
 4. optionally the same decode batches with another MoE backend (before/after), or with
    the fused small ops (router, q/k norm + rotary, residual add + norm) in another mode
-   (``--compare-small-ops off``: before/after at every batch, breakdowns included), and HF
-   transformers ``generate`` at batch 64 on the same weights.
+   (``--compare-small-ops off``: before/after at every batch, breakdowns included; the
+   pseudo-mode ``no-kv-write`` keeps the main run's small ops but writes K/V with
+   ``write_kv`` instead of the fused norm + rotary kernel), and HF transformers
+   ``generate`` at batch 64 on the same weights.
 
     python tools/bench_decode.py --output-dir docs/bench            # everything (long)
     python tools/bench_decode.py --quick --output-dir OUT           # ~2-3 min on an H200
@@ -49,6 +51,7 @@ from tools.decode_tables import format_tables
 MODELS = ("olmoe-1b-7b-shape", "qwen3-30b-a3b-shape")
 HYBRID_MODELS = ("qwen3.5-35b-a3b-shape", "nemotron-3-nano-30b-a3b-shape")   # tools/gpu_recurrent.sh
 PREFILL_STEP_TOKENS = 8192
+NO_KV_WRITE = "no-kv-write"     # --compare-small-ops: the main run's mode with EngineConfig.fused_kv_write off
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -69,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fused-small-ops", default="auto", choices=FUSED_SMALL_OPS_MODES,
                    help="EngineConfig.fused_small_ops of the main run")
     p.add_argument("--compare-small-ops", type=csv, default=[],
-                   help="decode every batch again with fused_small_ops in these modes (e.g. off)")
+                   help=f"decode every batch again with fused_small_ops in these modes (e.g. off), or "
+                        f"{NO_KV_WRITE}: the main run's mode without the fused KV write")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="compare with HF generate")
     p.add_argument("--hf-models", type=csv, default=["olmoe-1b-7b-shape"], help="HF is slow: OLMoE only by default")
     p.add_argument("--hf-batch", type=int, default=64)
@@ -92,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if backend not in MOE_BACKENDS:
             raise SystemExit(f"--compare-backends: {backend!r} is not one of {MOE_BACKENDS}")
     for mode in args.compare_small_ops:
-        if mode not in FUSED_SMALL_OPS_MODES:
-            raise SystemExit(f"--compare-small-ops: {mode!r} is not one of {FUSED_SMALL_OPS_MODES}")
+        if mode not in (*FUSED_SMALL_OPS_MODES, NO_KV_WRITE):
+            raise SystemExit(f"--compare-small-ops: {mode!r} is not one of {(*FUSED_SMALL_OPS_MODES, NO_KV_WRITE)}")
     return args
 
 
@@ -107,14 +111,20 @@ class Budget:
         return self.seconds is not None and time.perf_counter() - self.start > self.seconds
 
 
-def make_engine(model, args, max_batch: int, backend: str, small_ops: str | None = None) -> LLMEngine:
+def engine_config(args, max_batch: int, backend: str, small_ops: str | None = None) -> EngineConfig:
+    """``small_ops``: a ``fused_small_ops`` mode or ``NO_KV_WRITE`` (None: the main run's)."""
+    kv_write = small_ops != NO_KV_WRITE
+    small_ops = args.fused_small_ops if small_ops in (None, NO_KV_WRITE) else small_ops
     per_request = -(-(args.prompt_len + args.output_len) // 16)
     prefill = args.prefill_requests * -(-(args.prefill_prompt_len + 1) // 16)
-    cfg = EngineConfig(block_size=16, num_kv_blocks=max(max_batch * per_request, prefill) + 8,
-                       max_requests=max_batch, max_step_tokens=PREFILL_STEP_TOKENS, enable_prefix_caching=False,
-                       record_routing=True, cuda_graphs=True, cuda_graph_max_batch=max_batch, dtype=args.dtype,
-                       device="cuda", moe_backend=backend, fused_small_ops=small_ops or args.fused_small_ops)
-    return LLMEngine(model, cfg)
+    return EngineConfig(block_size=16, num_kv_blocks=max(max_batch * per_request, prefill) + 8,
+                        max_requests=max_batch, max_step_tokens=PREFILL_STEP_TOKENS, enable_prefix_caching=False,
+                        record_routing=True, cuda_graphs=True, cuda_graph_max_batch=max_batch, dtype=args.dtype,
+                        device="cuda", moe_backend=backend, fused_small_ops=small_ops, fused_kv_write=kv_write)
+
+
+def make_engine(model, args, max_batch: int, backend: str, small_ops: str | None = None) -> LLMEngine:
+    return LLMEngine(model, engine_config(args, max_batch, backend, small_ops))
 
 
 def serve(engine: LLMEngine, prompts: list[list[int]], max_new_tokens: int, on_full_decode=None) -> dict:

@@ -165,6 +165,8 @@ def labelled_components(model, recorder=None) -> Iterator[int]:
         if isinstance(module, (GQAttention, MLAttention)):
             wrap(module, "forward", "attention kernel + KV write")
             wrap(module, "project", "norms and rotary")        # rotary, and reshapes
+            if isinstance(module, GQAttention):                 # the fused norm + rotary + KV write kernel
+                wrap(module, "project_write_kv", "norms and rotary")
             for sub in module.modules():
                 if isinstance(sub, torch.nn.Linear):
                     wrap(sub, "forward", "attention projections")

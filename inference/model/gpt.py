@@ -125,18 +125,20 @@ class MoEGPT(nn.Module):
             h, x = after.add_forward(layer.mlp_forward(x, out), h)
         return x
 
-    def set_fused_small_ops(self, enabled: bool) -> dict[str, int]:
+    def set_fused_small_ops(self, enabled: bool, kv_write: bool = True) -> dict[str, int]:
         """Turn the fused small-op kernels on or off (the engine's ``fused_small_ops``): the
         router (``TopKRouter.fused`` / ``half_logits``), q/k norm + rotary
-        (``GQAttention.fused_rotary``) and residual add + RMSNorm (non-hybrid models whose
-        norms are all plain RMSNorms). Each is taken on CUDA tensors only and where its
-        kernel applies; returns how many modules of each kind took it."""
+        (``GQAttention.fused_rotary``; with ``kv_write``, ``fused_kv_write``: the same
+        kernel writes the step's K/V into the cache, where the cache layout allows it) and
+        residual add + RMSNorm (non-hybrid models whose norms are all plain RMSNorms). Each
+        is taken on CUDA tensors only and where its kernel applies; returns how many modules
+        of each kind took it."""
         from inference.kernels.norm_rotary import add_rms_norm_supported
         from inference.kernels.router_topk import half_logits_gemm_available, router_topk_supported
         from inference.model.attention import GQAttention
         device = next(self.parameters()).device
         half = enabled and half_logits_gemm_available(device)
-        counts = {"routers": 0, "half_logits": 0, "attention": 0, "residual_norms": 0}
+        counts = {"routers": 0, "half_logits": 0, "attention": 0, "kv_writes": 0, "residual_norms": 0}
         for module in self.modules():
             if isinstance(module, TopKRouter):
                 module.fused = enabled and router_topk_supported(module.num_experts, module.topk, module.config)
@@ -145,7 +147,9 @@ class MoEGPT(nn.Module):
                 counts["half_logits"] += half
             elif isinstance(module, GQAttention):
                 module.fused_rotary = enabled and module.fused_rotary_applies()
+                module.fused_kv_write = module.fused_rotary and kv_write
                 counts["attention"] += module.fused_rotary
+                counts["kv_writes"] += module.fused_kv_write
         norms = [] if self.hybrid else [self.norm, *(n for layer in self.layers
                                                      for n in (layer.input_layernorm, layer.post_attention_layernorm))]
         self.fused_residual_norms = (enabled and bool(norms) and all(type(n) is RMSNorm for n in norms)

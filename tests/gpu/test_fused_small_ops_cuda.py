@@ -1,7 +1,10 @@
 """GPU engine with the fused small-op kernels (router, q/k norm + rotary, residual add +
 RMSNorm) on vs off: in fp32 the same tokens and routing, both exact against the
 full-sequence reference (which never takes the kernels), with CUDA-graph decode and no
-host sync in steady-state decode; in bf16, the same routing away from near-ties."""
+host sync in steady-state decode; in bf16, the same routing away from near-ties. The fused
+KV write (norm + rotary kernel writing the cache) on vs off: bitwise the same tokens,
+routing and log-probs in fp32 and bf16, through decode graphs and piecewise prefill graphs,
+with the path taken counted."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
+from inference.model.attention import GQAttention, gqa
 from inference.presets import build_model, get_preset
 from inference.request import SamplingParams
 
@@ -37,14 +41,14 @@ def _prompts(n, seed):
     return [rng.integers(2, 512, size=int(rng.integers(3, 40))).tolist() for _ in range(n)]
 
 
-def _engine(model, mode, dtype="float32"):
+def _engine(model, mode, dtype="float32", kv_write=True):
     return LLMEngine(model, EngineConfig(block_size=16, num_kv_blocks=256, max_requests=16, max_step_tokens=256,
                                          dtype=dtype, device="cuda", record_routing=True, cuda_graphs=True,
-                                         async_scheduling=True, fused_small_ops=mode))
+                                         async_scheduling=True, fused_small_ops=mode, fused_kv_write=kv_write))
 
 
-def _generate(model, mode, prompts, dtype="float32"):
-    engine = _engine(model, mode, dtype)
+def _generate(model, mode, prompts, dtype="float32", kv_write=True):
+    engine = _engine(model, mode, dtype, kv_write)
     params = [SamplingParams(max_new_tokens=4 + i % 7, ignore_eos=True) for i in range(len(prompts))]
     results = sorted(engine.generate(prompts, params), key=lambda r: prompts.index(r.prompt_token_ids))
     assert any(e["cuda_graph"] for e in engine.step_log.entries)
@@ -57,7 +61,7 @@ def test_fp32_tokens_and_routing_equal_with_the_kernels_on_and_off(name):
     prompts = _prompts(12, seed=1)
     on, fused = _generate(model, "on", prompts)
     assert on.fused_small_ops["routers"] == model.config.num_moe_layers
-    assert on.fused_small_ops["attention"] == model.config.num_layers
+    assert on.fused_small_ops["attention"] == on.fused_small_ops["kv_writes"] == model.config.num_layers
     assert on.fused_small_ops["residual_norms"] == 2 * model.config.num_layers
     off, plain = _generate(model, "off", prompts)
     assert set(off.fused_small_ops.values()) == {0}
@@ -106,3 +110,39 @@ def test_bf16_routing_agrees_away_from_near_ties():
         first += a.output_token_ids[0] == b.output_token_ids[0]
     assert same >= 0.9 * rows, (same, rows)
     assert first >= 0.5 * len(prompts), first
+
+
+@pytest.mark.parametrize("name,dtype", [("sigmoid-bias-per-head-partial", "bfloat16"),
+                                        ("olmoe-like-full-norm", "bfloat16"), ("tiny-moe", "float32")])
+def test_fused_kv_write_changes_no_token(name, dtype, monkeypatch):
+    """K/V written by the norm + rotary kernel or by ``write_kv`` after it: the same values
+    in the cache, so the same tokens, routing and log-probs bit for bit, through decode
+    graphs and piecewise prefill graphs (whose pieces hold the KV writes)."""
+    calls = {"write_kv": 0, "fused": 0}
+    write_kv, project_write_kv = gqa.write_kv, GQAttention.project_write_kv
+
+    def counting_write(*args):
+        calls["write_kv"] += 1
+        return write_kv(*args)
+
+    def counting_project(self, *args):
+        calls["fused"] += 1
+        return project_write_kv(self, *args)
+
+    monkeypatch.setattr(gqa, "write_kv", counting_write)
+    monkeypatch.setattr(GQAttention, "project_write_kv", counting_project)
+    model = build_model(CONFIGS[name], seed=0, dtype=getattr(torch, dtype), device="cuda")
+    prompts = _prompts(12, seed=4)
+    runs = {}
+    for kv_write in (True, False):
+        calls.update(write_kv=0, fused=0)
+        engine, results = _generate(model, "on", prompts, dtype, kv_write)
+        entries = engine.step_log.entries
+        assert any(e["piecewise_graph"] for e in entries) and any(e["cuda_graph"] and not e["piecewise_graph"]
+                                                                  for e in entries)
+        assert engine.fused_small_ops["kv_writes"] == (model.config.num_layers if kv_write else 0)
+        used, unused = ("fused", "write_kv") if kv_write else ("write_kv", "fused")
+        assert calls[used] > 0 and calls[unused] == 0, calls
+        runs[kv_write] = [(r.output_token_ids, r.routing.tolist(), r.output_logprobs) for r in results]
+        engine.close()
+    assert runs[True] == runs[False]

@@ -173,6 +173,17 @@ def test_command_line_quick_mode_and_bad_backend():
         bench_decode.parse_args(["--compare-small-ops", "fast"])
 
 
+def test_no_kv_write_comparison_keeps_the_other_small_ops():
+    compare = f"off,{bench_decode.NO_KV_WRITE}"
+    args = bench_decode.parse_args(["--compare-small-ops", compare, "--fused-small-ops", "on"])
+    assert args.compare_small_ops == ["off", "no-kv-write"]
+    main, off = bench_decode.engine_config(args, 4, "auto"), bench_decode.engine_config(args, 4, "auto", "off")
+    no_kv = bench_decode.engine_config(args, 4, "auto", bench_decode.NO_KV_WRITE)
+    assert (main.fused_small_ops, main.fused_kv_write) == ("on", True)
+    assert (off.fused_small_ops, off.fused_kv_write) == ("off", True)
+    assert (no_kv.fused_small_ops, no_kv.fused_kv_write) == ("on", False)
+
+
 def test_tables_show_the_small_ops_comparison_side_by_side():
     breakdown = {"graph_replay_ms": 1.0, "eager_ms": 2.0, "kernel_ms": 0.8,
                  "rows": [{"component": "router + top-k", "ms": 0.1, "floor_ms": 0.01, "ratio": 10.0}],

@@ -23,7 +23,9 @@ class GQAttention(nn.Module):
     rotary. ``output_gate_proj`` (``attention_output_gate``): per-head gates, applied as
     ``out * sigmoid(gate)`` before ``o_proj``. Without ``use_rope`` the rotary tables are
     ignored. Invariant: ``window`` is 0 (full attention) or the layer's sliding window, and
-    both the paged and the reference forward apply the same window, sinks and gate."""
+    both the paged and the reference forward apply the same window, sinks and gate; the
+    fused paths (``fused_rotary``, ``fused_kv_write``) leave in the KV cache exactly what
+    ``project`` then ``write_kv`` would."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -51,6 +53,15 @@ class GQAttention(nn.Module):
         self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
         # q/k norm + rotary as one kernel on CUDA (MoEGPT.set_fused_small_ops); off: torch.
         self.fused_rotary = False
+        # With fused_rotary: that kernel also writes k and v into the KV cache (one launch
+        # instead of three) where the cache layout allows it (set_fused_small_ops).
+        self.fused_kv_write = False
+
+    @staticmethod
+    def _kernels_take(x: torch.Tensor) -> bool:
+        """The fused kernels run on CUDA tensors only (interpreter tests patch this to run
+        them on CPU)."""
+        return x.is_cuda
 
     def fused_rotary_applies(self) -> bool:
         """Whether ``qk_norm_rotary`` computes this layer's q/k norm and rotary (plain
@@ -65,7 +76,7 @@ class GQAttention(nn.Module):
     def project(self, x: torch.Tensor, rope: RotaryTables,
                 reference: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         t = x.shape[0]
-        if self.fused_rotary and x.is_cuda and not reference:
+        if self.fused_rotary and self._kernels_take(x) and not reference:
             return self._project_fused(x, rope)
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "full":
@@ -85,21 +96,45 @@ class GQAttention(nn.Module):
         from inference.kernels.norm_rotary import qk_norm_rotary
         qkv = self.qkv_proj(x)
         v = qkv[:, self.q_size + self.kv_size:].reshape(x.shape[0], self.num_kv_heads, self.head_dim)
-        cos, sin = rope if self.use_rope else (None, None)
-        norm = self.qk_norm
-        q, k = qk_norm_rotary(qkv, self.num_heads, self.num_kv_heads, self.head_dim, cos, sin, norm,
-                              None if norm == "none" else self.q_norm.weight,
-                              None if norm == "none" else self.k_norm.weight,
-                              1e-6 if norm == "none" else self.q_norm.eps)
+        q, k = qk_norm_rotary(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *self._kernel_args(rope))
         return q, k, v
+
+    def project_write_kv(self, x: torch.Tensor, rope: RotaryTables, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> torch.Tensor:
+        """``project``'s q; its k and v written into the caches at ``slot_mapping`` by the
+        same kernel, as ``write_kv`` stores them (``qk_norm_rotary_write_kv``)."""
+        from inference.kernels.norm_rotary import qk_norm_rotary_write_kv
+        return qk_norm_rotary_write_kv(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim,
+                                       *self._kernel_args(rope), k_cache, v_cache, slot_mapping)
+
+    def _kernel_args(self, rope: RotaryTables) -> tuple:
+        """(cos, sin, norm, q weight, k weight, eps) of the norm + rotary kernels."""
+        cos, sin = rope if self.use_rope else (None, None)
+        if self.qk_norm == "none":
+            return cos, sin, "none", None, None, 1e-6
+        return cos, sin, self.qk_norm, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps
+
+    def _writes_kv_fused(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> bool:
+        if not (self.fused_kv_write and self.fused_rotary and self._kernels_take(x)):
+            return False
+        from inference.kernels.norm_rotary import kv_write_supported
+        return kv_write_supported(k_cache, v_cache, slot_mapping, self.num_kv_heads, self.head_dim, x.dtype,
+                                  x.shape[0])
 
     def _sinks(self) -> torch.Tensor | None:
         return None if self.sinks is None else self.sinks.float()
 
     def forward(self, x: torch.Tensor, rope: RotaryTables, ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.project(x, rope)
         k_cache, v_cache = ctx.kv_caches[self.layer_index]
-        write_kv(k_cache, v_cache, ctx.attn.slot_mapping, k, v)
+        slots = ctx.attn.slot_mapping
+        if self._writes_kv_fused(x, k_cache, v_cache, slots):
+            # The attention backends read this step's k and v from the cache: k is never
+            # materialised outside it.
+            q = self.project_write_kv(x, rope, k_cache, v_cache, slots)
+        else:
+            q, k, v = self.project(x, rope)
+            write_kv(k_cache, v_cache, slots, k, v)
         out = ctx.attention.attend(q, k_cache, v_cache, ctx.attn, self.scale, self.window, self._sinks())
         return self._output(out, x)
 

@@ -1,6 +1,11 @@
 """The fused small-ops switch on CPU: the knob's modes, which modules take which kernel,
 and that the CPU path is unchanged (the kernels run on CUDA tensors only; their numerics
-are checked in tests/inference/kernels and tests/gpu/test_fused_small_ops_cuda.py)."""
+are checked in tests/inference/kernels and tests/gpu/test_fused_small_ops_cuda.py).
+
+The fused KV write in a model: a tiny model's paged forward (prefill, mixed and decode
+steps with padding rows) with the norm + rotary kernel writing K/V gives bitwise the
+logits, routing and caches of the same kernel followed by ``write_kv``, and matches the
+full-sequence reference; the kernels run under Triton's interpreter in a subprocess."""
 
 from __future__ import annotations
 
@@ -9,12 +14,14 @@ import dataclasses
 import pytest
 import torch
 
-from inference.config import EngineConfig
+from inference.config import EngineConfig, MLAConfig
 from inference.engine import LLMEngine
 from inference.kernels.router_topk import triton
 from inference.kernels.small_ops import fused_small_ops_enabled
+from inference.model.attention import GQAttention, gqa
 from inference.presets import build_model, get_preset
 from inference.request import SamplingParams
+from tests.inference.kernels.harness import assert_interpreter_checks_pass, needs_triton, run_interpreter_checks
 from tests.inference.model.paged_steps import Chunk, PagedSteps
 
 
@@ -43,17 +50,26 @@ def test_which_modules_take_the_kernels():
     c = model.config
     counts = model.set_fused_small_ops(True)
     assert counts == {"routers": c.num_moe_layers, "half_logits": 0, "attention": c.num_layers,
-                      "residual_norms": 2 * c.num_layers}          # no bf16 GEMM probe on CPU
+                      "kv_writes": c.num_layers, "residual_norms": 2 * c.num_layers}   # no bf16 GEMM probe on CPU
     assert model.fused_residual_norms
-    assert model.set_fused_small_ops(False) == {"routers": 0, "half_logits": 0, "attention": 0, "residual_norms": 0}
-    assert not any(getattr(m, "fused", False) or getattr(m, "fused_rotary", False) for m in model.modules())
+    assert model.set_fused_small_ops(True, kv_write=False)["kv_writes"] == 0
+    assert not any(getattr(m, "fused_kv_write", False) for m in model.modules())
+    assert model.set_fused_small_ops(False) == {"routers": 0, "half_logits": 0, "attention": 0, "kv_writes": 0,
+                                                "residual_norms": 0}
+    assert not any(getattr(m, "fused", False) or getattr(m, "fused_rotary", False)
+                   or getattr(m, "fused_kv_write", False) for m in model.modules())
     # Group-limited routing keeps the torch router; a model without q/k norm still fuses rotary.
     grouped = build_model(get_preset("tiny-moe-sigmoid"), seed=0).set_fused_small_ops(True)
-    assert grouped["routers"] == 0 and grouped["attention"] == 4
-    # Zero-centred norms (Qwen3-Next-style hybrids): no attention or residual-norm kernel.
+    assert grouped["routers"] == 0 and grouped["attention"] == grouped["kv_writes"] == 4
+    # Zero-centred norms (Qwen3-Next-style hybrids): no attention, KV-write or residual-norm kernel.
     hybrid = build_model(get_preset("tiny-hybrid-gdn"), seed=0)
     counts = hybrid.set_fused_small_ops(True)
-    assert counts["attention"] == 0 and counts["residual_norms"] == 0 and counts["routers"] > 0
+    assert counts["attention"] == counts["kv_writes"] == counts["residual_norms"] == 0 and counts["routers"] > 0
+    # Latent attention keeps its own projection and cache write.
+    latent = MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    mla_config = dataclasses.replace(get_preset("tiny-moe"), name="mla", mla=latent)
+    mla = build_model(mla_config, seed=0).set_fused_small_ops(True)
+    assert mla["attention"] == mla["kv_writes"] == 0
 
 
 def test_fused_residual_loop_equals_the_plain_loop(monkeypatch):
@@ -88,8 +104,87 @@ def test_cpu_engine_is_unchanged_with_the_flags_set():
             if hasattr(m, "fused"):
                 m.fused = m.half_logits = forced
             if hasattr(m, "fused_rotary"):
-                m.fused_rotary = forced
+                m.fused_rotary = m.fused_kv_write = forced
         model.fused_residual_norms = forced
         results = sorted(engine.generate(prompts, [params] * 2), key=lambda r: r.prompt_token_ids)
         outputs.append([(r.output_token_ids, r.routing.tolist()) for r in results])
     assert outputs[0] == outputs[1]
+
+
+KV_WRITE_SEQUENCES = [[5, 9, 2, 7, 11, 3], [8, 1, 4, 6, 2]]
+KV_WRITE_STEPS = [  # prefill with padding, mixed, decode with padding (the interpreter is slow: few rows)
+    ([Chunk(0, 0, 4), Chunk(1, 0, 2)], 1), ([Chunk(0, 4, 1), Chunk(1, 2, 2)], 1),
+    ([Chunk(0, 5, 1), Chunk(1, 4, 1)], 1)]
+
+
+def kv_write_configs():
+    """Two-layer models (one dense, one MoE): per-head norm + partial rotary, and an
+    OLMoE-style whole-projection norm with full rotary."""
+    two = dict(num_layers=2, dense_layers=(0,))
+    return {"per-head-partial": dataclasses.replace(sigmoid_no_groups(), **two),
+            "full-norm": dataclasses.replace(get_preset("tiny-moe"), name="full", qk_norm="full", **two)}
+
+
+def paged_run(config, kv_write: bool):
+    """The schedule through the paged forward with the fused norm + rotary kernel (run on
+    CPU tensors), K/V written by it (``kv_write``) or by ``write_kv``: per step (logits,
+    routing), the caches, and how often each write path ran."""
+    from unittest import mock
+    model = build_model(config, seed=3)
+    for m in model.modules():
+        if isinstance(m, GQAttention):
+            m.fused_rotary, m.fused_kv_write = True, kv_write
+    calls = {"write_kv": 0, "fused": 0}
+    write_kv, project_write_kv = gqa.write_kv, GQAttention.project_write_kv
+
+    def counting_write(*args):
+        calls["write_kv"] += 1
+        return write_kv(*args)
+
+    def counting_project(self, *args):
+        calls["fused"] += 1
+        return project_write_kv(self, *args)
+
+    steps = PagedSteps(model, KV_WRITE_SEQUENCES, block_size=4)
+    with mock.patch.object(GQAttention, "_kernels_take", staticmethod(lambda x: True)), \
+            mock.patch.object(gqa, "write_kv", counting_write), \
+            mock.patch.object(GQAttention, "project_write_kv", counting_project):
+        outputs = [steps.step(chunks, pad) for chunks, pad in KV_WRITE_STEPS]
+    return model, outputs, steps, calls
+
+
+def check_kv_write_model(config) -> None:
+    model, fused, steps, calls = paged_run(config, kv_write=True)
+    _, unfused, ref_steps, ref_calls = paged_run(config, kv_write=False)
+    writes = len(KV_WRITE_STEPS) * config.num_layers
+    assert calls == {"write_kv": 0, "fused": writes} and ref_calls == {"write_kv": writes, "fused": 0}
+    for (logits, routing), (ref_logits, ref_routing) in zip(fused, unfused):
+        assert all(torch.equal(a, b) for a, b in zip(logits + routing, ref_logits + ref_routing))
+    real = slice(0, steps.num_blocks)          # padding rows share the dummy block's slot
+    for layer, (k, v) in steps.kv.items():
+        ref_k, ref_v = ref_steps.kv[layer]
+        assert torch.equal(k[real], ref_k[real]) and torch.equal(v[real], ref_v[real]) and k.abs().sum() > 0
+    for s, seq in enumerate(KV_WRITE_SEQUENCES):      # rows of sequence s in step order = its positions
+        logits = torch.cat([out[0][i] for out, (chunks, _) in zip(fused, KV_WRITE_STEPS)
+                            for i, ch in enumerate(chunks) if ch.seq == s])
+        routing = torch.cat([out[1][i] for out, (chunks, _) in zip(fused, KV_WRITE_STEPS)
+                             for i, ch in enumerate(chunks) if ch.seq == s])
+        ref_logits, ref_routing = model.forward_reference(torch.tensor(seq))
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(routing, ref_routing)
+
+
+def check_interpreter_cases() -> int:
+    configs = kv_write_configs()
+    for config in configs.values():
+        check_kv_write_model(config)
+    return len(configs)
+
+
+@needs_triton
+def test_fused_kv_write_in_a_paged_forward_in_interpreter():
+    assert_interpreter_checks_pass(__file__, len(kv_write_configs()))
+
+
+if __name__ == "__main__":
+    run_interpreter_checks(check_interpreter_cases)
