@@ -13,6 +13,16 @@ Writes ``inference/kernels/configs/fused_moe/E=..,H=..,I=..,dtype=bfloat16,devic
 (or ``--config-dir``) with the buckets it tuned, and a report with every measurement. Kernels
 are compiled first by ``--jobs`` worker processes (Triton's disk cache), then token counts
 are tuned in priority order (decode sizes first) until ``--time-budget`` seconds have passed.
+
+Small-batch path (``tools/fused_moe_small_tuning.py``): at ``--small-tokens`` (default
+1,2,4,8) the two small-batch kernels' tiles are tuned too and the whole small path is timed
+against the aligned path (this run's tuned tiles for that token count, else the tiles the
+lookup would use); the crossover goes into each file's ``small_batch`` object. A file
+rewritten without those measurements loses its ``small_batch`` (the default threshold
+applies). ``--small-only`` measures just that and adds it to the existing files, keeping
+their aligned tiles:
+
+    python tools/tune_fused_moe.py --small-only --shapes olmoe-1b-7b,qwen3-30b-a3b
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import torch
 from inference.kernels import fused_moe as fm
 from inference.kernels import fused_moe_configs as cfgs
 from inference.kernels.moe_grouped import moe_experts_grouped_mm, moe_experts_reference
+from tools import fused_moe_small_tuning as small
 from tools.decode_profile import capture_graph, cuda_ms, gpu_slug
 
 SHAPES = {"olmoe-1b-7b": (64, 8, 2048, 1024), "qwen3-30b-a3b": (128, 8, 2048, 768),  # E, topk, H, I
@@ -222,22 +233,84 @@ def tune_bucket(name: str, shape: tuple, num_tokens: int, weights: tuple, smem: 
     return row
 
 
-def write_configs(rows: list[dict], config_dir: Path, device: str, meta: dict) -> list[str]:
+def tune_small(name: str, shape: tuple, num_tokens: int, weights: tuple, rows: list[dict], config_dir: Path) -> dict:
+    """One small-batch bucket, against the aligned tiles this run tuned for ``num_tokens``
+    (else those ``config_dir``'s file or the heuristic gives)."""
+    num_experts, topk, hidden, inter = shape
+    problem = make_problem(shape, num_tokens, weights)
+    tuned = [r["config"] for r in rows if r["shape"] == name and r["tokens"] == num_tokens and "config" in r]
+    aligned = (cfgs.FusedMoEConfig.from_dict(tuned[0]) if tuned else
+               cfgs.select_config(num_tokens, topk, num_experts, hidden, inter, torch.bfloat16, weights[0].device,
+                                  config_dir))
+    return small.tune_small_bucket(name, problem, moe_experts_reference(*problem), aligned, graph_ms, rel_err, REL_TOL)
+
+
+def write_configs(rows: list[dict], config_dir: Path, device: str, meta: dict,
+                  small_rows: list[dict] = ()) -> list[str]:
+    """One file per shape with tuned rows; small-batch rows alone update an existing file's
+    ``small_batch`` and keep its aligned tiles and meta."""
     written = []
     for name, (num_experts, _, hidden, inter) in SHAPES.items():
         mine = sorted((r for r in rows if r["shape"] == name and "config" in r and r["tuned_rel_err"] <= REL_TOL),
                       key=lambda r: r["tokens"])
-        if not mine:
-            continue
-        configs = {str(r["tokens"]): {**r["config"], "fused_ms": round(r["tuned_ms"], 5),
-                                      "grouped_mm_ms": r["grouped_mm_ms"] and round(r["grouped_mm_ms"], 5)}
-                   for r in mine}
+        small_batch = small.small_batch_field([r for r in small_rows if r["shape"] == name], meta, REL_TOL)
         path = config_dir / cfgs.config_file_name(num_experts, hidden, inter, torch.bfloat16, device)
+        if mine:
+            configs = {str(r["tokens"]): {**r["config"], "fused_ms": round(r["tuned_ms"], 5),
+                                          "grouped_mm_ms": r["grouped_mm_ms"] and round(r["grouped_mm_ms"], 5)}
+                       for r in mine}
+            data = {"meta": meta, "configs": configs}
+        elif small_batch is not None and path.is_file():
+            data = json.loads(path.read_text())
+        else:
+            continue
+        if small_batch is not None:
+            data["small_batch"] = small_batch
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"meta": meta, "configs": configs}, indent=1) + "\n")
+        path.write_text(json.dumps(data, indent=1) + "\n")
         written.append(str(path))
     cfgs.load_tuned_file.cache_clear()
+    cfgs.load_small_batch.cache_clear()
     return written
+
+
+def work_list(tokens: list[int], small_tokens: list[int], small_only: bool) -> list[tuple[str, int]]:
+    """("aligned" | "small", tokens) in priority order: a small bucket right after the
+    aligned bucket of the same size (it compares against those tiles); small sizes not
+    tuned on the aligned side first (they are decode sizes)."""
+    if small_only:
+        return [("small", t) for t in small_tokens]
+    work = [("small", t) for t in small_tokens if t not in tokens]
+    for t in tokens:
+        work += [("aligned", t)] + ([("small", t)] if t in small_tokens else [])
+    return work
+
+
+def run_buckets(names: list[str], work: list[tuple[str, int]], weights: dict, smem: int, failed: set,
+                config_dir: Path, start: float, budget: float) -> tuple[list[dict], list[dict], list[str]]:
+    """Tune ``work`` in order for every shape until ``budget`` seconds after ``start``."""
+    rows, small_rows, skipped = [], [], []
+    for kind, t in work:
+        for name in names:
+            if time.perf_counter() - start > budget:
+                skipped.append(f"{name} T={t}" + (" small" if kind == "small" else ""))
+                continue
+            out = small_rows if kind == "small" else rows
+            try:
+                out.append(tune_small(name, SHAPES[name], t, weights[name], rows, config_dir)
+                           if kind == "small" else tune_bucket(name, SHAPES[name], t, weights[name], smem, failed))
+            except Exception as exc:  # noqa: BLE001  (report it; other buckets go on)
+                out.append({"shape": name, "tokens": t, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            r = out[-1]
+            if kind == "small":
+                print(f"{name} T={t}: small {fmt(r.get('small_ms'), '.4f')} ms, aligned "
+                      f"{fmt(r.get('aligned_ms'), '.4f')} {r.get('error', '')}", flush=True)
+            else:
+                print(f"{name} T={t}: tuned {fmt(r.get('tuned_ms'), '.4f')} ms, heuristic "
+                      f"{fmt(r.get('heuristic_ms'), '.4f')}, grouped_mm {fmt(r.get('grouped_mm_ms'), '.4f')} "
+                      f"{r.get('error', '')}", flush=True)
+            torch.cuda.empty_cache()
+    return rows, small_rows, skipped
 
 
 def fmt(v, spec):
@@ -268,7 +341,11 @@ def main(argv=None) -> int:
     p.add_argument("--time-budget", type=float, default=270.0, help="seconds; later buckets are skipped")
     p.add_argument("--jobs", type=int, default=min(8, max(1, (os.cpu_count() or 2) // 2)), help="compile workers")
     p.add_argument("--config-dir", type=Path, default=cfgs.CONFIG_DIR)
-    p.add_argument("--report", type=Path, default=None, help="default docs/bench/fused_moe_<gpu>.json")
+    p.add_argument("--report", type=Path, default=None,
+                   help="default docs/bench/fused_moe_<gpu>.json (fused_moe_small_<gpu>.json with --small-only)")
+    p.add_argument("--small-tokens", default=",".join(map(str, small.SMALL_TOKENS)),
+                   help="token counts timed on the small-batch path too ('' for none)")
+    p.add_argument("--small-only", action="store_true", help="only the small-batch path; keep the files' aligned tiles")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_fused_moe needs a CUDA GPU", file=sys.stderr)
@@ -279,40 +356,38 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
     tokens = [int(t) for t in args.tokens.split(",")] if args.tokens else list(QUICK_TOKENS if args.quick else TOKENS)
+    small_tokens = [int(t) for t in args.small_tokens.split(",") if t]
     device = cfgs.device_name(torch.cuda.current_device())
     smem = cfgs.shared_memory_bytes(torch.cuda.current_device())
-    failed = precompile_all(SHAPES[names[0]], smem, args.jobs)
+    failed = set() if args.small_only else precompile_all(SHAPES[names[0]], smem, args.jobs)
     print(f"precompiled in {time.perf_counter() - start:.0f} s ({len(failed)} tile/kernel pairs cannot launch)", flush=True)
     weights = {name: make_weights(SHAPES[name]) for name in names}
-    rows, skipped = [], []
-    for t in tokens:
-        for name in names:
-            if time.perf_counter() - start > args.time_budget:
-                skipped.append(f"{name} T={t}")
-                continue
-            try:
-                rows.append(tune_bucket(name, SHAPES[name], t, weights[name], smem, failed))
-            except Exception as exc:  # noqa: BLE001  (report it; other buckets go on)
-                rows.append({"shape": name, "tokens": t, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            r = rows[-1]
-            print(f"{name} T={t}: tuned {fmt(r.get('tuned_ms'), '.4f')} ms, heuristic {fmt(r.get('heuristic_ms'), '.4f')}"
-                  f", grouped_mm {fmt(r.get('grouped_mm_ms'), '.4f')} {r.get('error', '')}", flush=True)
-            torch.cuda.empty_cache()
+    rows, small_rows, skipped = run_buckets(names, work_list(tokens, small_tokens, args.small_only), weights, smem,
+                                            failed, args.config_dir, start, args.time_budget)
     import triton
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d"), "command": "python tools/tune_fused_moe.py " + " ".join(argv or sys.argv[1:])}
-    written = write_configs(rows, args.config_dir, device, meta)
-    report_path = args.report or Path("docs/bench") / f"fused_moe_{gpu_slug(meta['device'])}.json"
+    written = write_configs(rows, args.config_dir, device, meta, small_rows)
+    kind = "fused_moe_small" if args.small_only else "fused_moe"   # keep the full run's report
+    report_path = args.report or Path("docs/bench") / f"{kind}_{gpu_slug(meta['device'])}.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps({"meta": meta, "config_files": written, "skipped": skipped,
-                                       "seconds": time.perf_counter() - start, "rows": rows}, indent=1) + "\n")
-    print_table(rows, meta["device"])
+                                       "seconds": time.perf_counter() - start, "rows": rows,
+                                       "small_rows": small_rows}, indent=1) + "\n")
+    if rows:
+        print_table(rows, meta["device"])
+    small.print_small_table(small_rows)
+    for name in names:
+        field = small.small_batch_field([r for r in small_rows if r["shape"] == name], meta, REL_TOL)
+        if field is not None:
+            print(f"{name}: small-batch path up to {field['max_tokens']} tokens")
     print(f"\nwrote {', '.join(written) or 'no config files'}; report {report_path}; "
           f"{time.perf_counter() - start:.0f} s; skipped {len(skipped)} buckets")
-    problems = [p for r in rows for p in r.get("problems", [])] + [r["error"] for r in rows if "error" in r]
+    every = rows + small_rows
+    problems = [p for r in every for p in r.get("problems", [])] + [r["error"] for r in every if "error" in r]
     for problem in problems:
         print(f"PROBLEM: {problem}")
-    return 1 if any("rel err" in p for p in problems) or any("error" in r for r in rows) else 0
+    return 1 if any("rel err" in p for p in problems) or any("error" in r for r in every) else 0
 
 
 if __name__ == "__main__":

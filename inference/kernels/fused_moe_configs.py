@@ -14,6 +14,21 @@ Keys of ``configs`` are token counts (rows of ``x``, not token-expert pairs); a 
 ``T`` tokens uses the entry of the nearest key. ``fused_ms`` / ``grouped_mm_ms`` are the
 tuner's measurements of the whole expert computation, kept so the dispatcher can prefer
 ``torch._grouped_mm`` where it measured faster (``prefers_grouped_mm``).
+
+An optional top-level ``small_batch`` object configures the small-batch path
+(``fused_moe_small.py``, two launches, no alignment) that ``fused_moe_experts`` runs for
+``T <= max_tokens``:
+
+    "small_batch": {"max_tokens": 4, "date": ..., "command": ...,
+                    "configs": {"1": {"gate_up": {"block_n": 16, "block_k": 256, "num_warps": 4,
+                                                  "num_stages": 2},
+                                      "down": {...}, "small_ms": 0.02, "aligned_ms": 0.03}, ...}}
+
+``max_tokens`` is the tuner's crossover (0: the small path never won); a file without the
+object, or no file, means ``DEFAULT_SMALL_BATCH_MAX_TOKENS`` and heuristic tiles. The
+environment variable ``FUSED_MOE_SMALL_BATCH_MAX_TOKENS`` overrides the threshold (0 turns
+the small path off) for A/B benchmarks; it is read when a call is traced, so a CUDA graph
+keeps the path it was captured with.
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +47,12 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "fused_moe"
 # smaller gap is within run-to-run noise of the tuner's timings.
 GROUPED_MM_MARGIN = 0.97
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
+SMALL_BATCH_ENV = "FUSED_MOE_SMALL_BATCH_MAX_TOKENS"
+# Conservative without a measurement: at 1-2 tokens no two pairs are likely to share an
+# expert, so aligning pairs into expert blocks buys nothing.
+DEFAULT_SMALL_BATCH_MAX_TOKENS = 2
+_GEMV_BLOCK_N = (1, 2, 4, 8, 16, 32, 64, 128)
+_GEMV_BLOCK_K = (16, 32, 64, 128, 256, 512, 1024)
 
 
 @dataclass(frozen=True)
@@ -201,3 +223,137 @@ def select_config(num_tokens: int, topk: int, num_experts: int, hidden: int, int
             return entry.config
         return default_config(num_tokens, topk, num_experts, dtype, shared_memory_bytes(index))
     return default_config(num_tokens, topk, num_experts, dtype)
+
+
+@dataclass(frozen=True)
+class GemvTiles:
+    """Launch parameters of one small-batch kernel: each program streams ``[block_n,
+    block_k]`` weight tiles (no ``tl.dot``, so any power-of-two ``block_n`` works)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.block_n not in _GEMV_BLOCK_N or self.block_k not in _GEMV_BLOCK_K:
+            raise ValueError(f"small-batch MoE tiles: block_n must be one of {_GEMV_BLOCK_N} and block_k one of "
+                             f"{_GEMV_BLOCK_K}, got {self.block_n} x {self.block_k}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or not 1 <= self.num_stages <= 8:
+            raise ValueError(f"small-batch MoE tiles: bad num_warps / num_stages in {self}")
+
+
+@dataclass(frozen=True)
+class SmallMoEConfig:
+    """Tiles of the two small-batch kernels (``fused_moe_small.py``); passing one to
+    ``fused_moe_experts`` runs that path whatever the token count."""
+
+    gate_up: GemvTiles
+    down: GemvTiles
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SmallMoEConfig":
+        try:
+            return cls(gate_up=GemvTiles(**d["gate_up"]), down=GemvTiles(**d["down"]))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"bad small-batch MoE config {d!r}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class SmallBatchData:
+    """The ``small_batch`` object of a tuned file: ``max_tokens >= 0`` and per-token-count
+    tiles sorted by token count (possibly empty: heuristic tiles then)."""
+
+    max_tokens: int
+    entries: tuple[tuple[int, SmallMoEConfig], ...] = ()
+
+    def config_for(self, num_tokens: int) -> SmallMoEConfig | None:
+        if not self.entries:
+            return None
+        return min(self.entries, key=lambda kv: (abs(kv[0] - num_tokens), kv[0]))[1]
+
+
+def parse_small_batch(text: str) -> SmallBatchData | None:
+    """The ``small_batch`` object of a tuned file's text, or None when it has none."""
+    data = json.loads(text)
+    small = data.get("small_batch") if isinstance(data, dict) else None
+    if small is None:
+        return None
+    max_tokens = small.get("max_tokens") if isinstance(small, dict) else None
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        raise ValueError(f"fused MoE small_batch needs an integer max_tokens >= 0, got {small!r:.200}")
+    configs = small.get("configs", {})
+    if not isinstance(configs, dict):
+        raise ValueError("fused MoE small_batch 'configs' must be an object")
+    entries = []
+    for key, value in configs.items():
+        if not key.isdigit() or int(key) < 1:
+            raise ValueError(f"fused MoE small_batch key {key!r} is not a positive token count")
+        entries.append((int(key), SmallMoEConfig.from_dict(value)))
+    return SmallBatchData(max_tokens, tuple(sorted(entries, key=lambda kv: kv[0])))
+
+
+@functools.lru_cache(maxsize=64)
+def load_small_batch(path: str) -> SmallBatchData | None:
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        return parse_small_batch(p.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{p}: {exc}") from exc
+
+
+def small_batch_data(num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype, device: str,
+                     config_dir: Path = CONFIG_DIR) -> SmallBatchData | None:
+    """The ``small_batch`` object of the tuned file for this shape on ``device`` (a device
+    name), or None."""
+    return load_small_batch(str(config_dir / config_file_name(num_experts, hidden, intermediate, dtype, device)))
+
+
+def small_batch_max_tokens(data: SmallBatchData | None) -> int:
+    """The token count up to which the small path runs: the environment override, else the
+    tuned crossover, else the default."""
+    raw = os.environ.get(SMALL_BATCH_ENV, "").strip()
+    if raw:
+        if not raw.isdigit():
+            raise ValueError(f"{SMALL_BATCH_ENV} must be an integer >= 0, got {raw!r}")
+        return int(raw)
+    return data.max_tokens if data is not None else DEFAULT_SMALL_BATCH_MAX_TOKENS
+
+
+def _pow2_at_most(value: int, cap: int, floor: int) -> int:
+    """The smallest power of two >= ``value`` (at least ``floor``), capped at ``cap``."""
+    p = floor
+    while p < value and p < cap:
+        p *= 2
+    return min(p, cap)
+
+
+def default_small_config(topk: int, hidden: int, intermediate: int, dtype: torch.dtype) -> SmallMoEConfig:
+    """Heuristic tiles: narrow column blocks so even one token fills the GPU with programs
+    (the kernels stream weights, so the number of bytes in flight sets the speed), K tiles
+    of 256-512 bytes per row, never wider than the reduced dimension needs."""
+    k_bytes = 512 if dtype != torch.float32 else 256
+    elem = torch.empty((), dtype=dtype).element_size()
+    gate_up = GemvTiles(16, _pow2_at_most(hidden, k_bytes // elem, 16), 4, 2)
+    # The down kernel holds all top-k experts' tiles at once: [topk, block_n, block_k].
+    down = GemvTiles(8, _pow2_at_most(intermediate, k_bytes // elem // 2, 16), 4, 2)
+    return SmallMoEConfig(gate_up, down)
+
+
+def select_plan(num_tokens: int, topk: int, num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype,
+                device: torch.device, config_dir: Path = CONFIG_DIR) -> FusedMoEConfig | SmallMoEConfig:
+    """What ``fused_moe_experts`` runs without an explicit config: the small-batch path up
+    to the threshold (``small_batch_max_tokens``), the aligned path's tiles above it."""
+    small = None
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        small = small_batch_data(num_experts, hidden, intermediate, dtype, device_name(index), config_dir)
+    if num_tokens <= small_batch_max_tokens(small):
+        tuned = small.config_for(num_tokens) if small is not None else None
+        return tuned or default_small_config(topk, hidden, intermediate, dtype)
+    return select_config(num_tokens, topk, num_experts, hidden, intermediate, dtype, device, config_dir)

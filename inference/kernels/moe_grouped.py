@@ -11,7 +11,8 @@ values), by ``choose_moe_backend``:
   and the routing weights fused (CUDA, bf16 / fp16 / fp32). "auto" picks it where a tuned
   file for this shape and device (``fused_moe_configs.py``) measured it at least as fast
   as ``torch._grouped_mm`` at the nearest token count: a shape nobody tuned (or measured)
-  on this device keeps the paths below, which are proven on it.
+  on this device keeps the paths below, which are proven on it. At 1-2 tokens (a tuned
+  threshold) it runs the two-launch small-batch kernels of ``fused_moe_small.py``.
 - grouped: ``torch._grouped_mm`` over (token, k) pairs sorted by expert (CUDA bf16, sm90).
 - gathered: each pair's expert weights are gathered and applied with ``bmm``; it reads
   ``T * K`` weight matrices, so it is chosen when that is no more than all ``E`` of them.
