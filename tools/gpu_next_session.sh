@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The first device calls of the next session: validate the three GPU branches merged here
+# (per-row-split tuning knobs + tools/tune_paged_decode.py, the fused K/V write in the norm +
+# rotary kernel, the small-batch fused MoE path), then measure them. None of them has run on
+# a GPU yet. Each stage fits one device call (under 9 minutes); files under $OUT.
+#   bash tools/gpu_next_session.sh tests   # GPU tests, one pytest process per file (a crash poisons only its own)
+#   bash tools/gpu_next_session.sh bench   # decode batch 1 / 16: small MoE path off vs on, K/V write off vs on
+#   bash tools/gpu_next_session.sh tune    # tools/tune_paged_decode.py --quick, then the small-MoE crossover
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+stage=${1:-tests}
+case "$stage" in
+tests)
+  for f in tests/inference/kernels/test_paged_decode.py tests/inference/kernels/test_norm_rotary_kv_write.py \
+           tests/inference/kernels/test_norm_rotary.py tests/gpu/test_fused_small_ops_cuda.py \
+           tests/inference/kernels/test_fused_moe_small.py tests/inference/kernels/test_fused_moe.py \
+           tests/inference/kernels/test_mla_decode.py tests/gpu/test_engine_cuda.py tests/gpu/test_families_cuda.py; do
+    n=$(basename "$f" .py)
+    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
+    echo "$n rc=$? $(tail -1 "$OUT/$n.log")"
+  done
+  ;;
+bench)
+  for v in 0 ''; do
+    tag=${v:-on}
+    FUSED_MOE_SMALL_BATCH_MAX_TOKENS=$v timeout 240 python3 tools/bench_decode.py \
+      --models olmoe-1b-7b-shape,qwen3-30b-a3b-shape --batches 1,16 --profile-batches 1 --output-len 32 \
+      --prefill-requests 0 --no-hf --compare-backends '' --compare-small-ops no-kv-write --time-budget 200 \
+      --output-dir "$OUT/small_moe_$tag" > "$OUT/bench_$tag.log" 2>&1
+    echo "== small MoE path $tag (rc $?)"; grep -A3 "batch   step ms" "$OUT/bench_$tag.log" | head -12
+  done
+  ;;
+tune)
+  timeout 300 python3 tools/tune_paged_decode.py --quick --time-budget 240 --output "$OUT/paged_decode_tuning.json" \
+    > "$OUT/tune_paged.log" 2>&1; echo "tune_paged_decode rc $?"; tail -26 "$OUT/tune_paged.log"
+  timeout 200 python3 tools/tune_fused_moe.py --small-only --shapes olmoe-1b-7b,qwen3-30b-a3b --time-budget 150 \
+    --report "$OUT/fused_moe_small_h200.json" > "$OUT/tune_small.log" 2>&1; echo "tune small rc $?"; tail -14 "$OUT/tune_small.log"
+  mkdir -p "$OUT/configs"; i=0; for f in inference/kernels/configs/fused_moe/*.json; do cp "$f" "$OUT/configs/cfg_$i.json"; echo "cfg_$i.json <- $f" >> "$OUT/configs/names.txt"; i=$((i+1)); done
+  ;;
+*) echo "usage: $0 tests|bench|tune" >&2; exit 2 ;;
+esac
