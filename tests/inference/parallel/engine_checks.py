@@ -62,8 +62,9 @@ def workload(vocab: int, dp_rank: int = 0, dp: int = 1, seed: int = 5) -> list[t
 
 
 def serve(engine: LLMEngine, requests, prefix: str = "") -> tuple[dict[str, RequestResult], int]:
-    """Serve ``requests`` step by step, checking the block pool and scheduler after every
-    step; returns results by id and the steps taken."""
+    """Serve ``requests`` step by step, checking the block pool, the sequence cache (a
+    hybrid's state slots and checkpoints) and the scheduler after every step; returns
+    results by id and the steps taken."""
     for i, (prompt, params) in enumerate(requests):
         engine.add_request(prompt, params, request_id=f"{prefix}{i}")
     results, steps = {}, 0
@@ -71,6 +72,7 @@ def serve(engine: LLMEngine, requests, prefix: str = "") -> tuple[dict[str, Requ
         for result in engine.step():
             results[result.request_id] = result
         engine.block_pool.check_invariants()
+        engine.sequence_cache.check_invariants()
         engine.scheduler.check_invariants()
         steps += 1
         assert steps < 2000, "the engine made no progress"
