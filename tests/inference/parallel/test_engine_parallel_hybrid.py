@@ -11,8 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from inference.parallel import ParallelLayout
+from inference.parallel.plan import memory_plan
 from tests.inference.parallel.engine_checks import EngineCase, run_engine_cases, serve_case
 from tests.inference.parallel.harness import run_ranks
+from tests.inference.parallel.rank_checks import CONFIGS
 
 CASES = {
     2: [EngineCase("gdn", 2, 2, True), EngineCase("gdn", 2, 1, False), EngineCase("mamba", 2, 2, False),
@@ -52,6 +55,17 @@ def world(hf_checkpoints):
     return get
 
 
+@pytest.fixture(scope="module")
+def single():
+    cache = {}
+
+    def get(case: EngineCase) -> dict:
+        if case.name not in cache:
+            cache[case.name] = serve_case(case, None)       # one replica: the single-process run
+        return cache[case.name]
+    return get
+
+
 def _requests(out: dict, case: str) -> set[str]:
     return {k.split("/")[1] for k in out if k.startswith(case + "/") and k.endswith("/tokens")}
 
@@ -61,10 +75,10 @@ def _ids():
 
 
 @pytest.mark.parametrize("world_size,index", _ids(), ids=[f"world{w}-{CASES[w][i].name}" for w, i in _ids()])
-def test_parallel_hybrid_engine_serves_what_the_single_process_engine_serves(world, world_size, index):
+def test_parallel_hybrid_engine_serves_what_the_single_process_engine_serves(world, single, world_size, index):
     cases, results = world(world_size)
     case = cases[index]
-    want = serve_case(case, None)                       # one replica: the single-process run
+    want = single(case)
     ids = _requests(want, case.name)
     assert len(ids) == 8
     routed = 0
@@ -83,3 +97,26 @@ def test_parallel_hybrid_engine_serves_what_the_single_process_engine_serves(wor
     leader = results[0]
     assert sum(int(leader[f"{case.name}/{i}/cached"]) for i in ids) > 0, "no prefix-cache hit (state checkpoint)"
     assert sum(int(leader[f"{case.name}/{i}/preemptions"]) for i in ids) > 0, "no preemption"
+
+
+@pytest.mark.parametrize("world_size", sorted(CASES))
+def test_memory_plan_is_what_every_rank_allocated(world, single, world_size):
+    """Weights (experts divided, the rest whole), the whole KV cache and the replicated state
+    pool plus checkpoints of the per-rank plan equal each rank's real allocations; the
+    single-process engine allocates the same KV and state, and more weights."""
+    cases, results = world(world_size)
+    checked = 0
+    for case in cases:
+        if case.tag == "-hf":
+            continue
+        plans = memory_plan(CONFIGS[case.model], case.engine_config(), ParallelLayout(world_size, case.tp, case.ep))
+        want = single(case)
+        for rank, out in enumerate(results):
+            got = {k: int(out[f"{case.name}/bytes/{k}"]) for k in ("weights", "kv", "state")}
+            plan = plans[rank]
+            assert got == {"weights": plan.weight_bytes, "kv": plan.kv_cache_bytes, "state": plan.state_bytes}, rank
+            assert got["kv"] == int(want[f"{case.name}/bytes/kv"]) and got["state"] == int(
+                want[f"{case.name}/bytes/state"]) > 0
+            assert got["weights"] < int(want[f"{case.name}/bytes/weights"])
+            checked += 1
+    assert checked >= 2 * world_size
