@@ -71,7 +71,11 @@ def rank_modules(config: ModelConfig, groups: ParallelGroups, *, dtype: torch.dt
                  device: torch.device | str | None = None) -> nn.ModuleDict:
     """Every sharded block one rank holds (vocabulary, each layer's attention and MLP), built
     as the TP model builds them; norms are left out (replicated ``hidden_size`` vectors,
-    counted by ``rank_weight_elements``)."""
+    counted by ``rank_weight_elements``). Not for hybrid models, which shard only their MoE
+    layers: their rank's blocks are ``MoEGPT(config, parallel=groups)``'s."""
+    if replicates_blocks(config):
+        raise ValueError(f"{config.name}: a hybrid model splits only its MoE layers (ExpertParallelMoE) and "
+                         "replicates every other block; build MoEGPT(config, parallel=groups) for its rank's blocks")
     kw = dict(dtype=dtype, device=device)
     tp = groups.tp
     embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, **kw)
