@@ -280,5 +280,6 @@ def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, plan: 
     if layout is not None and layout.tp > 1:
         from inference.parallel.plan import describe_rank_plans, memory_plan
         lines = describe_rank_plans(memory_plan(model_config, config, layout)).splitlines()
-        text += "\nper-rank plan (weights, KV cache, routing buffer, recurrent state)\n" + "\n".join(f"  {line}" for line in lines)
+        text += ("\nper-rank plan (weights, KV cache, routing buffer, recurrent state)\n"
+                 + "\n".join(f"  {line}" for line in lines))
     return text
