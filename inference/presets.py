@@ -186,17 +186,18 @@ def init_random_weights(model: MoEGPT, seed: int) -> None:
 def _init_random_shards(model: MoEGPT, seed: int) -> None:
     """``init_random_weights``'s draws in the unsharded order (one full tensor at a time, on
     this rank's device), each cut to this rank's shard: bit-identical to the single-process
-    weights, with at most one full tensor alive. (Parallel models have no zero-centred norms.)"""
+    weights, with at most one full tensor alive."""
     from inference.parallel.loading import shard_targets
     device = next(model.parameters()).device
     targets = {name: (tensor, shard) for name, tensor, shard, _ in shard_targets(model)}
     with torch.device("meta"):
         full = MoEGPT(model.config)
+    zero_centred = {f"{n}.weight" for n, m in full.named_modules() if isinstance(m, ZeroCenteredRMSNorm)}
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in full.named_parameters():
         tensor, shard = targets[name]
         if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-            tensor.fill_(1.0)
+            tensor.fill_(0.0 if name in zero_centred else 1.0)
             continue
         std = 0.02 if name.startswith("embed_tokens") else 1.0 / math.sqrt(p.shape[-1])
         tensor.copy_(shard.take(torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32).mul_(std)))
@@ -208,8 +209,7 @@ def _init_random_shards(model: MoEGPT, seed: int) -> None:
 def build_model(config: ModelConfig, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", parallel: "ParallelGroups | None" = None) -> MoEGPT:
     """A model with seeded random weights, on ``device`` in ``dtype`` (buffers stay fp32);
-    with ``parallel``, this rank's shards of the same weights. Hybrid models build (and run
-    their reference and paged forwards); the engine does not serve them yet."""
+    with ``parallel``, this rank's shards of the same weights."""
     model = allocate_model(config, device, dtype, parallel)
     init_random_weights(model, seed)
     return model.eval()

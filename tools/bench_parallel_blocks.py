@@ -36,6 +36,7 @@ import torch.distributed as dist
 from inference.config import ModelConfig
 from inference.kernels.moe_grouped import moe_experts_grouped
 from inference.parallel import ExpertParallelMoE, ParallelGroups, ParallelLayout, ParallelLMHead, attention_shard
+from inference.parallel.layout import replicates_blocks
 from inference.presets import PRESETS, get_preset, torch_dtype
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -146,6 +147,9 @@ def block_calls(config: ModelConfig, groups: ParallelGroups, modules: dict, toke
 def run_layout(config: ModelConfig, tp: int, ep: int, args, dtype: torch.dtype, device: torch.device) -> list[dict]:
     layout = ParallelLayout(dist.get_world_size(), tp, ep)
     layout.validate_model(config)
+    if replicates_blocks(config):     # its attention is replicated: the head-sharded blocks timed here are not its
+        raise SystemExit(f"{config.name}: hybrid models split only their MoE layers; this benchmark times the "
+                         "head-sharded blocks of the other models")
     groups = ParallelGroups.build(layout)
     modules = build_modules(config, groups, dtype, device)
     rows = []

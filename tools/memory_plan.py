@@ -94,7 +94,8 @@ def _activation_bytes_per_token(mc: ModelConfig, elem: int) -> int:
 def plan_memory(mc: ModelConfig, config: EngineConfig, device: torch.device, *, local_processes: int = 1,
                 layout: "ParallelLayout | None" = None, rank: int = 0) -> MemoryPlan:
     """The memory plan of ``config`` serving model ``mc`` on ``device``: with a
-    tensor-parallel ``layout``, global rank ``rank``'s (its weight shards, its KV heads)."""
+    tensor-parallel ``layout``, global rank ``rank``'s (its weight shards, its KV heads; a
+    hybrid model's attention, KV cache and recurrent state are replicated: whole on every rank)."""
     dtype = torch_dtype(config.dtype)
     elem = torch.empty((), dtype=dtype).element_size()
     kv_config, shards = mc, ""

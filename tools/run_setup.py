@@ -266,8 +266,12 @@ def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, plan: 
     if model_config.is_hybrid:
         rows.insert(len(rows) - 1, ("hybrid", _hybrid_row(model_config, config)))
     if layout is not None and layout.tp > 1:
+        from inference.parallel.layout import replicates_blocks
+        hybrid = ("; only the MoE layers split, attention, recurrent layers, dense MLPs and their state "
+                  "replicated on every rank" if replicates_blocks(model_config) else "")
         rows.append(("parallel", f"world {layout.world_size} = {layout.dp} data-parallel replica(s) x tensor-parallel "
-                                 f"{layout.tp}; experts over expert-parallel {layout.ep} (expert-TP {layout.etp})"))
+                                 f"{layout.tp}; experts over expert-parallel {layout.ep} (expert-TP {layout.etp})"
+                                 + hybrid))
     if output_verdict:
         rows.append(("output dir", output_verdict))
     width = max(len(k) for k, _ in rows)
@@ -276,5 +280,6 @@ def describe_memory_plan(model_config: ModelConfig, config: EngineConfig, plan: 
     if layout is not None and layout.tp > 1:
         from inference.parallel.plan import describe_rank_plans, memory_plan
         lines = describe_rank_plans(memory_plan(model_config, config, layout)).splitlines()
-        text += "\nper-rank plan (weights, KV cache, routing buffer)\n" + "\n".join(f"  {line}" for line in lines)
+        text += ("\nper-rank plan (weights, KV cache, routing buffer, recurrent state)\n"
+                 + "\n".join(f"  {line}" for line in lines))
     return text

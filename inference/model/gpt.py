@@ -3,9 +3,10 @@
 With ``parallel`` (an ``inference.parallel.ParallelGroups``) the model is one rank's shard of
 a tensor/expert-parallel replica: vocabulary-parallel embedding and logits, attention on
 this rank's heads, expert-parallel MoE and row/column-parallel dense MLPs (one all-reduce
-per block). Module and parameter names are the unsharded model's, so routing capture,
-replay, ``set_experts_fn`` and loading by name work unchanged; the logits and the routing
-ids (global expert ids) are identical on every rank of the replica.
+per block). A hybrid model splits only its MoE layers and replicates the rest. Module and
+parameter names are the unsharded model's, so routing capture, replay, ``set_experts_fn``
+and loading by name work unchanged; the logits and the routing ids (global expert ids) are
+identical on every rank of the replica.
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ class MoEGPT(nn.Module):
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, parallel.tp)
         self.rotary = rotary_for(config)
         self.hybrid = uses_hybrid_layers(config)     # recurrent / MLP-only layers: inference.model.hybrid
-        self.layers = nn.ModuleList(HybridDecoderLayer(config, i) if self.hybrid else DecoderLayer(config, i, parallel)
-                                    for i in range(config.num_layers))
+        layer_kind = HybridDecoderLayer if self.hybrid else DecoderLayer
+        self.layers = nn.ModuleList(layer_kind(config, i, parallel) for i in range(config.num_layers))
         self.norm = build_norm(config, config.hidden_size)
         self.fused_residual_norms = False       # set_fused_small_ops
         if parallel is None:

@@ -34,6 +34,7 @@ from inference.recurrent_config import (ATTENTION_LAYER_TYPES, DENSE, FULL_ATTEN
 
 if TYPE_CHECKING:
     from inference.model.gpt import MoEGPT
+    from inference.parallel import ParallelGroups
 
 RotaryTables = tuple[torch.Tensor, torch.Tensor]
 
@@ -58,9 +59,11 @@ class HybridDecoderLayer(nn.Module):
     names of ``DecoderLayer`` where they exist (``input_layernorm``, ``self_attn``,
     ``post_attention_layernorm``, ``mlp``); recurrent mixers are ``mixer``. Invariant: the
     layer has a mixer or an MLP (the config guarantees it); ``moe_index`` is its column of
-    the routing buffer when its MLP is MoE, else None."""
+    the routing buffer when its MLP is MoE, else None. With ``parallel`` only the MoE MLP is
+    split (``ExpertParallelMoE``); every other module is the unsharded one, replicated on the
+    replica's ranks (``inference.parallel.layout``, hybrid models)."""
 
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, parallel: "ParallelGroups | None" = None) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.mixer_kind, self.mlp_kind = layer_kinds(config, layer_index)
@@ -77,7 +80,7 @@ class HybridDecoderLayer(nn.Module):
         moe_layers = config.moe_layer_indices
         self.moe_index = moe_layers.index(layer_index) if layer_index in moe_layers else None
         if self.mlp_kind == MOE:
-            self.mlp = MoEMLP(config)
+            self.mlp = MoEMLP(config) if parallel is None else _expert_parallel_moe(config, parallel)
         elif self.mlp_kind == DENSE:
             self.mlp = build_dense_mlp(config, config.intermediate_size)
         else:
@@ -133,6 +136,11 @@ class HybridDecoderLayer(nn.Module):
         conv = x.new_zeros(1, *c.conv_state_shape)
         state = torch.zeros(1, *c.recurrent_state_shape, dtype=self.state_dtype, device=x.device)
         return self.mixer(x, meta, conv, state, mode=CHUNKED)
+
+
+def _expert_parallel_moe(config: ModelConfig, parallel: "ParallelGroups") -> nn.Module:
+    from inference.parallel import ExpertParallelMoE    # lazily: the parallel blocks import this package
+    return ExpertParallelMoE(config, parallel)
 
 
 def _rope(model: MoEGPT, positions: torch.Tensor) -> RotaryTables | None:

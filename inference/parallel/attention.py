@@ -49,7 +49,11 @@ def _local_config(config: ModelConfig, p: HeadPartition) -> ModelConfig:
 def local_attention_config(config: ModelConfig, layout: ParallelLayout, tp_rank: int) -> ModelConfig:
     """The config TP rank ``tp_rank``'s attention runs on: its query and KV heads (every
     layer alike). Its KV cache is ``KVCache(local_attention_config(...))``: this rank's KV
-    heads, or the whole (replicated) latent for MLA, whose cache ignores the head counts."""
+    heads, or the whole (replicated) latent for MLA, whose cache ignores the head counts. A
+    hybrid model replicates its attention: ``config`` itself, every head."""
+    from inference.parallel.layout import replicates_blocks
+    if replicates_blocks(config):
+        return config
     return _local_config(config, layout.heads(config, tp_rank))
 
 

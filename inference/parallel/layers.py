@@ -144,6 +144,23 @@ class ParallelSwiGLUMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+class ParallelRelu2MLP(nn.Module):
+    """Nemotron-H's non-gated ``down(relu(up(x))^2)`` split like ``ParallelSwiGLUMLP``: this
+    rank's ``up`` rows and the matching ``down`` columns (relu^2 is elementwise per
+    intermediate unit); ``reduce`` as in ``RowParallelLinear``. Invariant: the sum over the
+    TP group of the unreduced outputs equals ``Relu2MLP``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: GroupHandle, *, reduce: bool = True,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        kw = dict(dtype=dtype, device=device)
+        self.up_proj = ColumnParallelLinear(hidden_size, [intermediate_size], tp, **kw)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, tp, reduce=reduce, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.relu(self.up_proj(x)).square())
+
+
 class VocabParallelEmbedding(nn.Module):
     """Embedding rows ``[start, stop)`` of the vocabulary padded to ``padded_vocab_size``;
     ids outside the range contribute zeros and one all-reduce sums the ranks' lookups (exactly

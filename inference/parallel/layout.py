@@ -29,6 +29,15 @@ consecutive ranks (vLLM's rule, so TP 8 works on a 4-KV-head model; megatron-cor
 ``tp | kv_heads``, which ``megatron_compatible`` reports). Multi-head latent attention
 (MLA) splits its heads the same way and replicates the latent KV cache on every TP rank
 (every head reads the whole latent), as vLLM and SGLang do.
+
+Hybrid models (``replicates_blocks``: recurrent mixers, per-layer MLP kinds, zero-centred
+norms, relu^2 MLPs, attention without rotary; Qwen3-Next / Qwen3.5, Nemotron-H) split only
+their MoE layers: every other block is replicated on the replica's ranks (recurrent mixers
+and their state pool, attention with all KV heads and the whole KV cache, dense MLPs,
+norms); the router is replicated, the experts expert-parallel as above and the shared
+expert row-parallel over the replica, summed by the MoE block's one all-reduce. The
+vocabulary-parallel embedding and head are kept (one all-reduce, one all-gather per step,
+as for every TP model): replicating them would cost a 150k-row vocabulary twice per rank.
 """
 
 from __future__ import annotations
@@ -187,31 +196,36 @@ class ParallelLayout:
 
     def model_problems(self, config: "ModelConfig") -> list[str]:
         """Why this layout cannot split ``config`` (empty when it can)."""
-        t, e, problems = self.tp, self.ep, []
+        if replicates_blocks(config):
+            return self._expert_problems(config)
+        t, problems = self.tp, []
         if config.num_heads % t:
             problems.append(f"--tensor-parallel-size {t} does not divide the {config.num_heads} attention heads")
         kv = config.num_kv_heads
         if config.mla is None and kv % t and t % kv:
             problems.append(f"--tensor-parallel-size {t} neither divides the {kv} KV heads nor is a multiple "
                             "of them (KV heads are split, or replicated on tp / kv_heads ranks)")
-        if config.num_experts % e:
-            problems.append(f"--expert-parallel-size {e} does not divide the {config.num_experts} experts")
-        if config.moe_intermediate_size % self.etp:
-            problems.append(f"expert tensor-parallel size tp/ep = {self.etp} does not divide "
-                            f"moe_intermediate_size {config.moe_intermediate_size}")
         if config.dense_layers and config.intermediate_size % t:
             problems.append(f"--tensor-parallel-size {t} does not divide the dense MLP width "
                             f"{config.intermediate_size}")
-        if config.shared_expert_intermediate_size % t:
-            problems.append(f"--tensor-parallel-size {t} does not divide the shared-expert width "
-                            f"{config.shared_expert_intermediate_size}")
-        hybrid = [name for name, on in (
-            ("recurrent layers", config.is_hybrid), ("per-layer MLP kinds (mlp_types)", bool(config.mlp_types)),
-            ("gated attention output", config.attention_output_gate), ("zero-centred norms", config.zero_centered_norms),
-            ("relu^2 MLPs", config.expert_activation == "relu2"), ("attention without rotary", not config.use_rope))
-            if on]
-        if hybrid:
-            problems.append(f"the parallel blocks do not build hybrid models yet ({', '.join(hybrid)})")
+        if config.attention_output_gate:
+            problems.append("gated attention output (output_gate_proj) outside a hybrid model has no sharded "
+                            "attention")
+        return problems + self._expert_problems(config)
+
+    def _expert_problems(self, config: "ModelConfig") -> list[str]:
+        """The MoE block's conditions, the only split blocks of a hybrid model."""
+        problems = []
+        if config.num_moe_layers == 0:
+            return problems
+        if config.num_experts % self.ep:
+            problems.append(f"--expert-parallel-size {self.ep} does not divide the {config.num_experts} experts")
+        if config.moe_intermediate_size % self.etp:
+            problems.append(f"expert tensor-parallel size tp/ep = {self.etp} does not divide "
+                            f"moe_intermediate_size {config.moe_intermediate_size}")
+        if config.shared_expert_intermediate_size % self.tp:
+            problems.append(f"--tensor-parallel-size {self.tp} does not divide the shared-expert width "
+                            f"{config.shared_expert_intermediate_size} (the shared expert is row-parallel)")
         return problems
 
     def validate_model(self, config: "ModelConfig") -> None:
@@ -222,5 +236,14 @@ class ParallelLayout:
                 f"model {config.name!r} cannot use tp={self.tp}, ep={self.ep}", problems)
 
     def megatron_compatible(self, config: "ModelConfig") -> bool:
-        """Whether megatron-core can hold the same shards (it splits KV groups, never replicates)."""
-        return not self.model_problems(config) and (config.mla is not None or config.num_kv_heads % self.tp == 0)
+        """Whether megatron-core can hold the same shards (it splits KV groups, never replicates;
+        it builds no hybrid layers on CPU: ``inference.megatron_export.HYBRID_REFUSAL``)."""
+        return (not replicates_blocks(config) and not self.model_problems(config)
+                and (config.mla is not None or config.num_kv_heads % self.tp == 0))
+
+
+def replicates_blocks(config: "ModelConfig") -> bool:
+    """Whether a layout splits only ``config``'s MoE layers (a hybrid model: see the module
+    docstring) rather than its attention and dense MLPs too."""
+    from inference.model.hybrid import uses_hybrid_layers    # lazily: the model package imports this one
+    return uses_hybrid_layers(config)

@@ -21,11 +21,11 @@ from torch import nn
 
 from inference.config import ModelConfig
 from inference.kernels.moe_grouped import moe_experts_reference
-from inference.model.experts import oai_experts, oai_experts_reference
+from inference.model.experts import oai_experts, oai_experts_reference, relu2_experts, relu2_experts_reference
 from inference.model.moe import add_shared_expert, route
 from inference.model.router import TopKRouter
 from inference.parallel.groups import ParallelGroups
-from inference.parallel.layers import ParallelSwiGLUMLP
+from inference.parallel.layers import ParallelRelu2MLP, ParallelSwiGLUMLP
 from inference.parallel.layout import split_range
 from inference.parallel.shards import TensorShard
 
@@ -46,7 +46,10 @@ class ExpertParallelMoE(nn.Module):
     ``b13``, ``b2``, ``shared_expert.*``, ``shared_expert_gate.weight``); the expert tensors
     hold this rank's ``num_local_experts`` experts from ``first_expert`` and its slice of
     their intermediate dimension (GPT-OSS's clamped SwiGLU is elementwise per intermediate
-    unit, so it splits like SwiGLU; ``b2`` is added by expert-TP rank 0 only).
+    unit, so it splits like SwiGLU; ``b2`` is added by expert-TP rank 0 only). relu^2 experts
+    (Nemotron-H) hold up rows only in ``w13``, split the same way; the shared expert is
+    row-parallel over the replica (gated SwiGLU or relu^2, the experts' activation), its
+    partial sums added before the one all-reduce so it counts once.
     Invariant: the output equals ``MoEMLP``'s on every rank, and the top-k ids written to
     ``routing_out`` are global ids, identical on every rank of the replica."""
 
@@ -65,14 +68,15 @@ class ExpertParallelMoE(nn.Module):
         self.router = self._replicated_router(config, kw)
         self.activation = config.expert_activation
         self.swiglu_alpha, self.swiglu_limit = config.swiglu_alpha, config.swiglu_limit
-        self.w13 = _param(self.num_local_experts, 2 * local_i, h, **kw)
+        self.gated = config.expert_activation != "relu2"
+        self.w13 = _param(self.num_local_experts, (2 if self.gated else 1) * local_i, h, **kw)
         self.w2 = _param(self.num_local_experts, h, local_i, **kw)
         self.b13 = _param(self.num_local_experts, 2 * local_i, **kw) if config.expert_bias else None
         self.b2 = _param(self.num_local_experts, h, **kw) if config.expert_bias else None
         self.shared_expert = None
         if config.shared_expert_intermediate_size > 0:
-            self.shared_expert = ParallelSwiGLUMLP(h, config.shared_expert_intermediate_size, groups.tp,
-                                                   reduce=False, **kw)
+            mlp = ParallelSwiGLUMLP if self.gated else ParallelRelu2MLP
+            self.shared_expert = mlp(h, config.shared_expert_intermediate_size, groups.tp, reduce=False, **kw)
         self.shared_expert_gate = (nn.Linear(h, 1, bias=False, **kw).requires_grad_(False)
                                    if self.shared_expert is not None and config.shared_expert_gate else None)
         self.experts_fn = moe_experts_reference
@@ -96,8 +100,8 @@ class ExpertParallelMoE(nn.Module):
         n, h, i = self.full_shape
         experts = [(self.first_expert, self.first_expert + self.num_local_experts)]
         a, b = self.inter
-        gate_up = [(a, b), (i + a, i + b)]
-        shards = {"w13": TensorShard.along((n, 2 * i, h), dim0=experts, dim1=gate_up),
+        gate_up = [(a, b), (i + a, i + b)] if self.gated else [(a, b)]
+        shards = {"w13": TensorShard.along((n, len(gate_up) * i, h), dim0=experts, dim1=gate_up),
                   "w2": TensorShard.along((n, h, i), dim0=experts, dim2=[(a, b)])}
         if self.b13 is not None:
             shards["b13"] = TensorShard.along((n, 2 * i), dim0=experts, dim1=gate_up)
@@ -113,6 +117,8 @@ class ExpertParallelMoE(nn.Module):
         return self.tp.all_reduce(y)
 
     def _experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, reference: bool) -> torch.Tensor:
+        if self.activation == "relu2":
+            return (relu2_experts_reference if reference else relu2_experts)(x, ids, weights, self.w13, self.w2)
         if self.activation != "swiglu_oai":
             return (moe_experts_reference if reference else self.experts_fn)(x, ids, weights, self.w13, self.w2)
         fn = oai_experts_reference if reference else oai_experts

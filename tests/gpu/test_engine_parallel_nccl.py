@@ -1,7 +1,8 @@
 """The tensor/expert-parallel engine under NCCL, one rank per GPU (fp32, CUDA-graph decode
 with the collectives captured, asynchronous and synchronous scheduling): the same tokens and
 routing as the single-GPU engine through prefix-cache hits, chunked prefill and preemption;
-then the CLI through torchrun with TP=2, EP=2 and TP2 x EP2 equal to the single-GPU run.
+hybrid models (only their MoE layers split) included; then the CLI through torchrun with
+TP=2, EP=2 and TP2 x EP2 equal to the single-GPU run.
 Skips without 2 (or 4) GPUs."""
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ pytestmark = pytest.mark.skipif(GPUS < 2, reason="needs 2 CUDA devices")
 ROOT = Path(__file__).resolve().parents[2]
 CASES = {
     2: [EngineCase("tiny", 2, 1, True), EngineCase("tiny", 2, 2, False), EngineCase("rich", 2, 2, True),
-        EngineCase("oss", 2, 2, True), EngineCase("mla", 2, 1, True, refit=True)],
+        EngineCase("oss", 2, 2, True), EngineCase("mla", 2, 1, True, refit=True),
+        EngineCase("gdn", 2, 2, True), EngineCase("mamba", 2, 1, True, refit=True)],
     4: [EngineCase("tiny", 2, 2, True, tag="-dp2"), EngineCase("rich", 4, 4, True), EngineCase("sigmoid", 4, 2, False),
-        EngineCase("rich", 4, 2, True)],
+        EngineCase("rich", 4, 2, True), EngineCase("gdn", 4, 2, True), EngineCase("mamba", 2, 2, False, tag="-dp2")],
 }
 
 

@@ -163,3 +163,20 @@ def test_dry_run_prints_every_ranks_memory_plan(cli):
     weights = [line for line in run.stdout.splitlines() if line.strip().startswith("weights")]
     single_weights = [line for line in single.stdout.splitlines() if line.strip().startswith("weights")]
     assert weights and single_weights and weights != single_weights
+
+
+def test_dry_run_of_a_hybrid_plans_replicated_blocks_and_refuses_bad_expert_layouts(cli):
+    """tp = 8 is past the 4 attention heads: a hybrid replicates its attention, so it plans;
+    every rank holds the whole KV cache and state, so only the weights shrink."""
+    args = ["--dry-run", "--record-routing", "--num-kv-blocks", "100", "--model", "tiny-hybrid-gdn"]
+    run = cli.run(args + _layout(8, 4))
+    assert run.status == 0, run.stderr
+    assert "only the MoE layers split, attention, recurrent layers, dense MLPs and their state replicated" in run.stdout
+    plan = [line for line in run.stdout.splitlines() if line.strip().startswith("ranks 0,1,2,3,4,5,6,7: weights")]
+    single = cli.run(args)
+    rows = {line.split()[0]: line for line in single.stdout.splitlines() if line.startswith("  ")}
+    assert len(plan) == 1 and "recurrent state" in plan[0]
+    kv, weights = rows["KV"].split()[2:4], rows["weights"].split()[1:3]
+    assert f"KV cache {' '.join(kv)}," in plan[0] and f"weights {' '.join(weights)}," not in plan[0]
+    refused = cli.run(args + _layout(6, 3))
+    assert refused.status == 2 and "--expert-parallel-size 3 does not divide the 8 experts" in refused.stderr

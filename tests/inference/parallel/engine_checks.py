@@ -62,8 +62,9 @@ def workload(vocab: int, dp_rank: int = 0, dp: int = 1, seed: int = 5) -> list[t
 
 
 def serve(engine: LLMEngine, requests, prefix: str = "") -> tuple[dict[str, RequestResult], int]:
-    """Serve ``requests`` step by step, checking the block pool and scheduler after every
-    step; returns results by id and the steps taken."""
+    """Serve ``requests`` step by step, checking the block pool, the sequence cache (a
+    hybrid's state slots and checkpoints) and the scheduler after every step; returns
+    results by id and the steps taken."""
     for i, (prompt, params) in enumerate(requests):
         engine.add_request(prompt, params, request_id=f"{prefix}{i}")
     results, steps = {}, 0
@@ -71,6 +72,7 @@ def serve(engine: LLMEngine, requests, prefix: str = "") -> tuple[dict[str, Requ
         for result in engine.step():
             results[result.request_id] = result
         engine.block_pool.check_invariants()
+        engine.sequence_cache.check_invariants()
         engine.scheduler.check_invariants()
         steps += 1
         assert steps < 2000, "the engine made no progress"
@@ -102,6 +104,15 @@ def outputs(results: dict[str, RequestResult], prefix: str) -> dict[str, np.ndar
     return out
 
 
+def allocated_bytes(model, engine: LLMEngine, prefix: str) -> dict[str, np.ndarray]:
+    """What this rank really allocated, for the memory plan's numbers: weights, KV cache and
+    a hybrid's state pool plus state checkpoints."""
+    state = engine._state
+    recurrent = sum(t.nbytes for t in (state.state_pool, state.checkpoints) if t is not None)
+    return {f"{prefix}bytes/weights": np.array(sum(p.numel() * p.element_size() for p in model.parameters())),
+            f"{prefix}bytes/kv": np.array(engine.kv_cache.nbytes), f"{prefix}bytes/state": np.array(recurrent)}
+
+
 def serve_case(case: EngineCase, groups: ParallelGroups | None, dp_rank: int = 0, dp: int = 1,
                device: str = "cpu") -> dict[str, np.ndarray]:
     """One case on this rank (``groups`` None: the single-process reference)."""
@@ -120,6 +131,7 @@ def serve_case(case: EngineCase, groups: ParallelGroups | None, dp_rank: int = 0
                                                     for e in engine.step_log.entries))
     if engine.replica is not None:
         out[f"{case.name}/checks"] = np.array(engine.replica.num_checks)
+    out.update(allocated_bytes(model, engine, f"{case.name}/"))
     engine.close()
     return out
 

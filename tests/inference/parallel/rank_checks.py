@@ -47,9 +47,11 @@ MLA = ModelConfig(
     mla=MLAConfig(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, q_lora_rank=24),
     router=RouterConfig(score_function="sigmoid", use_expert_bias=True, scaling_factor=2.0),
     max_position_embeddings=256)
+# Hybrids (only their MoE layers split): Gated DeltaNet + gated attention + SwiGLU shared
+# expert with a gate; Mamba2 + attention without rotary + relu^2 experts and shared expert.
 CONFIGS = {"tiny": get_preset("tiny-moe"), "sigmoid": get_preset("tiny-moe-sigmoid"), "rich": RICH, "oss": OSS,
-           "mla": MLA}
-SEEDS = {"tiny": 0, "sigmoid": 1, "rich": 2, "oss": 3, "mla": 4}
+           "mla": MLA, "gdn": get_preset("tiny-hybrid-gdn"), "mamba": get_preset("tiny-hybrid-mamba")}
+SEEDS = {"tiny": 0, "sigmoid": 1, "rich": 2, "oss": 3, "mla": 4, "gdn": 5, "mamba": 6}
 PROMPT_LEN, CHUNK, GREEDY_TOKENS, BLOCK_SIZE = 11, 7, 3, 4
 EXACT = ("moe_routing", "routing", "greedy", "paged_routing")
 # Outputs that collectives leave replicated: every rank of a replica must agree bit for bit.
