@@ -49,3 +49,10 @@ def test_digests_tell_tokens_and_routing_apart():
     assert base != bench.request_digest([5, 6], routing[::-1])
     assert bench.identical_share({"a": "x", "b": "y"}, {"a": "x", "b": "z"}) == 0.5
     assert bench.identical_share({"a": "x"}, {}) is None
+
+
+def test_gpu_idle_share_is_idle_over_idle_plus_busy_gpu_time():
+    from tools.bench_routing import gpu_idle_share
+    decode = [{"gpu_step_ms": 9.0, "gpu_idle_before_ms": 1.0}, {"gpu_step_ms": 10.0}, {"gpu_step_ms": None}]
+    assert gpu_idle_share(decode) == 1.0 / 20.0
+    assert gpu_idle_share([{"step_time_ms": 3.0}]) is None      # no CUDA timings (CPU)
