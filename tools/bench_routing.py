@@ -76,9 +76,19 @@ def decode_stats(entries: list[dict]) -> dict:
         "routing_share_of_decode_step": (sum(routing) / step_ms) if step_ms else 0.0,
         "phase_ms_per_decode_step": {k: statistics.fmean(e[k] for e in decode) if decode else 0.0 for k in PHASES},
         "graph_steps": sum(1 for e in decode if e["cuda_graph"]),
+        "gpu_idle_share": gpu_idle_share(decode),
         "mean_gpu_forward_ms": (statistics.fmean(e["gpu_forward_ms"] for e in decode if "gpu_forward_ms" in e)
                                 if any("gpu_forward_ms" in e for e in decode) else None),
     }
+
+
+def gpu_idle_share(decode: list[dict]) -> float | None:
+    """GPU idle time before decode steps over their GPU span (CUDA event timings; None
+    without them, as on CPU)."""
+    timed = [e for e in decode if e.get("gpu_step_ms") is not None]
+    busy = sum(e["gpu_step_ms"] for e in timed)
+    idle = sum(e.get("gpu_idle_before_ms") or 0.0 for e in timed)
+    return idle / (busy + idle) if busy + idle > 0 else None
 
 
 def run_mode(model, mode: str, args, prompts, params) -> tuple[dict, list]:

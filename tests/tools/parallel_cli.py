@@ -51,3 +51,11 @@ def run_cli(rank: int, world_size: int, argvs: list[list[str]], signal_rank: int
         # out); the next run installs its own.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return out
+
+
+def run_tool_main(rank: int, world_size: int, module: str, argv: list[str]) -> dict[str, np.ndarray]:
+    """``module.main(argv)`` on this rank (a tool run under torchrun); returns its exit status."""
+    import importlib
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = importlib.import_module(module).main(argv)
+    return {"exit": np.array(code)}
