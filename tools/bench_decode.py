@@ -70,6 +70,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="EngineConfig.fused_small_ops of the main run")
     p.add_argument("--compare-small-ops", type=csv, default=[],
                    help="decode every batch again with fused_small_ops in these modes (e.g. off)")
+    p.add_argument("--small-moe-max-tokens", type=int, default=None, metavar="N",
+                   help="EngineConfig.fused_moe_small_batch_max_tokens: the fused MoE small-batch path up to N "
+                        "tokens (0: off; default: the tuned crossover)")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="compare with HF generate")
     p.add_argument("--hf-models", type=csv, default=["olmoe-1b-7b-shape"], help="HF is slow: OLMoE only by default")
     p.add_argument("--hf-batch", type=int, default=64)
@@ -94,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for mode in args.compare_small_ops:
         if mode not in FUSED_SMALL_OPS_MODES:
             raise SystemExit(f"--compare-small-ops: {mode!r} is not one of {FUSED_SMALL_OPS_MODES}")
+    if args.small_moe_max_tokens is not None and args.small_moe_max_tokens < 0:
+        raise SystemExit(f"--small-moe-max-tokens must be >= 0 (0: off), got {args.small_moe_max_tokens}")
     return args
 
 
@@ -107,14 +112,20 @@ class Budget:
         return self.seconds is not None and time.perf_counter() - self.start > self.seconds
 
 
-def make_engine(model, args, max_batch: int, backend: str, small_ops: str | None = None) -> LLMEngine:
+def engine_config(args, max_batch: int, backend: str, small_ops: str | None = None) -> EngineConfig:
+    """The one EngineConfig of every engine this benchmark builds (comparisons change only
+    ``backend`` or ``small_ops``)."""
     per_request = -(-(args.prompt_len + args.output_len) // 16)
     prefill = args.prefill_requests * -(-(args.prefill_prompt_len + 1) // 16)
-    cfg = EngineConfig(block_size=16, num_kv_blocks=max(max_batch * per_request, prefill) + 8,
-                       max_requests=max_batch, max_step_tokens=PREFILL_STEP_TOKENS, enable_prefix_caching=False,
-                       record_routing=True, cuda_graphs=True, cuda_graph_max_batch=max_batch, dtype=args.dtype,
-                       device="cuda", moe_backend=backend, fused_small_ops=small_ops or args.fused_small_ops)
-    return LLMEngine(model, cfg)
+    return EngineConfig(block_size=16, num_kv_blocks=max(max_batch * per_request, prefill) + 8,
+                        max_requests=max_batch, max_step_tokens=PREFILL_STEP_TOKENS, enable_prefix_caching=False,
+                        record_routing=True, cuda_graphs=True, cuda_graph_max_batch=max_batch, dtype=args.dtype,
+                        device="cuda", moe_backend=backend, fused_small_ops=small_ops or args.fused_small_ops,
+                        fused_moe_small_batch_max_tokens=args.small_moe_max_tokens)
+
+
+def make_engine(model, args, max_batch: int, backend: str, small_ops: str | None = None) -> LLMEngine:
+    return LLMEngine(model, engine_config(args, max_batch, backend, small_ops))
 
 
 def serve(engine: LLMEngine, prompts: list[list[int]], max_new_tokens: int, on_full_decode=None) -> dict:
@@ -270,6 +281,7 @@ def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
     config = get_preset(name)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": name, "dtype": args.dtype,
               "moe_backend": args.moe_backend, "fused_small_ops": args.fused_small_ops,
+              "fused_moe_small_batch_max_tokens": args.small_moe_max_tokens,
               "prompt_len": args.prompt_len, "output_len": args.output_len,
               "copy_bandwidth_gb_s": yard["bandwidth"] / 1e9, "matmul_tflops": yard["matmul"] / 1e12,
               "date": time.strftime("%Y-%m-%d"), "skipped": []}
