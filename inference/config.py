@@ -345,6 +345,9 @@ class EngineConfig:
     async_scheduling: bool | None = None   # host runs one step ahead of the GPU; None: on for CUDA
     compute_logprobs: bool = True    # log-prob of every sampled token (off only to measure its cost)
     moe_backend: str = "auto"        # routed experts on CUDA: inference.kernels.MOE_BACKENDS
+    # Token count up to which the fused MoE kernels take their small-batch path (CUDA;
+    # inference/kernels/fused_moe_configs.py). None: the tuned crossover, else 2; 0: never.
+    fused_moe_small_batch_max_tokens: int | None = None
     fused_small_ops: str = "auto"    # router / q-k norm + rotary / add + norm kernels: inference.kernels.small_ops
     fused_kv_write: bool = True      # with them, K/V cache writes join the norm + rotary kernel (off: to measure)
     dtype: str = "float32"
@@ -370,6 +373,10 @@ class EngineConfig:
                  f"piecewise_max_tokens must be an int >= 2, got {self.piecewise_max_tokens!r}")
         _require(self.moe_backend in MOE_BACKENDS,
                  f"moe_backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
+        _require(self.fused_moe_small_batch_max_tokens is None
+                 or (_is_int(self.fused_moe_small_batch_max_tokens) and self.fused_moe_small_batch_max_tokens >= 0),
+                 f"fused_moe_small_batch_max_tokens must be None (the tuned crossover) or an int >= 0 "
+                 f"(0: never the small-batch path), got {self.fused_moe_small_batch_max_tokens!r}")
         _require(self.fused_small_ops in FUSED_SMALL_OPS_MODES,
                  f"fused_small_ops must be one of {FUSED_SMALL_OPS_MODES}, got {self.fused_small_ops!r}")
         _require(isinstance(self.fused_kv_write, bool), f"fused_kv_write must be a bool, got {self.fused_kv_write!r}")

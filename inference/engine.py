@@ -73,8 +73,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed, self.device)
         self._attention_fn = select_attention(self.device)
         if self.device.type == "cuda":
-            from inference.kernels import moe_experts_fn
-            model.set_experts_fn(moe_experts_fn(config.moe_backend))
+            model.set_experts_fn(routed_experts_fn(config))
         # Before the decode graphs are captured: they bake in whichever ops run.
         from inference.kernels.small_ops import fused_small_ops_enabled
         self.fused_small_ops = model.set_fused_small_ops(fused_small_ops_enabled(config.fused_small_ops, self.device),
@@ -419,6 +418,13 @@ class LLMEngine:
     def _drain_routing(self) -> list[RequestResult]:
         """Off the step path: block until every finished request's routing is final."""
         return self._returned(self.routing.poll(PhaseTimer(), wait=True) if self.routing is not None else [])
+
+
+def routed_experts_fn(config: EngineConfig) -> Callable[..., torch.Tensor]:
+    """The routed-experts function the engine installs on a CUDA model: ``moe_backend`` and
+    the fused path's small-batch threshold bound (CPU models keep their reference loop)."""
+    from inference.kernels import moe_experts_fn
+    return moe_experts_fn(config.moe_backend, config.fused_moe_small_batch_max_tokens)
 
 
 def _weak(method):

@@ -74,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-small-ops", type=csv, default=[],
                    help=f"decode every batch again with fused_small_ops in these modes (e.g. off), or "
                         f"{NO_KV_WRITE}: the main run's mode without the fused KV write")
+    p.add_argument("--small-moe-max-tokens", type=int, default=None, metavar="N",
+                   help="EngineConfig.fused_moe_small_batch_max_tokens: the fused MoE small-batch path up to N "
+                        "tokens (0: off; default: the tuned crossover)")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="compare with HF generate")
     p.add_argument("--hf-models", type=csv, default=["olmoe-1b-7b-shape"], help="HF is slow: OLMoE only by default")
     p.add_argument("--hf-batch", type=int, default=64)
@@ -98,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for mode in args.compare_small_ops:
         if mode not in (*FUSED_SMALL_OPS_MODES, NO_KV_WRITE):
             raise SystemExit(f"--compare-small-ops: {mode!r} is not one of {(*FUSED_SMALL_OPS_MODES, NO_KV_WRITE)}")
+    if args.small_moe_max_tokens is not None and args.small_moe_max_tokens < 0:
+        raise SystemExit(f"--small-moe-max-tokens must be >= 0 (0: off), got {args.small_moe_max_tokens}")
     return args
 
 
@@ -112,7 +117,9 @@ class Budget:
 
 
 def engine_config(args, max_batch: int, backend: str, small_ops: str | None = None) -> EngineConfig:
-    """``small_ops``: a ``fused_small_ops`` mode or ``NO_KV_WRITE`` (None: the main run's)."""
+    """The one EngineConfig of every engine this benchmark builds (comparisons change only
+    ``backend`` or ``small_ops``). ``small_ops``: a ``fused_small_ops`` mode or ``NO_KV_WRITE``
+    (None: the main run's)."""
     kv_write = small_ops != NO_KV_WRITE
     small_ops = args.fused_small_ops if small_ops in (None, NO_KV_WRITE) else small_ops
     per_request = -(-(args.prompt_len + args.output_len) // 16)
@@ -120,7 +127,8 @@ def engine_config(args, max_batch: int, backend: str, small_ops: str | None = No
     return EngineConfig(block_size=16, num_kv_blocks=max(max_batch * per_request, prefill) + 8,
                         max_requests=max_batch, max_step_tokens=PREFILL_STEP_TOKENS, enable_prefix_caching=False,
                         record_routing=True, cuda_graphs=True, cuda_graph_max_batch=max_batch, dtype=args.dtype,
-                        device="cuda", moe_backend=backend, fused_small_ops=small_ops, fused_kv_write=kv_write)
+                        device="cuda", moe_backend=backend, fused_small_ops=small_ops, fused_kv_write=kv_write,
+                        fused_moe_small_batch_max_tokens=args.small_moe_max_tokens)
 
 
 def make_engine(model, args, max_batch: int, backend: str, small_ops: str | None = None) -> LLMEngine:
@@ -280,6 +288,7 @@ def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
     config = get_preset(name)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": name, "dtype": args.dtype,
               "moe_backend": args.moe_backend, "fused_small_ops": args.fused_small_ops,
+              "fused_moe_small_batch_max_tokens": args.small_moe_max_tokens,
               "prompt_len": args.prompt_len, "output_len": args.output_len,
               "copy_bandwidth_gb_s": yard["bandwidth"] / 1e9, "matmul_tflops": yard["matmul"] / 1e12,
               "date": time.strftime("%Y-%m-%d"), "skipped": []}

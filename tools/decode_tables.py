@@ -37,8 +37,10 @@ def format_breakdown(batch: str, bd: dict, tag: str = "") -> list[str]:
 
 def format_tables(r: dict) -> str:
     cmp = comparisons(r)
+    small_moe = r.get("fused_moe_small_batch_max_tokens")
+    small_moe = "" if small_moe is None else f", small-batch MoE <= {small_moe} tokens"
     lines = [f"\n{r['model']} on {r['device']} ({r['dtype']}, moe {r['moe_backend']}, small ops "
-             f"{r.get('fused_small_ops', 'auto')}): copy {r['copy_bandwidth_gb_s']:,.0f}"
+             f"{r.get('fused_small_ops', 'auto')}{small_moe}): copy {r['copy_bandwidth_gb_s']:,.0f}"
              f" GB/s, bf16 matmul {r['matmul_tflops']:.0f} TFLOP/s, context {r['prompt_len']}+{r['output_len']}",
              f"{'batch':>6} {'step ms':>9} {'graph ms':>9} {'floor ms':>9} {'x floor':>8} {'GPU x floor':>11} "
              f"{'tok/s':>10} {'moe path':>12}" + "".join(f" {title:>18}" for title in cmp)]

@@ -20,9 +20,10 @@ stage is a public function so the tuner can time the GEMMs separately:
 4. top-k reduction in one pass: ``[T, k, H] -> [T, H]`` summed in fp32. Every pair row is
    written exactly once, so nothing is zeroed and no atomics make results order-dependent.
 
-Up to a tuned token count (``fused_moe_configs.select_plan``; 2 without a tuned value) the
-small-batch path of ``fused_moe_small.py`` runs instead: two launches over the pairs in
-routing order, the top-k sum fused into the down kernel, the same roundings.
+Up to a tuned token count (``fused_moe_configs.select_plan``; 2 without a tuned value, or the
+caller's ``small_batch_max_tokens``) the small-batch path of ``fused_moe_small.py`` runs
+instead: two launches over the pairs in routing order, the top-k sum fused into the down
+kernel, the same roundings.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.kernels.fused_moe_configs import FusedMoEConfig, GemmTiles, SmallMoEConfig, select_plan
+from inference.kernels.fused_moe_configs import (
+    FusedMoEConfig,
+    GemmTiles,
+    SmallMoEConfig,
+    check_small_batch_max_tokens,
+    select_plan,
+)
 from inference.kernels.fused_moe_small import small_moe_experts
 from inference.kernels.moe_align import moe_align_block_size
 
@@ -63,20 +70,26 @@ def fused_moe_supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) ->
 
 def fused_moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                       w13: torch.Tensor, w2: torch.Tensor,
-                      config: FusedMoEConfig | SmallMoEConfig | None = None) -> torch.Tensor:
+                      config: FusedMoEConfig | SmallMoEConfig | None = None,
+                      small_batch_max_tokens: int | None = None) -> torch.Tensor:
     """Weighted sum of each token's top-k experts with the fused Triton kernels.
 
     ``config`` pins the path and its tiles: a ``FusedMoEConfig`` runs the aligned path, a
     ``SmallMoEConfig`` the small-batch one; None lets ``fused_moe_configs.select_plan``
-    choose from the token count and the tuned files. Expert ids must lie in ``[0, E)``.
+    choose from the token count and the tuned files, with ``small_batch_max_tokens`` as the
+    small path's threshold (None: the tuned one; 0: never). Expert ids must lie in ``[0, E)``.
     """
     _check_inputs(x, topk_ids, topk_weights, w13, w2)
+    check_small_batch_max_tokens(small_batch_max_tokens)
+    if config is not None and small_batch_max_tokens is not None:
+        raise ValueError("fused MoE: pass config (a pinned path) or small_batch_max_tokens (a threshold), not both")
     num_tokens, hidden = x.shape
     topk = topk_ids.shape[1]
     if num_tokens == 0:
         return torch.empty_like(x)
     if config is None:
-        config = select_plan(num_tokens, topk, w13.shape[0], hidden, w2.shape[2], x.dtype, x.device)
+        config = select_plan(num_tokens, topk, w13.shape[0], hidden, w2.shape[2], x.dtype, x.device,
+                             max_tokens=small_batch_max_tokens)
     if isinstance(config, SmallMoEConfig):
         return small_moe_experts(x, topk_ids, topk_weights, w13, w2, config)
     layout = align_pairs(topk_ids, w13.shape[0], config.block_m)

@@ -25,10 +25,10 @@ An optional top-level ``small_batch`` object configures the small-batch path
                                       "down": {...}, "small_ms": 0.02, "aligned_ms": 0.03}, ...}}
 
 ``max_tokens`` is the tuner's crossover (0: the small path never won); a file without the
-object, or no file, means ``DEFAULT_SMALL_BATCH_MAX_TOKENS`` and heuristic tiles. The
-environment variable ``FUSED_MOE_SMALL_BATCH_MAX_TOKENS`` overrides the threshold (0 turns
-the small path off) for A/B benchmarks; it is read when a call is traced, so a CUDA graph
-keeps the path it was captured with.
+object, or no file, means ``DEFAULT_SMALL_BATCH_MAX_TOKENS`` and heuristic tiles. A caller
+overrides the threshold explicitly (``select_plan(max_tokens=...)``, threaded down from
+``EngineConfig.fused_moe_small_batch_max_tokens``; 0 turns the small path off), so the path a
+CUDA graph captures depends on its arguments and the files only.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +46,6 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "fused_moe"
 # smaller gap is within run-to-run noise of the tuner's timings.
 GROUPED_MM_MARGIN = 0.97
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
-SMALL_BATCH_ENV = "FUSED_MOE_SMALL_BATCH_MAX_TOKENS"
 # Conservative without a measurement: at 1-2 tokens no two pairs are likely to share an
 # expert, so aligning pairs into expert blocks buys nothing.
 DEFAULT_SMALL_BATCH_MAX_TOKENS = 2
@@ -314,14 +312,19 @@ def small_batch_data(num_experts: int, hidden: int, intermediate: int, dtype: to
     return load_small_batch(str(config_dir / config_file_name(num_experts, hidden, intermediate, dtype, device)))
 
 
-def small_batch_max_tokens(data: SmallBatchData | None) -> int:
-    """The token count up to which the small path runs: the environment override, else the
+def check_small_batch_max_tokens(max_tokens: int | None) -> int | None:
+    """``max_tokens`` if it is None or an int >= 0, else a ValueError saying so."""
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0):
+        raise ValueError(f"small_batch_max_tokens must be None (the tuned crossover) or an int >= 0 "
+                         f"(0: never the small-batch path), got {max_tokens!r}")
+    return max_tokens
+
+
+def small_batch_max_tokens(data: SmallBatchData | None, max_tokens: int | None = None) -> int:
+    """The token count up to which the small path runs: ``max_tokens`` when given, else the
     tuned crossover, else the default."""
-    raw = os.environ.get(SMALL_BATCH_ENV, "").strip()
-    if raw:
-        if not raw.isdigit():
-            raise ValueError(f"{SMALL_BATCH_ENV} must be an integer >= 0, got {raw!r}")
-        return int(raw)
+    if check_small_batch_max_tokens(max_tokens) is not None:
+        return max_tokens
     return data.max_tokens if data is not None else DEFAULT_SMALL_BATCH_MAX_TOKENS
 
 
@@ -346,14 +349,17 @@ def default_small_config(topk: int, hidden: int, intermediate: int, dtype: torch
 
 
 def select_plan(num_tokens: int, topk: int, num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype,
-                device: torch.device, config_dir: Path = CONFIG_DIR) -> FusedMoEConfig | SmallMoEConfig:
+                device: torch.device, config_dir: Path = CONFIG_DIR,
+                max_tokens: int | None = None) -> FusedMoEConfig | SmallMoEConfig:
     """What ``fused_moe_experts`` runs without an explicit config: the small-batch path up
-    to the threshold (``small_batch_max_tokens``), the aligned path's tiles above it."""
+    to the threshold, the aligned path's tiles above it. ``max_tokens`` is the threshold
+    (None: the tuned crossover, else ``DEFAULT_SMALL_BATCH_MAX_TOKENS``; 0: never the small
+    path); it changes which path runs, never the tiles of either."""
     small = None
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         small = small_batch_data(num_experts, hidden, intermediate, dtype, device_name(index), config_dir)
-    if num_tokens <= small_batch_max_tokens(small):
+    if num_tokens <= small_batch_max_tokens(small, max_tokens):
         tuned = small.config_for(num_tokens) if small is not None else None
         return tuned or default_small_config(topk, hidden, intermediate, dtype)
     return select_config(num_tokens, topk, num_experts, hidden, intermediate, dtype, device, config_dir)

@@ -12,7 +12,8 @@ values), by ``choose_moe_backend``:
   file for this shape and device (``fused_moe_configs.py``) measured it at least as fast
   as ``torch._grouped_mm`` at the nearest token count: a shape nobody tuned (or measured)
   on this device keeps the paths below, which are proven on it. At 1-2 tokens (a tuned
-  threshold) it runs the two-launch small-batch kernels of ``fused_moe_small.py``.
+  threshold, or the caller's ``small_batch_max_tokens``) it runs the two-launch small-batch
+  kernels of ``fused_moe_small.py``.
 - grouped: ``torch._grouped_mm`` over (token, k) pairs sorted by expert (CUDA bf16, sm90).
 - gathered: each pair's expert weights are gathered and applied with ``bmm``; it reads
   ``T * K`` weight matrices, so it is chosen when that is no more than all ``E`` of them.
@@ -20,9 +21,10 @@ values), by ``choose_moe_backend``:
   pairs) selects; ``E / K`` times the useful FLOPs, but memory stays ``O(T * I)``.
 
 gathered and dense ("torch") are the CPU paths and the CUDA fallback for other dtypes.
-``moe_experts_fn(backend)`` pins one path ("fused_triton", "grouped_mm", "torch") for the
-engine (``EngineConfig.moe_backend``) and benchmarks; a pinned path that does not apply
-raises instead of silently falling back.
+``moe_experts_fn(backend, small_batch_max_tokens)`` binds a backend ("auto" or one pinned
+path: "fused_triton", "grouped_mm", "torch") and the fused path's small-batch threshold for
+the engine (``EngineConfig.moe_backend``, ``EngineConfig.fused_moe_small_batch_max_tokens``)
+and benchmarks; a pinned path that does not apply raises instead of silently falling back.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from inference.kernels.fused_moe import fused_moe_experts, fused_moe_supported
-from inference.kernels.fused_moe_configs import device_name, tuned_entry
+from inference.kernels.fused_moe_configs import check_small_batch_max_tokens, device_name, tuned_entry
 
 # torch._grouped_mm needs 16-byte aligned row strides: 8 bf16 elements.
 GROUPED_MM_ALIGNMENT = 8
@@ -42,11 +44,14 @@ MOE_BACKENDS = ("auto", "fused_triton", "grouped_mm", "torch")
 
 
 def moe_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                        w13: torch.Tensor, w2: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Weighted sum of each token's top-k experts: ``[T, H] -> [T, H]``, no host sync."""
+                        w13: torch.Tensor, w2: torch.Tensor, backend: str = "auto",
+                        small_batch_max_tokens: int | None = None) -> torch.Tensor:
+    """Weighted sum of each token's top-k experts: ``[T, H] -> [T, H]``, no host sync.
+    ``small_batch_max_tokens`` is the fused path's small-batch threshold (None: the tuned
+    one; 0: never); the other paths have no small-batch variant and ignore it."""
     path = choose_moe_backend(x, topk_ids, w13, w2, backend)
     if path == "fused_triton":
-        return fused_moe_experts(x, topk_ids, topk_weights, w13, w2)
+        return fused_moe_experts(x, topk_ids, topk_weights, w13, w2, small_batch_max_tokens=small_batch_max_tokens)
     if path == "grouped_mm":
         return moe_experts_grouped_mm(x, topk_ids, topk_weights, w13, w2)
     if path == "gathered":
@@ -54,11 +59,17 @@ def moe_experts_grouped(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     return moe_experts_dense(x, topk_ids, topk_weights, w13, w2)
 
 
-def moe_experts_fn(backend: str = "auto") -> Callable[..., torch.Tensor]:
-    """The experts function of ``backend`` (one of ``MOE_BACKENDS``), for ``set_experts_fn``."""
+def moe_experts_fn(backend: str = "auto", small_batch_max_tokens: int | None = None) -> Callable[..., torch.Tensor]:
+    """The experts function of ``backend`` (one of ``MOE_BACKENDS``) with the fused path's
+    small-batch threshold bound (``moe_experts_grouped``), for ``set_experts_fn``: it takes
+    ``(x, topk_ids, topk_weights, w13, w2)``. Both are fixed here, so a captured CUDA graph
+    runs the path its arguments chose."""
     if backend not in MOE_BACKENDS:
         raise ValueError(f"moe backend must be one of {MOE_BACKENDS}, got {backend!r}")
-    return moe_experts_grouped if backend == "auto" else functools.partial(moe_experts_grouped, backend=backend)
+    check_small_batch_max_tokens(small_batch_max_tokens)
+    if backend == "auto" and small_batch_max_tokens is None:
+        return moe_experts_grouped
+    return functools.partial(moe_experts_grouped, backend=backend, small_batch_max_tokens=small_batch_max_tokens)
 
 
 def choose_moe_backend(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,

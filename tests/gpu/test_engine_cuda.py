@@ -178,3 +178,23 @@ def test_aborted_request_with_routing_in_flight_never_meets_a_new_request_of_its
     (result,) = returned
     assert result.prompt_token_ids == prompt
     _assert_exact(cuda_model, [result])
+
+
+@pytest.mark.parametrize("max_tokens,decode_path", [(None, "small"), (0, "aligned")])
+def test_fused_moe_small_batch_threshold_reaches_the_model(cuda_model, monkeypatch, max_tokens, decode_path):
+    """``EngineConfig.fused_moe_small_batch_max_tokens`` picks the fused path of one-token
+    decode steps (None: tiny-moe has no tuned file, so the default 2 tokens); the 7-token
+    prefill always takes the aligned path."""
+    pytest.importorskip("triton")
+    from inference.kernels import fused_moe as fm
+    calls = []
+    real_small, real_align = fm.small_moe_experts, fm.align_pairs
+    monkeypatch.setattr(fm, "small_moe_experts", lambda *a, **kw: (calls.append("small"), real_small(*a, **kw))[1])
+    monkeypatch.setattr(fm, "align_pairs", lambda *a, **kw: (calls.append("aligned"), real_align(*a, **kw))[1])
+    engine = _engine(cuda_model, cuda_graphs=False, async_scheduling=False, record_routing=False,
+                     moe_backend="fused_triton", fused_moe_small_batch_max_tokens=max_tokens)
+    (result,) = engine.generate([[5, 6, 7, 8, 9, 10, 11]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+    engine.close()
+    assert len(result.output_token_ids) == 4
+    moe_layers = cuda_model.config.num_moe_layers
+    assert calls == ["aligned"] * moe_layers + [decode_path] * (3 * moe_layers), calls

@@ -1,5 +1,6 @@
 """ModelConfig's new fields stay validated, and every preset survives the JSON round trip
-that step_details.json's meta makes (nested MLA / YaRN / router configs included)."""
+that step_details.json's meta makes (nested MLA / YaRN / router configs included);
+EngineConfig's fused MoE small-batch threshold is validated and recorded."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dataclasses
 import orjson
 import pytest
 
-from inference.config import MLAConfig, ModelConfig
+from inference.config import EngineConfig, MLAConfig, ModelConfig
 from inference.presets import PRESETS
 
 MLA = MLAConfig(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
@@ -40,3 +41,13 @@ def test_windows_and_rope_dims():
     c = ModelConfig(layer_types=("sliding_attention", "full_attention") * 2, sliding_window=4, rotary_dim=8)
     assert [c.window_of(i) for i in range(4)] == [4, 0, 4, 0] and c.rope_dim == 8
     assert ModelConfig(mla=MLA).rope_dim == 8 and ModelConfig(mla=MLA).kv_bytes_per_token == 4 * 24
+
+
+def test_fused_moe_small_batch_threshold_is_optional_and_validated():
+    assert EngineConfig().fused_moe_small_batch_max_tokens is None
+    for value in (0, 1, 64):
+        config = EngineConfig(fused_moe_small_batch_max_tokens=value)
+        assert config.to_dict()["fused_moe_small_batch_max_tokens"] == value
+    for bad in (-1, "2", 1.5, True):
+        with pytest.raises(ValueError, match="fused_moe_small_batch_max_tokens must be None .* or an int >= 0"):
+            EngineConfig(fused_moe_small_batch_max_tokens=bad)

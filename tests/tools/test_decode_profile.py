@@ -3,6 +3,7 @@ kernel-time attribution, the byte floors, and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -184,6 +185,20 @@ def test_no_kv_write_comparison_keeps_the_other_small_ops():
     assert (no_kv.fused_small_ops, no_kv.fused_kv_write) == ("on", False)
 
 
+def test_small_moe_flag_reaches_every_engine_config():
+    default = bench_decode.parse_args(["--quick"])
+    assert default.small_moe_max_tokens is None
+    assert bench_decode.engine_config(default, 64, "auto").fused_moe_small_batch_max_tokens is None
+    off = bench_decode.parse_args(["--quick", "--small-moe-max-tokens", "0"])
+    for backend, small_ops in (("auto", None), ("grouped_mm", None), ("auto", "off")):
+        cfg = bench_decode.engine_config(off, 64, backend, small_ops)
+        assert cfg.fused_moe_small_batch_max_tokens == 0 and cfg.moe_backend == backend
+    assert bench_decode.engine_config(off, 64, "auto") == dataclasses.replace(   # nothing else differs
+        bench_decode.engine_config(default, 64, "auto"), fused_moe_small_batch_max_tokens=0)
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--small-moe-max-tokens", "-1"])
+
+
 def test_tables_show_the_small_ops_comparison_side_by_side():
     breakdown = {"graph_replay_ms": 1.0, "eager_ms": 2.0, "kernel_ms": 0.8,
                  "rows": [{"component": "router + top-k", "ms": 0.1, "floor_ms": 0.01, "ratio": 10.0}],
@@ -196,4 +211,7 @@ def test_tables_show_the_small_ops_comparison_side_by_side():
                                             "batches": {"64": {"breakdown": {"error": "boom"}}}}}}
     text = bench_decode.format_tables(report)
     assert "x small-ops off" in text and "1.75" in text
+    assert "small-batch MoE" not in text
+    off = bench_decode.format_tables({**report, "fused_moe_small_batch_max_tokens": 0})
+    assert "small-batch MoE <= 0 tokens" in off
     assert "_router_topk_kernel" in text and "breakdown at batch 64, small ops off failed: boom" in text

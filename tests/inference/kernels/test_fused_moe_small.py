@@ -3,14 +3,14 @@
 On CPU the kernels run through Triton's interpreter in a subprocess (harness.py): 1-3
 tokens, top-k 1..8, sizes that are not multiples of the tiles, tokens sharing experts,
 no tokens, the per-pair rounding the aligned path also does, and the dispatch between the
-two paths by the token threshold (and its environment override). On CUDA: the OLMoE and
-Qwen3 expert shapes at 1 and 2 tokens, no host sync, CUDA-graph capture and replay.
+two paths by the token threshold (tuned, default or the caller's, the engine's included).
+On CUDA: the OLMoE and Qwen3 expert shapes at 1 and 2 tokens, no host sync, CUDA-graph
+capture and replay of the path the threshold chose.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -19,7 +19,6 @@ from inference.kernels import fused_moe as fm
 from inference.kernels import fused_moe_small as fms
 from inference.kernels.fused_moe_configs import (
     DEFAULT_SMALL_BATCH_MAX_TOKENS,
-    SMALL_BATCH_ENV,
     FusedMoEConfig,
     GemmTiles,
     GemvTiles,
@@ -31,7 +30,9 @@ from inference.kernels.fused_moe_configs import (
     small_batch_data,
     small_batch_max_tokens,
 )
-from inference.kernels.moe_grouped import moe_experts_reference
+from inference.config import EngineConfig
+from inference.kernels import moe_grouped
+from inference.kernels.moe_grouped import moe_experts_fn, moe_experts_grouped, moe_experts_reference
 from tests.inference.kernels.harness import (
     assert_interpreter_checks_pass,
     forbid_host_sync,
@@ -127,56 +128,100 @@ def check_pair_rows_round_like_the_aligned_path(dtype=torch.float16, device="cpu
     return 1
 
 
+class PathSpy:
+    """Records which fused path each call runs ("small" or "aligned") while installed."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self._real = fm.small_moe_experts, fm.align_pairs
+
+    def __enter__(self) -> "PathSpy":
+        real_small, real_align = self._real
+        fm.small_moe_experts = lambda *a, **kw: (self.calls.append("small"), real_small(*a, **kw))[1]
+        fm.align_pairs = lambda *a, **kw: (self.calls.append("aligned"), real_align(*a, **kw))[1]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fm.small_moe_experts, fm.align_pairs = self._real
+
+
+THRESHOLD_CASES = ((None, 1, "small"), (None, DEFAULT_SMALL_BATCH_MAX_TOKENS, "small"),
+                   (None, DEFAULT_SMALL_BATCH_MAX_TOKENS + 1, "aligned"), (0, 1, "aligned"), (4, 4, "small"),
+                   (4, 5, "aligned"))   # (small_batch_max_tokens, num_tokens, path)
+
+
 def check_dispatch_by_threshold() -> int:
     """``config=None`` runs the small path up to the threshold and the aligned path above it."""
-    calls = []
-    real_small, real_align = fm.small_moe_experts, fm.align_pairs
-    fm.small_moe_experts = lambda *a, **kw: (calls.append("small"), real_small(*a, **kw))[1]
-    fm.align_pairs = lambda *a, **kw: (calls.append("aligned"), real_align(*a, **kw))[1]
-    checked = 0
-    try:
-        for env, num_tokens, expected in ((None, 1, "small"), (None, DEFAULT_SMALL_BATCH_MAX_TOKENS, "small"),
-                                          (None, DEFAULT_SMALL_BATCH_MAX_TOKENS + 1, "aligned"),
-                                          ("0", 1, "aligned"), ("4", 4, "small"), ("4", 5, "aligned")):
-            if env is None:
-                os.environ.pop(SMALL_BATCH_ENV, None)
-            else:
-                os.environ[SMALL_BATCH_ENV] = env
-            calls.clear()
+    with PathSpy() as spy:
+        for max_tokens, num_tokens, expected in THRESHOLD_CASES:
+            spy.calls.clear()
             args = make_moe(num_tokens, 2, 5, 16, 16, seed=num_tokens)
-            out = fm.fused_moe_experts(*args)
-            assert calls == [expected], (env, num_tokens, calls)
+            out = fm.fused_moe_experts(*args, small_batch_max_tokens=max_tokens)
+            assert spy.calls == [expected], (max_tokens, num_tokens, spy.calls)
             assert_close_relative(out, moe_experts_reference(*args), 1e-5)
-            checked += 1
+    return len(THRESHOLD_CASES)
+
+
+def check_engine_experts_fn_honours_the_threshold() -> int:
+    """The function the engine installs (``routed_experts_fn``) passes
+    ``EngineConfig.fused_moe_small_batch_max_tokens`` down to the fused kernels. The CPU
+    dispatcher never picks the fused path, so its choice is replaced by "fused_triton"
+    (recording the backend it was asked for); everything below it is the real code."""
+    from inference.engine import routed_experts_fn
+    real_choose, asked = moe_grouped.choose_moe_backend, []
+    moe_grouped.choose_moe_backend = lambda *a: (asked.append(a[-1]), "fused_triton")[1]
+    try:
+        with PathSpy() as spy:
+            for max_tokens, num_tokens, expected in THRESHOLD_CASES:
+                spy.calls.clear()
+                config = EngineConfig(moe_backend="fused_triton", fused_moe_small_batch_max_tokens=max_tokens)
+                args = make_moe(num_tokens, 2, 5, 16, 16, seed=num_tokens + 50)
+                out = routed_experts_fn(config)(*args)
+                assert spy.calls == [expected], (max_tokens, num_tokens, spy.calls)
+                assert_close_relative(out, moe_experts_reference(*args), 1e-5)
     finally:
-        fm.small_moe_experts, fm.align_pairs = real_small, real_align
-        os.environ.pop(SMALL_BATCH_ENV, None)
-    return checked
+        moe_grouped.choose_moe_backend = real_choose
+    assert asked == ["fused_triton"] * len(THRESHOLD_CASES), asked
+    return len(THRESHOLD_CASES)
 
 
 def check_interpreter_cases() -> int:
     return (check_random_cases() + check_shared_experts_and_strided_x() + check_no_tokens()
-            + check_pair_rows_round_like_the_aligned_path() + check_dispatch_by_threshold())
+            + check_pair_rows_round_like_the_aligned_path() + check_dispatch_by_threshold()
+            + check_engine_experts_fn_honours_the_threshold())
 
 
 @needs_triton
 def test_small_path_matches_reference_in_interpreter():
-    assert_interpreter_checks_pass(__file__, len(INTERPRETER_CASES) + 3 + 6)
+    assert_interpreter_checks_pass(__file__, len(INTERPRETER_CASES) + 3 + 2 * len(THRESHOLD_CASES))
 
 
-def test_plan_follows_the_threshold_and_its_override(monkeypatch):
-    monkeypatch.delenv(SMALL_BATCH_ENV, raising=False)
+def test_plan_follows_the_threshold_and_the_callers_override():
     cpu = torch.device("cpu")
-    plan = lambda t: select_plan(t, 8, 64, 2048, 1024, torch.bfloat16, cpu)  # noqa: E731
+    plan = lambda t, m=None: select_plan(t, 8, 64, 2048, 1024, torch.bfloat16, cpu, max_tokens=m)  # noqa: E731
     assert isinstance(plan(1), SmallMoEConfig) and isinstance(plan(DEFAULT_SMALL_BATCH_MAX_TOKENS), SmallMoEConfig)
     assert isinstance(plan(DEFAULT_SMALL_BATCH_MAX_TOKENS + 1), FusedMoEConfig)
-    monkeypatch.setenv(SMALL_BATCH_ENV, "0")
-    assert isinstance(plan(1), FusedMoEConfig)
-    monkeypatch.setenv(SMALL_BATCH_ENV, "8")
-    assert isinstance(plan(8), SmallMoEConfig) and isinstance(plan(9), FusedMoEConfig)
-    monkeypatch.setenv(SMALL_BATCH_ENV, "two")
-    with pytest.raises(ValueError, match=SMALL_BATCH_ENV):
-        plan(1)
+    assert isinstance(plan(1, 0), FusedMoEConfig)
+    assert isinstance(plan(8, 8), SmallMoEConfig) and isinstance(plan(9, 8), FusedMoEConfig)
+    # The threshold picks the path, never the tiles.
+    assert plan(2, 8) == plan(2) and plan(3, 0) == plan(3)
+
+
+@pytest.mark.parametrize("bad", [-1, "2", 1.5, True])
+def test_bad_thresholds_are_rejected(bad):
+    with pytest.raises(ValueError, match="small_batch_max_tokens must be None .* or an int >= 0"):
+        select_plan(1, 8, 64, 2048, 1024, torch.bfloat16, torch.device("cpu"), max_tokens=bad)
+    with pytest.raises(ValueError, match="small_batch_max_tokens must be"):
+        moe_experts_fn("auto", small_batch_max_tokens=bad)
+
+
+def test_experts_fn_keeps_the_experts_contract_with_a_threshold():
+    assert moe_experts_fn("auto") is moe_experts_grouped    # unchanged when nothing is overridden
+    x, ids, weights, w13, w2 = make_moe(3, 2, 8, 16, 8, seed=0)
+    ref = moe_experts_reference(x, ids, weights, w13, w2)
+    for backend, max_tokens in (("auto", 0), ("auto", 4), ("torch", 0)):
+        assert_close_relative(moe_experts_fn(backend, small_batch_max_tokens=max_tokens)(x, ids, weights, w13, w2),
+                              ref, 1e-5)
 
 
 SMALL_ENTRY = {"gate_up": {"block_n": 16, "block_k": 256, "num_warps": 4, "num_stages": 2},
@@ -184,14 +229,14 @@ SMALL_ENTRY = {"gate_up": {"block_n": 16, "block_k": 256, "num_warps": 4, "num_s
 ALIGNED_ENTRY = {"block_m": 16, "gate_up": {"block_n": 64, "block_k": 128}, "down": {"block_n": 64, "block_k": 128}}
 
 
-def test_tuned_small_batch_field_is_read_and_optional(tmp_path, monkeypatch):
-    monkeypatch.delenv(SMALL_BATCH_ENV, raising=False)
+def test_tuned_small_batch_field_is_read_and_optional(tmp_path):
     name = "E=64,H=2048,I=1024,dtype=bfloat16,device=Fake_GPU.json"
     (tmp_path / name).write_text(json.dumps({"configs": {"1": ALIGNED_ENTRY}, "small_batch": {
         "max_tokens": 4, "configs": {"1": SMALL_ENTRY, "4": {**SMALL_ENTRY, "down": {"block_n": 32, "block_k": 64}}}}}))
     load_small_batch.cache_clear()
     data = small_batch_data(64, 2048, 1024, torch.bfloat16, "Fake_GPU", tmp_path)
     assert data.max_tokens == 4 and small_batch_max_tokens(data) == 4
+    assert small_batch_max_tokens(data, 0) == 0 and small_batch_max_tokens(data, 7) == 7   # the caller's wins
     assert data.config_for(1).down == GemvTiles(8, 128, 8, 3)
     assert data.config_for(3).down == GemvTiles(32, 64)          # nearest token count
     assert small_batch_data(128, 2048, 768, torch.bfloat16, "Fake_GPU", tmp_path) is None
@@ -258,22 +303,22 @@ def test_gpu_other_dtypes(dtype):
 
 @needs_cuda
 @needs_triton
+@pytest.mark.parametrize("max_tokens,path", [(2, "small"), (0, "aligned")])
 @pytest.mark.parametrize("num_tokens", [1, 2])
-def test_gpu_cuda_graph_replay_follows_new_routing(num_tokens, monkeypatch):
-    monkeypatch.setenv(SMALL_BATCH_ENV, "2")   # whatever the tuned file says, capture the small path
+def test_gpu_cuda_graph_replay_follows_new_routing(num_tokens, max_tokens, path):
+    """The graph keeps the path its threshold argument chose (whatever the tuned file says)."""
     topk, num_experts, hidden, inter = MODEL_SHAPES[1]
     static = make_moe(num_tokens, topk, num_experts, hidden, inter, seed=13, dtype=torch.bfloat16, device="cuda")
-    calls = []
-    monkeypatch.setattr(fm, "small_moe_experts", lambda *a, **kw: (calls.append(1), fms.small_moe_experts(*a, **kw))[1])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fm.fused_moe_experts(*static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fm.fused_moe_experts(*static)
-    assert calls == [1, 1]
+    with PathSpy() as spy:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fm.fused_moe_experts(*static, small_batch_max_tokens=max_tokens)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fm.fused_moe_experts(*static, small_batch_max_tokens=max_tokens)
+    assert spy.calls == [path, path]
     # New inputs, every token on the same experts (pairs of different tokens share them).
     fresh = make_moe(num_tokens, topk, num_experts, hidden, inter, seed=14, dtype=torch.bfloat16, device="cuda",
                      skew=True)
