@@ -21,7 +21,8 @@ tests)
   for f in tests/inference/kernels/test_paged_decode.py tests/inference/kernels/test_norm_rotary_kv_write.py \
            tests/inference/kernels/test_norm_rotary.py tests/gpu/test_fused_small_ops_cuda.py \
            tests/inference/kernels/test_fused_moe_small.py tests/inference/kernels/test_fused_moe.py \
-           tests/inference/kernels/test_mla_decode.py tests/gpu/test_engine_cuda.py tests/gpu/test_families_cuda.py; do
+           tests/inference/kernels/test_mla_decode.py tests/gpu/test_engine_cuda.py tests/gpu/test_families_cuda.py \
+           tests/gpu/test_hybrid_cuda.py; do
     n=$(basename "$f" .py)
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
     echo "$n rc=$? $(tail -1 "$OUT/$n.log")"
@@ -29,8 +30,8 @@ tests)
   ;;
 bench)
   for v in 0 ''; do
-    tag=${v:-on}
-    FUSED_MOE_SMALL_BATCH_MAX_TOKENS=$v timeout 240 python3 tools/bench_decode.py \
+    tag=${v:-on}; flag=(); [ -n "$v" ] && flag=(--small-moe-max-tokens "$v")
+    timeout 240 python3 tools/bench_decode.py "${flag[@]}" \
       --models olmoe-1b-7b-shape,qwen3-30b-a3b-shape --batches 1,16 --profile-batches 1 --output-len 32 \
       --prefill-requests 0 --no-hf --compare-backends '' --compare-small-ops no-kv-write --time-budget 200 \
       --output-dir "$OUT/small_moe_$tag" > "$OUT/bench_$tag.log" 2>&1
