@@ -6,7 +6,8 @@
 2. a component breakdown of the decode step (tools/decode_profile.py), each component
    against its own bytes floor, plus the graph's launch gaps;
 3. prefill tokens/s on 8k-token steps vs the FLOP floor (2 x active parameters x tokens at
-   the measured bf16 matmul rate);
+   the measured bf16 matmul rate); ``--profile-prefill`` adds one more 8k step's component
+   breakdown, the matmul components against their own FLOP floors;
 4. optionally the same decode batches with another MoE backend (before/after), or with
    the fused small ops (router, q/k norm + rotary, residual add + norm) in another mode
    (``--compare-small-ops off``: before/after at every batch, breakdowns included; the
@@ -61,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", "--model", type=csv, default=list(MODELS))
     p.add_argument("--batches", "--batch", type=ints, default=[1, 16, 64, 256])
     p.add_argument("--profile-batches", type=ints, default=None, help="component breakdown at these (default: all)")
+    p.add_argument("--profile-prefill", action="store_true",
+                   help="component breakdown of one more 8k prefill step, against each matmul component's FLOP floor")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prefill-requests", type=int, default=16, help="prompts of --prefill-prompt-len, 4 per 8k step")
@@ -228,10 +231,36 @@ def measure_prefill(engine, model, config, args, matmul_flops: float) -> dict:
     step_ms = statistics.median(e["step_time_ms"] for e in steps)
     active = dp.active_params(config, model)
     floor_ms = 2 * active * PREFILL_STEP_TOKENS / matmul_flops * 1e3
-    return {"steps": len(steps), "step_tokens": PREFILL_STEP_TOKENS, "prompt_len": args.prefill_prompt_len,
-            "step_ms": step_ms, "tokens_per_s": PREFILL_STEP_TOKENS / (step_ms / 1e3), "active_params": active,
-            "flop_floor_ms": floor_ms, "floor_tokens_per_s": PREFILL_STEP_TOKENS / (floor_ms / 1e3),
-            "fraction_of_matmul_rate": floor_ms / step_ms}
+    out = {"steps": len(steps), "step_tokens": PREFILL_STEP_TOKENS, "prompt_len": args.prefill_prompt_len,
+           "step_ms": step_ms, "tokens_per_s": PREFILL_STEP_TOKENS / (step_ms / 1e3), "active_params": active,
+           "flop_floor_ms": floor_ms, "floor_tokens_per_s": PREFILL_STEP_TOKENS / (floor_ms / 1e3),
+           "fraction_of_matmul_rate": floor_ms / step_ms}
+    if args.profile_prefill and not config.is_hybrid:
+        out["breakdown"] = prefill_breakdown(engine, model, config, prompts[: PREFILL_STEP_TOKENS // args.prefill_prompt_len],
+                                             args.prefill_prompt_len, matmul_flops)
+    return out
+
+
+def prefill_breakdown(engine, model, config, prompts: list[list[int]], prompt_len: int, matmul_flops: float) -> dict:
+    """Component ms of one more 8k prefill step (eager: above the piecewise graphs' sizes),
+    each matmul component against its FLOP floor at the measured matmul rate."""
+    def once() -> int:
+        run = serve(engine, prompts, 1)
+        return sum(e["prefill_tokens"] for e in run["entries"])
+    try:
+        prof = dp.profile_prefill(model, once, engine.recorder)
+    except Exception as exc:  # noqa: BLE001  (a profiling failure must not lose the timings)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    scale = PREFILL_STEP_TOKENS / 1e3
+    floors = dp.prefill_flop_floors(config, prompt_len)
+    rows = []
+    for name, ms_per_k in prof["components_ms_per_1k_tokens"].items():
+        if ms_per_k == 0.0:
+            continue
+        floor_ms = floors[name] * PREFILL_STEP_TOKENS / matmul_flops * 1e3 if name in floors else None
+        rows.append({"component": name, "ms": ms_per_k * scale, "floor_ms": floor_ms,
+                     "ratio": ms_per_k * scale / floor_ms if floor_ms else None})
+    return {**prof, "step_tokens": PREFILL_STEP_TOKENS, "rows": rows}
 
 
 def hf_generate(config, args, workdir: Path) -> dict:

@@ -233,6 +233,38 @@ def profile_decode_step(runner, size: int, rows: int, reps: int = 3) -> dict:
             "top_kernels": top}
 
 
+def profile_prefill(model, serve_once: Callable[[], int], recorder=None) -> dict:
+    """Component times of real prefill steps: ``serve_once()`` serves prompts to completion
+    under the profiler with the component labels and returns how many prompt tokens it
+    computed; times are reported per 1,000 prompt tokens (the steps' own mix of attention
+    context lengths, nothing replayed)."""
+    with torch.inference_mode(), labelled_components(model, recorder):
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            tokens = serve_once()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+    totals, top = attribute_kernel_time(prof.events())
+    per_k = {k: v / 1e3 / tokens * 1e3 for k, v in totals.items()} if tokens else {}
+    return {"prompt_tokens": tokens, "components_ms_per_1k_tokens": per_k,
+            "kernel_ms_per_1k_tokens": sum(per_k.values()), "top_kernels": top}
+
+
+def prefill_flop_floors(config, context: int) -> dict[str, float]:
+    """FLOPs per prompt token of the matmul-bound components of a prefill of ``context``-token
+    prompts: routed + shared experts (SwiGLU: 3 matrices), the attention projections and the
+    causal attention itself (QK^T and PV over on average context / 2 keys)."""
+    h, layers = config.hidden_size, config.num_layers
+    moe_layers = config.num_moe_layers
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    experts = 2 * 3 * h * (config.topk * config.moe_intermediate_size + config.shared_expert_intermediate_size)
+    return {"MoE experts": moe_layers * experts,
+            "attention projections": layers * 2 * h * (2 * q + 2 * kv),
+            "attention kernel + KV write": layers * 2 * 2 * q * context / 2}
+
+
 def breakdown_rows(profile: dict, floors: dict[str, float], bandwidth: float) -> list[dict]:
     """One row per component: measured ms, bytes floor ms, ratio (None where the floor is 0)."""
     rows = []

@@ -66,6 +66,7 @@ def format_tables(r: dict) -> str:
     if pf and "error" not in pf:
         lines.append(f"prefill: {pf['tokens_per_s']:,.0f} tok/s on {pf['step_tokens']}-token steps; FLOP floor "
                      f"{pf['floor_tokens_per_s']:,.0f} tok/s; {pf['fraction_of_matmul_rate']:.0%} of the matmul rate")
+        lines += format_prefill_breakdown(pf.get("breakdown"))
     elif pf:
         lines.append(f"prefill failed: {pf['error']}")
     hf = r.get("hf")
@@ -80,3 +81,16 @@ def format_tables(r: dict) -> str:
     return "\n".join(lines)
 
 
+
+
+def format_prefill_breakdown(breakdown: dict | None) -> list[str]:
+    """The prefill step's components (ms per 8k-token step, x their FLOP floor where one is defined)."""
+    if not breakdown:
+        return []
+    if "error" in breakdown:
+        return [f"prefill breakdown failed: {breakdown['error']}"]
+    lines = [f"prefill breakdown per {breakdown['step_tokens']}-token step ({breakdown['prompt_tokens']} tokens profiled)"]
+    for row in sorted(breakdown["rows"], key=lambda r: -r["ms"]):
+        floor = "" if row["floor_ms"] is None else f"  FLOP floor {row['floor_ms']:8.3f} ms  x{row['ratio']:.2f}"
+        lines.append(f"  {row['component']:<30} {row['ms']:8.3f} ms{floor}")
+    return lines

@@ -6,6 +6,7 @@
 #   bash tools/gpu_next_session.sh tests   # GPU tests, one pytest process per file (a crash poisons only its own)
 #   bash tools/gpu_next_session.sh bench   # decode batch 1 / 16: small MoE path off vs on, K/V write off vs on
 #   bash tools/gpu_next_session.sh tune    # tools/tune_paged_decode.py --quick, then the small-MoE crossover
+#   bash tools/gpu_next_session.sh prefill # Qwen3-30B-A3B 8k prefill step by component, vs each matmul's FLOP floor
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -45,5 +46,13 @@ tune)
     --report "$OUT/fused_moe_small_h200.json" > "$OUT/tune_small.log" 2>&1; echo "tune small rc $?"; tail -14 "$OUT/tune_small.log"
   mkdir -p "$OUT/configs"; i=0; for f in inference/kernels/configs/fused_moe/*.json; do cp "$f" "$OUT/configs/cfg_$i.json"; echo "cfg_$i.json <- $f" >> "$OUT/configs/names.txt"; i=$((i+1)); done
   ;;
-*) echo "usage: $0 tests|bench|tune" >&2; exit 2 ;;
+prefill)
+  for m in qwen3-30b-a3b-shape olmoe-1b-7b-shape; do
+    timeout 200 python3 tools/bench_decode.py --model "$m" --batches 1 --profile-batches 1 --output-len 8 \
+      --prefill-requests 12 --profile-prefill --no-hf --compare-backends '' --time-budget 150 \
+      --output "$OUT/prefill_$m.json" > "$OUT/prefill_$m.log" 2>&1
+    echo "== $m (rc $?)"; sed -n '/^prefill/,$p' "$OUT/prefill_$m.log" | head -16
+  done
+  ;;
+*) echo "usage: $0 tests|bench|tune|prefill" >&2; exit 2 ;;
 esac

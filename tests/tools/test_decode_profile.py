@@ -215,3 +215,40 @@ def test_tables_show_the_small_ops_comparison_side_by_side():
     off = bench_decode.format_tables({**report, "fused_moe_small_batch_max_tokens": 0})
     assert "small-batch MoE <= 0 tokens" in off
     assert "_router_topk_kernel" in text and "breakdown at batch 64, small ops off failed: boom" in text
+
+
+def test_prefill_profile_serves_under_the_labels_and_restores_the_model():
+    """CPU: the profiled serve runs (its prompt tokens are counted per 1k), every component
+    is reported, and the model's methods are its own again afterwards."""
+    model = build_model(get_preset("tiny-moe"), seed=0)
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=64, max_requests=4, max_step_tokens=64, record_routing=True))
+    forward = model.forward
+
+    def once() -> int:
+        before = len(engine.step_log.entries)
+        engine.generate([[5, 6, 7, 8, 9], [3, 4, 5]], SamplingParams(max_new_tokens=1, ignore_eos=True))
+        return sum(e["prefill_tokens"] for e in engine.step_log.entries[before:])
+
+    prof = dp.profile_prefill(model, once, engine.recorder)
+    assert prof["prompt_tokens"] == 8
+    assert set(dp.COMPONENTS) <= set(prof["components_ms_per_1k_tokens"])
+    assert "forward" not in vars(model) and model.forward == forward
+
+
+def test_prefill_flop_floors_count_every_matmul_once():
+    c = get_preset("qwen3-30b-a3b-shape")
+    floors = dp.prefill_flop_floors(c, context=2048)
+    h, q, kv = c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    assert floors["MoE experts"] == c.num_moe_layers * 2 * 3 * h * c.topk * c.moe_intermediate_size
+    assert floors["attention projections"] == c.num_layers * 2 * h * (q + 2 * kv + q)
+    assert floors["attention kernel + KV write"] == c.num_layers * 4 * q * 1024
+
+
+def test_prefill_breakdown_table_lists_components_by_time():
+    from tools.decode_tables import format_prefill_breakdown
+    rows = [{"component": "norms and rotary", "ms": 1.0, "floor_ms": None, "ratio": None},
+            {"component": "MoE experts", "ms": 60.0, "floor_ms": 20.0, "ratio": 3.0}]
+    lines = format_prefill_breakdown({"step_tokens": 8192, "prompt_tokens": 8192, "rows": rows})
+    assert "MoE experts" in lines[1] and "x3.00" in lines[1] and "norms and rotary" in lines[2]
+    assert format_prefill_breakdown(None) == []
+    assert "failed" in format_prefill_breakdown({"error": "boom"})[0]
