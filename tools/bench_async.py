@@ -35,7 +35,7 @@ from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import SamplingParams
 from inference.workload import synthetic_prompts
 from routing_replay import step_kind
-from tools.bench_routing import add_workload_args, decode_stats, engine_config
+from tools.bench_routing import add_workload_args, decode_stats, engine_config, gpu_idle_share
 
 RECORDERS = ("off", "gpu", "host-sync")
 SCHEDULING = ("sync", "async")
@@ -47,17 +47,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recorders", default=",".join(RECORDERS))
     p.add_argument("--sync-count-steps", type=int, default=16, help="decode steps watched for host syncs")
     return p.parse_args(argv)
-
-
-def gpu_idle_share(entries: list[dict]) -> float | None:
-    """Share of GPU time between the first and last decode step in which the GPU ran none
-    of the engine's work: idle gaps before each step over gaps plus step spans."""
-    decode = [e for e in entries if step_kind(e) == "decode" and "gpu_step_ms" in e and "gpu_idle_before_ms" in e]
-    if not decode:
-        return None
-    idle = sum(e["gpu_idle_before_ms"] for e in decode[1:])
-    busy = sum(e["gpu_step_ms"] for e in decode[1:])
-    return idle / (idle + busy) if idle + busy > 0 else None
 
 
 def _engine(model, args, recorder: str, scheduling: str) -> LLMEngine:
@@ -92,29 +81,39 @@ def run_mode(model, args, recorder: str, scheduling: str, prompts, params) -> di
 def count_syncs(model, args, recorder: str, scheduling: str, prompts, params) -> float | None:
     """Host syncs per decode step over a steady-state decode stretch (untimed run; None on
     CPU, where there is nothing to count)."""
-    cuda = args.device.startswith("cuda")
     engine = _engine(model, args, recorder, scheduling)
+    syncs = decode_host_syncs(engine, prompts, params, args.sync_count_steps)
+    _release(engine)
+    return syncs
+
+
+def decode_host_syncs(engine: LLMEngine, prompts, params, steps: int) -> float | None:
+    """Serve ``prompts`` on ``engine`` and count host syncs per step (CUDA sync debug mode)
+    over ``steps`` decode steps, starting two steps after the first decode step; None on
+    CPU, where nothing is served. The requests are served to completion."""
+    if engine.device.type != "cuda":
+        return None
     for p in prompts:
         engine.add_request(p.prompt_token_ids, params, request_id=p.request_id)
-    while not engine.step_log.entries or step_kind(engine.step_log.entries[-1]) != "decode":
+    while engine.has_unfinished() and (not engine.step_log.entries
+                                        or step_kind(engine.step_log.entries[-1]) != "decode"):
         engine.step()
     for _ in range(2):
         engine.step()
+    counted = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if cuda:
-            torch.cuda.set_sync_debug_mode("warn")
+        torch.cuda.set_sync_debug_mode("warn")
         try:
-            for _ in range(args.sync_count_steps):
+            while counted < steps and engine.has_unfinished():
                 engine.step()
+                counted += 1
         finally:
-            if cuda:
-                torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.set_sync_debug_mode(0)
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     while engine.has_unfinished():
         engine.step()
-    _release(engine)
-    return syncs / args.sync_count_steps if cuda else None
+    return syncs / max(counted, 1)
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -40,7 +39,7 @@ from inference.parallel import ParallelGroups
 from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import SamplingParams
 from inference.workload import synthetic_prompts
-from routing_replay import step_kind
+from tools.bench_async import decode_host_syncs
 from tools.bench_routing import MODES, add_workload_args, build_report, engine_config, run_mode
 from tools.run_setup import distributed_context, parallel_layout
 
@@ -70,32 +69,6 @@ def identical_share(digests: dict[str, str], reference: dict[str, str]) -> float
     if not common:
         return None
     return sum(digests[r] == reference[r] for r in common) / len(digests)
-
-
-def host_syncs_per_decode_step(model, args, prompts, params) -> float | None:
-    """Host syncs per steady-state decode step with recording on, counted in CUDA's sync
-    debug mode (None on CPU, where there is nothing to count)."""
-    if not args.device.startswith("cuda"):
-        return None
-    engine = LLMEngine(model, engine_config(args, "gpu"))
-    for p in prompts:
-        engine.add_request(p.prompt_token_ids, params, request_id=p.request_id)
-    while engine.has_unfinished() and (not engine.step_log.entries
-                                        or step_kind(engine.step_log.entries[-1]) != "decode"):
-        engine.step()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            steps = 0
-            while engine.has_unfinished() and steps < args.sync_count_steps:
-                engine.step()
-                steps += 1
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    while engine.has_unfinished():
-        engine.step()
-    return sum("synchroniz" in str(w.message) for w in caught) / max(steps, 1)
 
 
 def main(argv=None) -> int:
@@ -133,7 +106,10 @@ def main(argv=None) -> int:
             last[mode] = results
             if ctx.rank == 0:
                 print(f"rep {rep} {mode:>9}: decode {stats['decode_tokens_per_s']:,.0f} tok/s", flush=True)
-    syncs = host_syncs_per_decode_step(model, args, prompts[: min(8, len(prompts))], params) if "gpu" in modes else None
+    syncs = None
+    if "gpu" in modes:   # every rank steps the replica's engine; CUDA only (None on CPU)
+        syncs = decode_host_syncs(LLMEngine(model, engine_config(args, "gpu")), prompts[: min(8, len(prompts))],
+                                  params, args.sync_count_steps)
     if ctx.rank != 0:
         return 0
     report = build_report(args, config, modes, per_mode, last)

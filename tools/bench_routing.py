@@ -82,13 +82,15 @@ def decode_stats(entries: list[dict]) -> dict:
     }
 
 
-def gpu_idle_share(decode: list[dict]) -> float | None:
-    """GPU idle time before decode steps over their GPU span (CUDA event timings; None
-    without them, as on CPU)."""
-    timed = [e for e in decode if e.get("gpu_step_ms") is not None]
-    busy = sum(e["gpu_step_ms"] for e in timed)
-    idle = sum(e.get("gpu_idle_before_ms") or 0.0 for e in timed)
-    return idle / (busy + idle) if busy + idle > 0 else None
+def gpu_idle_share(entries: list[dict]) -> float | None:
+    """Share of GPU time between the first and last decode step in which the GPU ran none
+    of the engine's work: idle gaps before each step over gaps plus step spans."""
+    decode = [e for e in entries if step_kind(e) == "decode" and "gpu_step_ms" in e and "gpu_idle_before_ms" in e]
+    if not decode:
+        return None
+    idle = sum(e["gpu_idle_before_ms"] for e in decode[1:])
+    busy = sum(e["gpu_step_ms"] for e in decode[1:])
+    return idle / (idle + busy) if idle + busy > 0 else None
 
 
 def run_mode(model, mode: str, args, prompts, params) -> tuple[dict, list]:

@@ -51,8 +51,12 @@ def test_digests_tell_tokens_and_routing_apart():
     assert bench.identical_share({"a": "x"}, {}) is None
 
 
-def test_gpu_idle_share_is_idle_over_idle_plus_busy_gpu_time():
+def test_gpu_idle_share_is_idle_over_idle_plus_busy_decode_time_after_the_first_decode_step():
     from tools.bench_routing import gpu_idle_share
-    decode = [{"gpu_step_ms": 9.0, "gpu_idle_before_ms": 1.0}, {"gpu_step_ms": 10.0}, {"gpu_step_ms": None}]
-    assert gpu_idle_share(decode) == 1.0 / 20.0
-    assert gpu_idle_share([{"step_time_ms": 3.0}]) is None      # no CUDA timings (CPU)
+    decode = dict(prefill_requests=0, decode_requests=2)
+    entries = [dict(prefill_requests=1, decode_requests=0, gpu_step_ms=50.0, gpu_idle_before_ms=5.0),
+               dict(decode, gpu_step_ms=9.0, gpu_idle_before_ms=30.0),     # the first decode: after the prefill
+               dict(decode, gpu_step_ms=9.0, gpu_idle_before_ms=1.0), dict(decode, gpu_step_ms=10.0,
+                                                                            gpu_idle_before_ms=0.0)]
+    assert gpu_idle_share(entries) == 1.0 / 20.0
+    assert gpu_idle_share([dict(decode, step_time_ms=3.0)]) is None      # no CUDA timings (CPU)

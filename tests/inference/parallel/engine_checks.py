@@ -7,6 +7,7 @@ every step. The test serves the same workload with the single-process engine and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from inference.hf_loader import load_hf_model
 from inference.parallel import ParallelGroups, ParallelLayout
 from inference.presets import build_model
 from inference.request import RequestResult, SamplingParams
+from tests.inference.parallel.harness import run_ranks
 from tests.inference.parallel.rank_checks import CONFIGS, SEEDS
 
 
@@ -148,6 +150,66 @@ def run_engine_cases(rank: int, world_size: int, cases: list[EngineCase], device
         results[f"{case.name}/dp_rank"] = np.array(groups.coords.dp_rank)
         results[f"{case.name}/leader"] = np.array(groups.is_replica_leader)
     return results
+
+
+def request_ids(out: dict[str, np.ndarray], case: str) -> set[str]:
+    """The request ids whose tokens ``out`` (one rank's, or a single-process run's) holds for ``case``."""
+    return {k.split("/")[1] for k in out if k.startswith(case + "/") and k.endswith("/tokens")}
+
+
+def case_indices(cases: dict[int, list[EngineCase]]) -> list[tuple[int, int]]:
+    """(world size, case index) of every case, for parametrizing a test over them."""
+    return [(w, i) for w in sorted(cases) for i in range(len(cases[w]))]
+
+
+def world_runs(cases: dict[int, list[EngineCase]], resolve: Callable[[EngineCase], EngineCase]):
+    """``get(size)`` -> (resolved cases, every rank's outputs): the cases of a world size run
+    once on that many gloo ranks, cached for the module's tests."""
+    cache: dict[int, tuple[list[EngineCase], list[dict[str, np.ndarray]]]] = {}
+
+    def get(size: int):
+        if size not in cache:
+            resolved = [resolve(c) for c in cases[size]]
+            cache[size] = (resolved, run_ranks(run_engine_cases, size, resolved, timeout=240))
+        return cache[size]
+    return get
+
+
+def single_runs():
+    """``get(case, dp_rank=0, dp=1)`` -> the single-process engine's outputs for replica
+    ``dp_rank``'s share of the workload, cached."""
+    cache: dict[tuple, dict[str, np.ndarray]] = {}
+
+    def get(case: EngineCase, dp_rank: int = 0, dp: int = 1) -> dict[str, np.ndarray]:
+        key = (case.name, case.model, dp_rank, dp)
+        if key not in cache:
+            cache[key] = serve_case(case, None, dp_rank, dp)
+        return cache[key]
+    return get
+
+
+def check_ranks_serve_the_reference(case: EngineCase, results: list[dict[str, np.ndarray]],
+                                    reference: Callable[[int, int], dict[str, np.ndarray]], dp: int) -> int:
+    """Every rank served its replica's requests (``reference(dp_rank, dp)``) with the same
+    tokens; only replica leaders read routing back, and theirs equals the reference's; with
+    TP every launched step was agreed on. Returns how many requests' routing was compared."""
+    checked = 0
+    for rank, out in enumerate(results):
+        dp_rank, leader = int(out[f"{case.name}/dp_rank"]), bool(out[f"{case.name}/leader"])
+        want = reference(dp_rank, dp)
+        ids = request_ids(want, case.name)
+        assert ids and request_ids(out, case.name) == ids, f"rank {rank}"
+        for rid in ids:
+            where = f"{case.name} rank {rank} request {rid}"
+            assert np.array_equal(out[f"{case.name}/{rid}/tokens"], want[f"{case.name}/{rid}/tokens"]), where
+            has_routing = f"{case.name}/{rid}/routing" in out
+            assert has_routing == leader, f"{where}: only the replica leader reads routing back"
+            if leader:
+                assert np.array_equal(out[f"{case.name}/{rid}/routing"], want[f"{case.name}/{rid}/routing"]), where
+                checked += 1
+        if case.tp > 1:   # replica_check_interval=1: every launched step was agreed on
+            assert int(out[f"{case.name}/checks"]) == int(out[f"{case.name}/launched"]) > 0, f"rank {rank}"
+    return checked
 
 
 def run_diverging(rank: int, world_size: int, mode: str) -> dict[str, np.ndarray]:

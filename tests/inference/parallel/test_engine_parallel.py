@@ -8,10 +8,17 @@ given different requests raise instead of hanging."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from tests.inference.parallel.engine_checks import EngineCase, run_diverging, run_engine_cases, serve_case
+from tests.inference.parallel.engine_checks import (
+    EngineCase,
+    case_indices,
+    check_ranks_serve_the_reference,
+    request_ids,
+    run_diverging,
+    single_runs,
+    world_runs,
+)
 from tests.inference.parallel.harness import run_ranks
 
 CASES = {
@@ -45,58 +52,22 @@ def _resolve(case: EngineCase, hf: dict[str, str]) -> EngineCase:
 
 @pytest.fixture(scope="module")
 def world(hf_checkpoints):
-    cache = {}
-
-    def get(size: int):
-        if size not in cache:
-            cases = [_resolve(c, hf_checkpoints) for c in CASES[size]]
-            cache[size] = (cases, run_ranks(run_engine_cases, size, cases, timeout=240))
-        return cache[size]
-    return get
+    return world_runs(CASES, lambda case: _resolve(case, hf_checkpoints))
 
 
 @pytest.fixture(scope="module")
 def single():
-    cache = {}
-
-    def get(case: EngineCase, dp_rank: int, dp: int):
-        key = (case.name, case.model, dp_rank, dp)
-        if key not in cache:
-            cache[key] = serve_case(case, None, dp_rank, dp)
-        return cache[key]
-    return get
+    return single_runs()
 
 
-def _requests(out: dict, case: str) -> set[str]:
-    return {k.split("/")[1] for k in out if k.startswith(case + "/") and k.endswith("/tokens")}
-
-
-def _ids():
-    return [(w, i) for w in sorted(CASES) for i in range(len(CASES[w]))]
-
-
-@pytest.mark.parametrize("world_size,index", _ids(), ids=[f"world{w}-{CASES[w][i].name}" for w, i in _ids()])
+@pytest.mark.parametrize("world_size,index", case_indices(CASES),
+                         ids=[f"world{w}-{CASES[w][i].name}" for w, i in case_indices(CASES)])
 def test_parallel_engine_serves_what_the_single_process_engine_serves(world, single, world_size, index):
     cases, results = world(world_size)
     case = cases[index]
     dp = world_size // case.tp
-    checked = 0
-    for rank, out in enumerate(results):
-        dp_rank, leader = int(out[f"{case.name}/dp_rank"]), bool(out[f"{case.name}/leader"])
-        want = single(case, dp_rank, dp)
-        ids = _requests(want, case.name)
-        assert ids and _requests(out, case.name) == ids, f"rank {rank}"
-        for rid in ids:
-            where = f"{case.name} rank {rank} request {rid}"
-            assert np.array_equal(out[f"{case.name}/{rid}/tokens"], want[f"{case.name}/{rid}/tokens"]), where
-            has_routing = f"{case.name}/{rid}/routing" in out
-            assert has_routing == leader, f"{where}: only the replica leader reads routing back"
-            if leader:
-                assert np.array_equal(out[f"{case.name}/{rid}/routing"], want[f"{case.name}/{rid}/routing"]), where
-                checked += 1
-        if case.tp > 1:   # replica_check_interval=1: every launched step was agreed on
-            assert int(out[f"{case.name}/checks"]) == int(out[f"{case.name}/launched"]) > 0, where
-    assert checked >= len(_requests(single(case, 0, dp), case.name))
+    checked = check_ranks_serve_the_reference(case, results, lambda dp_rank, dp: single(case, dp_rank, dp), dp)
+    assert checked >= len(request_ids(single(case, 0, dp), case.name))
 
 
 @pytest.mark.parametrize("world_size", sorted(CASES))
@@ -104,7 +75,7 @@ def test_workload_exercises_prefix_hits_chunks_and_preemption(world, world_size)
     cases, results = world(world_size)
     leader = results[0]
     for case in cases:
-        ids = _requests(leader, case.name)
+        ids = request_ids(leader, case.name)
         assert sum(int(leader[f"{case.name}/{i}/cached"]) for i in ids) > 0, f"{case.name}: no prefix-cache hit"
         if dict(case.engine).get("padded_decode"):
             assert int(leader[f"{case.name}/padded_steps"]) > 0, f"{case.name}: no padded decode step"

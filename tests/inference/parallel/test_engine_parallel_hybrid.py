@@ -9,13 +9,18 @@ checkpoint loaded shard by shard."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from inference.parallel import ParallelLayout
 from inference.parallel.plan import memory_plan
-from tests.inference.parallel.engine_checks import EngineCase, run_engine_cases, serve_case
-from tests.inference.parallel.harness import run_ranks
+from tests.inference.parallel.engine_checks import (
+    EngineCase,
+    case_indices,
+    check_ranks_serve_the_reference,
+    request_ids,
+    single_runs,
+    world_runs,
+)
 from tests.inference.parallel.rank_checks import CONFIGS
 
 CASES = {
@@ -46,56 +51,27 @@ def _resolve(case: EngineCase, hf: dict[str, str]) -> EngineCase:
 
 @pytest.fixture(scope="module")
 def world(hf_checkpoints):
-    cache = {}
-
-    def get(size: int):
-        if size not in cache:
-            cases = [_resolve(c, hf_checkpoints) for c in CASES[size]]
-            cache[size] = (cases, run_ranks(run_engine_cases, size, cases, timeout=240))
-        return cache[size]
-    return get
+    return world_runs(CASES, lambda case: _resolve(case, hf_checkpoints))
 
 
 @pytest.fixture(scope="module")
 def single():
-    cache = {}
-
-    def get(case: EngineCase) -> dict:
-        if case.name not in cache:
-            cache[case.name] = serve_case(case, None)       # one replica: the single-process run
-        return cache[case.name]
-    return get
+    return single_runs()
 
 
-def _requests(out: dict, case: str) -> set[str]:
-    return {k.split("/")[1] for k in out if k.startswith(case + "/") and k.endswith("/tokens")}
-
-
-def _ids():
-    return [(w, i) for w in sorted(CASES) for i in range(len(CASES[w]))]
-
-
-@pytest.mark.parametrize("world_size,index", _ids(), ids=[f"world{w}-{CASES[w][i].name}" for w, i in _ids()])
+@pytest.mark.parametrize("world_size,index", case_indices(CASES),
+                         ids=[f"world{w}-{CASES[w][i].name}" for w, i in case_indices(CASES)])
 def test_parallel_hybrid_engine_serves_what_the_single_process_engine_serves(world, single, world_size, index):
     cases, results = world(world_size)
     case = cases[index]
     want = single(case)
-    ids = _requests(want, case.name)
+    ids = request_ids(want, case.name)
     assert len(ids) == 8 + 2 * case.refit
-    routed = 0
-    for rank, out in enumerate(results):
-        leader = bool(out[f"{case.name}/leader"])
-        assert leader == (rank == 0) and _requests(out, case.name) == ids, f"rank {rank}"
-        for rid in ids:
-            where = f"{case.name} rank {rank} request {rid}"
-            assert np.array_equal(out[f"{case.name}/{rid}/tokens"], want[f"{case.name}/{rid}/tokens"]), where
-            assert (f"{case.name}/{rid}/routing" in out) == leader, f"{where}: only the leader reads routing back"
-            if leader:
-                assert np.array_equal(out[f"{case.name}/{rid}/routing"], want[f"{case.name}/{rid}/routing"]), where
-                routed += 1
-        assert int(out[f"{case.name}/checks"]) == int(out[f"{case.name}/launched"]) > 0, f"rank {rank}"
+    assert case.tp == world_size          # one replica: every rank serves the whole workload
+    routed = check_ranks_serve_the_reference(case, results, lambda dp_rank, dp: single(case, dp_rank, dp), 1)
     assert routed == len(ids)
     leader = results[0]
+    assert bool(leader[f"{case.name}/leader"])
     assert sum(int(leader[f"{case.name}/{i}/cached"]) for i in ids) > 0, "no prefix-cache hit (state checkpoint)"
     assert sum(int(leader[f"{case.name}/{i}/preemptions"]) for i in ids) > 0, "no preemption"
 
