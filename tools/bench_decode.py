@@ -127,8 +127,10 @@ def engine_config(args, max_batch: int, backend: str, small_ops: str | None = No
     small_ops = args.fused_small_ops if small_ops in (None, NO_KV_WRITE) else small_ops
     per_request = -(-(args.prompt_len + args.output_len) // 16)
     prefill = args.prefill_requests * -(-(args.prefill_prompt_len + 1) // 16)
+    # An 8k prefill step holds several prompts: a batch-1 engine must still admit them together.
+    prefill_rows = PREFILL_STEP_TOKENS // args.prefill_prompt_len if args.prefill_requests else 0
     return EngineConfig(block_size=16, num_kv_blocks=max(max_batch * per_request, prefill) + 8,
-                        max_requests=max_batch, max_step_tokens=PREFILL_STEP_TOKENS, enable_prefix_caching=False,
+                        max_requests=max(max_batch, prefill_rows), max_step_tokens=PREFILL_STEP_TOKENS, enable_prefix_caching=False,
                         record_routing=True, cuda_graphs=True, cuda_graph_max_batch=max_batch, dtype=args.dtype,
                         device="cuda", moe_backend=backend, fused_small_ops=small_ops, fused_kv_write=kv_write,
                         fused_moe_small_batch_max_tokens=args.small_moe_max_tokens)
@@ -235,6 +237,15 @@ def measure_prefill(engine, model, config, args, matmul_flops: float) -> dict:
            "step_ms": step_ms, "tokens_per_s": PREFILL_STEP_TOKENS / (step_ms / 1e3), "active_params": active,
            "flop_floor_ms": floor_ms, "floor_tokens_per_s": PREFILL_STEP_TOKENS / (floor_ms / 1e3),
            "fraction_of_matmul_rate": floor_ms / step_ms}
+    # Cross-checks of the host step time: the step's own CUDA events, and the wall time of
+    # serving one 8k step's prompts from an idle engine (scheduling and sampling included).
+    gpu = [e["gpu_step_ms"] for e in steps if e.get("gpu_step_ms")]
+    if gpu:
+        out["gpu_step_ms"] = statistics.median(gpu)
+    one_step = prompts[: PREFILL_STEP_TOKENS // args.prefill_prompt_len]
+    walls = [serve(engine, one_step, 1)["wall_s"] * 1e3 for _ in range(3)]
+    out["idle_serve_ms"] = statistics.median(walls)
+    out["idle_serve_fraction_of_matmul_rate"] = floor_ms / out["idle_serve_ms"]
     if args.profile_prefill and not config.is_hybrid:
         out["breakdown"] = prefill_breakdown(engine, model, config, prompts[: PREFILL_STEP_TOKENS // args.prefill_prompt_len],
                                              args.prefill_prompt_len, matmul_flops)

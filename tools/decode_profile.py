@@ -192,15 +192,18 @@ def labelled_components(model, recorder=None) -> Iterator[int]:
                 setattr(obj, attr, original)
 
 
-def attribute_kernel_time(events: Iterable, reps: int = 1) -> tuple[dict[str, float], list[dict]]:
+def attribute_kernel_time(events: Iterable, reps: int = 1, by_kernel: bool = False):
     """Device microseconds per component label from profiler ``FunctionEvent``s (every
     component present, "unlabelled" included), and the top kernels per step of ``reps``
     (``tools.profile_attribution``: each kernel is charged to the innermost label around
-    the CPU call that launched it, Triton launches included)."""
+    the CPU call that launched it, Triton launches included); ``by_kernel``: a third item,
+    every kernel name's calls and ms per step whatever its label."""
     result = attribute_kernels(*records_from_events(events, LABEL_PREFIX))
     totals = {name: 0.0 for name in (*COMPONENTS, UNLABELLED)}
     for name, us in result.totals.items():
         totals[name] = totals.get(name, 0.0) + us
+    if by_kernel:
+        return totals, result.top_kernels(steps=reps), result.by_kernel(steps=reps)
     return totals, result.top_kernels(steps=reps)
 
 
@@ -246,10 +249,10 @@ def profile_prefill(model, serve_once: Callable[[], int], recorder=None) -> dict
             tokens = serve_once()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-    totals, top = attribute_kernel_time(prof.events())
+    totals, top, by_name = attribute_kernel_time(prof.events(), by_kernel=True)
     per_k = {k: v / 1e3 / tokens * 1e3 for k, v in totals.items()} if tokens else {}
     return {"prompt_tokens": tokens, "components_ms_per_1k_tokens": per_k,
-            "kernel_ms_per_1k_tokens": sum(per_k.values()), "top_kernels": top}
+            "kernel_ms_per_1k_tokens": sum(per_k.values()), "top_kernels": top, "kernels_by_name": by_name}
 
 
 def prefill_flop_floors(config, context: int) -> dict[str, float]:

@@ -66,6 +66,10 @@ def format_tables(r: dict) -> str:
     if pf and "error" not in pf:
         lines.append(f"prefill: {pf['tokens_per_s']:,.0f} tok/s on {pf['step_tokens']}-token steps; FLOP floor "
                      f"{pf['floor_tokens_per_s']:,.0f} tok/s; {pf['fraction_of_matmul_rate']:.0%} of the matmul rate")
+        if "idle_serve_ms" in pf:
+            gpu = f"GPU events {pf['gpu_step_ms']:.1f} ms, " if pf.get("gpu_step_ms") else ""
+            lines.append(f"  step {pf['step_ms']:.1f} ms ({gpu}one step served from idle {pf['idle_serve_ms']:.1f} ms = "
+                         f"{pf['idle_serve_fraction_of_matmul_rate']:.0%}); FLOP floor {pf['flop_floor_ms']:.1f} ms")
         lines += format_prefill_breakdown(pf.get("breakdown"))
     elif pf:
         lines.append(f"prefill failed: {pf['error']}")
@@ -93,4 +97,10 @@ def format_prefill_breakdown(breakdown: dict | None) -> list[str]:
     for row in sorted(breakdown["rows"], key=lambda r: -r["ms"]):
         floor = "" if row["floor_ms"] is None else f"  FLOP floor {row['floor_ms']:8.3f} ms  x{row['ratio']:.2f}"
         lines.append(f"  {row['component']:<30} {row['ms']:8.3f} ms{floor}")
+    tokens = breakdown["prompt_tokens"]
+    if tokens and breakdown.get("kernels_by_name"):
+        lines.append(f"  top kernels by name, ms per {breakdown['step_tokens']}-token step (whatever their label)")
+        for name, entry in list(breakdown["kernels_by_name"].items())[:10]:
+            ms = entry["ms_per_step"] * breakdown["step_tokens"] / tokens
+            lines.append(f"    {name:<60} {ms:8.3f} ms  {entry['calls_per_step']:5.0f} calls")
     return lines

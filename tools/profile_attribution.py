@@ -73,6 +73,17 @@ class Attribution:
         rows.sort(key=lambda r: -r["ms_per_step"])
         return rows[:limit]
 
+    def by_kernel(self, steps: int = 1) -> dict[str, dict[str, float]]:
+        """Calls and ms per step of every kernel name, whatever label it was charged to
+        (largest first): a check on the labels when launches stray across them."""
+        merged: dict[str, list[float]] = {}
+        for (name, _label), (calls, us) in self.kernels.items():
+            entry = merged.setdefault(name, [0, 0.0])
+            entry[0] += calls
+            entry[1] += us
+        ordered = sorted(merged.items(), key=lambda kv: -kv[1][1])
+        return {name: {"calls_per_step": calls / steps, "ms_per_step": us / steps / 1e3} for name, (calls, us) in ordered}
+
 
 def innermost_labels(labels: Iterable[LabelRange], launches: Iterable[Launch]) -> dict[int, str]:
     """correlation id -> name of the innermost label containing its launch (launches inside

@@ -79,6 +79,11 @@ def test_kernels_go_to_the_innermost_label_around_their_launch():
     assert ("vectorized_elementwise_kernel<CUDAFunctor_add>", "routing capture") in by_name
     # the other thread's wide range must not capture thread 0's launches
     assert attribute_kernels(labels[3:], launches, kernels).totals == {"unlabelled": 33.0}
+    # by kernel name, whatever the label: one "_fused_moe_kernel" row of both its calls
+    names = result.by_kernel(steps=2)
+    assert list(names)[0] == "sm90_xmma_gemm_bf16bf16_bf16f32"
+    assert names["_fused_moe_kernel"] == {"calls_per_step": 1.0, "ms_per_step": 0.003}
+    assert sum(r["ms_per_step"] for r in names.values()) * 2e3 == pytest.approx(sum(k.duration for k in kernels))
 
 
 def test_records_from_profiler_events_use_launch_correlation_and_fall_back_to_the_op():
@@ -232,6 +237,7 @@ def test_prefill_profile_serves_under_the_labels_and_restores_the_model():
     prof = dp.profile_prefill(model, once, engine.recorder)
     assert prof["prompt_tokens"] == 8
     assert set(dp.COMPONENTS) <= set(prof["components_ms_per_1k_tokens"])
+    assert isinstance(prof["kernels_by_name"], dict)   # CPU: no device kernels to name
     assert "forward" not in vars(model) and model.forward == forward
 
 
@@ -248,7 +254,9 @@ def test_prefill_breakdown_table_lists_components_by_time():
     from tools.decode_tables import format_prefill_breakdown
     rows = [{"component": "norms and rotary", "ms": 1.0, "floor_ms": None, "ratio": None},
             {"component": "MoE experts", "ms": 60.0, "floor_ms": 20.0, "ratio": 3.0}]
-    lines = format_prefill_breakdown({"step_tokens": 8192, "prompt_tokens": 8192, "rows": rows})
+    lines = format_prefill_breakdown({"step_tokens": 8192, "prompt_tokens": 4096, "rows": rows,
+                                      "kernels_by_name": {"_gate_up_kernel": {"calls_per_step": 48, "ms_per_step": 20.0}}})
     assert "MoE experts" in lines[1] and "x3.00" in lines[1] and "norms and rotary" in lines[2]
+    assert "_gate_up_kernel" in lines[4] and "40.000 ms" in lines[4]   # scaled to an 8192-token step
     assert format_prefill_breakdown(None) == []
     assert "failed" in format_prefill_breakdown({"error": "boom"})[0]
