@@ -133,7 +133,8 @@ def sweep_shape(shape: Shape, dtype: torch.dtype, reps: int, quick: bool, device
     ref = paged_decode_attention_reference(*args).float()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     heads, kv_heads, head_dim = shape.heads
-    default_splits = choose_num_splits(shape.batch, kv_heads, tables.shape[1], BLOCK_SIZE, q.device)
+    default_splits = choose_num_splits(shape.batch, kv_heads, tables.shape[1], BLOCK_SIZE, q.device,
+                                       grouped=heads > kv_heads)
 
     def measure(launch: Launch) -> dict:
         def call():

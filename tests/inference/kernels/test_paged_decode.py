@@ -233,6 +233,25 @@ def test_tile_length_must_be_a_power_of_two_of_at_least_16(block_n):
         paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, block_n=block_n)
 
 
+def test_split_heuristic_gives_mha_more_and_shorter_splits(monkeypatch):
+    """Host-only: an H200's 132 SMs stand in for the device. MHA (one head row per program)
+    gets the many short splits the H200 tuning measured faster; grouped kernels keep the
+    fill-the-GPU rule; every choice stays in [1, MAX_SPLITS] and CPU tensors never split."""
+    from types import SimpleNamespace
+
+    from inference.kernels import paged_decode_triton as pdt
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    cuda = torch.device("cuda")
+    blocks = 544 // 16   # a 544-token context in 16-token blocks
+    mha = pdt.choose_num_splits(64, 16, blocks, 16, cuda, grouped=False)
+    grouped = pdt.choose_num_splits(64, 16, blocks, 16, cuda, grouped=True)
+    assert grouped == 1 and 8 <= mha <= 544 // pdt.MHA_MIN_TOKENS_PER_SPLIT
+    assert pdt.choose_num_splits(1, 16, 4096 // 16, 16, cuda, grouped=False) == pdt.MAX_SPLITS
+    assert pdt.choose_num_splits(256, 16, 1, 16, cuda, grouped=False) == 1   # one 16-token block: nothing to split
+    assert pdt.choose_num_splits(64, 16, blocks, 16, torch.device("cpu"), grouped=False) == 1
+
+
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 GPU_SHAPES = [  # (seq_lens, kv_heads, group, head_dim, block_size)
     ([1, 16, 300, 0, 1000], 4, 8, 128, 16),
