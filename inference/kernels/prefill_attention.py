@@ -111,12 +111,29 @@ def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out_pad.index_select(0, slot).to(q.dtype)
 
 
+def default_prefill_launch(head_dim: int, element_size: int, max_query_len: int) -> dict:
+    """The kernel's tile and launch defaults for a head_dim, element size (bytes) and the
+    step's longest chunk. Tuned on the H200 (tools/tune_prefill_attention.py,
+    docs/bench/prefill_attention_tuning_h200.json): 128-row tiles with 8 warps for 16-bit
+    chunks longer than 64 tokens at head_dim <= 128, within 1% of each shape's best; short
+    chunks (mixed steps' decode rows) keep 64-row tiles, which waste less on padding rows."""
+    if element_size >= 4:  # fp32 tiles need twice the registers
+        return {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": None}
+    if max_query_len > 64 and head_dim <= 128:
+        return {"block_m": 128, "block_n": 64 if head_dim <= 64 else 128, "num_warps": 8, "num_stages": 2}
+    return {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": None}
+
+
 def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              block_tables: torch.Tensor, query_start_loc: torch.Tensor,
                              seq_lens: torch.Tensor, scale: float, max_query_len: int,
                              max_seq_len: int, window: int = 0,
-                             sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """Triton paged flash-attention forward; same contract as ``prefill_attention``."""
+                             sinks: torch.Tensor | None = None, block_m: int | None = None,
+                             block_n: int | None = None, num_warps: int | None = None,
+                             num_stages: int | None = None) -> torch.Tensor:
+    """Triton paged flash-attention forward; same contract as ``prefill_attention``.
+    ``block_m`` (query rows per program), ``block_n`` (keys per tile), ``num_warps`` and
+    ``num_stages`` are tuning knobs; None takes ``default_prefill_launch``."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     del max_seq_len  # the kernel bounds each program's loop by its own seq_len
@@ -127,13 +144,23 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         q = q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need a contiguous head_dim")
+    launch = default_prefill_launch(head_dim, q.element_size(), max_query_len)
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value is not None:
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+            launch[name] = value
+    if num_warps is not None:
+        launch["num_warps"] = num_warps
+    if num_stages is not None:
+        launch["num_stages"] = num_stages
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_reqs == 0 or max_query_len == 0:
         return out
-    wide = q.element_size() >= 4  # fp32 tiles need twice the registers
-    block_m = 32 if wide else 64
-    block_n = 32 if wide else 64
-    grid = (triton.cdiv(max_query_len, block_m), num_reqs, num_heads)
+    extra = {"num_warps": launch["num_warps"]}
+    if launch["num_stages"] is not None:
+        extra["num_stages"] = launch["num_stages"]
+    grid = (triton.cdiv(max_query_len, launch["block_m"]), num_reqs, num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
         sinks.float().contiguous() if sinks is not None else out, scale * LOG2E, window if window > 0 else NO_WINDOW,
@@ -141,14 +168,40 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         GROUP=num_heads // kv_heads, HEAD_DIM=head_dim, KV_BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot: K >= 16
-        HAS_SINKS=sinks is not None, num_warps=4,
+        BLOCK_M=launch["block_m"], BLOCK_N=launch["block_n"],
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),  # tl.dot: K >= 16
+        HAS_SINKS=sinks is not None, HAS_WINDOW=window > 0, **extra,
     )
     return out
 
 
 if triton is not None:
     from inference.kernels.paged_decode_triton import load_paged_kv_tile, sink_epilogue
+
+    @triton.jit
+    def _attend_tile(q, k_ptr, v_ptr, block_table_ptr, start, hi, q_pos, window, m_i, l_i, acc, kv_head,
+                     offs_d, d_mask, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                     KV_BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+        """One key tile of the online softmax; ``MASKED`` False: every key of the tile is
+        visible to every query row (no causal, window or length mask is applied)."""
+        tok = start + tl.arange(0, BLOCK_N)
+        t_mask = tok < hi
+        k, v = load_paged_kv_tile(k_ptr, v_ptr, block_table_ptr, tok, t_mask,
+                                  kv_head, offs_d, d_mask, stride_kb, stride_kt, stride_kh,
+                                  stride_vb, stride_vt, stride_vh, KV_BLOCK_SIZE)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        if MASKED:
+            visible = t_mask[None, :] & (tok[None, :] <= q_pos[:, None]) & (tok[None, :] > q_pos[:, None] - window)
+            s = tl.where(visible, s, float("-inf"))
+        # With a window a row may see no key of a tile: a finite stand-in for its max
+        # keeps exp2 at 0 instead of NaN.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        return m_new, l_i, acc
 
     @triton.jit
     def _prefill_kernel(
@@ -158,8 +211,11 @@ if triton is not None:
         stride_vb, stride_vt, stride_vh, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_SINKS: tl.constexpr,
+        HAS_WINDOW: tl.constexpr,
     ):
-        q_tile = tl.program_id(0)
+        # Query tiles in reverse: the last tiles of a chunk see the most keys, so the
+        # longest programs start first and the short ones fill the tail.
+        q_tile = tl.num_programs(0) - 1 - tl.program_id(0)
         req = tl.program_id(1)
         head = tl.program_id(2)
         kv_head = head // GROUP
@@ -178,32 +234,30 @@ if triton is not None:
         q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
         q_pos = ctx_len + offs_m
+        table = block_tables_ptr + req * stride_bt
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         # Keys past this tile's last query are causally invisible to all of its rows, keys
         # before its first query's window to all of them.
-        hi = tl.minimum(seq_len, ctx_len + (q_tile + 1) * BLOCK_M)
-        lo = tl.maximum(ctx_len + q_tile * BLOCK_M - window + 1, 0)
-        for start in range(lo, hi, BLOCK_N):
-            tok = start + tl.arange(0, BLOCK_N)
-            t_mask = tok < hi
-            k, v = load_paged_kv_tile(k_ptr, v_ptr, block_tables_ptr + req * stride_bt, tok, t_mask,
-                                      kv_head, offs_d, d_mask, stride_kb, stride_kt, stride_kh,
-                                      stride_vb, stride_vt, stride_vh, KV_BLOCK_SIZE)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            visible = t_mask[None, :] & (tok[None, :] <= q_pos[:, None]) & (tok[None, :] > q_pos[:, None] - window)
-            s = tl.where(visible, s, float("-inf"))
-            # With a window a row may see no key of a tile: a finite stand-in for its max
-            # keeps exp2 at 0 instead of NaN.
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            m_i = m_new
+        first_q = ctx_len + q_tile * BLOCK_M
+        hi = tl.minimum(seq_len, first_q + BLOCK_M)
+        lo = tl.maximum(first_q - window + 1, 0)
+        # Without a window, the tiles wholly at or before the first query's position are
+        # visible to every row of the tile: they skip the mask. The rest (the diagonal
+        # band; with a window, every tile) are masked.
+        mid = lo
+        if not HAS_WINDOW:
+            mid = tl.minimum(lo + (first_q + 1 - lo) // BLOCK_N * BLOCK_N, hi)
+            for start in range(lo, mid, BLOCK_N):
+                m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, table, start, hi, q_pos, window, m_i, l_i, acc,
+                                             kv_head, offs_d, d_mask, qk_scale, stride_kb, stride_kt, stride_kh,
+                                             stride_vb, stride_vt, stride_vh, KV_BLOCK_SIZE, BLOCK_N, False)
+        for start in range(mid, hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q, k_ptr, v_ptr, table, start, hi, q_pos, window, m_i, l_i, acc,
+                                         kv_head, offs_d, d_mask, qk_scale, stride_kb, stride_kt, stride_kh,
+                                         stride_vb, stride_vt, stride_vh, KV_BLOCK_SIZE, BLOCK_N, True)
 
         if HAS_SINKS:
             l_i, acc = sink_epilogue(m_i, l_i, acc, sinks_ptr, head + tl.zeros([BLOCK_M], dtype=tl.int32), m_mask)

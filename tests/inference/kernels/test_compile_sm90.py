@@ -18,7 +18,7 @@ from tests.inference.kernels.harness import needs_triton
 pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")]
 
 
-def _compile(fn, types: dict[str, str], consts: dict):
+def _compile(fn, types: dict[str, str], consts: dict, num_warps: int = 4):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -26,7 +26,7 @@ def _compile(fn, types: dict[str, str], consts: dict):
     signature.update({name: "constexpr" for name in consts})
     try:
         src = ASTSource(fn=fn, signature=signature, constexprs=consts)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 2})
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 2})
     except (ImportError, RuntimeError) as exc:
         if "backend" in str(exc).lower() and "cuda" in str(exc).lower():
             pytest.skip(f"no CUDA backend in this Triton: {exc}")
@@ -63,7 +63,11 @@ def _kernels():
                                    {"partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "sinks_ptr": "*fp32",
                                     "out_ptr": bf}, dict(HEAD_DIM=64, NUM_SPLITS=4, BLOCK_S=4, BLOCK_D=64, HAS_SINKS=True)),
         "prefill, window + sinks": (pf._prefill_kernel, attn, dict(
-            GROUP=8, HEAD_DIM=64, KV_BLOCK_SIZE=16, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, HAS_SINKS=True)),
+            GROUP=8, HEAD_DIM=64, KV_BLOCK_SIZE=16, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, HAS_SINKS=True,
+            HAS_WINDOW=True)),
+        "prefill, causal, the tuned 128 x 128 tiles at head_dim 128, 8 warps": (pf._prefill_kernel, attn, dict(
+            GROUP=8, HEAD_DIM=128, KV_BLOCK_SIZE=16, BLOCK_M=128, BLOCK_N=128, BLOCK_D=128, HAS_SINKS=False,
+            HAS_WINDOW=False), 8),
         "MLA decode, Moonlight latent 512 + 64": (ml._mla_decode_kernel, {
             "q_lat_ptr": bf, "q_rope_ptr": bf, "cache_ptr": bf, "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
             "out_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32"}, dict(
@@ -73,8 +77,8 @@ def _kernels():
 
 @pytest.mark.parametrize("name", list(_kernels()))
 def test_kernel_compiles_for_sm90_without_spills(name):
-    fn, types, consts = _kernels()[name]
-    kernel = _compile(fn, types, consts)
+    fn, types, consts, *warps = _kernels()[name]
+    kernel = _compile(fn, types, consts, *warps)
     assert kernel.asm["cubin"], name
     local = _local_memory_bytes(kernel)
     assert local in (None, 0), f"{name} spills {local} bytes to local memory"

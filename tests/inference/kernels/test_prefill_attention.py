@@ -130,28 +130,32 @@ def test_single_token_chunks_agree_with_decode_attention():
 def interpreter_cases():
     """Block 8/16, head_dim 32/64, groups 1/2/4; chunks with and without a cached prefix;
     then windows shorter than a query tile and than the context, with and without sinks;
-    then a head_dim of 8."""
+    then a head_dim of 8; then 16-row / 16-key tiles over long cached prefixes (several
+    unmasked interior tiles and several query tiles per chunk, with and without a window)."""
     for i, (block_size, head_dim, group) in enumerate(itertools.product([8, 16], [32, 64], [1, 2, 4])):
         q_lens = [1, 2 * block_size, 0, 5 + 3 * i]
         seq_lens = [1 + 4 * i, 2 * block_size, 0, 5 + 3 * i + block_size * (i % 3)]
         yield dict(q_lens=q_lens, seq_lens=seq_lens, kv_heads=2, group=group, head_dim=head_dim,
-                   block_size=block_size, seed=i), 0, False
+                   block_size=block_size, seed=i), 0, False, {}
     for j, (window, sinks) in enumerate([(4, True), (4, False), (37, True), (0, True), (1, True)]):
         yield dict(q_lens=[70, 1, 0, 9], seq_lens=[70, 33, 0, 90], kv_heads=2, group=2, head_dim=32,
-                   block_size=8, seed=50 + j), window, sinks
+                   block_size=8, seed=50 + j), window, sinks, {}
     # head_dim below tl.dot's minimum K of 16: the head dimension is padded (tiny test models)
-    yield dict(q_lens=[9, 3], seq_lens=[20, 3], kv_heads=2, group=2, head_dim=8, block_size=4, seed=60), 4, True
+    yield dict(q_lens=[9, 3], seq_lens=[20, 3], kv_heads=2, group=2, head_dim=8, block_size=4, seed=60), 4, True, {}
+    for k, window in enumerate([0, 0, 21]):
+        yield dict(q_lens=[45, 3, 16], seq_lens=[130, 67, 16], kv_heads=2, group=2 * k + 1, head_dim=32, block_size=8,
+                   seed=70 + k), window, k == 1, dict(block_m=16, block_n=16, num_warps=2)
 
 
 def check_interpreter_cases() -> int:
     """The Triton kernel vs the reference on every interpreter case; returns how many ran."""
     checked = 0
-    for case, window, with_sinks in interpreter_cases():
+    for case, window, with_sinks, launch in interpreter_cases():
         args, _, _ = make_batch(**case)
         sinks = torch.linspace(-1, 2, args["q"].shape[1]) if with_sinks else None
-        out = prefill_attention_triton(**args, window=window, sinks=sinks)
+        out = prefill_attention_triton(**args, window=window, sinks=sinks, **launch)
         err = (out - prefill_attention_reference(**args, window=window, sinks=sinks)).abs().max().item()
-        assert err < 1e-4, f"{case} window={window} sinks={with_sinks}: max abs err {err}"
+        assert err < 1e-4, f"{case} window={window} sinks={with_sinks} {launch}: max abs err {err}"
         checked += 1
     return checked
 
@@ -159,6 +163,15 @@ def check_interpreter_cases() -> int:
 @needs_triton
 def test_triton_kernel_matches_reference_in_interpreter():
     assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())))
+
+
+@needs_triton
+@pytest.mark.parametrize("knob", ["block_m", "block_n"])
+def test_tile_sizes_must_be_powers_of_two_of_at_least_16(knob):
+    args, _, _ = make_batch([5], [9], 2, 2, 32, 8, seed=3)
+    for bad in (8, 48):
+        with pytest.raises(ValueError, match=f"{knob} must be a power of two >= 16"):
+            prefill_attention_triton(**args, **{knob: bad})
 
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
