@@ -7,6 +7,8 @@
 #   bash tools/gpu_next_session.sh bench   # decode batch 1 / 16: small MoE path off vs on, K/V write off vs on
 #   bash tools/gpu_next_session.sh tune    # tools/tune_paged_decode.py --quick, then the small-MoE crossover
 #   bash tools/gpu_next_session.sh prefill # Qwen3-30B-A3B 8k prefill step by component, vs each matmul's FLOP floor
+#   bash tools/gpu_next_session.sh attn    # prefill / decode attention GPU tests, then tools/tune_prefill_attention.py --quick
+#   bash tools/gpu_next_session.sh decode  # tools/bench_decode.py, both shapes, batches 1 / 16 / 64 / 256 + 8k prefill
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -54,5 +56,21 @@ prefill)
     echo "== $m (rc $?)"; sed -n '/^prefill/,$p' "$OUT/prefill_$m.log" | head -16
   done
   ;;
-*) echo "usage: $0 tests|bench|tune|prefill" >&2; exit 2 ;;
+attn)
+  for f in tests/inference/kernels/test_prefill_attention.py tests/inference/kernels/test_paged_decode.py \
+           tests/gpu/test_engine_cuda.py; do
+    n=$(basename "$f" .py)
+    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
+    echo "$n rc=$? $(tail -1 "$OUT/$n.log")"
+  done
+  timeout 260 python3 tools/tune_prefill_attention.py --quick --time-budget 220 \
+    --output "$OUT/prefill_attention_tuning.json" > "$OUT/tune_prefill.log" 2>&1
+  echo "tune_prefill_attention rc $?"; tail -9 "$OUT/tune_prefill.log"
+  ;;
+decode)
+  timeout 400 python3 tools/bench_decode.py --no-hf --compare-backends '' --output-len 64 --time-budget 360 \
+    --profile-batches 1,64 --prefill-requests 12 --profile-prefill --output-dir "$OUT/decode" > "$OUT/decode.log" 2>&1
+  echo "bench_decode rc $?"; sed -n '/=== summary ===/,$p' "$OUT/decode.log" | grep -v "^      " | head -60
+  ;;
+*) echo "usage: $0 tests|bench|tune|prefill|attn|decode" >&2; exit 2 ;;
 esac
