@@ -37,7 +37,7 @@ from inference.kernels.paged_decode_triton import (
     paged_decode_attention_reference,
     paged_decode_attention_triton,
 )
-from tools.tune_sweeps import run_sweeps
+from tools.tune_sweeps import add_sweep_args, run_sweeps
 
 MODELS = {"olmoe-1b-7b": (16, 16, 128), "qwen3-30b-a3b": (32, 4, 128), "gpt-oss-20b": (64, 8, 64)}
 BLOCK_SIZE = 16
@@ -181,11 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), type=lambda s: [m for m in s.split(",") if m])
     p.add_argument("--batches", default="1,16,64,256", type=lambda s: [int(b) for b in s.split(",")])
     p.add_argument("--contexts", default="544,4096", type=lambda s: [int(c) for c in s.split(",")])
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="splits x block_n 32/64 only, 4 warps, default stages")
-    p.add_argument("--time-budget", type=float, default=400.0, help="seconds; later shapes are skipped past it")
-    p.add_argument("--output", type=Path, default=None)
+    add_sweep_args(p, quick_help="splits x block_n 32/64 only, 4 warps, default stages")
     args = p.parse_args(argv)
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:

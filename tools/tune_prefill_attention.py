@@ -34,7 +34,7 @@ from inference.kernels.prefill_attention import (
     prefill_attention_reference,
     prefill_attention_triton,
 )
-from tools.tune_sweeps import run_sweeps
+from tools.tune_sweeps import add_sweep_args, run_sweeps
 
 MODELS = {"olmoe-1b-7b": (16, 16, 128), "qwen3-30b-a3b": (32, 4, 128), "gpt-oss-20b": (64, 8, 64)}
 LAYOUTS = {"4x2048": ([2048] * 4, [2048] * 4), "4096+4096": ([4096], [8192])}
@@ -177,11 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--models", default=list(MODELS), type=csv)
     p.add_argument("--layouts", default=list(LAYOUTS), type=csv)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="64 / 128 tiles, stages 2 / 3")
-    p.add_argument("--time-budget", type=float, default=400.0, help="seconds; later shapes are skipped past it")
-    p.add_argument("--output", type=Path, default=None)
+    add_sweep_args(p, quick_help="64 / 128 tiles, stages 2 / 3")
     args = p.parse_args(argv)
     for name, given, known in (("--models", args.models, MODELS), ("--layouts", args.layouts, LAYOUTS)):
         unknown = [x for x in given if x not in known]

@@ -5,6 +5,7 @@ it measured."""
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
@@ -33,3 +34,13 @@ def run_sweeps(shapes: Iterable, sweep: Callable[[object], dict], format_table: 
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     return results, skipped
+
+
+def add_sweep_args(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """The options every tuner takes: dtype, timing repetitions, the quick sweep, the time
+    budget and the JSON report path."""
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--time-budget", type=float, default=400.0, help="seconds; later shapes are skipped past it")
+    parser.add_argument("--output", type=Path, default=None)
