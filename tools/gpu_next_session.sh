@@ -69,7 +69,7 @@ attn)
   ;;
 decode)
   timeout 400 python3 tools/bench_decode.py --no-hf --compare-backends '' --output-len 64 --time-budget 360 \
-    --profile-batches 1,64 --prefill-requests 12 --profile-prefill --output-dir "$OUT/decode" > "$OUT/decode.log" 2>&1
+    --profile-batches 1,64 --timeline-batches 1,64 --prefill-requests 12 --profile-prefill --output-dir "$OUT/decode" > "$OUT/decode.log" 2>&1
   echo "bench_decode rc $?"; sed -n '/=== summary ===/,$p' "$OUT/decode.log" | grep -v "^      " | head -60
   ;;
 *) echo "usage: $0 tests|bench|tune|prefill|attn|decode" >&2; exit 2 ;;
