@@ -1,7 +1,12 @@
 """The Triton kernels of the newer families compile ahead of time for sm90 (H100/H200) on a
 machine without a GPU: the interpreter checks their numbers but not that Triton can lower
 them (constexpr branches, dot shapes, register budget). Where Triton ships cuobjdump, the
-cubin must not spill to local memory."""
+cubin must not spill to local memory.
+
+Pointers and strides (all but the block table's row stride, a table width) are compiled
+as multiples of 16, as the JIT specializes them at run time for the shapes named here:
+without the hint the K/V gathers lose their vector loads and the register budget measured
+is not the one that runs."""
 
 from __future__ import annotations
 
@@ -18,22 +23,25 @@ from tests.inference.kernels.harness import needs_triton
 pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION:UserWarning")]
 
 
-def _compile(fn, types: dict[str, str], consts: dict, num_warps: int = 4):
+def _compile(fn, types: dict[str, str], consts: dict, num_warps: int = 4, num_stages: int = 2):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     signature = {name: types.get(name, "i32") for name in fn.arg_names}
     signature.update({name: "constexpr" for name in consts})
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name not in consts
+               and (name.endswith("_ptr") or (name.startswith("stride_") and name != "stride_bt"))}
     try:
-        src = ASTSource(fn=fn, signature=signature, constexprs=consts)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": 2})
+        src = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=aligned)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
     except (ImportError, RuntimeError) as exc:
         if "backend" in str(exc).lower() and "cuda" in str(exc).lower():
             pytest.skip(f"no CUDA backend in this Triton: {exc}")
         raise
 
 
-def _local_memory_bytes(kernel) -> int | None:
+def _spill_bytes(kernel) -> int | None:
+    """Bytes of local memory (static) or stack frame (where ptxas puts spilled registers)."""
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if not os.path.exists(tool):
@@ -44,7 +52,7 @@ def _local_memory_bytes(kernel) -> int | None:
         out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
     finally:
         os.unlink(f.name)
-    found = re.findall(r"LOCAL:(\d+)", out)
+    found = re.findall(r"(?:LOCAL|STACK):(\d+)", out)
     return max(map(int, found)) if found else None
 
 
@@ -80,5 +88,5 @@ def test_kernel_compiles_for_sm90_without_spills(name):
     fn, types, consts, *warps = _kernels()[name]
     kernel = _compile(fn, types, consts, *warps)
     assert kernel.asm["cubin"], name
-    local = _local_memory_bytes(kernel)
-    assert local in (None, 0), f"{name} spills {local} bytes to local memory"
+    spilled = _spill_bytes(kernel)
+    assert spilled in (None, 0), f"{name} spills {spilled} bytes to local memory"
