@@ -114,6 +114,13 @@ def prefill_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache:
     return out_pad.index_select(0, slot).to(q.dtype)
 
 
+def packed_by_default(group: int, element_size: int) -> bool:
+    """Whether ``prefill_attention_triton`` runs the packed kernel when not told: grouped
+    queries (``group`` q heads per kv head) in a 16-bit dtype. MHA gains nothing from
+    packing, and fp32 tiles of group x tokens rows leave too few registers."""
+    return group > 1 and element_size == 2
+
+
 def default_prefill_launch(head_dim: int, element_size: int, max_query_len: int, packed: bool = False,
                            group: int = 1) -> dict:
     """The kernel's tile and launch defaults for a head_dim, element size (bytes), the
@@ -197,7 +204,7 @@ def prefill_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
         raise ValueError(f"{num_heads} q heads are not a multiple of {kv_heads} kv heads")
     group = num_heads // kv_heads
     if packed is None:
-        packed = group > 1 and q.element_size() == 2
+        packed = packed_by_default(group, q.element_size())
     if q.stride(-1) != 1:
         q = q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
