@@ -4,7 +4,9 @@
 1. decode step (CUDA graphs, recording on) per batch vs the memory-bandwidth floor (bytes
    the step must read: weights it touches plus its KV, over the measured copy bandwidth);
 2. a component breakdown of the decode step (tools/decode_profile.py), each component
-   against its own bytes floor, plus the graph's launch gaps;
+   against its own bytes floor, plus the graph's launch gaps; ``--timeline-batches``: 16
+   real engine steps under the profiler, the GPU's busy and idle time per step (time it
+   waits on the host), copies and the largest gaps (tools/decode_timeline.py);
 3. prefill tokens/s on 8k-token steps vs the FLOP floor (2 x active parameters x tokens at
    the measured bf16 matmul rate); ``--profile-prefill`` adds one more 8k step's component
    breakdown, the matmul components against their own FLOP floors;
@@ -48,6 +50,7 @@ from routing_replay import step_kind
 from tools import decode_profile as dp
 from tools.decode_profile import copy_bandwidth  # noqa: F401  (tools/bench_families.py imports it from here)
 from tools.decode_tables import format_tables
+from tools.decode_timeline import decode_timeline
 
 MODELS = ("olmoe-1b-7b-shape", "qwen3-30b-a3b-shape")
 HYBRID_MODELS = ("qwen3.5-35b-a3b-shape", "nemotron-3-nano-30b-a3b-shape")   # tools/gpu_recurrent.sh
@@ -64,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile-batches", type=ints, default=None, help="component breakdown at these (default: all)")
     p.add_argument("--profile-prefill", action="store_true",
                    help="component breakdown of one more 8k prefill step, against each matmul component's FLOP floor")
+    p.add_argument("--timeline-batches", type=ints, default=[],
+                   help="profile 16 real engine steps at these batches: GPU busy / idle per step, copies, "
+                        "largest idle gaps (tools/decode_timeline.py)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prefill-requests", type=int, default=16, help="prompts of --prefill-prompt-len, 4 per 8k step")
@@ -219,6 +225,8 @@ def decode_batches(engine, model, config, args, batches, bandwidth, profile: boo
                            "bytes_per_step": dp.bytes_per_decode_step(config, model, batch, context, elem)}
         if run["hook"] is not None:
             out[str(batch)]["breakdown"] = run["hook"]
+        if batch in args.timeline_batches:
+            out[str(batch)]["timeline"] = decode_timeline(engine, prompts)
     return out
 
 

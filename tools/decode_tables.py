@@ -1,10 +1,12 @@
 """Text tables of a ``tools/bench_decode.py`` report: decode steps vs the floor per batch
-(with a column per comparison run), component breakdowns with their top kernels, prefill
-and the HF comparison."""
+(with a column per comparison run), component breakdowns with their top kernels, engine-step
+timelines, prefill and the HF comparison."""
 
 from __future__ import annotations
 
 import itertools
+
+from tools.decode_timeline import format_timeline
 
 TOP_KERNELS_SHOWN = 10       # of the breakdown's "top_kernels" (the JSON keeps 30)
 
@@ -58,6 +60,9 @@ def format_tables(r: dict) -> str:
     for batch, b in r["batches"].items():
         if b.get("breakdown"):
             lines += format_breakdown(batch, b["breakdown"])
+    for batch, b in r["batches"].items():
+        if b.get("timeline"):
+            lines += format_timeline(batch, b["timeline"])
     for mode, c in r.get("compare_small_ops", {}).items():
         for batch, b in c.get("batches", {}).items():
             if b.get("breakdown"):

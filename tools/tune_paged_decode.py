@@ -23,14 +23,12 @@ import argparse
 import itertools
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import orjson
 import torch
 
 from inference.kernels.paged_decode_triton import (
@@ -39,6 +37,7 @@ from inference.kernels.paged_decode_triton import (
     paged_decode_attention_reference,
     paged_decode_attention_triton,
 )
+from tools.tune_sweeps import add_sweep_args, run_sweeps
 
 MODELS = {"olmoe-1b-7b": (16, 16, 128), "qwen3-30b-a3b": (32, 4, 128), "gpt-oss-20b": (64, 8, 64)}
 BLOCK_SIZE = 16
@@ -182,11 +181,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default=",".join(MODELS), type=lambda s: [m for m in s.split(",") if m])
     p.add_argument("--batches", default="1,16,64,256", type=lambda s: [int(b) for b in s.split(",")])
     p.add_argument("--contexts", default="544,4096", type=lambda s: [int(c) for c in s.split(",")])
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="splits x block_n 32/64 only, 4 warps, default stages")
-    p.add_argument("--time-budget", type=float, default=400.0, help="seconds; later shapes are skipped past it")
-    p.add_argument("--output", type=Path, default=None)
+    add_sweep_args(p, quick_help="splits x block_n 32/64 only, 4 warps, default stages")
     args = p.parse_args(argv)
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
@@ -200,20 +195,9 @@ def main(argv=None) -> int:
         print("tune_paged_decode.py needs a CUDA GPU", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
-    start, results, skipped = time.perf_counter(), [], []
-    for model, batch, context in itertools.product(args.models, args.batches, args.contexts):
-        shape = Shape(model, batch, context)
-        if time.perf_counter() - start > args.time_budget:
-            skipped.append(asdict(shape))
-            continue
-        results.append(sweep_shape(shape, dtype, args.reps, args.quick))
-        print(format_table(results[-1:]).splitlines()[-1], flush=True)
-        if args.output:  # after every shape: a run cut short keeps what it measured
-            report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
-                      "date": time.strftime("%Y-%m-%d"), "block_size": BLOCK_SIZE, "skipped": skipped,
-                      "results": results}
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    shapes = (Shape(m, b, c) for m, b, c in itertools.product(args.models, args.batches, args.contexts))
+    results, skipped = run_sweeps(shapes, lambda shape: sweep_shape(shape, dtype, args.reps, args.quick), format_table,
+                                  args.time_budget, args.output, {"dtype": args.dtype, "block_size": BLOCK_SIZE})
     print(format_table(results))
     if skipped:
         print(f"skipped past the time budget: {len(skipped)} shapes")

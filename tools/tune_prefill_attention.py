@@ -24,14 +24,12 @@ import argparse
 import itertools
 import statistics
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import orjson
 import torch
 
 from inference.kernels.prefill_attention import (
@@ -40,6 +38,7 @@ from inference.kernels.prefill_attention import (
     prefill_attention_reference,
     prefill_attention_triton,
 )
+from tools.tune_sweeps import add_sweep_args, run_sweeps
 
 MODELS = {"olmoe-1b-7b": (16, 16, 128), "qwen3-30b-a3b": (32, 4, 128), "gpt-oss-20b": (64, 8, 64)}
 LAYOUTS = {"4x2048": ([2048] * 4, [2048] * 4), "4096+4096": ([4096], [8192])}
@@ -202,13 +201,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     csv = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     p.add_argument("--models", default=list(MODELS), type=csv)
     p.add_argument("--layouts", default=list(LAYOUTS), type=csv)
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--quick", action="store_true", help="64 / 128 tiles, stages 2 / 3")
+    add_sweep_args(p, quick_help="64 / 128 tiles, stages 2 / 3")
     p.add_argument("--kernels", default=list(KERNELS), type=csv,
                    help="kernels to sweep (the packed one only where q heads share a kv head)")
-    p.add_argument("--time-budget", type=float, default=400.0, help="seconds; later shapes are skipped past it")
-    p.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
     for name, given, known in (("--models", args.models, MODELS), ("--layouts", args.layouts, LAYOUTS),
                                ("--kernels", args.kernels, KERNELS)):
@@ -227,20 +222,12 @@ def main(argv=None) -> int:
 
     dtype = getattr(torch, args.dtype)
     rate = matmul_rate(dtype=dtype)
-    start, results, skipped = time.perf_counter(), [], []
-    for model, layout in itertools.product(args.models, args.layouts):
-        shape = Shape(model, layout)
-        if time.perf_counter() - start > args.time_budget:
-            skipped.append(asdict(shape))
-            continue
-        results.append(sweep_shape(shape, dtype, args.reps, args.quick, rate, kernels=tuple(args.kernels)))
-        print(format_table(results[-1:]).splitlines()[-1], flush=True)
-        if args.output:  # after every shape: a run cut short keeps what it measured
-            report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
-                      "date": time.strftime("%Y-%m-%d"), "matmul_tflops": rate / 1e12, "block_size": BLOCK_SIZE,
-                      "skipped": skipped, "results": results}
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
+    shapes = (Shape(m, layout) for m, layout in itertools.product(args.models, args.layouts))
+    kernels = tuple(args.kernels)
+    results, skipped = run_sweeps(shapes, lambda shape: sweep_shape(shape, dtype, args.reps, args.quick, rate,
+                                                                     kernels=kernels),
+                                  format_table, args.time_budget, args.output,
+                                  {"dtype": args.dtype, "matmul_tflops": rate / 1e12, "block_size": BLOCK_SIZE})
     print(f"bf16 matmul rate {rate / 1e12:.0f} TFLOP/s")
     print(format_table(results))
     if skipped:

@@ -16,9 +16,9 @@ import torch
 
 from inference.config import EngineConfig
 from inference.engine import LLMEngine
-from inference.model.attention import GQAttention, gqa
 from inference.presets import build_model, get_preset
 from inference.request import SamplingParams
+from tests.inference.model.kv_write_counts import counted_kv_writes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -114,29 +114,16 @@ def test_bf16_routing_agrees_away_from_near_ties():
 
 @pytest.mark.parametrize("name,dtype", [("sigmoid-bias-per-head-partial", "bfloat16"),
                                         ("olmoe-like-full-norm", "bfloat16"), ("tiny-moe", "float32")])
-def test_fused_kv_write_changes_no_token(name, dtype, monkeypatch):
+def test_fused_kv_write_changes_no_token(name, dtype):
     """K/V written by the norm + rotary kernel or by ``write_kv`` after it: the same values
     in the cache, so the same tokens, routing and log-probs bit for bit, through decode
     graphs and piecewise prefill graphs (whose pieces hold the KV writes)."""
-    calls = {"write_kv": 0, "fused": 0}
-    write_kv, project_write_kv = gqa.write_kv, GQAttention.project_write_kv
-
-    def counting_write(*args):
-        calls["write_kv"] += 1
-        return write_kv(*args)
-
-    def counting_project(self, *args):
-        calls["fused"] += 1
-        return project_write_kv(self, *args)
-
-    monkeypatch.setattr(gqa, "write_kv", counting_write)
-    monkeypatch.setattr(GQAttention, "project_write_kv", counting_project)
     model = build_model(CONFIGS[name], seed=0, dtype=getattr(torch, dtype), device="cuda")
     prompts = _prompts(12, seed=4)
     runs = {}
     for kv_write in (True, False):
-        calls.update(write_kv=0, fused=0)
-        engine, results = _generate(model, "on", prompts, dtype, kv_write)
+        with counted_kv_writes() as calls:
+            engine, results = _generate(model, "on", prompts, dtype, kv_write)
         entries = engine.step_log.entries
         assert any(e["piecewise_graph"] for e in entries) and any(e["cuda_graph"] and not e["piecewise_graph"]
                                                                   for e in entries)

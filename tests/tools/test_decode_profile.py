@@ -169,6 +169,8 @@ def test_command_line_quick_mode_and_bad_backend():
     args = bench_decode.parse_args(["--quick"])
     assert args.batches == [1, 64, 256] and args.profile_batches == [64, 256] and not args.hf
     assert bench_decode.parse_args(["--batches", "2,4"]).profile_batches == [2, 4]
+    assert bench_decode.parse_args([]).timeline_batches == []
+    assert bench_decode.parse_args(["--timeline-batches", "1,64"]).timeline_batches == [1, 64]
     with pytest.raises(SystemExit):
         bench_decode.parse_args(["--compare-backends", "cutlass"])
     with pytest.raises(ValueError, match="unknown preset"):

@@ -20,9 +20,8 @@ from tests.inference.kernels.harness import (
     needs_triton,
     run_interpreter_checks,
 )
-from tests.inference.kernels.moe_cases import assert_close_relative, make_moe
+from tests.inference.kernels.moe_cases import TOLERANCE, assert_close_relative, make_moe
 
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
 def tiles(block_m, n1, k1, n2, k2, group_m=1):

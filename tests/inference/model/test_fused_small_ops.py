@@ -18,10 +18,11 @@ from inference.config import EngineConfig, MLAConfig
 from inference.engine import LLMEngine
 from inference.kernels.router_topk import triton
 from inference.kernels.small_ops import fused_small_ops_enabled
-from inference.model.attention import GQAttention, gqa
+from inference.model.attention import GQAttention
 from inference.presets import build_model, get_preset
 from inference.request import SamplingParams
 from tests.inference.kernels.harness import assert_interpreter_checks_pass, needs_triton, run_interpreter_checks
+from tests.inference.model.kv_write_counts import counted_kv_writes
 from tests.inference.model.paged_steps import Chunk, PagedSteps
 
 
@@ -134,21 +135,8 @@ def paged_run(config, kv_write: bool):
     for m in model.modules():
         if isinstance(m, GQAttention):
             m.fused_rotary, m.fused_kv_write = True, kv_write
-    calls = {"write_kv": 0, "fused": 0}
-    write_kv, project_write_kv = gqa.write_kv, GQAttention.project_write_kv
-
-    def counting_write(*args):
-        calls["write_kv"] += 1
-        return write_kv(*args)
-
-    def counting_project(self, *args):
-        calls["fused"] += 1
-        return project_write_kv(self, *args)
-
     steps = PagedSteps(model, KV_WRITE_SEQUENCES, block_size=4)
-    with mock.patch.object(GQAttention, "_kernels_take", staticmethod(lambda x: True)), \
-            mock.patch.object(gqa, "write_kv", counting_write), \
-            mock.patch.object(GQAttention, "project_write_kv", counting_project):
+    with mock.patch.object(GQAttention, "_kernels_take", staticmethod(lambda x: True)), counted_kv_writes() as calls:
         outputs = [steps.step(chunks, pad) for chunks, pad in KV_WRITE_STEPS]
     return model, outputs, steps, calls
 
