@@ -9,6 +9,7 @@
 #   bash tools/gpu_next_session.sh prefill # Qwen3-30B-A3B 8k prefill step by component, vs each matmul's FLOP floor
 #   bash tools/gpu_next_session.sh attn    # prefill / decode attention GPU tests, then tools/tune_prefill_attention.py --quick
 #   bash tools/gpu_next_session.sh decode  # tools/bench_decode.py, both shapes, batches 1 / 16 / 64 / 256 + 8k prefill
+#   bash tools/gpu_next_session.sh mha     # full paged-decode sweep (warps x stages too) of OLMoE's MHA shape at 64 / 256
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -72,5 +73,10 @@ decode)
     --profile-batches 1,64 --timeline-batches 1,64 --prefill-requests 12 --profile-prefill --output-dir "$OUT/decode" > "$OUT/decode.log" 2>&1
   echo "bench_decode rc $?"; sed -n '/=== summary ===/,$p' "$OUT/decode.log" | grep -v "^      " | head -60
   ;;
-*) echo "usage: $0 tests|bench|tune|prefill|attn|decode" >&2; exit 2 ;;
+mha)
+  timeout 420 python3 tools/tune_paged_decode.py --models olmoe-1b-7b --batches 64,256 --contexts 544,4096 \
+    --time-budget 360 --output "$OUT/paged_decode_mha_tuning.json" > "$OUT/tune_mha.log" 2>&1
+  echo "tune_paged_decode rc $?"; tail -6 "$OUT/tune_mha.log"
+  ;;
+*) echo "usage: $0 tests|bench|tune|prefill|attn|decode|mha" >&2; exit 2 ;;
 esac
