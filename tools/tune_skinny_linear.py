@@ -35,7 +35,7 @@ import orjson
 import torch
 import torch.nn.functional as F
 
-from inference.kernels.skinny_linear import BROADCAST_ACC_ELEMENTS, SkinnyLaunch, resolve_launch, skinny_linear_triton
+from inference.kernels.skinny_linear import BROADCAST_TILE_ELEMENTS, SkinnyLaunch, resolve_launch, skinny_linear_triton
 from inference.presets import get_preset
 from tools.tune_sweeps import add_sweep_args, run_sweeps
 
@@ -45,11 +45,11 @@ ROWS = (1, 2, 4, 8, 16)
 BROADCAST_MAX_ROWS = 8          # beyond it the CUDA-core FMAs outlast the weight's load
 BROADCAST_BLOCK_NS = (4, 8, 16, 32)
 DOT_BLOCK_NS = (16, 32, 64)
-BLOCK_KS = (64, 128, 256, 512)
+BLOCK_KS = (128, 256, 512, 1024)
 WARPS = (2, 4, 8)
 STAGES = (1, 2, 3, 4)
-# Broadcast tiles past this many fp32 accumulator elements spill registers: not swept.
-MAX_BROADCAST_ACC = 4 * BROADCAST_ACC_ELEMENTS
+# Broadcast tiles past this many product elements spill registers at 4 warps: not swept.
+MAX_BROADCAST_TILE = 4 * BROADCAST_TILE_ELEMENTS
 L2_FLUSH_BYTES = 256 << 20      # weight copies per graph: at least this many bytes, well past any L2
 MIN_COPIES = 2
 
@@ -86,13 +86,13 @@ def _broadcast_rows(rows: int) -> int:
 
 def stage_one(rows: int, quick: bool) -> list[SkinnyLaunch]:
     """Tiles of each path that applies to ``rows`` at 4 warps, 3 stages (quick: 2 x 2 tiles)."""
-    block_ks = (128, 256) if quick else BLOCK_KS
+    block_ks = (256, 512) if quick else BLOCK_KS
     launches = [SkinnyLaunch(n, k, 4, 3, True) for n, k in itertools.product(DOT_BLOCK_NS[:2] if quick else DOT_BLOCK_NS,
                                                                               block_ks)]
     if rows <= BROADCAST_MAX_ROWS:
         block_ns = (8, 16) if quick else BROADCAST_BLOCK_NS
         launches += [SkinnyLaunch(n, k, 4, 3, False) for n, k in itertools.product(block_ns, block_ks)
-                     if _broadcast_rows(rows) * n * k <= MAX_BROADCAST_ACC]
+                     if _broadcast_rows(rows) * n * k <= MAX_BROADCAST_TILE]
     return launches
 
 

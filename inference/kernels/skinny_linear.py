@@ -17,11 +17,12 @@ every program a thin slab of output columns and all of the rows:
 
 Two ways to multiply, chosen by the row count (``use_dot`` overrides):
 
-- up to ``BROADCAST_MAX_ROWS`` (4) rows, *broadcast multiply-add*: an fp32 accumulator
-  ``[BLOCK_M, block_n, block_k]`` (``BLOCK_M`` = M rounded up to a power of two) takes
-  ``x[:, None, :] * w[None, :, :]`` each K step and is summed over K once after the loop.
-  No padding to 16 rows and exact fp32 products; it costs M fp32 FMAs per weight element on
-  the CUDA cores, cheap next to the weight's load at 1-4 rows;
+- up to ``BROADCAST_MAX_ROWS`` (4) rows, *broadcast multiply + sum*: each K step adds
+  ``sum_k x[:, None, k] * w[None, :, k]`` (fp32, ``BLOCK_M`` = M rounded up to a power of
+  two) to an fp32 ``[BLOCK_M, block_n]`` accumulator, both operands loaded straight into
+  the product's 3-D layout. No padding to 16 rows and exact fp32 products; it costs M fp32
+  multiply-adds per weight element on the CUDA cores, cheap next to the weight's load at
+  1-4 rows;
 - above it, ``tl.dot`` on tensor cores with the rows padded to ``BLOCK_M`` = 16 (tl.dot's
   minimum; the padded rows load as zeros and are never stored): at 8-16 rows the CUDA-core
   FMAs would cost about as much time as the weight's load. fp32 inputs use
@@ -53,9 +54,9 @@ except ImportError:  # CPU-only installs: skinny_linear falls back to F.linear
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 BROADCAST_MAX_ROWS = 4      # rows up to which the default multiplies without tl.dot
 DOT_BLOCK_M = 16            # tl.dot's smallest tile: the row block of the tl.dot path
-# Accumulator elements of the broadcast path's default tile ([BLOCK_M, block_n, block_k]
-# fp32): 64 registers a thread at 4 warps, leaving room for the weight tile.
-BROADCAST_ACC_ELEMENTS = 8192
+# Elements of the broadcast path's default product tile ([BLOCK_M, block_n, block_k]): at
+# 4 warps about 64 registers a thread on sm90, so several programs share an SM.
+BROADCAST_TILE_ELEMENTS = 8192
 MAX_BLOCK_N = 256
 MAX_BLOCK_K = 1024
 
@@ -95,7 +96,7 @@ def default_launch(m: int, n: int, k: int, dtype: torch.dtype, use_dot: bool | N
     """Conservative defaults until tools/tune_skinny_linear.py has run on the target GPU:
     tl.dot above ``BROADCAST_MAX_ROWS`` rows (unless ``use_dot`` says), 512 bytes of each
     weight row per K step (one warp's 16-byte loads), 16 output columns a program (fewer for
-    broadcast tiles of 4+ rows, to bound the accumulator), 4 warps, 3 stages. ``n`` is not
+    broadcast tiles of 4+ rows, to bound the product tile), 4 warps, 3 stages. ``n`` is not
     used yet: a tuned table would key on it."""
     if use_dot is None:
         use_dot = m > BROADCAST_MAX_ROWS
@@ -105,7 +106,7 @@ def default_launch(m: int, n: int, k: int, dtype: torch.dtype, use_dot: bool | N
         block_n = 16
     else:
         rows = min(_pow2(m), DOT_BLOCK_M)
-        block_n = max(1, min(16, BROADCAST_ACC_ELEMENTS // (rows * block_k)))
+        block_n = max(1, min(16, BROADCAST_TILE_ELEMENTS // (rows * block_k)))
     return SkinnyLaunch(block_n, block_k, num_warps=4, num_stages=3, use_dot=use_dot)
 
 
@@ -214,52 +215,61 @@ if triton is not None:
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
-        m_mask = offs_m < M
         # Columns past N wrap onto valid weight rows, so weight loads need no N mask; the
         # store drops those columns.
         rows_n = (offs_n % N).to(tl.int64)
-        x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-        w_ptrs = w_ptr + rows_n[:, None] * stride_wn + offs_k[None, :]
+        x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+        w_rows = w_ptr + rows_n * stride_wn
         if USE_DOT:
-            acc = _dot_rows(x_ptrs, w_ptrs, m_mask, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+            acc = _dot_rows(x_rows, w_rows, offs_m < M, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
         else:
-            acc = _broadcast_rows(x_ptrs, w_ptrs, m_mask, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+            acc = _broadcast_rows(x_rows, w_rows, offs_m < M, offs_k, K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows_n).to(tl.float32)[None, :]
         out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & (offs_n < N)[None, :])
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
 
     @triton.jit
-    def _load_tiles(x_ptrs, w_ptrs, m_mask, offs_k, k_left, EVEN_K: tl.constexpr):
-        """One K step's rows of x ([BLOCK_M, BLOCK_K], padded rows and columns past K zero)
-        and weight tile ([BLOCK_N, BLOCK_K])."""
-        if EVEN_K:
-            a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-            w = tl.load(w_ptrs)
-        else:
-            k_mask = offs_k < k_left
-            a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-        return a, w
-
-    @triton.jit
-    def _broadcast_rows(x_ptrs, w_ptrs, m_mask, offs_k, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _broadcast_rows(x_rows, w_rows, m_mask, offs_k, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-        # [BLOCK_M, BLOCK_N, BLOCK_K] partial sums, reduced over K once after the loop.
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k in range(0, tl.cdiv(K, BLOCK_K)):
-            a, w = _load_tiles(x_ptrs, w_ptrs, m_mask, offs_k, K - k * BLOCK_K, EVEN_K)
-            acc += a.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        return tl.sum(acc, axis=2)
-
-    @triton.jit
-    def _dot_rows(x_ptrs, w_ptrs, m_mask, offs_k, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        # Both operands load straight into the 3-D layout of their product ([BLOCK_M, 1,
+        # BLOCK_K] rows of x, [1, BLOCK_N, BLOCK_K] weight rows): loaded as 2-D tiles, the
+        # weight tile would be re-laid out through shared memory every K step.
+        x_ptrs = x_rows[:, None, None] + offs_k[None, None, :]
+        w_ptrs = w_rows[None, :, None] + offs_k[None, None, :]
+        x_mask = m_mask[:, None, None]
+        # Each K step's products are summed over the tile at once (within each warp: the
+        # layout spreads K over lanes and N over warps): an fp32 [BLOCK_M, BLOCK_N, BLOCK_K]
+        # accumulator reduced after the loop would take twice the registers (sm90 compile),
+        # and registers bound the tile, that is the weight bytes in flight.
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(0, tl.cdiv(K, BLOCK_K)):
-            a, w = _load_tiles(x_ptrs, w_ptrs, m_mask, offs_k, K - k * BLOCK_K, EVEN_K)
+            if EVEN_K:
+                a = tl.load(x_ptrs, mask=x_mask, other=0.0)
+                w = tl.load(w_ptrs)
+            else:
+                k_mask = (offs_k < K - k * BLOCK_K)[None, None, :]
+                a = tl.load(x_ptrs, mask=x_mask & k_mask, other=0.0)
+                w = tl.load(w_ptrs, mask=k_mask, other=0.0)
+            acc += tl.sum(a.to(tl.float32) * w.to(tl.float32), axis=2)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        return acc
+
+    @triton.jit
+    def _dot_rows(x_rows, w_rows, m_mask, offs_k, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        x_ptrs = x_rows[:, None] + offs_k[None, :]
+        w_ptrs = w_rows[:, None] + offs_k[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+                w = tl.load(w_ptrs)
+            else:
+                k_mask = offs_k < K - k * BLOCK_K
+                a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
             acc = tl.dot(a, tl.trans(w), acc, input_precision="ieee")
             x_ptrs += BLOCK_K
             w_ptrs += BLOCK_K

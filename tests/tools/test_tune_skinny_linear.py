@@ -32,7 +32,7 @@ def test_stages_cover_each_path_that_applies(rows):
     assert len(dot) == len(tune.DOT_BLOCK_NS) * len(tune.BLOCK_KS) and all(launch.block_n >= 16 for launch in dot)
     broadcast = [launch for launch in full if not launch.use_dot]
     assert bool(broadcast) == (rows <= tune.BROADCAST_MAX_ROWS)
-    assert all(tune._broadcast_rows(rows) * b.block_n * b.block_k <= tune.MAX_BROADCAST_ACC for b in broadcast)
+    assert all(tune._broadcast_rows(rows) * b.block_n * b.block_k <= tune.MAX_BROADCAST_TILE for b in broadcast)
     best = SkinnyLaunch(16, 256, 4, 3, True)
     second = tune.stage_two(best, quick=False)
     assert len(second) == len(tune.WARPS) * len(tune.STAGES) - 1 and best not in second

@@ -129,7 +129,7 @@ def test_bad_operands_are_rejected():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_defaults_are_valid_and_bound_the_broadcast_accumulator(dtype):
+def test_defaults_are_valid_and_bound_the_broadcast_tile(dtype):
     for m in range(1, 33):
         for n, k in ((2048, 2048), (5120, 2048), (2048, 4096), (6144, 2048), (9, 16), (33, 70)):
             launch = sk.default_launch(m, n, k, dtype)
@@ -137,7 +137,7 @@ def test_defaults_are_valid_and_bound_the_broadcast_accumulator(dtype):
             assert launch.use_dot == (m > sk.BROADCAST_MAX_ROWS)
             assert launch.block_k <= max(16, 2 * k) and launch.block_k * torch.empty((), dtype=dtype).element_size() <= 512
             if not launch.use_dot:
-                assert min(sk._pow2(m), 16) * launch.block_n * launch.block_k <= sk.BROADCAST_ACC_ELEMENTS
+                assert min(sk._pow2(m), 16) * launch.block_n * launch.block_k <= sk.BROADCAST_TILE_ELEMENTS
     assert sk.resolve_launch(1, 64, 64, dtype, use_dot=True).block_n >= sk.DOT_BLOCK_M  # a forced path's own tiles
 
 
