@@ -93,21 +93,25 @@ def skinny_linear_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def default_launch(m: int, n: int, k: int, dtype: torch.dtype, use_dot: bool | None = None) -> SkinnyLaunch:
-    """Conservative defaults until tools/tune_skinny_linear.py has run on the target GPU:
-    tl.dot above ``BROADCAST_MAX_ROWS`` rows (unless ``use_dot`` says), 512 bytes of each
-    weight row per K step (one warp's 16-byte loads), 16 output columns a program (fewer for
-    broadcast tiles of 4+ rows, to bound the product tile), 4 warps, 3 stages. ``n`` is not
-    used yet: a tuned table would key on it."""
+    """Defaults until tools/tune_skinny_linear.py has run on the target GPU (every one
+    compiles spill-free for sm90, tests/inference/kernels/test_compile_sm90.py). tl.dot above
+    ``BROADCAST_MAX_ROWS`` rows (unless ``use_dot`` says): 16 columns, 512 bytes of each
+    weight row per K step, 3 stages (cp.async keeps two steps in flight). Broadcast: 8
+    columns a program (a decode projection's N gives 256+ programs; each also re-reads x,
+    ``m / block_n`` of the weight's bytes, from L2) and the widest K step the
+    ``BROADCAST_TILE_ELEMENTS`` budget allows, up to 2 KB a row: its loads are not
+    pipelined, so the tile is what a program has in flight. 4 warps. ``n`` is not used yet:
+    a tuned table would key on it."""
     if use_dot is None:
         use_dot = m > BROADCAST_MAX_ROWS
     element = torch.empty((), dtype=dtype).element_size()
-    block_k = min(512 // element, max(16, _pow2(k)))
+    widest = max(16, _pow2(k))
     if use_dot:
-        block_n = 16
-    else:
-        rows = min(_pow2(m), DOT_BLOCK_M)
-        block_n = max(1, min(16, BROADCAST_TILE_ELEMENTS // (rows * block_k)))
-    return SkinnyLaunch(block_n, block_k, num_warps=4, num_stages=3, use_dot=use_dot)
+        return SkinnyLaunch(16, min(512 // element, widest), num_warps=4, num_stages=3, use_dot=True)
+    rows = min(_pow2(m), DOT_BLOCK_M)
+    block_n = 8
+    block_k = max(16, min(2048 // element, widest, BROADCAST_TILE_ELEMENTS // (rows * block_n)))
+    return SkinnyLaunch(block_n, block_k, num_warps=4, num_stages=3, use_dot=False)
 
 
 def check_launch(block_n, block_k, num_warps, num_stages, use_dot) -> None:

@@ -86,7 +86,7 @@ def _kernels():
         **{f"skinny linear, default tiles at {m} rows": (sk._skinny_linear_kernel, skinny, dict(
             HAS_BIAS=True, BLOCK_M=min(sk._pow2(m), 16) if not launch.use_dot else sk.DOT_BLOCK_M,
             BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot, EVEN_K=True), launch.num_warps)
-           for m, launch in ((m, sk.default_launch(m, 2048, 2048, torch.bfloat16)) for m in (1, 4, 16))},
+           for m, launch in ((m, sk.default_launch(m, 2048, 2048, torch.bfloat16)) for m in (1, 2, 4, 16))},
     }
 
 

@@ -135,7 +135,8 @@ def test_defaults_are_valid_and_bound_the_broadcast_tile(dtype):
             launch = sk.default_launch(m, n, k, dtype)
             sk.check_launch(launch.block_n, launch.block_k, launch.num_warps, launch.num_stages, launch.use_dot)
             assert launch.use_dot == (m > sk.BROADCAST_MAX_ROWS)
-            assert launch.block_k <= max(16, 2 * k) and launch.block_k * torch.empty((), dtype=dtype).element_size() <= 512
+            row_bytes = launch.block_k * torch.empty((), dtype=dtype).element_size()
+            assert launch.block_k <= max(16, 2 * k) and row_bytes <= (512 if launch.use_dot else 2048)
             if not launch.use_dot:
                 assert min(sk._pow2(m), 16) * launch.block_n * launch.block_k <= sk.BROADCAST_TILE_ELEMENTS
     assert sk.resolve_launch(1, 64, 64, dtype, use_dot=True).block_n >= sk.DOT_BLOCK_M  # a forced path's own tiles
