@@ -9,7 +9,8 @@ every program a thin slab of output columns and all of the rows:
 - one launch, grid ``(cdiv(N, block_n), cdiv(M, BLOCK_M))``; program ``(n, m)`` streams
   weight rows ``[n * block_n, (n + 1) * block_n)`` over all of K once and writes
   ``out[m-block, n-block]``. For M <= 16 there is one row block, so the weight is read once
-  in all; N = 2048 at ``block_n`` 16 gives 128 programs, 8 gives 256;
+  in all (more rows work, each further block of 16 reading it again); N = 2048 at
+  ``block_n`` 16 gives 128 programs, 8 gives 256;
 - no split-K: every output element is one program's fixed-order sum, so results are
   deterministic (no atomics, no workspace, no second launch);
 - fp32 accumulation whatever the input dtype; the bias (in fp32) is added to the sum and
@@ -26,7 +27,10 @@ Two ways to multiply, chosen by the row count (``use_dot`` overrides):
 - above it, ``tl.dot`` on tensor cores with the rows padded to ``BLOCK_M`` = 16 (tl.dot's
   minimum; the padded rows load as zeros and are never stored): at 8-16 rows the CUDA-core
   FMAs would cost about as much time as the weight's load. fp32 inputs use
-  ``input_precision="ieee"`` (exact fp32, not TF32).
+  ``input_precision="ieee"`` (exact fp32, not TF32). Triton pipelines this path's loads
+  (cp.async, ``num_stages``), not the broadcast path's, where the tile is what a program
+  has in flight: the tuner (tools/tune_skinny_linear.py) times both paths at every row
+  count.
 
 Invariants: ``out == F.linear(x, weight, bias)`` up to fp32 summation order, in ``x.dtype``;
 grids and allocations depend on shapes only and nothing syncs with the host, so CUDA graphs

@@ -25,7 +25,8 @@ class GQAttention(nn.Module):
     ignored. Invariant: ``window`` is 0 (full attention) or the layer's sliding window, and
     both the paged and the reference forward apply the same window, sinks and gate; the
     fused paths (``fused_rotary``, ``fused_kv_write``) leave in the KV cache exactly what
-    ``project`` then ``write_kv`` would."""
+    ``project`` then ``write_kv`` would; ``skinny_linear_max_tokens`` changes only which
+    kernel computes ``qkv_proj`` / ``o_proj`` (the same product, fp32 accumulation)."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
