@@ -248,6 +248,7 @@ def measure_prefill(engine, model, config, args, matmul_flops: float) -> dict:
     active = dp.active_params(config, model)
     floor_ms = 2 * active * PREFILL_STEP_TOKENS / matmul_flops * 1e3
     out = {"steps": len(steps), "step_tokens": PREFILL_STEP_TOKENS, "prompt_len": args.prefill_prompt_len,
+           "requests_per_step": [e["prefill_requests"] for e in steps],   # chunks per measured step
            "step_ms": step_ms, "tokens_per_s": PREFILL_STEP_TOKENS / (step_ms / 1e3), "active_params": active,
            "flop_floor_ms": floor_ms, "floor_tokens_per_s": PREFILL_STEP_TOKENS / (floor_ms / 1e3),
            "fraction_of_matmul_rate": floor_ms / step_ms}
