@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 
 import pytest
+import torch
 
 from tests.inference.kernels.harness import needs_triton
 
@@ -69,7 +70,9 @@ def _kernels():
     pd = importlib.import_module("inference.kernels.paged_decode_triton")
     pf = importlib.import_module("inference.kernels.prefill_attention")
     ml = importlib.import_module("inference.kernels.mla_decode_triton")
+    sk = importlib.import_module("inference.kernels.skinny_linear")
     bf = "*bf16"
+    skinny = {"x_ptr": bf, "w_ptr": bf, "b_ptr": bf, "out_ptr": bf}
     attn = {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "out_ptr": bf, "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
             "query_start_loc_ptr": "*i32", "sinks_ptr": "*fp32", "qk_scale": "fp32"}
     return {
@@ -93,6 +96,10 @@ def _kernels():
             "q_lat_ptr": bf, "q_rope_ptr": bf, "cache_ptr": bf, "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
             "out_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32"}, dict(
             LATENT=512, ROPE=64, KV_BLOCK_SIZE=16, BLOCK_H=16, BLOCK_N=16, BLOCK_L=512, BLOCK_R=64, NUM_SPLITS=4)),
+        **{f"skinny linear, default tiles at {m} rows": (sk._skinny_linear_kernel, skinny, dict(
+            HAS_BIAS=True, BLOCK_M=min(sk._pow2(m), 16) if not launch.use_dot else sk.DOT_BLOCK_M,
+            BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot, EVEN_K=True), launch.num_warps)
+           for m, launch in ((m, sk.default_launch(m, 2048, 2048, torch.bfloat16)) for m in (1, 2, 4, 16))},
     }
 
 
