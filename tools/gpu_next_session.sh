@@ -9,6 +9,7 @@
 #   bash tools/gpu_next_session.sh prefill # Qwen3-30B-A3B 8k prefill step by component, vs each matmul's FLOP floor
 #   bash tools/gpu_next_session.sh attn    # prefill / decode attention GPU tests, then tools/tune_prefill_attention.py --quick
 #   bash tools/gpu_next_session.sh decode  # tools/bench_decode.py, both shapes, batches 1 / 16 / 64 / 256 + 8k prefill
+#                                          # (further arguments go to bench_decode.py)
 #   bash tools/gpu_next_session.sh mha     # full paged-decode sweep (warps x stages too) of OLMoE's MHA shape at 64 / 256
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -70,7 +71,8 @@ attn)
   ;;
 decode)
   timeout 400 python3 tools/bench_decode.py --no-hf --compare-backends '' --output-len 64 --time-budget 360 \
-    --profile-batches 1,64 --timeline-batches 1,64 --prefill-requests 12 --profile-prefill --output-dir "$OUT/decode" > "$OUT/decode.log" 2>&1
+    --profile-batches 1,64 --timeline-batches 1,64 --prefill-requests 12 --profile-prefill --output-dir "$OUT/decode" \
+    "${@:2}" > "$OUT/decode.log" 2>&1
   echo "bench_decode rc $?"; sed -n '/=== summary ===/,$p' "$OUT/decode.log" | grep -v "^      " | head -60
   ;;
 mha)
