@@ -26,7 +26,7 @@ from inference.model.attention import GQAttention, MLAttention
 from inference.model.layers import RMSNorm, SwiGLUMLP
 from inference.model.moe import MoEMLP
 from inference.model.router import TopKRouter
-from tools.profile_attribution import UNLABELLED, attribute_kernels, records_from_events
+from tools.profile_attribution import UNLABELLED, Attribution, attribute_kernels, records_from_events
 from inference.cache.state_pool import state_bytes_per_sequence
 
 LABEL_PREFIX = "decode::"
@@ -193,19 +193,16 @@ def labelled_components(model, recorder=None) -> Iterator[int]:
                 setattr(obj, attr, original)
 
 
-def attribute_kernel_time(events: Iterable, reps: int = 1, by_kernel: bool = False):
+def attribute_kernel_time(events: Iterable) -> tuple[dict[str, float], Attribution]:
     """Device microseconds per component label from profiler ``FunctionEvent``s (every
-    component present, "unlabelled" included), and the top kernels per step of ``reps``
-    (``tools.profile_attribution``: each kernel is charged to the innermost label around
-    the CPU call that launched it, Triton launches included); ``by_kernel``: a third item,
-    every kernel name's calls and ms per step whatever its label."""
+    component present, "unlabelled" included), and the attribution itself for its kernel
+    tables (``tools.profile_attribution``: each kernel is charged to the innermost label
+    around the CPU call that launched it, Triton launches included)."""
     result = attribute_kernels(*records_from_events(events, LABEL_PREFIX))
     totals = {name: 0.0 for name in (*COMPONENTS, UNLABELLED)}
     for name, us in result.totals.items():
         totals[name] = totals.get(name, 0.0) + us
-    if by_kernel:
-        return totals, result.top_kernels(steps=reps), result.by_kernel(steps=reps)
-    return totals, result.top_kernels(steps=reps)
+    return totals, result
 
 
 def profile_decode_step(runner, size: int, rows: int, reps: int = 3) -> dict:
@@ -229,7 +226,8 @@ def profile_decode_step(runner, size: int, rows: int, reps: int = 3) -> dict:
                 for _ in range(reps):
                     runner._forward(size)
                 torch.cuda.synchronize()
-    totals, top = attribute_kernel_time(prof.events(), reps)
+    totals, attribution = attribute_kernel_time(prof.events())
+    top = attribution.top_kernels(steps=reps)
     per_call = {k: v / reps / 1e3 for k, v in totals.items()}
     kernel_ms = sum(per_call.values())
     return {"graph_replay_ms": graph_ms, "eager_ms": eager_ms, "kernel_ms": kernel_ms,
@@ -250,10 +248,11 @@ def profile_prefill(model, serve_once: Callable[[], int], recorder=None) -> dict
             tokens = serve_once()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-    totals, top, by_name = attribute_kernel_time(prof.events(), by_kernel=True)
+    totals, attribution = attribute_kernel_time(prof.events())
     per_k = {k: v / 1e3 / tokens * 1e3 for k, v in totals.items()} if tokens else {}
     return {"prompt_tokens": tokens, "components_ms_per_1k_tokens": per_k,
-            "kernel_ms_per_1k_tokens": sum(per_k.values()), "top_kernels": top, "kernels_by_name": by_name}
+            "kernel_ms_per_1k_tokens": sum(per_k.values()), "top_kernels": attribution.top_kernels(),
+            "kernels_by_name": attribution.by_kernel()}
 
 
 def prefill_flop_floors(config, context: int) -> dict[str, float]:

@@ -131,7 +131,8 @@ def test_records_from_profiler_events_use_launch_correlation_and_fall_back_to_th
               ev("aten::add", 9, (150, 160)),
               ev("cudaLaunchKernel", 503, (151, 152), linked=9),
               ev("add_kernel", 503, (230, 231), cuda, linked=9)]
-    totals, top = dp.attribute_kernel_time(events)
+    totals, attribution = dp.attribute_kernel_time(events)
+    top = attribution.top_kernels()
     assert totals["router + top-k"] == 13.0 and totals["unlabelled"] == 1.0
     assert set(totals) == {*dp.COMPONENTS, "unlabelled"}
     assert {r["kernel"] for r in top} == {"_router_topk_kernel", "gemm", "add_kernel"}

@@ -6,7 +6,7 @@ every step. The test serves the same workload with the single-process engine and
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -162,10 +162,14 @@ def case_indices(cases: dict[int, list[EngineCase]]) -> list[tuple[int, int]]:
     return [(w, i) for w in sorted(cases) for i in range(len(cases[w]))]
 
 
-def world_runs(cases: dict[int, list[EngineCase]], resolve: Callable[[EngineCase], EngineCase]):
+def world_runs(cases: dict[int, list[EngineCase]], hf_dir: Callable[[EngineCase], str]):
     """``get(size)`` -> (resolved cases, every rank's outputs): the cases of a world size run
-    once on that many gloo ranks, cached for the module's tests."""
+    once on that many gloo ranks, cached for the module's tests. A case tagged "-hf" names
+    a family; the rank side gets its saved checkpoint, ``hf_dir(case)``, as ``hf:<dir>``."""
     cache: dict[int, tuple[list[EngineCase], list[dict[str, np.ndarray]]]] = {}
+
+    def resolve(case: EngineCase) -> EngineCase:
+        return replace(case, model=f"hf:{hf_dir(case)}") if case.tag == "-hf" else case
 
     def get(size: int):
         if size not in cache:

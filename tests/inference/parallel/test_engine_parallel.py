@@ -42,17 +42,9 @@ def hf_checkpoints(tmp_path_factory):
     return paths
 
 
-def _resolve(case: EngineCase, hf: dict[str, str]) -> EngineCase:
-    """HF cases name a family; the rank side gets its directory."""
-    if case.tag != "-hf":
-        return case
-    family = "deepseek_v3" if case.model == "mla" else "glm4_moe"
-    return EngineCase(f"hf:{hf[family]}", case.tp, case.ep, case.async_scheduling, case.engine, case.refit, case.tag)
-
-
 @pytest.fixture(scope="module")
 def world(hf_checkpoints):
-    return world_runs(CASES, lambda case: _resolve(case, hf_checkpoints))
+    return world_runs(CASES, lambda case: hf_checkpoints["deepseek_v3" if case.model == "mla" else "glm4_moe"])
 
 
 @pytest.fixture(scope="module")

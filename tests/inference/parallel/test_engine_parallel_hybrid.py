@@ -43,15 +43,9 @@ def hf_checkpoints(tmp_path_factory):
     return paths
 
 
-def _resolve(case: EngineCase, hf: dict[str, str]) -> EngineCase:
-    if case.tag != "-hf":
-        return case
-    return EngineCase(f"hf:{hf[case.model]}", case.tp, case.ep, case.async_scheduling, case.engine, case.refit, case.tag)
-
-
 @pytest.fixture(scope="module")
 def world(hf_checkpoints):
-    return world_runs(CASES, lambda case: _resolve(case, hf_checkpoints))
+    return world_runs(CASES, lambda case: hf_checkpoints[case.model])
 
 
 @pytest.fixture(scope="module")
