@@ -55,6 +55,8 @@ from tools.decode_timeline import decode_timeline
 MODELS = ("olmoe-1b-7b-shape", "qwen3-30b-a3b-shape")
 HYBRID_MODELS = ("qwen3.5-35b-a3b-shape", "nemotron-3-nano-30b-a3b-shape")   # tools/gpu_recurrent.sh
 PREFILL_STEP_TOKENS = 8192
+# --sampling: what the decode requests ask for (RL rollouts sample at temperature 1).
+SAMPLING = {"greedy": {}, "temperature": {"temperature": 1.0}, "top-p": {"temperature": 1.0, "top_p": 0.95}}
 NO_KV_WRITE = "no-kv-write"     # --compare-small-ops: the main run's mode with EngineConfig.fused_kv_write off
 
 
@@ -71,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="profile 16 real engine steps at these batches: GPU busy / idle per step, copies, "
                         "largest idle gaps (tools/decode_timeline.py)")
     p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--sampling", default="greedy", choices=list(SAMPLING), help="the decode requests' sampling")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prefill-requests", type=int, default=16, help="prompts of --prefill-prompt-len, 4 per 8k step")
     p.add_argument("--prefill-prompt-len", type=int, default=2048)
@@ -146,11 +149,12 @@ def make_engine(model, args, max_batch: int, backend: str, small_ops: str | None
     return LLMEngine(model, engine_config(args, max_batch, backend, small_ops))
 
 
-def serve(engine: LLMEngine, prompts: list[list[int]], max_new_tokens: int, on_full_decode=None) -> dict:
+def serve(engine: LLMEngine, prompts: list[list[int]], max_new_tokens: int, on_full_decode=None,
+          sampling: str = "greedy") -> dict:
     """Serve ``prompts`` to completion; ``on_full_decode()`` runs once, after the third
     decode step at the full batch (its time is excluded from the wall time)."""
     first = len(engine.step_log.entries)
-    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **SAMPLING[sampling])
     for p in prompts:
         engine.add_request(p, params)
     full_steps, hook_s, hook_result, results = 0, 0.0, None, []
@@ -220,7 +224,7 @@ def decode_batches(engine, model, config, args, batches, bandwidth, profile: boo
         # component floors assume attention in every layer, so hybrids report the step only.
         profiled = profile and batch in args.profile_batches and not config.is_hybrid
         hook = profile_hook(engine, config, batch, context, elem, bandwidth) if profiled else None
-        run = serve(engine, prompts, args.output_len, hook)
+        run = serve(engine, prompts, args.output_len, hook, args.sampling)
         out[str(batch)] = {**decode_stats(run, batch, floor_ms), "moe_path": moe_path(model, batch, engine),
                            "bytes_per_step": dp.bytes_per_decode_step(config, model, batch, context, elem)}
         if run["hook"] is not None:
@@ -338,7 +342,7 @@ def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": name, "dtype": args.dtype,
               "moe_backend": args.moe_backend, "fused_small_ops": args.fused_small_ops,
               "fused_moe_small_batch_max_tokens": args.small_moe_max_tokens,
-              "prompt_len": args.prompt_len, "output_len": args.output_len,
+              "prompt_len": args.prompt_len, "output_len": args.output_len, "sampling": args.sampling,
               "copy_bandwidth_gb_s": yard["bandwidth"] / 1e9, "matmul_tflops": yard["matmul"] / 1e12,
               "date": time.strftime("%Y-%m-%d"), "skipped": []}
     model = build_model(config, seed=0, dtype=torch_dtype(args.dtype), device="cuda")

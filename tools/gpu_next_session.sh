@@ -11,6 +11,8 @@
 #   bash tools/gpu_next_session.sh decode  # tools/bench_decode.py, both shapes, batches 1 / 16 / 64 / 256 + 8k prefill
 #                                          # (further arguments go to bench_decode.py)
 #   bash tools/gpu_next_session.sh mha     # full paged-decode sweep (warps x stages too) of OLMoE's MHA shape at 64 / 256
+#   bash tools/gpu_next_session.sh sampling  # the batched sampler: its GPU test, tools/bench_sampler.py (vs the
+#                                            # per-request loop), then OLMoE decode greedy vs temperature vs top-p
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -80,5 +82,18 @@ mha)
     --time-budget 360 --output "$OUT/paged_decode_mha_tuning.json" > "$OUT/tune_mha.log" 2>&1
   echo "tune_paged_decode rc $?"; tail -6 "$OUT/tune_mha.log"
   ;;
-*) echo "usage: $0 tests|bench|tune|prefill|attn|decode|mha" >&2; exit 2 ;;
+sampling)
+  timeout 120 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/gpu/test_sampler_cuda.py \
+    > "$OUT/test_sampler_cuda.log" 2>&1; echo "test_sampler_cuda rc=$? $(tail -1 "$OUT/test_sampler_cuda.log")"
+  timeout 200 python3 tools/bench_sampler.py --device cuda --output "$OUT/sampler_h200.json" > "$OUT/sampler.log" 2>&1
+  echo "bench_sampler rc $?"
+  for s in greedy temperature top-p; do
+    timeout 80 python3 tools/bench_decode.py --sampling "$s" --models olmoe-1b-7b-shape --batches 1,64,256 \
+      --output-len 64 --prefill-requests 0 --profile-batches '' --no-hf --compare-backends '' --time-budget 60 \
+      --output "$OUT/decode_sampling_$s.json" > "$OUT/decode_sampling_$s.log" 2>&1
+    echo "== decode, sampling $s (rc $?)"; grep -A4 "batch   step ms" "$OUT/decode_sampling_$s.log" | head -6
+  done
+  tail -34 "$OUT/sampler.log"
+  ;;
+*) echo "usage: $0 tests|bench|tune|prefill|attn|decode|mha|sampling" >&2; exit 2 ;;
 esac
