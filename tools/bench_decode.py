@@ -47,6 +47,7 @@ from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import SamplingParams
 from inference.workload import synthetic_prompts
 from routing_replay import step_kind
+from routing_replay.step_details import ENGINE_STAGES
 from tools import decode_profile as dp
 from tools.decode_profile import copy_bandwidth  # noqa: F401  (tools/bench_families.py imports it from here)
 from tools.decode_tables import format_tables
@@ -188,7 +189,17 @@ def decode_stats(run: dict, batch: int, floor_ms: float) -> dict:
     return {"decode_steps": len(full), "step_ms": step_ms, "gpu_forward_ms": gpu_ms, "floor_ms": floor_ms,
             "ratio_to_floor": step_ms / floor_ms, "gpu_ratio_to_floor": gpu_ms / floor_ms if gpu_ms else None,
             "decode_tokens_per_s": batch / (step_ms / 1e3),
-            "generated_tokens_per_s_wall": run["generated"] / run["wall_s"]}
+            "generated_tokens_per_s_wall": run["generated"] / run["wall_s"], "host": host_stage_medians(full)}
+
+
+def host_stage_medians(entries: list[dict]) -> dict:
+    """Median host ms per engine stage and sub-stage of these steps, with the GPU's idle time
+    before each step and its whole step time (CUDA events). A step whose ``stage_complete_wait``
+    is near 0 found the GPU already done: the host, not the GPU, set its pace."""
+    keys = [f"{stage}_ms" for stage in ENGINE_STAGES] + [f"{stage}_{sub}_ms" for stage, subs in ENGINE_STAGES.items()
+                                                        for sub in subs]
+    keys += ["gpu_idle_before_ms", "gpu_step_ms"]
+    return {k: statistics.median(e[k] for e in entries) for k in keys if all(k in e for e in entries)}
 
 
 def profile_hook(engine: LLMEngine, config, batch: int, context: int, elem: int, bandwidth: float):
