@@ -25,13 +25,13 @@ from pathlib import Path
 
 import orjson
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from inference.request import Request, SamplingParams
 from inference.sampling import Sampler, request_seed
+from tools.op_count import DeviceOpCounter
 
 WORKLOADS = {
     "greedy": dict(),
@@ -79,16 +79,6 @@ def _filtered_row(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
         drop = torch.zeros_like(sorted_probs, dtype=torch.bool).scatter_(-1, order, sorted_probs.cumsum(-1) - sorted_probs > top_p)
         scaled = scaled.masked_fill(drop, float("-inf"))
     return scaled
-
-
-class _OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 0 if func.is_view else 1
-        return func(*args, **(kwargs or {}))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -146,9 +136,9 @@ def measure(device: torch.device, batch: int, vocab: int, workload: str, reps: i
     row = {"batch": batch, "vocab": vocab, "workload": workload}
     for name, call in calls.items():          # warm-up and op counts
         call()
-        with _OpCounter() as ops:
+        with DeviceOpCounter() as ops:
             call()
-        row[f"{name}_ops"] = ops.count
+        row[f"{name}_ops"] = ops.total
     samples = {name: [] for name in calls}
     for _ in range(reps):
         for name, call in calls.items():      # alternated

@@ -5,25 +5,8 @@ large sampled batches host-bound."""
 
 from __future__ import annotations
 
-import collections
-
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from inference.request import SamplingParams
-
-
-class _StepOps(TorchDispatchMode):
-    """Counts dispatched ops that compute (views excluded), except while ``paused``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-        self.paused = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not self.paused and not func.is_view:
-            self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+from tools.op_count import DeviceOpCounter
 
 
 def _ops_per_step(make_engine, model, batch: int, monkeypatch) -> list[tuple[str, int]]:
@@ -33,27 +16,24 @@ def _ops_per_step(make_engine, model, batch: int, monkeypatch) -> list[tuple[str
     for i in range(batch):
         engine.add_request(list(range(2, 12 + i % 7)),
                            SamplingParams(max_new_tokens=12 + i % 5, ignore_eos=True, seed=i, **kinds[i % 3]))
-    counter = _StepOps()
+    counter = DeviceOpCounter()
     forward = type(model).forward
 
     def paused_forward(self, *args, **kwargs):
-        counter.paused = True
-        try:
+        with counter.paused():
             return forward(self, *args, **kwargs)
-        finally:
-            counter.paused = False
 
     monkeypatch.setattr(type(model), "forward", paused_forward)
     per_step = []
     with counter:
         while engine.has_unfinished():
-            before = sum(counter.ops.values())
+            before = counter.total
             logged = len(engine.step_log.entries)
             engine.step()
             if len(engine.step_log.entries) > logged:
                 e = engine.step_log.entries[-1]
                 kind = "decode" if e["prefill_requests"] == 0 else "prefill"
-                per_step.append((kind, e["finished_requests"], sum(counter.ops.values()) - before))
+                per_step.append((kind, e["finished_requests"], counter.total - before))
     assert counter.ops["searchsorted"] > 0, "the sampler's ops must be counted"
     return per_step
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from inference.request import Request, SamplingParams
 from inference.sampling import Sampler
+from tools.op_count import DeviceOpCounter
 
 CPU = torch.device("cpu")
 
@@ -167,18 +167,6 @@ def test_unseeded_requests_follow_the_engine_seed_and_arrival():
     assert tokens(1, 2) != tokens(2, 2) and tokens(1, 2) != tokens(1, 3)
 
 
-class _KernelOps(TorchDispatchMode):
-    """Counts dispatched ops that compute (views excluded)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 0 if func.is_view else 1
-        return func(*args, **(kwargs or {}))
-
-
 def _mixed_batch(n: int) -> list[Request]:
     kinds = [dict(), dict(temperature=1.0, top_p=0.9, logprobs=2),
              dict(temperature=0.6, top_k=5, logprobs_mode="tempered"), dict(temperature=1.2, logprobs_mode="raw")]
@@ -189,10 +177,10 @@ def test_the_number_of_device_ops_does_not_grow_with_the_batch():
     counts = {}
     for n in (4, 64):
         logits = torch.randn(n, 300, generator=torch.Generator().manual_seed(n))
-        with _KernelOps() as ops:
+        with DeviceOpCounter() as ops:
             out = Sampler(0, CPU).sample(logits, _mixed_batch(n), list(range(n)))
         assert out.tokens.shape == (n,) and out.top_ids.shape == (n, 2)
-        counts[n] = ops.count
+        counts[n] = ops.total
     assert counts[4] == counts[64] and counts[4] > 0
 
 
