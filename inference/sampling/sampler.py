@@ -107,6 +107,7 @@ class _Draw:
     scaled: torch.Tensor
     processed: torch.Tensor
     tokens: torch.Tensor
+    processed_lse: torch.Tensor | None = None    # logsumexp of ``processed`` rows, from the draw's sums
 
 
 class Sampler:
@@ -163,7 +164,8 @@ def _draw(logits: torch.Tensor, table: torch.Tensor, plan: SamplingPlan) -> _Dra
         processed, row_max = _filtered(scaled, top_k, top_p, plan)
     else:
         processed, row_max = scaled, scaled.amax(dim=-1, keepdim=True)
-    return _Draw(scaled, processed, _inverse_cdf(torch.exp(processed - row_max), uniform))
+    tokens, total = _inverse_cdf(torch.exp(processed - row_max), uniform)
+    return _Draw(scaled, processed, tokens, row_max[:, 0] + torch.log(total))
 
 
 def _filtered(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -185,14 +187,14 @@ def _filtered(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
     return torch.full_like(scaled, float("-inf")).scatter_(1, order, values), row_max
 
 
-def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Per row, the first column whose cumulative weight reaches ``uniform`` x the row's
-    total: column j with probability ``weights[j] / total`` (uniform in (0, 1], so a
-    zero-weight column is never chosen; weights >= 0 keep the cumulative sums sorted). The
-    clamp only matters for NaN logits, which must not index out of range."""
+def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per row, the first column whose cumulative weight reaches ``uniform`` x the row's
+    total, and that total): column j with probability ``weights[j] / total`` (uniform in
+    (0, 1], so a zero-weight column is never chosen; weights >= 0 keep the cumulative sums
+    sorted). The clamp only matters for NaN logits, which must not index out of range."""
     cum = weights.cumsum(dim=-1)
-    target = uniform[:, None] * cum[:, -1:]
-    return torch.searchsorted(cum, target)[:, 0].clamp_max_(weights.shape[-1] - 1)
+    total = cum[:, -1:]
+    return torch.searchsorted(cum, uniform[:, None] * total)[:, 0].clamp_max_(weights.shape[-1] - 1), total[:, 0]
 
 
 def _with_logprobs(tokens: torch.Tensor, logits: torch.Tensor, draw: _Draw, plan: SamplingPlan,
@@ -206,7 +208,8 @@ def _with_logprobs(tokens: torch.Tensor, logits: torch.Tensor, draw: _Draw, plan
     for mode in present[1:]:
         if sources[mode] is not source:
             source = torch.where((modes == mode)[:, None], sources[mode], source)
-    lse = torch.logsumexp(source, dim=-1)
+    lse = draw.processed_lse if source is draw.processed and draw.processed_lse is not None else \
+        torch.logsumexp(source, dim=-1)
     out = SampledTokens(tokens, source.gather(1, tokens[:, None])[:, 0] - lse)
     if plan.top_n:
         values, out.top_ids = source.topk(plan.top_n, dim=-1)
