@@ -21,7 +21,6 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from inference.device_wait import wait_for_event
 from inference.model.context import AttentionMetadata
 from inference.model.recurrent.metadata import RecurrentMetadata
 from inference.scheduled_step import ScheduledChunk

@@ -95,8 +95,8 @@ class StepLayout:
     area after them holds every lane's ``pitch`` bytes plus a whole block table; the block
     table starts at ``table_offset`` right after it."""
 
-    def __init__(self, token_lanes: dict[str, tuple[int, torch.dtype]], request_lanes: dict[str, tuple[int, torch.dtype]],
-                 max_requests: int, max_blocks_per_request: int, max_lane_words: int,
+    def __init__(self, token_lanes: dict[str, tuple[int, torch.dtype]],
+                 request_lanes: dict[str, tuple[int, torch.dtype]], max_requests: int, max_blocks_per_request: int, max_lane_words: int,
                  min_bytes_saved_per_op: int = MIN_BYTES_SAVED_PER_OP) -> None:
         if not token_lanes or max_requests < 1 or max_blocks_per_request < 1 or max_lane_words < 1:
             raise ValueError("a step layout needs token lanes, max_requests >= 1, max_blocks_per_request >= 1 "
@@ -136,8 +136,9 @@ class StepLayout:
         rows, cols = self.table_shape
         if (not 1 <= min(token_words, request_words) <= max(token_words, request_words) <= self.max_lane_words
                 or not 0 <= table_rows <= rows or not 0 <= table_cols <= cols):
-            raise ValueError(f"a step of {token_words} / {request_words} lane words and a {table_rows} x {table_cols} "
-                             f"block table does not fit the layout ({self.max_lane_words} words, {rows} x {cols} table)")
+            raise ValueError(f"a step of {token_words} / {request_words} lane words and a {table_rows} x "
+                             f"{table_cols} block table does not fit the layout ({self.max_lane_words} words, "
+                             f"{rows} x {cols} table)")
         num_request_lanes = self.num_lanes - self.num_token_lanes
         if 8 * num_request_lanes * (token_words - request_words) < self.min_bytes_saved_per_op:
             token_words = request_words = max(token_words, request_words)
