@@ -7,10 +7,11 @@ rely on stable storage.
 Inputs travel through a ring of host staging slots (pinned on CUDA), each laid out as the
 device buffer (``inference.step_upload``). A step fills one slot, packs what it uses and
 enqueues ONE non-blocking copy from it, then one to three device ops put the packed rows in
-place (one for a decode step unless trimming its block table saves more); the slot is written again only after the event
-recorded behind that copy has completed, so a step still queued on the GPU never reads the
-inputs of a later one, however far the host runs ahead. Pending input tokens are then
-gathered from the previous step's device tokens (two more ops).
+place (one for a decode step, unless trimming its block table saves more than an op
+costs); the slot is written again only after the event recorded behind that copy has
+completed, so a step still queued on the GPU never reads the inputs of a later one, however
+far the host runs ahead. Pending input tokens are then gathered from the previous step's
+device tokens (two more ops).
 """
 
 from __future__ import annotations
