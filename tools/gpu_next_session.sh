@@ -13,6 +13,8 @@
 #   bash tools/gpu_next_session.sh mha     # full paged-decode sweep (warps x stages too) of OLMoE's MHA shape at 64 / 256
 #   bash tools/gpu_next_session.sh sampling  # the batched sampler: its GPU test, tools/bench_sampler.py (vs the
 #                                            # per-request loop), then OLMoE decode greedy vs temperature vs top-p
+#   bash tools/gpu_next_session.sh upload    # the one-copy step upload: StepBatch + engine GPU tests, then
+#                                            # tools/bench_step_upload.py for an attention and a hybrid batch
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -29,7 +31,7 @@ tests)
            tests/inference/kernels/test_norm_rotary.py tests/gpu/test_fused_small_ops_cuda.py \
            tests/inference/kernels/test_fused_moe_small.py tests/inference/kernels/test_fused_moe.py \
            tests/inference/kernels/test_mla_decode.py tests/gpu/test_engine_cuda.py tests/gpu/test_families_cuda.py \
-           tests/gpu/test_hybrid_cuda.py; do
+           tests/gpu/test_hybrid_cuda.py tests/gpu/test_sampler_cuda.py tests/gpu/test_step_batch_cuda.py; do
     n=$(basename "$f" .py)
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
     echo "$n rc=$? $(tail -1 "$OUT/$n.log")"
@@ -95,5 +97,19 @@ sampling)
   done
   tail -34 "$OUT/sampler.log"
   ;;
-*) echo "usage: $0 tests|bench|tune|prefill|attn|decode|mha|sampling" >&2; exit 2 ;;
+upload)
+  for f in tests/gpu/test_step_batch_cuda.py tests/gpu/test_engine_cuda.py tests/gpu/test_hybrid_cuda.py \
+           tests/gpu/test_engine_lifecycle_cuda.py; do
+    n=$(basename "$f" .py)
+    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
+    echo "$n rc=$? $(tail -1 "$OUT/$n.log")"
+  done
+  for kind in attention hybrid; do
+    flag=(); [ "$kind" = hybrid ] && flag=(--hybrid)
+    timeout 120 python3 tools/bench_step_upload.py --device cuda "${flag[@]}" --output "$OUT/step_upload_$kind.json" \
+      > "$OUT/bench_upload_$kind.log" 2>&1
+    echo "== bench_step_upload $kind (rc $?)"; tail -8 "$OUT/bench_upload_$kind.log"
+  done
+  ;;
+*) echo "usage: $0 tests|bench|tune|prefill|attn|decode|mha|sampling|upload" >&2; exit 2 ;;
 esac
