@@ -15,6 +15,7 @@
 #                                            # per-request loop), then OLMoE decode greedy vs temperature vs top-p
 #   bash tools/gpu_next_session.sh upload    # the one-copy step upload: StepBatch + engine GPU tests, then
 #                                            # tools/bench_step_upload.py for an attention and a hybrid batch
+#   bash tools/gpu_next_session.sh groups    # tools/bench_rl_groups.py: 32 prompts x 8 samples, prefix cache on / off
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -111,5 +112,10 @@ upload)
     echo "== bench_step_upload $kind (rc $?)"; tail -8 "$OUT/bench_upload_$kind.log"
   done
   ;;
-*) echo "usage: $0 tests|bench|tune|prefill|attn|decode|mha|sampling|upload" >&2; exit 2 ;;
+groups)
+  timeout 400 python3 tools/bench_rl_groups.py --model olmoe-1b-7b-shape --num-prompts 32 --group-size 8 \
+    --prompt-len 1024 --output-len 128 --repetitions 3 --output "$OUT/rl_groups_olmoe_1b_7b_shape_h200.json" \
+    > "$OUT/rl_groups.log" 2>&1; echo "bench_rl_groups rc $?"; tail -6 "$OUT/rl_groups.log"
+  ;;
+*) echo "usage: $0 tests|bench|tune|prefill|attn|decode|mha|sampling|upload|groups" >&2; exit 2 ;;
 esac
