@@ -171,8 +171,10 @@ class Scheduler:
             if request.status is RequestStatus.RUNNING and not self._stops_on_pending(request):
                 budget -= self._schedule_running(request, budget, scheduled, preempted)
         # Final from here on (admission never preempts): their blocks may be hit this step.
+        # (Decode chunks' blocks are hashed when they land: nobody else shares generated tokens.)
         for chunk in scheduled.values():
-            self.cache.commit_scheduled(chunk.request, chunk.start, chunk.start + chunk.num_tokens)
+            if not chunk.is_decode:
+                self.cache.commit_scheduled(chunk.request, chunk.start, chunk.start + chunk.num_tokens)
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
         chunks = list(scheduled.values())
