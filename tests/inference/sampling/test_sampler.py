@@ -9,6 +9,7 @@ import torch
 
 from inference.request import Request, SamplingParams
 from inference.sampling import Sampler
+from tests.inference.sampling.reference import assert_inverse_cdf, reference_probs
 from tools.op_count import DeviceOpCounter
 
 CPU = torch.device("cpu")
@@ -17,24 +18,6 @@ CPU = torch.device("cpu")
 def _req(rid: str, arrival: int = 0, **params) -> Request:
     return Request(request_id=rid, prompt_token_ids=[1], sampling_params=SamplingParams(**params),
                    arrival_index=arrival)
-
-
-def _reference_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """logits / T, top-k, then the smallest prefix of the renormalised distribution that
-    reaches top-p, renormalised (float64 numpy, stable sort)."""
-    scaled = logits.astype(np.float64) / params.temperature
-    order = np.argsort(-scaled, kind="stable")
-    keep = np.ones(scaled.size, dtype=bool)
-    if 0 < params.top_k < scaled.size:
-        keep[order[params.top_k:]] = False
-    probs = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
-    probs /= probs.sum()
-    if params.top_p < 1.0:
-        sorted_probs = probs[order]
-        keep[order[np.cumsum(sorted_probs) - sorted_probs > params.top_p]] = False
-        probs = np.where(keep, probs, 0.0)
-        probs /= probs.sum()
-    return probs
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():
@@ -88,11 +71,26 @@ def test_frequencies_over_positions_match_the_filtered_distribution(vocab, kinds
         if req.sampling_params.is_greedy:
             assert counts[int(logits.argmax())] == draws
             continue
-        expected = _reference_probs(logits[0].numpy(), req.sampling_params)
+        expected = reference_probs(logits[0].numpy(), req.sampling_params)
         assert counts[expected == 0].sum() == 0
         assert (expected > 0).sum() >= 2, "the case must leave a choice"
         sigma = np.sqrt(draws * expected * (1 - expected))
         assert np.all(np.abs(counts - draws * expected) <= 3 * sigma + 1), (k, counts, draws * expected)
+
+
+@pytest.mark.parametrize("vocab", [40, 300])
+def test_every_draw_is_the_reference_inverse_cdf_of_its_uniform(vocab):
+    """Each sampled row's token is the one whose CDF interval (float64 numpy, vocab order)
+    holds the row's (seed, position) uniform, on every branch in one batch: unfiltered,
+    temperature, top-k (topk branch alone, full sort here), top-p, both, greedy."""
+    kinds = [dict(temperature=1.0), dict(temperature=0.5), dict(temperature=1.3, top_k=4),
+             dict(temperature=0.8, top_p=0.7), dict(temperature=1.1, top_k=9, top_p=0.9), dict()]
+    n = 240
+    logits = torch.randn(n, vocab, generator=torch.Generator().manual_seed(vocab)) * 2.0
+    reqs = [_req(str(i), arrival=i, seed=None if i % 5 == 0 else i, **kinds[i % len(kinds)]) for i in range(n)]
+    positions = [3 * i + 1 for i in range(n)]
+    tokens = Sampler(7, CPU).sample(logits, reqs, positions).tokens
+    assert assert_inverse_cdf(tokens, logits.numpy(), reqs, positions, engine_seed=7, tol=1e-5) == n - n // 6
 
 
 def _reference_logprobs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
@@ -105,7 +103,7 @@ def _reference_logprobs(logits: np.ndarray, params: SamplingParams) -> np.ndarra
         dist = t - t.max() - np.log(np.exp(t - t.max()).sum())
     else:
         with np.errstate(divide="ignore"):
-            dist = np.log(_reference_probs(logits, params))
+            dist = np.log(reference_probs(logits, params))
     return dist
 
 
