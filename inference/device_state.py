@@ -20,7 +20,7 @@ from inference.model.context import AttentionFn
 from inference.model_runner import ModelRunner
 from inference.graphs.piecewise import PiecewiseGraphRunner
 from inference.routing_collector import RoutingCollector
-from inference.sampler import Sampler
+from inference.sampling import Sampler
 from inference.cache.sequence_cache import SequenceCache
 from inference.cache.state_checkpoints import CheckpointStore
 from inference.cache.state_pool import StatePool

@@ -33,7 +33,7 @@ from inference.model import MoEGPT
 from inference.model_runner import LaunchedStep
 from inference.replica import ReplicaSync
 from inference.request import Request, RequestResult, SamplingParams
-from inference.sampler import Sampler
+from inference.sampling import Sampler
 from inference.scheduler import Scheduler, SchedulerConfig
 from inference.cache.sequence_cache import SequenceCache
 from inference.cache.state_pool import state_bytes_per_sequence
@@ -182,7 +182,6 @@ class LLMEngine:
             return False
         self.scheduler.abort(request_id)   # None when it already finished
         self._routing_start.pop(request, None)
-        self.sampler.release(request)
         if self.routing is not None:
             self.routing.discard(request)
         return True
@@ -265,7 +264,6 @@ class LLMEngine:
         if not self.config.compute_logprobs:
             result.output_logprobs = None
         start = self._routing_start.pop(request, 0)
-        self.sampler.release(request)
         if self.routing is None:
             return result
         result.routing_start = start
@@ -363,7 +361,6 @@ class LLMEngine:
         self._state = None
         self._closed = True
         self._detach_states()
-        self.sampler = Sampler(self.config.seed, self.device)    # drops per-request generators
         self._live.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -22,7 +22,7 @@ from inference.model.context import AttentionFn
 from inference.graphs.piecewise import PiecewiseGraphRunner
 from inference.prompt_logprobs import PromptLogprobPlan, compute_prompt_logprobs, plan_prompt_logprobs
 from inference.request import Request
-from inference.sampler import Sampler
+from inference.sampling import Sampler
 from inference.scheduled_step import SchedulerOutput
 from inference.step_batch import PreparedStep, StepBatch, TokenFeed
 from routing_replay.phase_timer import PhaseTimer
@@ -175,7 +175,8 @@ class ModelRunner:
         if prepared.sampling_chunks:
             step.sampling_requests = [c.request for c in prepared.sampling_chunks]
             step.sample_rows = {r: i for i, r in enumerate(step.sampling_requests)}
-            sampled = self.sampler.sample(logits, step.sampling_requests, logprobs=self.logprobs)
+            positions = [c.start + c.num_tokens for c in prepared.sampling_chunks]   # of the sampled tokens
+            sampled = self.sampler.sample(logits, step.sampling_requests, positions, logprobs=self.logprobs)
             step.tokens = sampled.tokens
             step.device_out.update((k, v) for k, v in (("tokens", sampled.tokens), ("logprobs", sampled.logprobs),
                                                       ("top_ids", sampled.top_ids),

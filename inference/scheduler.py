@@ -170,6 +170,11 @@ class Scheduler:
             # Skipped: preempted earlier in this loop, or certain to stop on its pending token.
             if request.status is RequestStatus.RUNNING and not self._stops_on_pending(request):
                 budget -= self._schedule_running(request, budget, scheduled, preempted)
+        # Final from here on (admission never preempts): their blocks may be hit this step.
+        # (Decode chunks' blocks are hashed when they land: nobody else shares generated tokens.)
+        for chunk in scheduled.values():
+            if not chunk.is_decode:
+                self.cache.commit_scheduled(chunk.request, chunk.start, chunk.start + chunk.num_tokens)
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
         chunks = list(scheduled.values())
@@ -235,6 +240,7 @@ class Scheduler:
             self._waiting.popleft()
             bisect.insort(self._running, request, key=lambda r: self._order[r.request_id])
             scheduled[request.request_id] = chunk
+            self.cache.commit_scheduled(request, chunk.start, chunk.start + chunk.num_tokens)
             budget -= chunk.num_tokens
         return budget
 

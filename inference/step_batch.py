@@ -1,12 +1,17 @@
 """Preallocated per-step tensors: the batch layout the model and the routing recorder read.
 
-Every device tensor is allocated once, at its maximum size, and updated in place each step,
-so CUDA graphs can capture reads of it and the recorder can rely on stable storage.
+Every device tensor is a view into one step buffer allocated once, at its maximum size, and
+updated in place each step, so CUDA graphs can capture reads of it and the recorder can
+rely on stable storage.
 
-Inputs travel through a ring of host staging slots (pinned on CUDA). A step fills one slot
-and enqueues non-blocking copies from it; the slot is written again only after the event
-recorded behind those copies has completed, so a step still queued on the GPU never reads
-the inputs of a later one, however far the host runs ahead.
+Inputs travel through a ring of host staging slots (pinned on CUDA), each laid out as the
+device buffer (``inference.step_upload``). A step fills one slot, packs what it uses and
+enqueues ONE non-blocking copy from it, then one to three device ops put the packed rows in
+place (one for a decode step, unless trimming its block table saves more than an op
+costs); the slot is written again only after the event recorded behind that copy has
+completed, so a step still queued on the GPU never reads the inputs of a later one, however
+far the host runs ahead. Pending input tokens are then gathered from the previous step's
+device tokens (two more ops).
 """
 
 from __future__ import annotations
@@ -17,10 +22,10 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from inference.device_wait import wait_for_event
 from inference.model.context import AttentionMetadata
 from inference.model.recurrent.metadata import RecurrentMetadata
 from inference.scheduled_step import ScheduledChunk
+from inference.step_upload import MIN_BYTES_SAVED_PER_OP, StagingSlot, StepLayout, UploadWindow
 from routing_replay.phase_timer import PhaseTimer
 
 _TOKEN_FIELDS = ("input_ids", "positions", "token_to_block", "token_to_offset", "slot_mapping")
@@ -51,23 +56,6 @@ class TokenFeed:
     source_rows: Mapping[object, int]   # Request -> row of ``tokens``
 
 
-class _StagingSlot:
-    """Host buffers for one step's inputs. Invariant: never written while ``uploaded`` (the
-    event recorded after the copies out of it) has not completed."""
-
-    def __init__(self, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], pin: bool) -> None:
-        self.tensors = {name: torch.zeros(shape, dtype=dtype, pin_memory=pin) for name, (shape, dtype) in shapes.items()}
-        self.arrays = {name: t.numpy() for name, t in self.tensors.items()}
-        # Per block-table row: (block_ids list, blocks written) of its last writer in this slot.
-        self.row_owners: list[tuple | None] = [None] * shapes["block_tables"][0][0]
-        self.uploaded: torch.cuda.Event | None = None
-
-    def wait_until_free(self) -> None:
-        if self.uploaded is not None:
-            wait_for_event(self.uploaded)   # returns at once unless the GPU lags a whole ring behind
-            self.uploaded = None
-
-
 class StepBatch:
     """Static tensors of ``max_step_tokens`` token rows and ``max_requests`` request rows.
     Invariant: token rows past ``num_tokens`` point at the dummy block with offset 0;
@@ -78,31 +66,35 @@ class StepBatch:
 
     def __init__(self, *, max_step_tokens: int, max_requests: int, max_blocks_per_request: int,
                  block_size: int, dummy_block_id: int, device: torch.device, num_staging_slots: int = 2,
-                 dummy_state_slot: int | None = None) -> None:
+                 dummy_state_slot: int | None = None, min_bytes_saved_per_op: int = MIN_BYTES_SAVED_PER_OP) -> None:
         self.block_size = block_size
         self.dummy_block_id = dummy_block_id
         self.dummy_state_slot = dummy_state_slot
         self.max_blocks_per_request = max_blocks_per_request
+        self.max_step_tokens, self.max_requests = max_step_tokens, max_requests
         self.device = device
         t, r = max_step_tokens, max_requests
-        shapes = {name: ((t,), torch.int64) for name in _TOKEN_FIELDS}
-        shapes.update(block_tables=((r, max_blocks_per_request), torch.int32), query_start_loc=((r + 1,), torch.int32),
-                      seq_lens=((r,), torch.int32), logits_indices=((r,), torch.int64),
-                      feed_rows=((r,), torch.int64), feed_sources=((r,), torch.int64))
+        token_lanes = {name: (t, torch.int64) for name in _TOKEN_FIELDS}
+        request_lanes = dict(query_start_loc=(r + 1, torch.int32), seq_lens=(r, torch.int32),
+                             logits_indices=(r, torch.int64), feed_rows=(r, torch.int64), feed_sources=(r, torch.int64))
         self.state_slots = self.has_initial_state = None
         if dummy_state_slot is not None:
-            shapes.update(state_slots=((r,), torch.int64), has_initial_state=((r,), torch.bool))
-        for name, (shape, dtype) in shapes.items():
-            setattr(self, name, torch.zeros(shape, dtype=dtype, device=device))
+            request_lanes.update(state_slots=(r, torch.int64), has_initial_state=(r, torch.bool))
+        self._layout = StepLayout(token_lanes, request_lanes, r, max_blocks_per_request, max_lane_words=max(t, r),
+                                  min_bytes_saved_per_op=min_bytes_saved_per_op)
+        self._buffer = torch.zeros(self._layout.nbytes, dtype=torch.uint8, device=device)
+        for name, view in self._layout.tensors(self._buffer).items():
+            setattr(self, name, view)
+        self._lanes = self._layout.lane_words(self._buffer)
         pin = device.type == "cuda"
-        self._slots = [_StagingSlot(shapes, pin) for _ in range(max(1, num_staging_slots))]
+        self._slots = [StagingSlot(self._layout, pin) for _ in range(max(1, num_staging_slots))]
         self._next_slot = 0
 
     def point_at_dummy_block(self) -> None:
         """Valid inputs for a graph capture: every token row reads and writes the dummy block
         only, every request row has one token of context in it and (hybrid models) the
-        dummy state slot, fresh. (A later ``prepare`` uploads whole rows from its staging
-        slot, so nothing it caches goes stale.)"""
+        dummy state slot, fresh. (A later ``prepare`` uploads every row it uses from its
+        staging slot, so nothing it caches goes stale.)"""
         dummy = self.dummy_block_id
         self.input_ids.zero_(); self.positions.zero_(); self.token_to_offset.zero_()
         self.token_to_block.fill_(dummy)
@@ -117,7 +109,7 @@ class StepBatch:
                 feed: TokenFeed | None = None, timer: PhaseTimer | None = None,
                 state_slots: list[int] | None = None, pad_requests: bool = True) -> PreparedStep:
         """Fill the static tensors for ``chunks``: host work into the next staging slot,
-        then one non-blocking copy per tensor, then ``feed`` applied on the device.
+        then one non-blocking copy and the unpack op(s), then ``feed`` applied on the device.
 
         With ``num_padded_tokens`` the token rows are padded to that count (padding rows
         read and write the dummy block). For decode graphs (one token per request) the
@@ -132,16 +124,14 @@ class StepBatch:
         host = slot.arrays
         num_reqs = len(chunks)
         padded_reqs = num_padded_tokens if num_padded_tokens is not None and pad_requests else num_reqs
-        if all(c.num_tokens == 1 for c in chunks):
-            n, starts, seq_lens = self._fill_single_tokens(host, chunks)
-        else:
-            n, starts, seq_lens = self._fill_chunks(host, chunks)
-        self._fill_block_tables(slot, chunks)
+        single = all(c.num_tokens == 1 for c in chunks)
+        self._check_size(num_reqs if single else sum(c.num_tokens for c in chunks), num_padded_tokens,
+                         max(num_reqs, padded_reqs))
+        n, starts, seq_lens = self._fill_single_tokens(host, chunks) if single else self._fill_chunks(host, chunks)
+        table_cols = self._fill_block_tables(slot, chunks)
         sampling = [c for c in chunks if c.samples]
         logits_rows = [starts[r + 1] - 1 for r, c in enumerate(chunks) if c.samples]
         padded = n if num_padded_tokens is None else num_padded_tokens
-        if padded < n:
-            raise ValueError(f"num_padded_tokens={padded} is less than the step's {n} tokens")
         for name, fill in (("input_ids", 0), ("positions", 0), ("token_to_block", self.dummy_block_id),
                            ("token_to_offset", 0)):
             host[name][n:padded] = fill
@@ -155,9 +145,8 @@ class StepBatch:
         initial = self._fill_states(host, chunks, state_slots, padded_reqs)
         if timer is not None:
             t = timer.lap("stage_prepare", "inputs", t)
-        self._upload(slot, {"block_tables": padded_reqs, "query_start_loc": padded_reqs + 1, "seq_lens": padded_reqs,
-                            "logits_indices": len(logits_rows), "feed_rows": num_fed, "feed_sources": num_fed,
-                            "state_slots": padded_reqs, "has_initial_state": padded_reqs}, padded)
+        # A request row is at most one word (query_start_loc's extra row fits in the int32 pairs).
+        self._upload(slot, self._layout.window(max(padded, 1), max(padded_reqs, num_reqs, 1), padded_reqs, table_cols))
         if num_fed:
             self.input_ids.index_copy_(0, self.feed_rows[:num_fed], feed.tokens.index_select(0, self.feed_sources[:num_fed]))
         if timer is not None:
@@ -167,7 +156,7 @@ class StepBatch:
             query_start_loc=self.query_start_loc[: padded_reqs + 1], seq_lens=self.seq_lens[:padded_reqs],
             query_start_loc_host=starts, seq_lens_host=seq_lens,
             max_query_len=max((c.num_tokens for c in chunks), default=0), max_seq_len=max(seq_lens, default=0),
-            decode_only=all(c.num_tokens == 1 for c in chunks))
+            decode_only=single)
         recurrent = None
         if initial is not None:
             recurrent = RecurrentMetadata(
@@ -243,15 +232,17 @@ class StepBatch:
         return k
 
     @staticmethod
-    def _fill_block_tables(slot: _StagingSlot, chunks: list[ScheduledChunk]) -> None:
+    def _fill_block_tables(slot: StagingSlot, chunks: list[ScheduledChunk]) -> int:
         """Row r gets request r's block ids. A row whose last writer in this slot was the
         very same ``block_ids`` list only receives the blocks appended since: the scheduler
         only ever appends to a request's list and replaces the list object when it
         re-admits, preempts or finishes the request (and ``row_owners`` keeps the old list
         alive, so identity is never reused). Columns past a row's blocks are never read
-        (kernels stop at seq_len), so they are not cleared."""
+        (kernels stop at seq_len), so they are not cleared. Returns the longest row's length:
+        the columns the step's table uses."""
         table = slot.arrays["block_tables"]
         owners = slot.row_owners
+        longest = 0
         for r, chunk in enumerate(chunks):
             blocks = chunk.request.block_ids
             owner = owners[r]
@@ -259,13 +250,23 @@ class StepBatch:
             if written < len(blocks):
                 table[r, written:len(blocks)] = blocks[written:]
             owners[r] = (blocks, len(blocks))
+            longest = max(longest, len(blocks))
+        return longest
 
-    def _upload(self, slot: _StagingSlot, rows: dict[str, int], num_tokens: int) -> None:
+    def _check_size(self, num_tokens: int, num_padded_tokens: int | None, num_request_rows: int) -> None:
+        padded = num_tokens if num_padded_tokens is None else num_padded_tokens
+        if padded < num_tokens:
+            raise ValueError(f"num_padded_tokens={padded} is less than the step's {num_tokens} tokens")
+        if padded > self.max_step_tokens or num_request_rows > self.max_requests:
+            raise ValueError(f"a step of {padded} token rows and {num_request_rows} request rows does not fit "
+                             f"max_step_tokens={self.max_step_tokens}, max_requests={self.max_requests}")
+
+    def _upload(self, slot: StagingSlot, window: UploadWindow) -> None:
+        """The one copy of ``window`` out of ``slot``, the event behind it, the unpack op(s)."""
+        slot.pack(window)
         cuda = self.device.type == "cuda"
-        for name, host in slot.tensors.items():
-            count = rows.get(name, num_tokens)
-            if count:
-                getattr(self, name)[:count].copy_(host[:count], non_blocking=cuda)
+        self._buffer[window.start: window.stop].copy_(slot.buffer[window.start: window.stop], non_blocking=cuda)
         if cuda:
             slot.uploaded = torch.cuda.Event()
             slot.uploaded.record()
+        self._layout.unpack(self._buffer, self._lanes, self.block_tables, window)

@@ -47,6 +47,7 @@ from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import SamplingParams
 from inference.workload import synthetic_prompts
 from routing_replay import step_kind
+from routing_replay.step_details import ENGINE_STAGES
 from tools import decode_profile as dp
 from tools.decode_profile import copy_bandwidth  # noqa: F401  (tools/bench_families.py imports it from here)
 from tools.decode_tables import format_tables
@@ -55,6 +56,8 @@ from tools.decode_timeline import decode_timeline
 MODELS = ("olmoe-1b-7b-shape", "qwen3-30b-a3b-shape")
 HYBRID_MODELS = ("qwen3.5-35b-a3b-shape", "nemotron-3-nano-30b-a3b-shape")   # tools/gpu_recurrent.sh
 PREFILL_STEP_TOKENS = 8192
+# --sampling: what the decode requests ask for (RL rollouts sample at temperature 1).
+SAMPLING = {"greedy": {}, "temperature": {"temperature": 1.0}, "top-p": {"temperature": 1.0, "top_p": 0.95}}
 NO_KV_WRITE = "no-kv-write"     # --compare-small-ops: the main run's mode with EngineConfig.fused_kv_write off
 
 
@@ -71,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="profile 16 real engine steps at these batches: GPU busy / idle per step, copies, "
                         "largest idle gaps (tools/decode_timeline.py)")
     p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--sampling", default="greedy", choices=list(SAMPLING), help="the decode requests' sampling")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--prefill-requests", type=int, default=16, help="prompts of --prefill-prompt-len, 4 per 8k step")
     p.add_argument("--prefill-prompt-len", type=int, default=2048)
@@ -152,11 +156,12 @@ def make_engine(model, args, max_batch: int, backend: str, small_ops: str | None
     return LLMEngine(model, engine_config(args, max_batch, backend, small_ops))
 
 
-def serve(engine: LLMEngine, prompts: list[list[int]], max_new_tokens: int, on_full_decode=None) -> dict:
+def serve(engine: LLMEngine, prompts: list[list[int]], max_new_tokens: int, on_full_decode=None,
+          sampling: str = "greedy") -> dict:
     """Serve ``prompts`` to completion; ``on_full_decode()`` runs once, after the third
     decode step at the full batch (its time is excluded from the wall time)."""
     first = len(engine.step_log.entries)
-    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, **SAMPLING[sampling])
     for p in prompts:
         engine.add_request(p, params)
     full_steps, hook_s, hook_result, results = 0, 0.0, None, []
@@ -190,7 +195,17 @@ def decode_stats(run: dict, batch: int, floor_ms: float) -> dict:
     return {"decode_steps": len(full), "step_ms": step_ms, "gpu_forward_ms": gpu_ms, "floor_ms": floor_ms,
             "ratio_to_floor": step_ms / floor_ms, "gpu_ratio_to_floor": gpu_ms / floor_ms if gpu_ms else None,
             "decode_tokens_per_s": batch / (step_ms / 1e3),
-            "generated_tokens_per_s_wall": run["generated"] / run["wall_s"]}
+            "generated_tokens_per_s_wall": run["generated"] / run["wall_s"], "host": host_stage_medians(full)}
+
+
+def host_stage_medians(entries: list[dict]) -> dict:
+    """Median host ms per engine stage and sub-stage of these steps, with the GPU's idle time
+    before each step and its whole step time (CUDA events). A step whose ``stage_complete_wait``
+    is near 0 found the GPU already done: the host, not the GPU, set its pace."""
+    keys = [f"{stage}_ms" for stage in ENGINE_STAGES] + [f"{stage}_{sub}_ms" for stage, subs in ENGINE_STAGES.items()
+                                                        for sub in subs]
+    keys += ["gpu_idle_before_ms", "gpu_step_ms"]
+    return {k: statistics.median(e[k] for e in entries) for k in keys if all(k in e for e in entries)}
 
 
 def profile_hook(engine: LLMEngine, config, batch: int, context: int, elem: int, bandwidth: float):
@@ -226,7 +241,7 @@ def decode_batches(engine, model, config, args, batches, bandwidth, profile: boo
         # component floors assume attention in every layer, so hybrids report the step only.
         profiled = profile and batch in args.profile_batches and not config.is_hybrid
         hook = profile_hook(engine, config, batch, context, elem, bandwidth) if profiled else None
-        run = serve(engine, prompts, args.output_len, hook)
+        run = serve(engine, prompts, args.output_len, hook, args.sampling)
         out[str(batch)] = {**decode_stats(run, batch, floor_ms), "moe_path": moe_path(model, batch, engine),
                            "bytes_per_step": dp.bytes_per_decode_step(config, model, batch, context, elem)}
         if run["hook"] is not None:
@@ -345,7 +360,7 @@ def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
               "moe_backend": args.moe_backend, "fused_small_ops": args.fused_small_ops,
               "fused_moe_small_batch_max_tokens": args.small_moe_max_tokens,
               "skinny_linear_max_tokens": args.skinny_linear_max_tokens,
-              "prompt_len": args.prompt_len, "output_len": args.output_len,
+              "prompt_len": args.prompt_len, "output_len": args.output_len, "sampling": args.sampling,
               "copy_bandwidth_gb_s": yard["bandwidth"] / 1e9, "matmul_tflops": yard["matmul"] / 1e12,
               "date": time.strftime("%Y-%m-%d"), "skipped": []}
     model = build_model(config, seed=0, dtype=torch_dtype(args.dtype), device="cuda")

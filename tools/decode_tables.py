@@ -11,6 +11,17 @@ from tools.decode_timeline import format_timeline
 TOP_KERNELS_SHOWN = 10       # of the breakdown's "top_kernels" (the JSON keeps 30)
 
 
+def format_host_stages(batch, host: dict) -> str:
+    """One line: a decode step's median host ms per stage, and the GPU's idle time before it."""
+    parts = [f"{name} {host[f'stage_{name}_ms']:.3f}" for name in ("schedule", "prepare", "launch", "complete")
+             if f"stage_{name}_ms" in host]
+    extra = [f"{label} {host[key]:.3f}" for label, key in (("of which wait", "stage_complete_wait_ms"),
+                                                          ("sample", "stage_launch_sample_ms"),
+                                                          ("GPU idle before", "gpu_idle_before_ms"),
+                                                          ("GPU step", "gpu_step_ms")) if key in host]
+    return f"host ms at batch {batch}: " + ", ".join(parts) + (f" ({', '.join(extra)})" if extra else "")
+
+
 def fmt(value, spec: str) -> str:
     width = "".join(itertools.takewhile(str.isdigit, spec))
     return "-".rjust(int(width or 0)) if value is None else format(value, spec)
@@ -59,6 +70,9 @@ def format_tables(r: dict) -> str:
         if need.get("state"):
             lines.append(f"floor bytes at batch {batch}: weights {need['weights'] / 2**30:.2f} GiB + KV "
                          f"{need['kv'] / 2**30:.2f} GiB + recurrent state read+written {need['state'] / 2**30:.2f} GiB")
+    for batch, b in r["batches"].items():
+        if b.get("host"):
+            lines.append(format_host_stages(batch, b["host"]))
     for batch, b in r["batches"].items():
         if b.get("breakdown"):
             lines += format_breakdown(batch, b["breakdown"])

@@ -11,6 +11,11 @@
 #   bash tools/gpu_next_session.sh decode  # tools/bench_decode.py, both shapes, batches 1 / 16 / 64 / 256 + 8k prefill
 #                                          # (further arguments go to bench_decode.py)
 #   bash tools/gpu_next_session.sh mha     # full paged-decode sweep (warps x stages too) of OLMoE's MHA shape at 64 / 256
+#   bash tools/gpu_next_session.sh sampling  # the batched sampler: its GPU test, tools/bench_sampler.py (vs the
+#                                            # per-request loop), then OLMoE decode greedy vs temperature vs top-p
+#   bash tools/gpu_next_session.sh upload    # the one-copy step upload: StepBatch + engine GPU tests, then
+#                                            # tools/bench_step_upload.py for an attention and a hybrid batch
+#   bash tools/gpu_next_session.sh groups    # tools/bench_rl_groups.py: 32 prompts x 8 samples, prefix cache on / off
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -27,7 +32,7 @@ tests)
            tests/inference/kernels/test_norm_rotary.py tests/gpu/test_fused_small_ops_cuda.py \
            tests/inference/kernels/test_fused_moe_small.py tests/inference/kernels/test_fused_moe.py \
            tests/inference/kernels/test_mla_decode.py tests/gpu/test_engine_cuda.py tests/gpu/test_families_cuda.py \
-           tests/gpu/test_hybrid_cuda.py; do
+           tests/gpu/test_hybrid_cuda.py tests/gpu/test_sampler_cuda.py tests/gpu/test_step_batch_cuda.py; do
     n=$(basename "$f" .py)
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
     echo "$n rc=$? $(tail -1 "$OUT/$n.log")"
@@ -80,5 +85,37 @@ mha)
     --time-budget 360 --output "$OUT/paged_decode_mha_tuning.json" > "$OUT/tune_mha.log" 2>&1
   echo "tune_paged_decode rc $?"; tail -6 "$OUT/tune_mha.log"
   ;;
-*) echo "usage: $0 tests|bench|tune|prefill|attn|decode|mha" >&2; exit 2 ;;
+sampling)
+  timeout 120 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/gpu/test_sampler_cuda.py \
+    > "$OUT/test_sampler_cuda.log" 2>&1; echo "test_sampler_cuda rc=$? $(tail -1 "$OUT/test_sampler_cuda.log")"
+  timeout 200 python3 tools/bench_sampler.py --device cuda --output "$OUT/sampler_h200.json" > "$OUT/sampler.log" 2>&1
+  echo "bench_sampler rc $?"
+  for s in greedy temperature top-p; do
+    timeout 80 python3 tools/bench_decode.py --sampling "$s" --models olmoe-1b-7b-shape --batches 1,64,256 \
+      --output-len 64 --prefill-requests 0 --profile-batches '' --no-hf --compare-backends '' --time-budget 60 \
+      --output "$OUT/decode_sampling_$s.json" > "$OUT/decode_sampling_$s.log" 2>&1
+    echo "== decode, sampling $s (rc $?)"; grep -A4 "batch   step ms" "$OUT/decode_sampling_$s.log" | head -6
+  done
+  tail -34 "$OUT/sampler.log"
+  ;;
+upload)
+  for f in tests/gpu/test_step_batch_cuda.py tests/gpu/test_engine_cuda.py tests/gpu/test_hybrid_cuda.py \
+           tests/gpu/test_engine_lifecycle_cuda.py; do
+    n=$(basename "$f" .py)
+    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
+    echo "$n rc=$? $(tail -1 "$OUT/$n.log")"
+  done
+  for kind in attention hybrid; do
+    flag=(); [ "$kind" = hybrid ] && flag=(--hybrid)
+    timeout 120 python3 tools/bench_step_upload.py --device cuda "${flag[@]}" --output "$OUT/step_upload_$kind.json" \
+      > "$OUT/bench_upload_$kind.log" 2>&1
+    echo "== bench_step_upload $kind (rc $?)"; tail -8 "$OUT/bench_upload_$kind.log"
+  done
+  ;;
+groups)
+  timeout 400 python3 tools/bench_rl_groups.py --model olmoe-1b-7b-shape --num-prompts 32 --group-size 8 \
+    --prompt-len 1024 --output-len 128 --repetitions 3 --output "$OUT/rl_groups_olmoe_1b_7b_shape_h200.json" \
+    > "$OUT/rl_groups.log" 2>&1; echo "bench_rl_groups rc $?"; tail -6 "$OUT/rl_groups.log"
+  ;;
+*) echo "usage: $0 tests|bench|tune|prefill|attn|decode|mha|sampling|upload|groups" >&2; exit 2 ;;
 esac

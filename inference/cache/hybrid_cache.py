@@ -162,6 +162,10 @@ class HybridSequenceCache(SequenceCache):
                 self.stats["snapshots"] += 1
         self.stats["store_evictions"] += len(self.store.take_evicted())
 
+    def commit_scheduled(self, request: Request, start: int, end: int) -> None:
+        """Nothing: a hit needs its recurrent-state checkpoint, which exists only once the
+        chunk's forward has run (``chunk_applied``), so blocks are hashed when they land."""
+
     def chunk_applied(self, chunk: ScheduledChunk, kept: bool) -> None:
         request, end = chunk.request, chunk.start + chunk.num_tokens
         entry = self._pending.pop((request, end), None)

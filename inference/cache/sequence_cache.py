@@ -15,6 +15,7 @@ Lifecycle calls, in the order the scheduler makes them:
     chunk_tokens                                  (how far one chunk of it may run)
     grow                                          (blocks for the next chunk; False: preempt)
     after_forward                                 (the runner, once a step's forward is enqueued)
+    commit_scheduled                              (a chunk is final in this step's schedule)
     commit_full_blocks -> chunk_applied           (a step's results landed)
     detach -> free                                (finish / abort / preempt; ``free`` only once no
                                                    in-flight step writes what was detached)
@@ -90,6 +91,22 @@ class SequenceCache:
     # ---- a step ------------------------------------------------------------------------
     def after_forward(self, chunks: list[ScheduledChunk]) -> None:
         """Called by the runner once a step's forward is enqueued (nothing to do here)."""
+
+    def commit_scheduled(self, request: Request, start: int, end: int) -> None:
+        """Hash, as soon as a chunk of positions ``[start, end)`` is final in the schedule, the
+        full blocks it completes whose tokens the host knows, so a request admitted after it
+        (in this very step too: an RL group's copies of one prompt) hits them instead of
+        computing the prompt again. Safe because the launched forward writes those blocks
+        before anything reads them: within a step every attention layer writes the whole
+        step's K/V before it attends, and later steps run after it on the same stream. Stops
+        at a block whose parent is not hashed yet (its last token was still on the device
+        when its chunk was scheduled; ``commit_full_blocks`` hashes it when that lands)."""
+        bs, pool = self.block_size, self.block_pool
+        for index in range(start // bs, min(end, request.num_tokens) // bs):
+            parent = request.block_ids[index - 1] if index > 0 else None
+            if parent is not None and pool.block_hash(parent) is None:
+                return
+            pool.commit_full_block(request.block_ids[index], parent, request.token_slice(index * bs, (index + 1) * bs))
 
     def commit_full_blocks(self, request: Request, old_computed: int, new_computed: int) -> None:
         """Hash the blocks a landed chunk filled, so later requests can hit them."""

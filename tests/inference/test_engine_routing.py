@@ -166,3 +166,43 @@ def test_suffix_output_for_multi_turn_callers(make_engine, tiny_model, reference
         np.testing.assert_array_equal(r.routing.astype(np.int64), full[start:])
     with pytest.raises(Exception, match="routing_start"):
         engine.add_request([5, 6, 7], routing_start=4)
+
+
+def _rl_groups(seed: int, num_prompts: int, group: int) -> list[list[int]]:
+    """``group`` copies of each of ``num_prompts`` prompts, grouped (how RL samples a prompt)."""
+    return [p for p in _prompts(num_prompts, seed=seed, low=9, high=23) for _ in range(group)]
+
+
+def test_copies_of_a_prompt_admitted_in_one_step_compute_it_once(make_engine, tiny_model, reference):
+    """An RL group: every copy after the first hits the blocks the first one's chunk computes
+    in the same step, so the step computes each prompt once plus each copy's last partial
+    block; tokens and routing still equal the full-sequence reference."""
+    prompts = _rl_groups(seed=20, num_prompts=2, group=4)
+    engine = make_engine(record_routing=True, block_size=4, max_step_tokens=256, max_requests=8)
+    results = _run(engine, prompts, max_new=6)
+    for prompt, r in zip(prompts, results):
+        assert r.output_token_ids == reference.greedy(tiny_model, prompt, 6, tiny_model.config.eos_token_id)
+    _assert_routing_matches(tiny_model, reference, results)
+    first = engine.step_log.entries[0]
+    assert first["prefill_requests"] == len(prompts), "every copy is admitted in the first step"
+    expected = sum(len(p) if i % 4 == 0 else len(p) - (len(p) - 1) // 4 * 4 for i, p in enumerate(prompts))
+    assert first["prefill_tokens"] == expected
+    assert [r.num_cached_tokens for r in results[1:4]] == [(len(prompts[0]) - 1) // 4 * 4] * 3
+
+
+def test_sampled_groups_with_same_step_hits_equal_a_run_without_prefix_caching(make_engine, tiny_model):
+    """Seeded sampling, log-probs and routing of groups served with same-step hits equal those
+    of an engine that computes every copy in full (prefix caching off)."""
+    prompts = _rl_groups(seed=21, num_prompts=3, group=3)
+    params = [SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=1.0, top_p=0.9, seed=i)
+              for i in range(len(prompts))]
+    shared = make_engine(record_routing=True, block_size=4, max_step_tokens=256, max_requests=9)
+    cold = make_engine(record_routing=True, block_size=4, max_step_tokens=256, max_requests=9,
+                       enable_prefix_caching=False)
+    warm, full = shared.generate(prompts, params), cold.generate(prompts, params)
+    assert sum(r.num_cached_tokens for r in warm) > 0
+    assert sum(e["prefill_tokens"] for e in shared.step_log.entries) < sum(len(p) for p in prompts)
+    for a, b in zip(warm, full):
+        assert a.output_token_ids == b.output_token_ids
+        assert np.allclose(a.output_logprobs, b.output_logprobs, atol=1e-5)
+        assert np.array_equal(a.routing, b.routing)

@@ -125,7 +125,9 @@ def test_a_preempted_request_with_a_chunk_in_flight_is_not_readmitted_before_it_
     sched.update(second, device.launch(second))
     sched.update(third_before_landing, {})
     third = sched.schedule()
-    assert [c.request for c in third.chunks] == [new] and third.chunks[0].start == 0
+    # Its prompt blocks were hashed when the first step was scheduled and hold that step's
+    # KV now that it landed: the re-admission hits them and computes the sampled token only.
+    assert [c.request for c in third.chunks] == [new] and (third.chunks[0].start, third.chunks[0].num_tokens) == (8, 1)
     assert new.num_pending_tokens == 1 and len(new.output_token_ids) == 1
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from inference.request import Request, SamplingParams
 from inference.scheduled_step import ScheduledChunk
 from inference.step_batch import StepBatch, TokenFeed
+from tests.inference import step_batch_cases as cases
 
 
 def _batch() -> StepBatch:
@@ -84,3 +86,138 @@ def test_pending_input_tokens_are_fed_from_the_previous_steps_device_tokens():
     assert step.token_to_block.tolist() == [2, 3, 3, 3] and step.token_to_offset.tolist() == [0, 0, 1, 2]
     with pytest.raises(RuntimeError, match="'d'.*pending input token"):
         batch.prepare(chunks, feed=TokenFeed(previous_tokens, {}))
+
+
+# --- the packed upload: fields, copies, staging lifetime -------------------------------------
+
+def _cases_batch(hybrid: bool, min_bytes_saved_per_op: int | None = None, device: str = "cpu") -> StepBatch:
+    extra = {} if min_bytes_saved_per_op is None else dict(min_bytes_saved_per_op=min_bytes_saved_per_op)
+    return StepBatch(max_step_tokens=cases.MAX_TOKENS, max_requests=cases.MAX_REQUESTS,
+                     max_blocks_per_request=cases.MAX_BLOCKS, block_size=cases.BLOCK, dummy_block_id=cases.DUMMY_BLOCK,
+                     device=torch.device(device), dummy_state_slot=cases.DUMMY_SLOT if hybrid else None, **extra)
+
+
+@pytest.mark.parametrize("hybrid", [False, True], ids=["attention", "hybrid"])
+@pytest.mark.parametrize("min_saved", [None, 0, 200], ids=["default", "always-split", "sometimes"])
+def test_random_steps_fill_every_field_as_the_chunks_say(hybrid, min_saved):
+    """Decode, padded decode, prefill, mixed and padded mixed steps, one after another on one
+    batch (its staging ring and block-table row caches live on): every field's used rows
+    equal a row-by-row computation from the chunks, and so do the step's views."""
+    batch = _cases_batch(hybrid, min_saved)
+    gen = cases.StepCases(seed=7 + hybrid, hybrid=hybrid, device=torch.device("cpu"))
+    kinds = set()
+    for _ in range(120):
+        case = gen.step()
+        step = batch.prepare(case.chunks, **case.kwargs)
+        assert cases.mismatches(case, cases.snapshot(batch)) == [], case.kind
+        want = case.expected
+        assert step.input_ids.tolist() == want["input_ids"] and step.positions.tolist() == want["positions"]
+        assert step.attn.slot_mapping.tolist() == want["slot_mapping"]
+        assert step.attn.query_start_loc.tolist() == want["query_start_loc"]
+        assert step.attn.seq_lens.tolist() == want["seq_lens"]
+        assert step.logits_indices.tolist() == want["logits_indices"]
+        assert len(step.attn.block_tables) == len(want["seq_lens"])
+        if hybrid:
+            assert step.recurrent.state_slots.tolist() == case.kwargs["state_slots"]
+        kinds.add(case.kind)
+    assert kinds == {"decode", "padded decode", "prefill", "mixed", "padded mixed"}
+
+
+def test_fields_keep_their_address_dtype_and_shape():
+    batch, gen = _cases_batch(True, 0), cases.StepCases(seed=3, hybrid=True, device=torch.device("cpu"))
+    t, r, b = cases.MAX_TOKENS, cases.MAX_REQUESTS, cases.MAX_BLOCKS
+    spec = {name: ((t,), torch.int64) for name in cases.FIELDS[:5]}
+    spec.update(query_start_loc=((r + 1,), torch.int32), seq_lens=((r,), torch.int32),
+                logits_indices=((r,), torch.int64), feed_rows=((r,), torch.int64), feed_sources=((r,), torch.int64),
+                state_slots=((r,), torch.int64), has_initial_state=((r,), torch.bool),
+                block_tables=((r, b), torch.int32))
+    before = {name: getattr(batch, name).data_ptr() for name in spec}
+    assert len(set(before.values())) == len(spec)
+    batch.point_at_dummy_block()
+    for _ in range(30):
+        case = gen.step()
+        batch.prepare(case.chunks, **case.kwargs)
+    for name, (shape, dtype) in spec.items():
+        tensor = getattr(batch, name)
+        assert (tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, tensor.is_contiguous()) == (
+            before[name], shape, dtype, True), name
+
+
+class _Copies(TorchDispatchMode):
+    """copy_ calls while active: (bytes, whether source and destination share a storage)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[tuple[int, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default:
+            dst, src = args[0], args[1]
+            same = dst.untyped_storage().data_ptr() == src.untyped_storage().data_ptr()
+            self.copies.append((src.numel() * src.element_size(), same))
+        return func(*args, **(kwargs or {}))
+
+
+def _decode_step(batch: StepBatch, num_requests: int, num_blocks: int, padded: int):
+    reqs = []
+    for i in range(num_requests):
+        req = Request(str(i), list(range(2, 2 + 4 * num_blocks - 2)), SamplingParams(), output_token_ids=[9])
+        req.block_ids = list(range(i * num_blocks, (i + 1) * num_blocks))
+        reqs.append(req)
+    copies = _Copies()
+    with copies:
+        batch.prepare([_decode(r) for r in reqs], num_padded_tokens=padded)
+    uploads = [n for n, same in copies.copies if not same]
+    return uploads, sum(same for _, same in copies.copies)
+
+
+def test_a_decode_step_is_one_copy_and_one_unpack_op():
+    """As the step_upload docstring says: one copy of 8 * k * P + 4 * P * max_blocks bytes
+    (k = 10 lanes, P padded rows), one op unpacking it; trimmed block tables (when that saves
+    enough) add one op and send only the used columns."""
+    batch = StepBatch(max_step_tokens=512, max_requests=64, max_blocks_per_request=300, block_size=4,
+                      dummy_block_id=9999, device=torch.device("cpu"))
+    for b, padded in ((1, 1), (3, 4), (16, 16)):
+        assert _decode_step(batch, b, 7, padded) == ([8 * 10 * padded + 4 * padded * 300], 1)
+    # 64 rows x 300 blocks: whole rows are 75 KiB, 4 KiB for the 16 columns used.
+    trimming = StepBatch(max_step_tokens=512, max_requests=64, max_blocks_per_request=300, block_size=4,
+                         dummy_block_id=9999, device=torch.device("cpu"), min_bytes_saved_per_op=64 << 10)
+    assert _decode_step(trimming, 64, 16, 64) == ([8 * 10 * 64 + 4 * 64 * 16], 2)
+    assert _decode_step(trimming, 4, 16, 4) == ([8 * 10 * 4 + 4 * 4 * 300], 1)
+
+
+class _PendingEvent:
+    """Stands for a copy still running: pending ``polls`` times; asserts the slot it guards
+    is unchanged each time it is asked."""
+
+    def __init__(self, slot, polls: int) -> None:
+        self.slot, self.polls, self.asked = slot, polls, 0
+        self.frozen = slot.buffer.clone()
+
+    def query(self) -> bool:
+        assert torch.equal(self.slot.buffer, self.frozen), "staging slot written while its upload was pending"
+        self.asked += 1
+        return self.asked > self.polls
+
+
+def test_a_staging_slot_is_not_written_before_its_upload_event_completed():
+    batch, gen = _cases_batch(False), cases.StepCases(seed=11, hybrid=False, device=torch.device("cpu"))
+    first = gen.step("decode")
+    batch.prepare(first.chunks, **first.kwargs)            # slot 0
+    event = batch._slots[0].uploaded = _PendingEvent(batch._slots[0], polls=3)
+    second = gen.step("prefill")
+    batch.prepare(second.chunks, **second.kwargs)          # slot 1: no wait
+    assert event.asked == 0
+    third = gen.step("decode")
+    batch.prepare(third.chunks, **third.kwargs)            # slot 0 again: waits for the event first
+    assert event.asked == 4 and batch._slots[0].uploaded is None
+    assert cases.mismatches(third, cases.snapshot(batch)) == []
+
+
+def test_steps_that_do_not_fit_are_refused():
+    batch, gen = _cases_batch(False), cases.StepCases(seed=5, hybrid=False, device=torch.device("cpu"))
+    case = gen.step("decode")
+    with pytest.raises(ValueError, match="less than"):
+        batch.prepare(case.chunks, num_padded_tokens=len(case.chunks) - 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        batch.prepare(case.chunks, num_padded_tokens=cases.MAX_REQUESTS + 1)

@@ -16,6 +16,7 @@ from inference.presets import build_model, get_preset
 from inference.request import SamplingParams
 from tools import bench_decode
 from tools import decode_profile as dp
+from tools.decode_tables import format_host_stages
 from tools.profile_attribution import KernelRecord, LabelRange, Launch, attribute_kernels, short_kernel_name
 
 
@@ -310,3 +311,19 @@ def test_prefill_breakdown_table_lists_components_by_time():
     assert "_gate_up_kernel" in lines[4] and "40.000 ms" in lines[4]   # scaled to an 8192-token step
     assert format_prefill_breakdown(None) == []
     assert "failed" in format_prefill_breakdown({"error": "boom"})[0]
+
+
+def test_host_stage_medians_of_real_decode_steps_and_their_line():
+    """CPU engine steps carry every stage and the sub-stages the line quotes; the table line
+    names them."""
+    model = build_model(get_preset("tiny-moe"), seed=0)
+    engine = LLMEngine(model, EngineConfig(num_kv_blocks=64, max_requests=4, max_step_tokens=64))
+    engine.generate([[5, 6, 7, 8, 9], [3, 4, 5]], SamplingParams(max_new_tokens=6, ignore_eos=True, temperature=1.0))
+    decode = [e for e in engine.step_log.entries if e["prefill_requests"] == 0]
+    host = bench_decode.host_stage_medians(decode)
+    for stage in ("schedule", "prepare", "launch", "complete"):
+        assert host[f"stage_{stage}_ms"] > 0
+    assert {"stage_complete_wait_ms", "stage_launch_sample_ms"} <= set(host)
+    assert "gpu_idle_before_ms" not in host          # CPU steps have no CUDA events
+    line = format_host_stages(4, host)
+    assert line.startswith("host ms at batch 4: schedule ") and "of which wait" in line
