@@ -37,9 +37,11 @@ class SamplingParams:
 
     max_new_tokens: int = 16
     temperature: float = 0.0  # 0 (anything below GREEDY_TEMPERATURE) = greedy
+    # Tokens tied at a cut are kept whole: top-k keeps every token at least as likely as the
+    # k-th, top-p every token whose strictly more likely tokens hold at most top_p of the mass.
     top_k: int = 0  # 0 = disabled
     top_p: float = 1.0  # 1 = disabled
-    seed: int | None = None  # per-request generator seed
+    seed: int | None = None  # draws are a function of (seed, position): inference.sampling.draws
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     # Log-probs. Every generated token's log-prob is always returned; ``logprobs`` adds the

@@ -27,12 +27,15 @@ def _boundary_tie(vocab: int = 64) -> torch.Tensor:
     return logits
 
 
-@pytest.mark.parametrize("target", [dict(top_k=2), dict(top_k=5, top_p=0.5)], ids=["top-k", "top-k-top-p"])
+@pytest.mark.parametrize("target", [dict(top_k=2), dict(top_k=5, top_p=0.5), dict(top_k=3, top_p=0.5)],
+                         ids=["top-k", "top-k-top-p", "top-p-with-ties-past-the-candidates"])
 def test_a_tie_at_the_cut_keeps_the_same_tokens_in_any_batch(target):
-    """top-k 2 cuts inside the tie; top-k 5 then top-p 0.5 too (the top token holds 0.41 of
-    the mass, so the tie group is reached and, kept whole, is the same set in any order).
-    Alone the row takes the topk branch with 2 (or 5) candidates; a top-k 8 neighbour makes
-    it 8; a top-p neighbour forces the full sort. The draws must agree and cover the tie."""
+    """top-k 2 cuts inside the tie; so does top-p 0.5 after top-k 5 (the top token holds
+    0.41 of the mass, so the tie group is reached and, kept whole, is the same set in any
+    order); after top-k 3 two tied tokens lie past the 3 candidates of the row's own topk
+    and still count in the mass top-p cuts. Alone the row takes the topk branch with its own
+    top-k as the candidate count; a top-k 8 neighbour makes it 8; a top-p neighbour forces
+    the full sort. The draws must agree and cover the tie."""
     logits = _boundary_tie()
     req = _req("t", temperature=1.0, seed=3, **target)
     neighbours = [None, _req("k", temperature=1.0, top_k=8, seed=1), _req("p", temperature=1.0, top_p=0.9, seed=2)]
