@@ -185,8 +185,8 @@ class RequestResult:
     Invariant: `error` is set exactly when `finish_reason == "error"`; `routing`, once the
     engine fills it in, has `len(prompt_token_ids) + len(output_token_ids) - 1 - routing_start`
     rows (row j is the routing of token `routing_start + j`); `output_logprobs` has one
-    float32 value per output token (`output_top_logprobs` one list of (token, log-prob)
-    pairs per output token when top-N was asked); `prompt_logprobs`, when asked, has one
+    float32 value per output token (`output_top_logprobs` one list of at most N (token,
+    log-prob) pairs per output token when top-N was asked, finite, most likely first); `prompt_logprobs`, when asked, has one
     entry per prompt token, `None` for the first; `weight_version` names the weights that
     produced the tokens.
     """
