@@ -33,7 +33,7 @@ tests)
            tests/inference/kernels/test_norm_rotary.py tests/gpu/test_fused_small_ops_cuda.py \
            tests/inference/kernels/test_fused_moe_small.py tests/inference/kernels/test_fused_moe.py \
            tests/inference/kernels/test_mla_decode.py tests/gpu/test_engine_cuda.py tests/gpu/test_families_cuda.py \
-           tests/gpu/test_sampler_cuda.py tests/gpu/test_step_batch_cuda.py; do
+           tests/gpu/test_sampler_cuda.py tests/inference/sampling/test_sampler_ties.py tests/gpu/test_step_batch_cuda.py; do
     n=$(basename "$f" .py)
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
     echo "$n rc=$? $(tail -1 "$OUT/$n.log")"

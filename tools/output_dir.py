@@ -22,7 +22,7 @@ import orjson
 
 from inference.config import DTYPES, EngineConfig, ModelConfig
 from inference.request import GREEDY_TEMPERATURE
-from inference.sampling import DRAWS_VERSION
+from inference.sampling import SAMPLER_VERSION
 from inference.workload import PromptSpec
 from routing_replay import RoutingMeta
 from routing_replay.outputs import META_FILE, RESULTS_FILE, ROUTING_FILE, load_results, save_routing_meta
@@ -82,7 +82,7 @@ def run_fingerprint(args, model_config: ModelConfig, engine_config: EngineConfig
                 "ignore_eos": args.ignore_eos, "logprobs": args.logprobs,
                 "prompt_logprobs": args.prompt_logprobs, "logprobs_mode": args.logprobs_mode}
     if args.temperature >= GREEDY_TEMPERATURE:   # greedy tokens do not depend on the draws
-        sampling["draws"] = DRAWS_VERSION
+        sampling["sampler"] = SAMPLER_VERSION
     return {
         "model": model_config.to_dict(),
         "dtype": DTYPES[engine_config.dtype],

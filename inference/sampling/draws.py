@@ -17,11 +17,6 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 UNIFORM_BITS = 24    # float32 carries the draw exactly: 2**-24 resolution, as torch's own float uniforms
-# Names this algorithm in a sampled run's fingerprint: a change of it changes sampled tokens,
-# so --resume must not mix requests drawn by two versions in one directory.
-# v2: top-k / top-p keep tokens tied at the cut whole (``sampler._filtered``), which changes
-# the tokens drawn where logits tie at a cut.
-DRAWS_VERSION = "splitmix64-seed-position-v2"
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

@@ -26,6 +26,10 @@ MODE_CODES = {name: float(code) for code, name in enumerate(LOGPROBS_MODES)}
 _RAW = MODE_CODES["raw"]
 _PROCESSED = MODE_CODES["processed"]
 _TEMPERED = MODE_CODES["tempered"]
+# Names the sampling algorithm (filters, draws, inverse CDF) in a sampled run's fingerprint:
+# any change that can change a sampled token gets a new name, so --resume never mixes the
+# tokens of two versions in one directory.
+SAMPLER_VERSION = "batched-inverse-cdf-splitmix64-v1"
 # Candidate sets of at most V / _TOPK_FRACTION tokens come from topk, larger ones from a full sort.
 _TOPK_FRACTION = 8
 # Columns of the per-row table (float32; top-k and flags are small integers, exact in float32).

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from routing_replay import load_results, load_routing
-from inference.sampling import DRAWS_VERSION
+from inference.sampling import SAMPLER_VERSION
 from routing_replay.run_dir_schema import validate_run_dir
 from routing_replay.run_layout import read_manifest, write_manifest
 
@@ -106,13 +106,13 @@ def test_resume_refuses_a_sampled_run_drawn_by_another_sampler_version(cli, tmp_
     out = tmp_path / "sampled"
     assert cli.run(sampled + ["--output-dir", out]).status == 0
     manifest = read_manifest(out)
-    assert manifest["fingerprint"]["sampling"]["draws"] == DRAWS_VERSION
-    del manifest["fingerprint"]["sampling"]["draws"]
+    assert manifest["fingerprint"]["sampling"]["sampler"] == SAMPLER_VERSION
+    del manifest["fingerprint"]["sampling"]["sampler"]
     write_manifest(out, manifest)
-    usage_error(cli.run(sampled + ["--output-dir", out, "--resume"]), f"sampling.draws: None -> {DRAWS_VERSION!r}")
+    usage_error(cli.run(sampled + ["--output-dir", out, "--resume"]), f"sampling.sampler: None -> {SAMPLER_VERSION!r}")
     greedy = tmp_path / "greedy"
     assert cli.run(SMALL + ["--output-dir", greedy]).status == 0
-    assert "draws" not in read_manifest(greedy)["fingerprint"]["sampling"]
+    assert "sampler" not in read_manifest(greedy)["fingerprint"]["sampling"]
 
 
 def test_resume_of_a_directory_without_manifest(cli, tmp_path):
