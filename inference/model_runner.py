@@ -27,6 +27,8 @@ from inference.scheduled_step import SchedulerOutput
 from inference.step_batch import PreparedStep, StepBatch, TokenFeed
 from routing_replay.phase_timer import PhaseTimer
 
+_NEG_INF = float("-inf")
+
 
 @dataclass
 class GpuSpan:
@@ -97,7 +99,10 @@ class LaunchedStep:
                 request.output_logprobs.append(logprobs[i])
                 n = request.sampling_params.logprobs
                 if n:
-                    request.output_top_logprobs.append(list(zip(top[0][i][:n], top[1][i][:n])))
+                    # Most likely first: -inf entries (tokens top-k / top-p removed, in
+                    # arbitrary order) end the list; the distribution has no more tokens.
+                    request.output_top_logprobs.append([(t, v) for t, v in zip(top[0][i][:n], top[1][i][:n])
+                                                        if v != _NEG_INF])
         if "prompt_logprobs" in self.host:
             for (request, position), value in zip(self.prompt_plan.owners, self.host["prompt_logprobs"].tolist()):
                 if not request.is_finished:

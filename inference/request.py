@@ -37,9 +37,11 @@ class SamplingParams:
 
     max_new_tokens: int = 16
     temperature: float = 0.0  # 0 (anything below GREEDY_TEMPERATURE) = greedy
+    # Tokens tied at a cut are kept whole: top-k keeps every token at least as likely as the
+    # k-th, top-p every token whose strictly more likely tokens hold at most top_p of the mass.
     top_k: int = 0  # 0 = disabled
     top_p: float = 1.0  # 1 = disabled
-    seed: int | None = None  # per-request generator seed
+    seed: int | None = None  # draws are a function of (seed, position): inference.sampling.draws
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     # Log-probs. Every generated token's log-prob is always returned; ``logprobs`` adds the
@@ -183,8 +185,8 @@ class RequestResult:
     Invariant: `error` is set exactly when `finish_reason == "error"`; `routing`, once the
     engine fills it in, has `len(prompt_token_ids) + len(output_token_ids) - 1 - routing_start`
     rows (row j is the routing of token `routing_start + j`); `output_logprobs` has one
-    float32 value per output token (`output_top_logprobs` one list of (token, log-prob)
-    pairs per output token when top-N was asked); `prompt_logprobs`, when asked, has one
+    float32 value per output token (`output_top_logprobs` one list of at most N (token,
+    log-prob) pairs per output token when top-N was asked, finite, most likely first); `prompt_logprobs`, when asked, has one
     entry per prompt token, `None` for the first; `weight_version` names the weights that
     produced the tokens.
     """

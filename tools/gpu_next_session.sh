@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The first device calls of the next session: validate the three GPU branches merged here
-# (per-row-split tuning knobs + tools/tune_paged_decode.py, the fused K/V write in the norm +
-# rotary kernel, the small-batch fused MoE path), then measure them. None of them has run on
-# a GPU yet. Each stage fits one device call (under 9 minutes); files under $OUT.
+# Staged device calls for issue 14: first validate what has not run on a GPU yet (the tests
+# stage runs every GPU test file of the CUDA path, the batched sampler's and the one-copy
+# step upload's included), then measure. Each stage fits one device call (under 9 minutes);
+# files under $OUT.
 #   bash tools/gpu_next_session.sh tests   # GPU tests, one pytest process per file (a crash poisons only its own)
+#   bash tools/gpu_next_session.sh hybrid  # the hybrid-model GPU tests alone (they need over two minutes)
 #   bash tools/gpu_next_session.sh bench   # decode batch 1 / 16: small MoE path off vs on, K/V write off vs on
 #   bash tools/gpu_next_session.sh tune    # tools/tune_paged_decode.py --quick, then the small-MoE crossover
 #   bash tools/gpu_next_session.sh prefill # Qwen3-30B-A3B 8k prefill step by component, vs each matmul's FLOP floor
@@ -13,7 +14,7 @@
 #   bash tools/gpu_next_session.sh mha     # full paged-decode sweep (warps x stages too) of OLMoE's MHA shape at 64 / 256
 #   bash tools/gpu_next_session.sh sampling  # the batched sampler: its GPU test, tools/bench_sampler.py (vs the
 #                                            # per-request loop), then OLMoE decode greedy vs temperature vs top-p
-#   bash tools/gpu_next_session.sh upload    # the one-copy step upload: StepBatch + engine GPU tests, then
+#   bash tools/gpu_next_session.sh upload    # the one-copy step upload: StepBatch + lifecycle GPU tests, then
 #                                            # tools/bench_step_upload.py for an attention and a hybrid batch
 #   bash tools/gpu_next_session.sh groups    # tools/bench_rl_groups.py: 32 prompts x 8 samples, prefix cache on / off
 set -uo pipefail
@@ -32,7 +33,7 @@ tests)
            tests/inference/kernels/test_norm_rotary.py tests/gpu/test_fused_small_ops_cuda.py \
            tests/inference/kernels/test_fused_moe_small.py tests/inference/kernels/test_fused_moe.py \
            tests/inference/kernels/test_mla_decode.py tests/gpu/test_engine_cuda.py tests/gpu/test_families_cuda.py \
-           tests/gpu/test_hybrid_cuda.py tests/gpu/test_sampler_cuda.py tests/gpu/test_step_batch_cuda.py; do
+           tests/gpu/test_sampler_cuda.py tests/inference/sampling/test_sampler_ties.py tests/gpu/test_step_batch_cuda.py; do
     n=$(basename "$f" .py)
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
     echo "$n rc=$? $(tail -1 "$OUT/$n.log")"
@@ -98,9 +99,12 @@ sampling)
   done
   tail -34 "$OUT/sampler.log"
   ;;
+hybrid)
+  timeout 420 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/gpu/test_hybrid_cuda.py \
+    > "$OUT/test_hybrid_cuda.log" 2>&1; echo "test_hybrid_cuda rc=$? $(tail -1 "$OUT/test_hybrid_cuda.log")"
+  ;;
 upload)
-  for f in tests/gpu/test_step_batch_cuda.py tests/gpu/test_engine_cuda.py tests/gpu/test_hybrid_cuda.py \
-           tests/gpu/test_engine_lifecycle_cuda.py; do
+  for f in tests/gpu/test_step_batch_cuda.py tests/gpu/test_engine_lifecycle_cuda.py; do
     n=$(basename "$f" .py)
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
     echo "$n rc=$? $(tail -1 "$OUT/$n.log")"
@@ -117,5 +121,5 @@ groups)
     --prompt-len 1024 --output-len 128 --repetitions 3 --output "$OUT/rl_groups_olmoe_1b_7b_shape_h200.json" \
     > "$OUT/rl_groups.log" 2>&1; echo "bench_rl_groups rc $?"; tail -6 "$OUT/rl_groups.log"
   ;;
-*) echo "usage: $0 tests|bench|tune|prefill|attn|decode|mha|sampling|upload|groups" >&2; exit 2 ;;
+*) echo "usage: $0 tests|hybrid|bench|tune|prefill|attn|decode|mha|sampling|upload|groups" >&2; exit 2 ;;
 esac

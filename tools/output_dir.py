@@ -21,6 +21,8 @@ from typing import Sequence
 import orjson
 
 from inference.config import DTYPES, EngineConfig, ModelConfig
+from inference.request import GREEDY_TEMPERATURE
+from inference.sampling import SAMPLER_VERSION
 from inference.workload import PromptSpec
 from routing_replay import RoutingMeta
 from routing_replay.outputs import META_FILE, RESULTS_FILE, ROUTING_FILE, load_results, save_routing_meta
@@ -76,14 +78,17 @@ def run_fingerprint(args, model_config: ModelConfig, engine_config: EngineConfig
     workload = hashlib.sha256()
     for spec, limit in zip(specs, limits):
         workload.update(orjson.dumps([spec.request_id, spec.prompt_token_ids, limit, spec.routing_start]))
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "ignore_eos": args.ignore_eos, "logprobs": args.logprobs,
+                "prompt_logprobs": args.prompt_logprobs, "logprobs_mode": args.logprobs_mode}
+    if args.temperature >= GREEDY_TEMPERATURE:   # greedy tokens do not depend on the draws
+        sampling["sampler"] = SAMPLER_VERSION
     return {
         "model": model_config.to_dict(),
         "dtype": DTYPES[engine_config.dtype],
         "device_type": engine_config.device.split(":")[0],
         "seed": args.seed,
-        "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                     "ignore_eos": args.ignore_eos, "logprobs": args.logprobs,
-                     "prompt_logprobs": args.prompt_logprobs, "logprobs_mode": args.logprobs_mode},
+        "sampling": sampling,
         "record_routing": engine_config.record_routing,
         "block_size": engine_config.block_size,
         "num_requests": len(specs),

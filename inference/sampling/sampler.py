@@ -2,7 +2,8 @@
 
 Greedy, temperature, top-k and top-p rows share one batched pass over the logits: each row
 is scaled by its temperature, filtered (top-k, then top-p over the renormalised top-k
-distribution), and sampled by inverse CDF with its counter-based uniform
+distribution; tokens tied at a cut are kept, so the kept set never depends on tie order),
+and sampled by inverse CDF with its counter-based uniform
 (``inference.sampling.draws``). The per-row parameters travel in one small table (one
 host-to-device copy); which branches run (any sampled row, any filter, candidate count,
 log-prob modes, top-N) is decided on the host from the requests, so nothing waits for the
@@ -25,6 +26,10 @@ MODE_CODES = {name: float(code) for code, name in enumerate(LOGPROBS_MODES)}
 _RAW = MODE_CODES["raw"]
 _PROCESSED = MODE_CODES["processed"]
 _TEMPERED = MODE_CODES["tempered"]
+# Names the sampling algorithm (filters, draws, inverse CDF) in a sampled run's fingerprint:
+# any change that can change a sampled token gets a new name, so --resume never mixes the
+# tokens of two versions in one directory.
+SAMPLER_VERSION = "batched-inverse-cdf-splitmix64-v1"
 # Candidate sets of at most V / _TOPK_FRACTION tokens come from topk, larger ones from a full sort.
 _TOPK_FRACTION = 8
 # Columns of the per-row table (float32; top-k and flags are small integers, exact in float32).
@@ -170,21 +175,36 @@ def _draw(logits: torch.Tensor, table: torch.Tensor, plan: SamplingPlan) -> _Dra
 
 def _filtered(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
               plan: SamplingPlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``scaled`` with -inf outside each row's top-k (exactly k, ties by rank) and then outside
-    the smallest prefix of the renormalised top-k distribution that reaches top-p, each
-    row's max of ``scaled``)."""
-    c = plan.num_candidates
-    if c < scaled.shape[-1]:
-        values, order = scaled.topk(c, dim=-1)
-    else:
-        values, order = scaled.sort(dim=-1, descending=True)
+    """(``scaled`` with -inf below each row's threshold, each row's max of ``scaled``). The
+    threshold is the row's k-th largest scaled logit (top-k keeps every token at least that
+    large), raised by top-p to the smallest logit whose strictly larger logits hold at most
+    top-p of the renormalised top-k mass. Both cuts keep tied tokens whole and depend only on
+    the sorted *values*, never on which tied tokens the topk / sort ranked first, so a row's
+    kept set is the same on either branch and for any candidate count (bf16 logits tie)."""
+    c, vocab = plan.num_candidates, scaled.shape[-1]
+    values = scaled.topk(c, dim=-1).values if c < vocab else scaled.sort(dim=-1, descending=True).values
     row_max = values[:, :1]
+    threshold = kth = None
     if plan.masks_rank:
-        values = values.masked_fill(torch.arange(c, device=scaled.device) >= top_k[:, None], float("-inf"))
+        kth = top_k.long()[:, None] - 1
+        threshold = values.gather(1, kth)
+    elif c < vocab:      # every row keeps its c candidates: the last one is the k-th
+        threshold = values[:, -1:]
     if plan.top_p:
-        probs = torch.softmax(values, dim=-1)
-        values = values.masked_fill(probs.cumsum(dim=-1) - probs > top_p[:, None], float("-inf"))
-    return torch.full_like(scaled, float("-inf")).scatter_(1, order, values), row_max
+        kept = values if threshold is None else values.masked_fill(values < threshold, float("-inf"))
+        probs = torch.softmax(kept, dim=-1)          # the renormalised top-k distribution of the candidates
+        limit = top_p[:, None]
+        if c < vocab:
+            # Tokens tied with the k-th value past the c candidates are kept too: the true
+            # normaliser is larger by their mass, each the k-th candidate's.
+            past = (scaled >= threshold).sum(dim=-1, keepdim=True) - (values >= threshold).sum(dim=-1, keepdim=True)
+            limit = limit * (1 + past * (probs[:, -1:] if kth is None else probs.gather(1, kth)))
+        # Candidates whose predecessors hold at most top-p of the mass form a prefix; its last
+        # value is the cut (a tie group's first member has exactly its strictly larger mass before it).
+        before = probs.cumsum(dim=-1) - probs
+        cut = values.masked_fill(before > limit, float("inf")).amin(dim=-1, keepdim=True)
+        threshold = cut if threshold is None else torch.maximum(threshold, cut)
+    return scaled.masked_fill(scaled < threshold, float("-inf")), row_max
 
 
 def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

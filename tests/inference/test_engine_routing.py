@@ -206,3 +206,27 @@ def test_sampled_groups_with_same_step_hits_equal_a_run_without_prefix_caching(m
         assert a.output_token_ids == b.output_token_ids
         assert np.allclose(a.output_logprobs, b.output_logprobs, atol=1e-5)
         assert np.array_equal(a.routing, b.routing)
+
+
+def test_a_group_outlives_its_producer_aborted_with_the_shared_chunk_in_flight(make_engine, tiny_model, reference):
+    """The copy that computes a group's prompt is aborted right after the step that
+    computes it was launched (async: still in flight) and again after a chunked step: the
+    other copies, which hit its blocks in that step, and a copy admitted later (hitting the
+    blocks the aborted copy left cached) still get the reference tokens and routing."""
+    prompt = _prompts(1, seed=22, low=14, high=15)[0]
+    for budget in (64, 6):
+        engine = make_engine(record_routing=True, block_size=4, max_step_tokens=budget, max_requests=4)
+        ids = [engine.add_request(prompt, SamplingParams(max_new_tokens=5)) for _ in range(3)]
+        done = {r.request_id: r for r in engine.step()}
+        assert engine.abort(ids[0])
+        late = None
+        while engine.has_unfinished() or late is None:
+            done.update((r.request_id, r) for r in engine.step())
+            if late is None and len(done) + 1 == len(ids):
+                late = engine.add_request(prompt, SamplingParams(max_new_tokens=5))
+        results = [done[i] for i in ids[1:] + [late]]
+        assert ids[0] not in done and all(r.num_cached_tokens > 0 for r in results)
+        expected = reference.greedy(tiny_model, prompt, 5, tiny_model.config.eos_token_id)
+        assert all(r.output_token_ids == expected for r in results)
+        _assert_routing_matches(tiny_model, reference, results)
+        assert engine.block_pool.num_available == engine.config.num_kv_blocks

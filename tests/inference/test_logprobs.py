@@ -67,10 +67,11 @@ def _check_outputs(model, results, params_list):
             assert abs(value - dist[token]) < TOL, (r.request_id, j, value, dist[token])
             if params.logprobs:
                 top = r.output_top_logprobs[j]
-                assert len(top) == params.logprobs
+                # the N most likely tokens, fewer when the distribution has fewer (top-k < N, top-p)
+                assert len(top) == min(params.logprobs, int(np.isfinite(dist).sum()))
                 ids = [t for t, _ in top]
                 assert np.allclose([v for _, v in top], dist[ids], atol=TOL)
-                assert np.allclose(sorted(dist, reverse=True)[: params.logprobs], [v for _, v in top], atol=TOL)
+                assert np.allclose(sorted(dist, reverse=True)[: len(top)], [v for _, v in top], atol=TOL)
             checked += 1
     assert checked > 0
 
@@ -117,6 +118,24 @@ def test_a_stopped_request_has_no_log_prob_for_its_discarded_extra_token(make_en
     results = engine.generate(prompts, stops)
     assert all(r.finish_reason == "stop" and len(r.output_token_ids) <= 3 for r in results)
     _check_outputs(tiny_model, results, stops)
+
+
+def test_top_n_beyond_the_kept_tokens_lists_only_tokens_the_distribution_has(make_engine, tiny_model):
+    """Processed mode with N above what top-k / top-p keep: the alternatives are the kept
+    tokens only (no -inf entries with arbitrary ids), and the results line is valid."""
+    import orjson
+    from inference.run_outputs import result_record
+    from routing_replay.schema import validate_results_line
+    params = [SamplingParams(max_new_tokens=5, temperature=1.0, top_k=2, logprobs=5, seed=1),
+              SamplingParams(max_new_tokens=5, temperature=1.0, top_p=0.05, logprobs=20, seed=2),
+              SamplingParams(max_new_tokens=5, temperature=0.7, top_k=3, logprobs=4, logprobs_mode="tempered", seed=3)]
+    results = make_engine().generate(_prompts(3, seed=5), params)
+    _check_outputs(tiny_model, results, params)
+    assert all(len(step) == 2 for step in results[0].output_top_logprobs)
+    assert all(len(step) < 20 for step in results[1].output_top_logprobs)
+    assert all(len(step) == 4 for step in results[2].output_top_logprobs), "tempered keeps every token"
+    for r in results:
+        assert validate_results_line(orjson.loads(orjson.dumps(result_record(r)))) == []
 
 
 def test_logprobs_can_be_turned_off(make_engine):

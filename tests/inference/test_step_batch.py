@@ -221,3 +221,40 @@ def test_steps_that_do_not_fit_are_refused():
         batch.prepare(case.chunks, num_padded_tokens=len(case.chunks) - 1)
     with pytest.raises(ValueError, match="does not fit"):
         batch.prepare(case.chunks, num_padded_tokens=cases.MAX_REQUESTS + 1)
+
+
+@pytest.mark.parametrize("preset", ["tiny-moe", "tiny-hybrid-gdn"])
+def test_no_step_reads_a_row_it_did_not_fill(make_engine, reference, monkeypatch, preset):
+    """Before every step each staging lane is poisoned (0x7f bytes: ids and lengths far out
+    of range, flags set), and so are block-table columns past the blocks the slot's row
+    cache keeps. The packed upload carries whole lane prefixes, so the rows a step leaves
+    unfilled (past a decode's rows after a long prefill, logits / feed rows past the used
+    ones, padding table rows) reach the device poisoned: any kernel or gather reading one
+    would index out of range or change tokens / routing. Padded decode and prefill paths."""
+    import numpy as np
+    from inference.presets import build_model, get_preset
+    from inference.step_upload import StagingSlot
+
+    fill = StagingSlot.wait_until_free
+    poisoned = []
+
+    def poison_then_fill(slot):
+        fill(slot)
+        slot._lanes.view(np.uint8)[...] = 0x7F
+        table = slot.arrays["block_tables"]
+        for r, owner in enumerate(slot.row_owners):
+            table[r, 0 if owner is None else owner[1]:] = 0x7F7F7F7F
+        poisoned.append(slot)
+
+    monkeypatch.setattr(StagingSlot, "wait_until_free", poison_then_fill)
+    model = build_model(get_preset(preset), seed=0)
+    rng = np.random.default_rng(40)
+    prompts = [rng.integers(2, 512, size=int(n)).tolist() for n in (37, 3, 20, 9, 2, 28)]
+    engine = make_engine(model=model, record_routing=True, max_requests=6, max_step_tokens=48, padded_decode=True,
+                         padded_prefill=preset == "tiny-moe")
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    assert len(poisoned) == len(engine.step_log.entries) > 6
+    for r in results:
+        assert r.output_token_ids == reference.greedy(model, r.prompt_token_ids, 6, None, True)
+        expected = reference.routing(model, r.prompt_token_ids, r.output_token_ids).numpy()
+        np.testing.assert_array_equal(r.routing.astype(np.int64), expected)

@@ -8,7 +8,9 @@ import orjson
 import pytest
 
 from routing_replay import load_results, load_routing
+from inference.sampling import SAMPLER_VERSION
 from routing_replay.run_dir_schema import validate_run_dir
+from routing_replay.run_layout import read_manifest, write_manifest
 
 SMALL = ["--num-requests", "4", "--prompt-len", "8", "--output-len", "4"]
 
@@ -95,6 +97,22 @@ def test_resume_refuses_a_different_configuration(cli, tmp_path):
     usage_error(cli.run(SMALL + ["--temperature", "0.5", "--output-dir", out, "--resume"]),
                 "sampling.temperature: 0.0 -> 0.5")
     usage_error(cli.run(SMALL + ["--output-len", "5", "--output-dir", out, "--resume"]), "workload")
+
+
+def test_resume_refuses_a_sampled_run_drawn_by_another_sampler_version(cli, tmp_path):
+    """Sampled tokens depend on the draw algorithm: a run whose fingerprint names another one
+    (or none: written before draws were versioned) is refused, a greedy run is not asked."""
+    sampled = SMALL + ["--temperature", "0.8", "--seed", "3"]
+    out = tmp_path / "sampled"
+    assert cli.run(sampled + ["--output-dir", out]).status == 0
+    manifest = read_manifest(out)
+    assert manifest["fingerprint"]["sampling"]["sampler"] == SAMPLER_VERSION
+    del manifest["fingerprint"]["sampling"]["sampler"]
+    write_manifest(out, manifest)
+    usage_error(cli.run(sampled + ["--output-dir", out, "--resume"]), f"sampling.sampler: None -> {SAMPLER_VERSION!r}")
+    greedy = tmp_path / "greedy"
+    assert cli.run(SMALL + ["--output-dir", greedy]).status == 0
+    assert "sampler" not in read_manifest(greedy)["fingerprint"]["sampling"]
 
 
 def test_resume_of_a_directory_without_manifest(cli, tmp_path):

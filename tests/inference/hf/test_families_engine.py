@@ -113,3 +113,23 @@ def test_cuda_backend_dispatch_matches_transformers_on_cpu(checkpoint, monkeypat
     kind = "mla" if name == "moonlight" else "gqa"
     assert backend.calls.get((kind, True)) and backend.calls.get((kind, False)), backend.calls
     _check_against_transformers(hf, model, results)
+
+
+def test_copies_admitted_in_one_step_hit_the_blocks_it_computes(checkpoint, monkeypatch):
+    """An RL group (three copies of each of two prompts, all admitted in the first step):
+    the later copies hit the blocks the first copy's chunk computes in that same step, and
+    read them through windows + sinks and latent attention (for those two kinds through the
+    CUDA backend's dispatch, run on its CPU fallbacks): tokens and routing equal transformers'."""
+    name, hf, model = checkpoint
+    if name in ("moonlight", "gpt_oss"):
+        import inference.engine
+        from inference.attention_backends import TritonBackend
+        monkeypatch.setattr(inference.engine, "select_attention", lambda device: TritonBackend())
+    prompts = [p for p in _prompts(seed=13)[:2] for _ in range(3)]
+    engine = LLMEngine(model, EngineConfig(record_routing=True, block_size=4, num_kv_blocks=64, max_requests=6,
+                                           max_step_tokens=64))
+    results = engine.generate(prompts, SamplingParams(max_new_tokens=5, ignore_eos=True))
+    assert engine.step_log.entries[0]["prefill_requests"] == len(prompts)
+    # every request but the first hits: the two prompts share their first 8 tokens too
+    assert [r.num_cached_tokens for r in results] == [0, 12, 12, 8, 8, 8]
+    _check_against_transformers(hf, model, results)

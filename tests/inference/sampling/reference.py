@@ -10,18 +10,20 @@ from inference.sampling import request_seed, uniform_draws
 
 
 def reference_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """logits / T, top-k, then the smallest prefix of the renormalised distribution that
-    reaches top-p, renormalised (float64 numpy, stable sort)."""
+    """logits / T; top-k keeps every token whose scaled logit is at least the k-th largest;
+    top-p then keeps every token whose strictly more likely tokens hold at most top-p of the
+    renormalised top-k mass; renormalised (float64 numpy). Ties at either cut are kept whole,
+    so the set does not depend on how tied tokens are ordered; without ties this is the
+    usual smallest prefix of the sorted distribution that reaches top-p."""
     scaled = logits.astype(np.float64) / params.temperature
-    order = np.argsort(-scaled, kind="stable")
     keep = np.ones(scaled.size, dtype=bool)
     if 0 < params.top_k < scaled.size:
-        keep[order[params.top_k:]] = False
+        keep = scaled >= np.sort(scaled)[::-1][params.top_k - 1]
     probs = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
     probs /= probs.sum()
     if params.top_p < 1.0:
-        sorted_probs = probs[order]
-        keep[order[np.cumsum(sorted_probs) - sorted_probs > params.top_p]] = False
+        above = (probs[None, :] * (scaled[None, :] > scaled[:, None])).sum(axis=1)
+        keep &= above <= params.top_p
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum()
     return probs
