@@ -49,10 +49,12 @@ class EngineCase:
 
 
 def workload(vocab: int, dp_rank: int = 0, dp: int = 1, seed: int = 5) -> list[tuple[list[int], SamplingParams]]:
-    """Eight requests: two pairs share a 12-token prefix (the second of each pair is admitted
+    """Eleven requests: two pairs share a 12-token prefix (the second of each pair is admitted
     steps later: a prefix-cache hit, for two DP replicas too), one is longer than the step
-    budget (chunked prefill), together they outgrow the KV cache (preemption), and one
-    samples with a seeded generator. Replica ``dp_rank`` of ``dp`` serves every dp-th."""
+    budget (chunked prefill), together they outgrow the KV cache (preemption), one samples
+    with a seed, and the first prompt comes four times in a row (two copies on each of two
+    DP replicas: an RL group, whose later copy hits blocks the same step computes).
+    Replica ``dp_rank`` of ``dp`` serves every dp-th."""
     rng = np.random.default_rng(seed)
     a, b = rng.integers(2, vocab, size=12).tolist(), rng.integers(2, vocab, size=12).tolist()
     tails = [rng.integers(2, vocab, size=n).tolist() for n in (3, 5, 2, 4)]
@@ -60,7 +62,9 @@ def workload(vocab: int, dp_rank: int = 0, dp: int = 1, seed: int = 5) -> list[t
     prompts = [a + tails[0], b + tails[1], others[0], others[1], a + tails[2], b + tails[3], others[2], others[3]]
     params = [SamplingParams(max_new_tokens=8, ignore_eos=True) for _ in prompts]
     params[6] = SamplingParams(max_new_tokens=8, ignore_eos=True, temperature=0.9, top_k=20, seed=17)
-    return list(zip(prompts, params))[dp_rank::dp]
+    requests = list(zip(prompts, params))
+    requests[1:1] = [requests[0]] * 3               # indices 0-3: two copies per replica of two
+    return requests[dp_rank::dp]
 
 
 def serve(engine: LLMEngine, requests, prefix: str = "") -> tuple[dict[str, RequestResult], int]:

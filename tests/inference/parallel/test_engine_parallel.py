@@ -69,9 +69,11 @@ def test_workload_exercises_prefix_hits_chunks_and_preemption(world, world_size)
     for case in cases:
         ids = request_ids(leader, case.name)
         assert sum(int(leader[f"{case.name}/{i}/cached"]) for i in ids) > 0, f"{case.name}: no prefix-cache hit"
+        # request 1 copies request 0 and is admitted in the step that computes its blocks
+        assert int(leader[f"{case.name}/1/cached"]) > 0, f"{case.name}: the group's copy hit nothing"
         if dict(case.engine).get("padded_decode"):
             assert int(leader[f"{case.name}/padded_steps"]) > 0, f"{case.name}: no padded decode step"
-        if case.tp == world_size:      # one replica serves all eight requests
+        if case.tp == world_size:      # one replica serves the whole workload
             assert sum(int(leader[f"{case.name}/{i}/preemptions"]) for i in ids) > 0, f"{case.name}: no preemption"
 
 

@@ -19,6 +19,7 @@ from tests.inference.parallel.engine_checks import (
     check_ranks_serve_the_reference,
     request_ids,
     single_runs,
+    workload,
     world_runs,
 )
 from tests.inference.parallel.rank_checks import CONFIGS
@@ -60,7 +61,7 @@ def test_parallel_hybrid_engine_serves_what_the_single_process_engine_serves(wor
     case = cases[index]
     want = single(case)
     ids = request_ids(want, case.name)
-    assert len(ids) == 8 + 2 * case.refit
+    assert len(ids) == len(workload(512)) + 2 * case.refit
     assert case.tp == world_size          # one replica: every rank serves the whole workload
     routed = check_ranks_serve_the_reference(case, results, lambda dp_rank, dp: single(case, dp_rank, dp), 1)
     assert routed == len(ids)
