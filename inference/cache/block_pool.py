@@ -12,9 +12,9 @@ Only full blocks are hashed, once the step computing them is launched or about t
 scheduler hashes a block as soon as its chunk is final, ``SequenceCache.commit_scheduled``).
 A hashed block is written by that chunk only, never again, and every reader of it runs after
 that write: in the same step, attention layers write all K/V before they attend; in later
-steps, the stream orders them. So sharing it is safe. The hash of block i chains the hash of block i-1, so equal hashes mean equal
-prefixes (a 128-bit digest makes an accidental collision negligible, and a hit also compares
-the block's own token ids).
+steps, the stream orders them. So sharing it is safe. The hash of block i chains the hash of
+block i-1, so equal hashes mean equal prefixes (a 128-bit digest makes an accidental
+collision negligible, and a hit also compares the block's own token ids).
 """
 
 from __future__ import annotations

@@ -101,20 +101,21 @@ class SequenceCache:
         step's K/V before it attends, and later steps run after it on the same stream. Stops
         at a block whose parent is not hashed yet (its last token was still on the device
         when its chunk was scheduled; ``commit_full_blocks`` hashes it when that lands)."""
-        bs, pool = self.block_size, self.block_pool
-        for index in range(start // bs, min(end, request.num_tokens) // bs):
-            parent = request.block_ids[index - 1] if index > 0 else None
-            if parent is not None and pool.block_hash(parent) is None:
-                return
-            pool.commit_full_block(request.block_ids[index], parent, request.token_slice(index * bs, (index + 1) * bs))
+        self._hash_blocks(request, start, min(end, request.num_tokens), stop_at_unhashed_parent=True)
 
     def commit_full_blocks(self, request: Request, old_computed: int, new_computed: int) -> None:
         """Hash the blocks a landed chunk filled, so later requests can hit them."""
-        bs = self.block_size
-        for index in range(old_computed // bs, new_computed // bs):
+        self._hash_blocks(request, old_computed, new_computed, stop_at_unhashed_parent=False)
+
+    def _hash_blocks(self, request: Request, start: int, end: int, stop_at_unhashed_parent: bool) -> None:
+        """Hash the full blocks that positions ``[start, end)`` complete, in position order
+        (the pool refuses a block whose parent has no hash, unless this stops there first)."""
+        bs, pool = self.block_size, self.block_pool
+        for index in range(start // bs, end // bs):
             parent = request.block_ids[index - 1] if index > 0 else None
-            tokens = request.token_slice(index * bs, (index + 1) * bs)
-            self.block_pool.commit_full_block(request.block_ids[index], parent, tokens)
+            if stop_at_unhashed_parent and parent is not None and pool.block_hash(parent) is None:
+                return
+            pool.commit_full_block(request.block_ids[index], parent, request.token_slice(index * bs, (index + 1) * bs))
 
     def chunk_applied(self, chunk: ScheduledChunk, kept: bool) -> None:
         """A launched chunk's results were applied (``kept``) or discarded."""
