@@ -32,7 +32,7 @@ from inference.errors import AllocationError, MissingDependencyError
 from inference.presets import DEFAULT_PRESET, PRESETS
 from inference.run_outputs import routing_meta_for
 from inference.run_writer import CheckpointPolicy
-from inference.workload import PromptsFileError
+from inference.workload import PromptsFileError, replica_share
 from routing_replay.run_layout import read_manifest
 from tools.interrupts import InterruptGuard
 from tools.memory_plan import plan_memory
@@ -41,7 +41,7 @@ from tools.output_dir import (RunLock, finish_complete_run, finished_ids, inspec
 from tools.run_report import EXIT_OK, EXIT_USAGE, RunPlan, serve_and_report
 from tools.run_setup import (build_engine, degenerate_config_warnings, describe_memory_plan, distributed_context,
                              load_prompts, model_source, output_limit, parallel_layout, parse_memory_size,
-                             sampling_params_for)
+                             sample_group_warnings, sampling_params_for)
 
 log = logging.getLogger("run_inference")
 
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = disabled")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = disabled")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS (benchmarks)")
+    g.add_argument("--samples-per-prompt", type=int, default=1, metavar="N",
+                   help="N samples of every prompt (an RL group): request ids '<id>#<k>' for k = 0..N-1, each with "
+                        "its own seed, served together by one replica so they compute the prompt once; results carry "
+                        "prompt_id and sample_index")
     g.add_argument("--logprobs", type=int, default=0, metavar="N",
                    help="also return the top-N alternatives of every generated token (each token's own log-prob "
                         "is always written)")
@@ -170,7 +174,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("num_requests", "prompt_len", "output_len", "block_size", "max_requests", "max_step_tokens",
-                 "checkpoint_every", "tensor_parallel_size", "expert_parallel_size", "replica_check_interval"):
+                 "samples_per_prompt", "checkpoint_every", "tensor_parallel_size", "expert_parallel_size", "replica_check_interval"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("num_kv_blocks", "max_new_tokens"):
@@ -245,7 +249,7 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.Ex
                          local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), layout=layout, rank=dist.rank)
     fingerprint = run_fingerprint(args, model_config, engine_config, specs, limits)
     out_plan = _inspect_output_dir(args, dist, fingerprint)
-    warnings = degenerate_config_warnings(model_config, engine_config, specs, limits)
+    warnings = degenerate_config_warnings(model_config, engine_config, specs, limits) + sample_group_warnings(args)
     if args.dry_run:
         return _dry_run(model_config, engine_config, memory, len(specs), out_plan, warnings, layout)
     problem = _any_rank_problem(dist, memory.problem()) or (out_plan.problem if out_plan else None)
@@ -325,7 +329,7 @@ def _plan_run(args, dist, specs, out_plan, fingerprint, routing_meta) -> RunPlan
     """Prepare --output-dir (rank 0) and pick this replica's share of the requests not yet
     on disk (every rank of a replica gets the same share, in the same order)."""
     if out_plan is None:
-        return RunPlan(specs, specs[dist.dp_rank::dist.dp_size], 0, 1, None)
+        return RunPlan(specs, replica_share(specs, dist.dp_rank, dist.dp_size), 0, 1, None)
     if dist.is_main:
         if out_plan.action in ("resume", "reopen"):
             log.info("resuming the run in %s", out_plan.path)
@@ -339,7 +343,8 @@ def _plan_run(args, dist, specs, out_plan, fingerprint, routing_meta) -> RunPlan
     attempt = int(read_manifest(out_plan.path)["attempt"])
     done = finished_ids(out_plan.path, attempt)
     remaining = [s for s in specs if s.request_id not in done]
-    return RunPlan(specs, remaining[dist.dp_rank::dist.dp_size], len(specs) - len(remaining), attempt, out_plan.path)
+    return RunPlan(specs, replica_share(remaining, dist.dp_rank, dist.dp_size), len(specs) - len(remaining), attempt,
+                   out_plan.path)
 
 
 if __name__ == "__main__":
