@@ -9,6 +9,8 @@
 #                                            # the hybrid engine tests, then tools/bench_sampler.py
 #   bash tools/gpu_next_session.sh measure   # bench_decode with sampling temperature 1 (both shapes, 1/16/64/256,
 #                                            # host stages, timelines, 8k prefill), then batch 1 skinny GEMM off vs on
+#   bash tools/gpu_next_session.sh kernels   # third call: MHA decode attention, element-wise vs tl.dot path (quick
+#                                            # sweep, OLMoE 16/64/256), the prefill attention tuner, RL groups
 #   bash tools/gpu_next_session.sh tests   # GPU tests, one pytest process per file (a crash poisons only its own)
 #   bash tools/gpu_next_session.sh hybrid  # the hybrid-model GPU tests alone (they need over two minutes)
 #   bash tools/gpu_next_session.sh bench   # decode batch 1 / 16: small MoE path off vs on, K/V write off vs on
@@ -60,6 +62,17 @@ validate)
   run_cmd 80 bench_sampler python3 tools/bench_sampler.py --device cuda --repetitions 5 --output "$OUT/sampler_h200.json"
   tail -30 "$OUT/bench_sampler.log"
   for f in "$OUT"/*.log; do grep -q -E "^(FAILED|ERROR)" "$f" && { echo "--- $f"; grep -E "^(FAILED|ERROR)" "$f" | head -8; }; done
+  ;;
+kernels)
+  run_cmd 200 tune_mha python3 tools/tune_paged_decode.py --quick --models olmoe-1b-7b --batches 16,64,256 \
+    --contexts 544,4096 --time-budget 170 --output "$OUT/paged_decode_mha_dot_h200.json"
+  tail -8 "$OUT/tune_mha.log"
+  run_cmd 230 tune_prefill python3 tools/tune_prefill_attention.py --quick --time-budget 200 \
+    --output "$OUT/prefill_attention_tuning.json"
+  tail -9 "$OUT/tune_prefill.log"
+  run_cmd 150 rl_groups python3 tools/bench_rl_groups.py --model olmoe-1b-7b-shape --num-prompts 16 --group-size 8 \
+    --prompt-len 1024 --output-len 64 --repetitions 2 --output "$OUT/rl_groups_olmoe_1b_7b_shape_h200.json"
+  tail -6 "$OUT/rl_groups.log"
   ;;
 measure)
   run_cmd 400 decode python3 tools/bench_decode.py --no-hf --compare-backends '' --output-len 64 --time-budget 360 \
@@ -168,5 +181,5 @@ groups)
     --prompt-len 1024 --output-len 128 --repetitions 3 --output "$OUT/rl_groups_olmoe_1b_7b_shape_h200.json" \
     > "$OUT/rl_groups.log" 2>&1; echo "bench_rl_groups rc $?"; tail -6 "$OUT/rl_groups.log"
   ;;
-*) echo "usage: $0 validate|measure|tests|hybrid|bench|tune|prefill|attn|decode|mha|sampling|upload|groups" >&2; exit 2 ;;
+*) echo "usage: $0 validate|measure|kernels|tests|hybrid|bench|tune|prefill|attn|decode|mha|sampling|upload|groups" >&2; exit 2 ;;
 esac
