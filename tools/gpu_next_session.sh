@@ -58,6 +58,7 @@ validate)
            tests/inference/kernels/test_skinny_linear.py tests/gpu/test_engine_lifecycle_cuda.py; do
     [ -f "$f" ] && run_test 150 "$f"
   done
+  run_test 90 tests/inference/kernels/test_paged_decode.py -k gpu   # the MHA tl.dot path (use_dot)
   run_test 170 tests/gpu/test_hybrid_cuda.py -k engine
   run_cmd 80 bench_sampler python3 tools/bench_sampler.py --device cuda --repetitions 5 --output "$OUT/sampler_h200.json"
   tail -30 "$OUT/bench_sampler.log"

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = disabled")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = disabled")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS (benchmarks)")
+    g.add_argument("--stop-token-ids", type=_token_ids, default=(), metavar="IDS",
+                   help="comma-separated token ids that also end a request (besides the model's EOS ids; they stop "
+                        "even with --ignore-eos), e.g. a chat template's end-of-turn token")
     g.add_argument("--samples-per-prompt", type=int, default=1, metavar="N",
                    help="N samples of every prompt (an RL group): request ids '<id>#<k>' for k = 0..N-1, each with "
                         "its own seed, served together by one replica so they compute the prompt once; results carry "
@@ -168,6 +171,16 @@ def engine_config_from_args(args: argparse.Namespace, model_config, device: torc
                         piecewise_graphs=args.piecewise_graphs, piecewise_max_tokens=args.piecewise_max_tokens)
 
 
+def _token_ids(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids must be >= 0, got {text!r}")
+    return ids
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in the help, and the exit-status epilog kept as written."""
 
@@ -208,6 +221,9 @@ def check_model_args(args: argparse.Namespace, model_config) -> None:
     if args.block_size > model_config.max_position_embeddings:
         raise ValueError(f"--block-size {args.block_size} exceeds the model's maximum length "
                          f"({model_config.max_position_embeddings} positions); use a block size like 16")
+    outside = [i for i in args.stop_token_ids if i >= model_config.vocab_size]
+    if outside:
+        raise ValueError(f"--stop-token-ids {outside} are outside the vocabulary ({model_config.vocab_size} tokens)")
 
 
 def main(argv: list[str] | None = None) -> int:

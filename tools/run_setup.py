@@ -203,7 +203,8 @@ def sampling_params_for(args: argparse.Namespace, spec: PromptSpec, index: int) 
     index, never on which rank or attempt serves it: resumed runs sample the same tokens)."""
     seed = None if args.temperature == 0 else args.seed * 1_000_003 + index
     return SamplingParams(max_new_tokens=output_limit(args, spec), temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=seed, ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+                          top_p=args.top_p, seed=seed, ignore_eos=args.ignore_eos,
+                          stop_token_ids=tuple(args.stop_token_ids), logprobs=args.logprobs,
                           prompt_logprobs=args.prompt_logprobs, logprobs_mode=args.logprobs_mode)
 
 

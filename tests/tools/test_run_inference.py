@@ -183,3 +183,20 @@ def test_greedy_samples_per_prompt_warn(tmp_path):
     proc = _run(["--num-requests", "1", "--samples-per-prompt", "2", "--output-len", "2", "--dry-run"])
     assert proc.returncode == 0, proc.stderr
     assert "2 identical samples" in proc.stdout + proc.stderr
+
+
+def test_stop_token_ids_end_requests_even_with_ignore_eos(tmp_path):
+    free = tmp_path / "free"
+    base = ["--num-requests", "3", "--output-len", "12", "--ignore-eos"]
+    assert _run(base + ["--output-dir", str(free)]).returncode == 0
+    outputs = [r["output_token_ids"] for r in _results(free)]
+    stop = outputs[0][3]
+    proc = _run(base + ["--stop-token-ids", f"{stop}", "--output-dir", str(tmp_path / "stopped")])
+    assert proc.returncode == 0, proc.stderr
+    for r, full in zip(_results(tmp_path / "stopped"), outputs):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert r["output_token_ids"] == full[:cut], r["id"]
+        assert r["finish_reason"] == ("stop" if stop in full else "length")
+    for bad, message in (("5,x", "comma-separated token ids"), ("-3", ">= 0"), ("100000", "outside the vocabulary")):
+        proc = _run(base + ["--stop-token-ids", bad, "--dry-run"])
+        assert proc.returncode == 2 and message in proc.stderr, (bad, proc.stderr[-500:])
