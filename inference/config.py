@@ -173,6 +173,9 @@ class ModelConfig:
     attention_bias: bool = False          # Qwen2-style qkv bias
     tie_word_embeddings: bool = False
     eos_token_id: int | None = None
+    # Further ids that end a sequence like eos_token_id (chat models list several; the HF
+    # loader reads config.json's and generation_config.json's eos_token_id lists).
+    extra_eos_token_ids: tuple[int, ...] = ()
     rotary_dim: int = 0
     rope_scaling: RopeScaling | None = None
     mla: MLAConfig | None = None
@@ -200,6 +203,7 @@ class ModelConfig:
         object.__setattr__(self, "dense_layers", tuple(sorted(set(self.dense_layers))))
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
         object.__setattr__(self, "mlp_types", tuple(self.mlp_types))
+        object.__setattr__(self, "extra_eos_token_ids", tuple(self.extra_eos_token_ids))
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "head_dim", "num_experts", "topk", "max_position_embeddings"):
             _require(getattr(self, name) >= 1, f"model {name} must be >= 1, got {getattr(self, name)}")
@@ -217,6 +221,10 @@ class ModelConfig:
                  "topk exceeds the experts available in the selected groups")
         if self.eos_token_id is not None:
             _require(0 <= self.eos_token_id < self.vocab_size, "eos_token_id must be inside the vocabulary")
+        _require(all(_is_int(i) and 0 <= i < self.vocab_size for i in self.extra_eos_token_ids),
+                 f"extra_eos_token_ids must be token ids inside the vocabulary, got {self.extra_eos_token_ids}")
+        _require(not self.extra_eos_token_ids or self.eos_token_id is not None,
+                 "extra_eos_token_ids need an eos_token_id")
         self._validate_attention()
         _require(self.expert_activation in EXPERT_ACTIVATIONS,
                  f"expert_activation must be one of {EXPERT_ACTIVATIONS}, got {self.expert_activation!r}")
@@ -262,6 +270,11 @@ class ModelConfig:
         return self.rotary_dim or self.head_dim
 
     @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a sequence (unless a request sets ignore_eos)."""
+        return () if self.eos_token_id is None else (self.eos_token_id, *self.extra_eos_token_ids)
+
+    @property
     def moe_layer_indices(self) -> tuple[int, ...]:
         if self.mlp_types:
             return tuple(i for i, kind in enumerate(self.mlp_types) if kind == MOE)
@@ -302,13 +315,14 @@ class ModelConfig:
         d["dense_layers"] = list(self.dense_layers)
         d["layer_types"] = list(self.layer_types)
         d["mlp_types"] = list(self.mlp_types)
+        d["extra_eos_token_ids"] = list(self.extra_eos_token_ids)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in known}
-        for name in ("dense_layers", "layer_types", "mlp_types"):
+        for name in ("dense_layers", "layer_types", "mlp_types", "extra_eos_token_ids"):
             if name in kwargs:
                 kwargs[name] = tuple(kwargs[name])
         return cls(**kwargs)

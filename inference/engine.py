@@ -68,7 +68,8 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(max_requests=config.max_requests, max_step_tokens=config.max_step_tokens,
                             block_size=config.block_size, chunked_prefill=config.chunked_prefill,
-                            eos_token_id=self.model_config.eos_token_id, max_model_len=self.max_model_len),
+                            eos_token_id=self.model_config.eos_token_id,
+                            extra_eos_token_ids=self.model_config.extra_eos_token_ids, max_model_len=self.max_model_len),
             self.sequence_cache, on_preempt=_weak(self._on_preempt), on_finish=_weak(self._on_finish))
         self.sampler = Sampler(config.seed, self.device)
         self._attention_fn = select_attention(self.device)

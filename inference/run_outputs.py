@@ -13,7 +13,7 @@ import datetime
 import os
 import platform
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import orjson
@@ -27,8 +27,9 @@ from routing_replay.outputs import RESULTS_FILE, ROUTING_FILE, check_routings
 from routing_replay.run_dir_schema import STEP_DETAILS_FILE
 from routing_replay.run_layout import (TMP_SUFFIX, atomic_write, committed_shards, fsync_dir, npz_writer, read_npz,
                                        shard_records)
-def result_record(result: RequestResult) -> dict:
-    """One line of results.jsonl (schema in docs/SCHEMAS.md)."""
+def result_record(result: RequestResult, extra: Mapping[str, Any] | None = None) -> dict:
+    """One line of results.jsonl (schema in docs/SCHEMAS.md); ``extra`` fields (the
+    caller's, e.g. an RL group's ``prompt_id`` and ``sample_index``) come last."""
     record = {"id": result.request_id, "prompt_token_ids": result.prompt_token_ids,
               "output_token_ids": result.output_token_ids, "finish_reason": result.finish_reason,
               "num_cached_tokens": result.num_cached_tokens, "num_preemptions": result.num_preemptions}
@@ -47,6 +48,8 @@ def result_record(result: RequestResult) -> dict:
         record["prompt_logprobs"] = result.prompt_logprobs
     if result.weight_version is not None:
         record["weight_version"] = result.weight_version
+    if extra:
+        record.update(extra)
     return record
 
 

@@ -46,6 +46,7 @@ class SchedulerConfig:
     block_size: int
     chunked_prefill: bool = True  # if False a prompt must fit the budget whole
     eos_token_id: int | None = None
+    extra_eos_token_ids: tuple[int, ...] = ()   # further ids that stop like eos_token_id
     max_model_len: int = 2**62  # a request stops ("length") when it holds this many tokens
 
     def __post_init__(self) -> None:
@@ -80,6 +81,8 @@ class Scheduler:
                 f"{cache.block_size}"
             )
         self.config = config
+        self._eos_ids = frozenset(() if config.eos_token_id is None else (config.eos_token_id,
+                                                                          *config.extra_eos_token_ids))
         self.cache = cache
         self.block_pool = cache.block_pool
         self._on_preempt = on_preempt
@@ -311,7 +314,7 @@ class Scheduler:
             token = sampled[request.request_id]
             request.num_pending_tokens -= 1
             request.output_token_ids.append(token)
-            reason = _finish_reason(request, token, self.config.eos_token_id, self.config.max_model_len)
+            reason = _finish_reason(request, token, self._eos_ids, self.config.max_model_len)
             if reason is not None:
                 self._finish(request, reason)
                 finished.append(request)
@@ -400,11 +403,11 @@ class Scheduler:
             raise AssertionError("running requests are not in arrival order")
 
 def _finish_reason(
-    request: Request, token: int, eos_token_id: int | None, max_model_len: int
+    request: Request, token: int, eos_token_ids: frozenset[int], max_model_len: int
 ) -> str | None:
-    # Like vLLM: ignore_eos only disables EOS; explicit stop_token_ids still stop.
+    # Like vLLM: ignore_eos only disables the model's EOS ids; explicit stop_token_ids still stop.
     params = request.sampling_params
-    if (not params.ignore_eos and token == eos_token_id) or token in params.stop_token_ids:
+    if (not params.ignore_eos and token in eos_token_ids) or token in params.stop_token_ids:
         return "stop"
     if len(request.output_token_ids) >= params.max_new_tokens:
         return "length"

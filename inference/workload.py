@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import orjson
@@ -15,13 +15,17 @@ from routing_replay.run_layout import request_id_problem
 @dataclass(frozen=True)
 class PromptSpec:
     """One request to serve: its id, tokens and optional per-request token limit. For a
-    text prompt, ``prompt_token_ids`` is the tokenizer's encoding of ``prompt_text``."""
+    text prompt, ``prompt_token_ids`` is the tokenizer's encoding of ``prompt_text``. A
+    sample of an RL group (``with_samples``) names its prompt and its index in the group;
+    both are None otherwise."""
 
     request_id: str
     prompt_token_ids: list[int]
     max_new_tokens: int | None = None
     prompt_text: str | None = None
     routing_start: int = 0          # first routing row to return (multi-turn suffix output)
+    prompt_id: str | None = None    # the prompt this request samples (RL groups)
+    sample_index: int | None = None  # 0 .. samples per prompt - 1
 
 
 class TextEncoder(Protocol):
@@ -125,3 +129,46 @@ def synthetic_prompts(*, num_requests: int, prompt_len: int, vocab_size: int, se
     prefix = rng.integers(low, vocab_size, size=shared_prefix_len).tolist()
     return [PromptSpec(str(i), prefix + rng.integers(low, vocab_size, size=prompt_len - shared_prefix_len).tolist())
             for i in range(num_requests)]
+
+
+SAMPLE_ID_SEPARATOR = "#"
+
+
+def with_samples(specs: Sequence[PromptSpec], samples_per_prompt: int) -> list[PromptSpec]:
+    """``samples_per_prompt`` requests per prompt (an RL group), next to each other in input
+    order: request id ``<prompt id>#<k>`` for k = 0 .. n - 1, with ``prompt_id`` and
+    ``sample_index`` set. The ids are unique because the prompt ids are (the text after the
+    last ``#`` is k). One sample per prompt returns ``specs`` as they are. Raises ValueError
+    when a sample's id would be too long."""
+    if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
+        raise ValueError(f"--samples-per-prompt must be an int >= 1, got {samples_per_prompt!r}")
+    if samples_per_prompt == 1:
+        return list(specs)
+    samples = []
+    for spec in specs:
+        for k in range(samples_per_prompt):
+            request_id = f"{spec.request_id}{SAMPLE_ID_SEPARATOR}{k}"
+            problem = request_id_problem(request_id)
+            if problem is not None:
+                raise ValueError(f"--samples-per-prompt: the id {request_id[:40]!r}... of a sample of prompt "
+                                 f"{spec.request_id[:40]!r} {problem}; use shorter prompt ids")
+            samples.append(replace(spec, request_id=request_id, prompt_id=spec.request_id, sample_index=k))
+    return samples
+
+
+def replica_share(specs: Sequence[PromptSpec], dp_rank: int, dp_size: int) -> list[PromptSpec]:
+    """Replica ``dp_rank``'s requests of ``specs``: the g-th group goes to replica g mod
+    ``dp_size``, where a group is a run of neighbouring samples of one prompt (so a prompt's
+    samples share its KV blocks) and every other request is a group of its own. Without
+    groups this is ``specs[dp_rank::dp_size]``. Invariant: the shares of ranks 0 ..
+    dp_size - 1 partition ``specs``, each in input order."""
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
+    share, group, previous = [], -1, None
+    for spec in specs:
+        if spec.prompt_id is None or spec.prompt_id != previous:
+            group += 1
+        previous = spec.prompt_id
+        if group % dp_size == dp_rank:
+            share.append(spec)
+    return share

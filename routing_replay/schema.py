@@ -112,9 +112,9 @@ _PHASE_SPEC: Spec = ((("total_ms", "mean_ms", "share"), _time, False),)
 _RESULT_SPEC: Spec = (
     (("id", "finish_reason"), _string, True),
     (("output_token_ids",), _token_ids, True),
-    (("error", "routing_dtype"), _string, False),
+    (("error", "routing_dtype", "prompt_id"), _string, False),
     (("routing_shape",), _shape, False),
-    (("num_cached_tokens", "num_preemptions", "routing_start"), _count, False),
+    (("num_cached_tokens", "num_preemptions", "routing_start", "sample_index"), _count, False),
 )
 _ROUTING_META_SPEC: Spec = (
     (("schema_version", "num_layers", "num_experts", "topk", "block_size"), _positive, True),
@@ -341,6 +341,8 @@ def validate_results_line(obj: Any) -> list[str]:
         problems.append("result: routing_shape and routing_dtype must be present together")
     if "routing_start" in obj and "routing_shape" not in obj:
         problems.append("result: routing_start without routing_shape")
+    if (obj.get("prompt_id") is None) != (obj.get("sample_index") is None):
+        problems.append("result: prompt_id and sample_index must be present together (a sample of an RL group)")
     if "routing_dtype" in valid and obj["routing_dtype"] not in ROUTING_DTYPES:
         problems.append(f"result.routing_dtype must be one of {ROUTING_DTYPES}, got {obj['routing_dtype']!r}")
     if "finish_reason" in valid and obj["finish_reason"] != "error":

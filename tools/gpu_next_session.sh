@@ -3,6 +3,14 @@
 # stage runs every GPU test file of the CUDA path, the batched sampler's and the one-copy
 # step upload's included), then measure. Each stage fits one device call (under 9 minutes);
 # files under $OUT.
+# A device machine goes back 30 s after a call ends, so the next session starts with the two
+# full calls below, sent back to back (each stops itself under LIMIT seconds, default 560):
+#   bash tools/gpu_next_session.sh validate  # the GPU tests that did not run yet on the H200 (stop 22 ran the rest),
+#                                            # the hybrid engine tests, then tools/bench_sampler.py
+#   bash tools/gpu_next_session.sh measure   # bench_decode with sampling temperature 1 (both shapes, 1/16/64/256,
+#                                            # host stages, timelines, 8k prefill), then batch 1 skinny GEMM off vs on
+#   bash tools/gpu_next_session.sh kernels   # third call: MHA decode attention, element-wise vs tl.dot path (quick
+#                                            # sweep, OLMoE 16/64/256), the prefill attention tuner, RL groups
 #   bash tools/gpu_next_session.sh tests   # GPU tests, one pytest process per file (a crash poisons only its own)
 #   bash tools/gpu_next_session.sh hybrid  # the hybrid-model GPU tests alone (they need over two minutes)
 #   bash tools/gpu_next_session.sh bench   # decode batch 1 / 16: small MoE path off vs on, K/V write off vs on
@@ -26,8 +34,61 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 else
   export PYTHONPATH=$PWD
 fi
+LIMIT=${LIMIT:-560}; END=$((SECONDS+LIMIT))
+# At most 8 files come back from $OUT: everything goes back as one archive.
+pack() { (cd "$OUT" && tar czf /tmp/session.tgz --exclude=session.tgz . && find . -mindepth 1 -delete && mv /tmp/session.tgz .); }
+trap pack EXIT
+budget() { local b=$1 l; l=$(( END - SECONDS - 5 )); [ "$l" -lt "$b" ] && b=$l; echo "$b"; }
+run_test() {  # run_test SECONDS FILE [pytest args]: one pytest process, cut at the call's deadline
+  local b f n t0=$SECONDS; b=$(budget "$1"); f=$2; shift 2; n=$(basename "$f" .py)
+  if [ "$b" -lt 10 ]; then echo "SKIP $n (deadline)"; return; fi
+  timeout "$b" python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" "$@" > "$OUT/$n.log" 2>&1
+  echo "$n rc=$? $((SECONDS-t0))s $(tail -1 "$OUT/$n.log")"
+}
+run_cmd() {  # run_cmd SECONDS NAME COMMAND...: output in $OUT/NAME.log, cut at the call's deadline
+  local b n t0=$SECONDS; b=$(budget "$1"); n=$2; shift 2
+  if [ "$b" -lt 10 ]; then echo "SKIP $n (deadline)"; return; fi
+  timeout "$b" "$@" > "$OUT/$n.log" 2>&1; echo "== $n rc=$? $((SECONDS-t0))s"
+}
 stage=${1:-tests}
 case "$stage" in
+validate)
+  for f in tests/gpu/test_sampler_cuda.py tests/inference/kernels/test_mla_decode.py tests/gpu/test_families_cuda.py \
+           tests/inference/kernels/test_prefill_attention.py tests/gpu/test_skinny_linear_cuda.py \
+           tests/inference/kernels/test_skinny_linear.py tests/gpu/test_engine_lifecycle_cuda.py; do
+    [ -f "$f" ] && run_test 150 "$f"
+  done
+  run_test 90 tests/inference/kernels/test_paged_decode.py -k gpu   # the MHA tl.dot path (use_dot)
+  run_test 170 tests/gpu/test_hybrid_cuda.py -k engine
+  run_cmd 80 bench_sampler python3 tools/bench_sampler.py --device cuda --repetitions 5 --output "$OUT/sampler_h200.json"
+  tail -30 "$OUT/bench_sampler.log"
+  for f in "$OUT"/*.log; do grep -q -E "^(FAILED|ERROR)" "$f" && { echo "--- $f"; grep -E "^(FAILED|ERROR)" "$f" | head -8; }; done
+  ;;
+kernels)
+  run_cmd 200 tune_mha python3 tools/tune_paged_decode.py --quick --models olmoe-1b-7b --batches 16,64,256 \
+    --contexts 544,4096 --time-budget 170 --output "$OUT/paged_decode_mha_dot_h200.json"
+  tail -8 "$OUT/tune_mha.log"
+  run_cmd 230 tune_prefill python3 tools/tune_prefill_attention.py --quick --time-budget 200 \
+    --output "$OUT/prefill_attention_tuning.json"
+  tail -9 "$OUT/tune_prefill.log"
+  run_cmd 150 rl_groups python3 tools/bench_rl_groups.py --model olmoe-1b-7b-shape --num-prompts 16 --group-size 8 \
+    --prompt-len 1024 --output-len 64 --repetitions 2 --output "$OUT/rl_groups_olmoe_1b_7b_shape_h200.json"
+  tail -6 "$OUT/rl_groups.log"
+  ;;
+measure)
+  run_cmd 400 decode python3 tools/bench_decode.py --no-hf --compare-backends '' --output-len 64 --time-budget 360 \
+    --profile-batches 1,64 --timeline-batches 1,64 --prefill-requests 12 --profile-prefill --sampling temperature \
+    --output-dir "$OUT/decode" "${@:2}"
+  if grep -q -- "--skinny-linear-max-tokens" tools/bench_decode.py; then
+    for v in 0 16; do
+      run_cmd 70 "skinny_$v" python3 tools/bench_decode.py --skinny-linear-max-tokens "$v" \
+        --models olmoe-1b-7b-shape,qwen3-30b-a3b-shape --batches 1 --output-len 32 --prefill-requests 0 --no-hf \
+        --compare-backends '' --profile-batches '' --time-budget 50 --output-dir "$OUT/skinny_$v"
+      grep -A2 "batch   step ms" "$OUT/skinny_$v.log" | head -6
+    done
+  fi
+  sed -n '/=== summary ===/,$p' "$OUT/decode.log" | grep -v "^      " | head -70
+  ;;
 tests)
   for f in tests/inference/kernels/test_paged_decode.py tests/inference/kernels/test_norm_rotary_kv_write.py \
            tests/inference/kernels/test_norm_rotary.py tests/gpu/test_fused_small_ops_cuda.py \
@@ -121,5 +182,5 @@ groups)
     --prompt-len 1024 --output-len 128 --repetitions 3 --output "$OUT/rl_groups_olmoe_1b_7b_shape_h200.json" \
     > "$OUT/rl_groups.log" 2>&1; echo "bench_rl_groups rc $?"; tail -6 "$OUT/rl_groups.log"
   ;;
-*) echo "usage: $0 tests|hybrid|bench|tune|prefill|attn|decode|mha|sampling|upload|groups" >&2; exit 2 ;;
+*) echo "usage: $0 validate|measure|kernels|tests|hybrid|bench|tune|prefill|attn|decode|mha|sampling|upload|groups" >&2; exit 2 ;;
 esac

@@ -81,6 +81,8 @@ def run_fingerprint(args, model_config: ModelConfig, engine_config: EngineConfig
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "ignore_eos": args.ignore_eos, "logprobs": args.logprobs,
                 "prompt_logprobs": args.prompt_logprobs, "logprobs_mode": args.logprobs_mode}
+    if args.stop_token_ids:
+        sampling["stop_token_ids"] = list(args.stop_token_ids)
     if args.temperature >= GREEDY_TEMPERATURE:   # greedy tokens do not depend on the draws
         sampling["sampler"] = SAMPLER_VERSION
     return {

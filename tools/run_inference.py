@@ -32,7 +32,7 @@ from inference.errors import AllocationError, MissingDependencyError
 from inference.presets import DEFAULT_PRESET, PRESETS
 from inference.run_outputs import routing_meta_for
 from inference.run_writer import CheckpointPolicy
-from inference.workload import PromptsFileError
+from inference.workload import PromptsFileError, replica_share
 from routing_replay.run_layout import read_manifest
 from tools.interrupts import InterruptGuard
 from tools.memory_plan import plan_memory
@@ -41,7 +41,7 @@ from tools.output_dir import (RunLock, finish_complete_run, finished_ids, inspec
 from tools.run_report import EXIT_OK, EXIT_USAGE, RunPlan, serve_and_report
 from tools.run_setup import (build_engine, degenerate_config_warnings, describe_memory_plan, distributed_context,
                              load_prompts, model_source, output_limit, parallel_layout, parse_memory_size,
-                             sampling_params_for)
+                             sample_group_warnings, sampling_params_for)
 
 log = logging.getLogger("run_inference")
 
@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = disabled")
     g.add_argument("--top-p", type=float, default=1.0, help="1 = disabled")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS (benchmarks)")
+    g.add_argument("--stop-token-ids", type=_token_ids, default=(), metavar="IDS",
+                   help="comma-separated token ids that also end a request (besides the model's EOS ids; they stop "
+                        "even with --ignore-eos), e.g. a chat template's end-of-turn token")
+    g.add_argument("--samples-per-prompt", type=int, default=1, metavar="N",
+                   help="N samples of every prompt (an RL group): request ids '<id>#<k>' for k = 0..N-1, each with "
+                        "its own seed, served together by one replica so they compute the prompt once; results carry "
+                        "prompt_id and sample_index")
     g.add_argument("--logprobs", type=int, default=0, metavar="N",
                    help="also return the top-N alternatives of every generated token (each token's own log-prob "
                         "is always written)")
@@ -164,13 +171,23 @@ def engine_config_from_args(args: argparse.Namespace, model_config, device: torc
                         piecewise_graphs=args.piecewise_graphs, piecewise_max_tokens=args.piecewise_max_tokens)
 
 
+def _token_ids(text: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}") from None
+    if any(i < 0 for i in ids):
+        raise argparse.ArgumentTypeError(f"token ids must be >= 0, got {text!r}")
+    return ids
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in the help, and the exit-status epilog kept as written."""
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("num_requests", "prompt_len", "output_len", "block_size", "max_requests", "max_step_tokens",
-                 "checkpoint_every", "tensor_parallel_size", "expert_parallel_size", "replica_check_interval"):
+                 "samples_per_prompt", "checkpoint_every", "tensor_parallel_size", "expert_parallel_size", "replica_check_interval"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("num_kv_blocks", "max_new_tokens"):
@@ -204,6 +221,9 @@ def check_model_args(args: argparse.Namespace, model_config) -> None:
     if args.block_size > model_config.max_position_embeddings:
         raise ValueError(f"--block-size {args.block_size} exceeds the model's maximum length "
                          f"({model_config.max_position_embeddings} positions); use a block size like 16")
+    outside = [i for i in args.stop_token_ids if i >= model_config.vocab_size]
+    if outside:
+        raise ValueError(f"--stop-token-ids {outside} are outside the vocabulary ({model_config.vocab_size} tokens)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,7 +265,7 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.Ex
                          local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), layout=layout, rank=dist.rank)
     fingerprint = run_fingerprint(args, model_config, engine_config, specs, limits)
     out_plan = _inspect_output_dir(args, dist, fingerprint)
-    warnings = degenerate_config_warnings(model_config, engine_config, specs, limits)
+    warnings = degenerate_config_warnings(model_config, engine_config, specs, limits) + sample_group_warnings(args)
     if args.dry_run:
         return _dry_run(model_config, engine_config, memory, len(specs), out_plan, warnings, layout)
     problem = _any_rank_problem(dist, memory.problem()) or (out_plan.problem if out_plan else None)
@@ -325,7 +345,7 @@ def _plan_run(args, dist, specs, out_plan, fingerprint, routing_meta) -> RunPlan
     """Prepare --output-dir (rank 0) and pick this replica's share of the requests not yet
     on disk (every rank of a replica gets the same share, in the same order)."""
     if out_plan is None:
-        return RunPlan(specs, specs[dist.dp_rank::dist.dp_size], 0, 1, None)
+        return RunPlan(specs, replica_share(specs, dist.dp_rank, dist.dp_size), 0, 1, None)
     if dist.is_main:
         if out_plan.action in ("resume", "reopen"):
             log.info("resuming the run in %s", out_plan.path)
@@ -339,7 +359,8 @@ def _plan_run(args, dist, specs, out_plan, fingerprint, routing_meta) -> RunPlan
     attempt = int(read_manifest(out_plan.path)["attempt"])
     done = finished_ids(out_plan.path, attempt)
     remaining = [s for s in specs if s.request_id not in done]
-    return RunPlan(specs, remaining[dist.dp_rank::dist.dp_size], len(specs) - len(remaining), attempt, out_plan.path)
+    return RunPlan(specs, replica_share(remaining, dist.dp_rank, dist.dp_size), len(specs) - len(remaining), attempt,
+                   out_plan.path)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ EXIT_OK, EXIT_RUNTIME_ERROR, EXIT_USAGE, EXIT_SOME_FAILED = 0, 1, 2, 3
 @dataclass(frozen=True)
 class RunPlan:
     """One replica's share of a run (every rank of a tensor-parallel replica holds the same).
-    Invariant: ``my_specs`` is ``remaining[dp_rank::dp_size]`` where ``remaining`` are the
-    workload's specs minus the ``num_done`` already on disk."""
+    Invariant: ``my_specs`` is ``inference.workload.replica_share(remaining, dp_rank,
+    dp_size)`` (``remaining[dp_rank::dp_size]`` without RL groups; a group stays on one
+    replica) where ``remaining`` are the workload's specs minus the ``num_done`` already on
+    disk."""
 
     specs: Sequence[PromptSpec]           # the whole workload, input order
     my_specs: Sequence[PromptSpec]
@@ -117,8 +119,11 @@ def _open_writer(engine: LLMEngine, args, dist: DistributedContext, plan: RunPla
     if plan.out_dir is None or not dist.is_replica_leader:
         return None
     meta = routing_meta_for(engine.model_config, engine.config.block_size) if engine.recorder is not None else None
+    groups = {s.request_id: {"prompt_id": s.prompt_id, "sample_index": s.sample_index}
+              for s in plan.my_specs if s.prompt_id is not None}
     return CheckpointWriter(plan.out_dir, attempt=plan.attempt, rank=dist.dp_rank, routing_meta=meta,
-                            policy=CheckpointPolicy(args.checkpoint_every, args.checkpoint_interval))
+                            policy=CheckpointPolicy(args.checkpoint_every, args.checkpoint_interval),
+                            record_fields=groups)
 
 
 def _close_quietly(writer: CheckpointWriter) -> None:
@@ -189,10 +194,11 @@ def _say_how_to_resume(guard: InterruptGuard, plan: RunPlan, stats: ServeStats) 
 
 
 def _workload_meta(args: argparse.Namespace, num_requests: int) -> dict:
+    groups = {"samples_per_prompt": args.samples_per_prompt} if args.samples_per_prompt > 1 else {}
     if args.prompts_file:
-        return {"prompts_file": str(args.prompts_file), "num_requests": num_requests}
+        return {"prompts_file": str(args.prompts_file), "num_requests": num_requests, **groups}
     return {"num_requests": num_requests, "prompt_len": args.prompt_len, "output_len": args.output_len,
-            "shared_prefix_len": args.shared_prefix_len}
+            "shared_prefix_len": args.shared_prefix_len, **groups}
 
 
 def summarize(engine: LLMEngine, stats: ServeStats, wall_s: float, files: Sequence[Path], world_size: int,

@@ -17,8 +17,8 @@ from inference.errors import allocating
 from inference.model import MoEGPT
 from inference.parallel import ParallelGroups, ParallelLayout, ParallelLayoutError
 from inference.presets import build_model, get_preset, torch_dtype
-from inference.request import SamplingParams
-from inference.workload import PromptSpec, read_prompts_file, synthetic_prompts
+from inference.request import GREEDY_TEMPERATURE, SamplingParams
+from inference.workload import PromptSpec, read_prompts_file, synthetic_prompts, with_samples
 from tools.memory_plan import MemoryPlan
 
 ModelLoader = Callable[..., MoEGPT]   # (device, dtype, seed, parallel=None) -> model (this rank's shards)
@@ -181,12 +181,16 @@ class _CheckpointTokenizer:
 
 
 def load_prompts(args: argparse.Namespace, model_config: ModelConfig) -> list[PromptSpec]:
+    """The run's requests: the prompts file's or the synthetic prompts, each prompt
+    ``--samples-per-prompt`` times (``inference.workload.with_samples``)."""
     if args.prompts_file:
         tokenizer = _CheckpointTokenizer(args.hf_checkpoint) if args.hf_checkpoint else None
-        return read_prompts_file(args.prompts_file, tokenizer)
-    return synthetic_prompts(num_requests=args.num_requests, prompt_len=args.prompt_len,
-                             vocab_size=model_config.vocab_size, seed=args.seed,
-                             shared_prefix_len=args.shared_prefix_len)
+        prompts = read_prompts_file(args.prompts_file, tokenizer)
+    else:
+        prompts = synthetic_prompts(num_requests=args.num_requests, prompt_len=args.prompt_len,
+                                    vocab_size=model_config.vocab_size, seed=args.seed,
+                                    shared_prefix_len=args.shared_prefix_len)
+    return with_samples(prompts, args.samples_per_prompt)
 
 
 def output_limit(args: argparse.Namespace, spec: PromptSpec) -> int:
@@ -199,7 +203,8 @@ def sampling_params_for(args: argparse.Namespace, spec: PromptSpec, index: int) 
     index, never on which rank or attempt serves it: resumed runs sample the same tokens)."""
     seed = None if args.temperature == 0 else args.seed * 1_000_003 + index
     return SamplingParams(max_new_tokens=output_limit(args, spec), temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=seed, ignore_eos=args.ignore_eos, logprobs=args.logprobs,
+                          top_p=args.top_p, seed=seed, ignore_eos=args.ignore_eos,
+                          stop_token_ids=tuple(args.stop_token_ids), logprobs=args.logprobs,
                           prompt_logprobs=args.prompt_logprobs, logprobs_mode=args.logprobs_mode)
 
 
@@ -222,6 +227,23 @@ def degenerate_config_warnings(model_config: ModelConfig, config: EngineConfig, 
             f"{config.block_size}), fewer than request {request_id!r} needs ({need} = prompt + max_new_tokens): "
             f"max_model_len is {max_model_len}, so requests stop at {max_model_len} tokens with finish_reason "
             f"\"length\"{fails}. Raise --num-kv-blocks or --kv-cache-memory"]
+
+
+def sample_group_warnings(args: argparse.Namespace) -> list[str]:
+    """RL groups that will not do what was probably meant."""
+    n = args.samples_per_prompt
+    if n == 1:
+        return []
+    warnings = []
+    if args.temperature < GREEDY_TEMPERATURE:
+        warnings.append(f"--samples-per-prompt {n} with greedy decoding (--temperature {args.temperature}) gives "
+                        f"{n} identical samples of each prompt; set --temperature")
+    if args.prompt_logprobs:
+        warnings.append("--prompt-logprobs requests take no prefix-cache hits, so each of the "
+                        f"{n} samples of a prompt computes the whole prompt")
+    elif not args.enable_prefix_caching:
+        warnings.append(f"without prefix caching each of the {n} samples of a prompt computes the whole prompt")
+    return warnings
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

@@ -2,7 +2,8 @@
 """Sweep the paged decode attention kernel's launch parameters on a GPU (issue 14, item 3).
 
 For each shape (batch, context, q heads, kv heads, head_dim) every combination of context
-splits, tile length ``block_n``, ``num_warps`` and ``num_stages`` is checked against the
+splits, tile length ``block_n``, ``num_warps`` and ``num_stages`` (and, for MHA shapes,
+the element-wise path against ``use_dot``: the query row padded for ``tl.dot``) is checked against the
 torch reference and timed as CUDA-graph replays of back-to-back calls; the table shows the
 current heuristic's time, the best configuration's, and both as achieved bandwidth over the
 KV bytes a step must read (K and V of every context token, once).
@@ -56,6 +57,7 @@ class Launch:
     block_n: int | None = None
     num_warps: int = 4
     num_stages: int | None = None
+    use_dot: bool | None = None
 
 
 @dataclass
@@ -74,12 +76,14 @@ def kv_bytes(seq_lens: list[int], kv_heads: int, head_dim: int, element_size: in
     return 2 * sum(seq_lens) * kv_heads * head_dim * element_size
 
 
-def candidate_launches(context: int, quick: bool) -> list[Launch]:
+def candidate_launches(context: int, quick: bool, mha: bool = False) -> list[Launch]:
     """First stage of the sweep: context splits x tile lengths at 4 warps and Triton's
-    default stages; splits that leave at least one 16-token tile per split."""
+    default stages; splits that leave at least one 16-token tile per split. MHA shapes
+    (no query groups) also try every one of them on the ``tl.dot`` path."""
     splits = [s for s in SPLITS if s <= MAX_SPLITS and s * 16 <= context]
     block_ns = (32, 64) if quick else BLOCK_NS
-    return [Launch(s, b) for s, b in itertools.product(splits, block_ns)]
+    paths = (None, True) if mha else (None,)
+    return [Launch(s, b, use_dot=d) for d, s, b in itertools.product(paths, splits, block_ns)]
 
 
 def refine_launches(best: Launch, quick: bool) -> list[Launch]:
@@ -87,7 +91,7 @@ def refine_launches(best: Launch, quick: bool) -> list[Launch]:
     stage ran Triton's default stages, which is not one of them)."""
     if quick:
         return []
-    return [Launch(best.num_splits, best.block_n, w, st) for w, st in itertools.product(WARPS, STAGES)]
+    return [Launch(best.num_splits, best.block_n, w, st, best.use_dot) for w, st in itertools.product(WARPS, STAGES)]
 
 
 def best_launch(timed: list[dict]) -> dict | None:
@@ -138,7 +142,8 @@ def sweep_shape(shape: Shape, dtype: torch.dtype, reps: int, quick: bool, device
     def measure(launch: Launch) -> dict:
         def call():
             return paged_decode_attention_triton(*args, num_splits=launch.num_splits, block_n=launch.block_n,
-                                                 num_warps=launch.num_warps, num_stages=launch.num_stages)
+                                                 num_warps=launch.num_warps, num_stages=launch.num_stages,
+                                                 use_dot=launch.use_dot)
         row = {"launch": asdict(launch), "ok": False, "ms": None, "error": None}
         try:
             err = (call().float() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-12)
@@ -149,8 +154,11 @@ def sweep_shape(shape: Shape, dtype: torch.dtype, reps: int, quick: bool, device
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return row
 
-    rows = [measure(launch) for launch in [Launch()] + candidate_launches(shape.context, quick)]
+    rows = [measure(launch) for launch in [Launch()] + candidate_launches(shape.context, quick, mha=heads == kv_heads)]
     first = best_launch(rows[1:])
+    # MHA: the two paths side by side, each at its best first-stage launch (same warps and stages).
+    paths = {name: best_launch([r for r in rows[1:] if bool(r["launch"]["use_dot"]) == dot])
+             for name, dot in (("elementwise", False), ("dot", True))} if heads == kv_heads else {}
     if first is not None:
         rows += [measure(launch) for launch in refine_launches(Launch(**first["launch"]), quick)]
     nbytes = kv_bytes(seq_lens.tolist(), kv_heads, head_dim, k_cache.element_size())
@@ -160,19 +168,25 @@ def sweep_shape(shape: Shape, dtype: torch.dtype, reps: int, quick: bool, device
     return {"model": shape.model, "batch": shape.batch, "context": shape.context, "heads": heads,
             "kv_heads": kv_heads, "head_dim": head_dim, "kv_bytes": nbytes, "default_num_splits": default_splits,
             "default": default, "best": best,
-            "speedup": default["ms"] / best["ms"] if best and default["ms"] else None, "rows": rows}
+            "speedup": default["ms"] / best["ms"] if best and default["ms"] else None,
+            "best_ms_by_path": {name: (r["ms"] if r else None) for name, r in paths.items()}, "rows": rows}
 
 
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'shape':<30} {'default ms':>10} {'GB/s':>7} {'best ms':>9} {'GB/s':>7} {'speedup':>8}  best launch"]
+    lines = [f"{'shape':<30} {'default ms':>10} {'GB/s':>7} {'best ms':>9} {'GB/s':>7} {'speedup':>8} "
+             f"{'dot/elem':>8}  best launch"]
     for r in results:
         d, b = r["default"], r["best"] or {}
         name = f"{r['model']} B={r['batch']} ctx={r['context']}"
         f = lambda v, spec: "-" if v is None else format(v, spec)
         launch = b.get("launch", {})
+        paths = r.get("best_ms_by_path") or {}
+        # > 1: the tl.dot path's best time is shorter than the element-wise path's (MHA only)
+        ratio = paths["elementwise"] / paths["dot"] if paths.get("dot") and paths.get("elementwise") else None
         lines.append(f"{name:<30} {f(d['ms'], '10.4f')} {f(d['gb_s'], '7.0f')} {f(b.get('ms'), '9.4f')} "
-                     f"{f(b.get('gb_s'), '7.0f')} {f(r['speedup'], '8.2f')}  splits={launch.get('num_splits')} "
-                     f"block_n={launch.get('block_n')} warps={launch.get('num_warps')} stages={launch.get('num_stages')}")
+                     f"{f(b.get('gb_s'), '7.0f')} {f(r['speedup'], '8.2f')} {f(ratio, '8.2f')}  "
+                     f"splits={launch.get('num_splits')} block_n={launch.get('block_n')} "
+                     f"warps={launch.get('num_warps')} stages={launch.get('num_stages')} dot={launch.get('use_dot')}")
     return "\n".join(lines)
 
 

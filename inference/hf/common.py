@@ -1,5 +1,5 @@
 """What every Hugging Face family module shares: the error type, tensor recipes, the family
-record, config.json readers (rotary, eos, base shape) and recipes for common modules.
+record, config.json readers (rotary, end-of-sequence ids, base shape) and recipes for common modules.
 
 Defaults used for keys a config.json leaves out are those of the transformers
 configuration classes.
@@ -105,11 +105,14 @@ def partial_rotary_dim(raw: dict[str, Any], head_dim: int, default_factor: float
     return 0 if dim == head_dim else dim
 
 
-def eos_token(raw: dict[str, Any], vocab_size: int) -> int | None:
+def eos_token_ids(raw: dict[str, Any], vocab_size: int) -> list[int]:
+    """Every end-of-sequence id of a config.json or generation_config.json object: its
+    ``eos_token_id`` (an int or a list; chat models list several, e.g. GLM-4.5's
+    end-of-text, ``<|user|>`` and ``<|observation|>``), in order, ids outside the vocabulary
+    left out."""
     eos = raw.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    return eos if isinstance(eos, int) and 0 <= eos < vocab_size else None
+    ids = eos if isinstance(eos, list) else [eos]
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size))
 
 
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
@@ -139,8 +142,13 @@ def base_fields(raw: dict[str, Any], problems: list[str], model_type: str, *, ac
         head_dim=int(get(raw, "head_dim", default=hidden // heads)),
         rms_norm_eps=float(get(raw, "rms_norm_eps", default=eps)),
         max_position_embeddings=int(get(raw, "max_position_embeddings", default=4096)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), eos_token_id=eos_token(raw, vocab),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)), **eos_fields(eos_token_ids(raw, vocab)),
         **rope_fields(raw, problems, theta))
+
+
+def eos_fields(ids: list[int]) -> dict[str, Any]:
+    """ModelConfig's ``eos_token_id`` (the first id) and ``extra_eos_token_ids`` (the rest)."""
+    return {"eos_token_id": ids[0] if ids else None, "extra_eos_token_ids": tuple(ids[1:])}
 
 
 def build_config(problems: list[str], **fields: Any) -> ModelConfig | None:

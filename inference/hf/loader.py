@@ -3,12 +3,14 @@
 Only safetensors are read (never pickle). A checkpoint is one ``model.safetensors`` or
 shards listed by ``model.safetensors.index.json`` (any ``*.safetensors`` set works too).
 Everything wrong with a checkpoint (missing tensors, wrong shapes, tensors the model would
-silently ignore) is reported in one ``HFCheckpointError``. Next-token-prediction (MTP)
+silently ignore) is reported in one ``HFCheckpointError``. The end-of-sequence ids are
+config.json's and generation_config.json's ``eos_token_id`` lists together. Next-token-prediction (MTP)
 layers are not served: their tensors are skipped, with a log line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,7 +22,8 @@ import torch
 
 from inference.config import ModelConfig
 from inference.errors import require
-from inference.hf.common import IGNORED_SUFFIXES, HFCheckpointError, HFFamily, TensorRecipe
+from inference.hf.common import (IGNORED_SUFFIXES, HFCheckpointError, HFFamily, TensorRecipe, eos_fields,
+                                 eos_token_ids)
 from inference.hf.registry import model_recipes, mtp_tensors, parse_hf_config
 from inference.model import MoEGPT
 from inference.model.gpt import allocate_model
@@ -52,7 +55,20 @@ def read_raw_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 
 def read_hf_config(checkpoint_dir: str | os.PathLike) -> tuple[ModelConfig, HFFamily]:
     path = Path(checkpoint_dir) / "config.json"
-    return parse_hf_config(_read_json(path), str(path))
+    config, family = parse_hf_config(_read_json(path), str(path))
+    return with_generation_eos(config, checkpoint_dir), family
+
+
+def with_generation_eos(config: ModelConfig, checkpoint_dir: str | os.PathLike) -> ModelConfig:
+    """``config`` with the end-of-sequence ids of the checkpoint's generation_config.json
+    added (transformers' ``generate`` and vLLM stop on those; chat checkpoints often list
+    more there than config.json does, e.g. Qwen3's ``<|im_end|>`` and ``<|endoftext|>``).
+    No file: ``config`` as it is."""
+    path = Path(checkpoint_dir) / "generation_config.json"
+    if not path.is_file():
+        return config
+    ids = list(dict.fromkeys([*config.eos_token_ids, *eos_token_ids(_read_json(path), config.vocab_size)]))
+    return dataclasses.replace(config, **eos_fields(ids)) if ids else config
 
 
 def load_hf_config(checkpoint_dir: str | os.PathLike) -> ModelConfig:
@@ -142,6 +158,7 @@ def check_hf_checkpoint(checkpoint_dir: str | os.PathLike) -> tuple[ModelConfig,
     HFCheckpointError listing every problem; returns what ``load_hf_model`` needs."""
     raw = read_raw_config(checkpoint_dir)
     config, family = parse_hf_config(raw, str(Path(checkpoint_dir) / "config.json"))
+    config = with_generation_eos(config, checkpoint_dir)
     files = tensor_files(checkpoint_dir)
     recipes = model_recipes(config, family, set(files), raw)
     skipped = mtp_tensors(config, family, set(files), raw)

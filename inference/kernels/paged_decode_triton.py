@@ -40,6 +40,9 @@ MAX_SPLITS = 32
 # shape ran 1.2-1.3x faster at batch 16-64 with 8-32 splits than with the grouped rule).
 MHA_PROGRAMS_PER_SM = 64
 MHA_MIN_TOKENS_PER_SPLIT = 32
+# Whether MHA (no query groups) takes the tl.dot path by default (``use_dot``); False until
+# tools/tune_paged_decode.py measures that path faster on an H200 (its ``dot/elem`` column).
+MHA_USE_DOT = False
 # Stands for "no window" inside the kernels: no context is this long.
 NO_WINDOW = 1 << 30
 
@@ -136,11 +139,17 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
                                   block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                                   num_splits: int | None = None, window: int = 0,
                                   sinks: torch.Tensor | None = None, block_n: int | None = None,
-                                  num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                                  num_warps: int = 4, num_stages: int | None = None,
+                                  use_dot: bool | None = None) -> torch.Tensor:
     """Triton flash-decoding kernel; ``num_splits`` overrides the shape-based heuristic.
     With a window the splits partition the window, not the whole context. ``block_n``
     (context tokens per tile; default 64 with query groups, else 32), ``num_warps`` and
-    ``num_stages`` (Triton's default when None) are tuning knobs (tools/tune_paged_decode.py)."""
+    ``num_stages`` (Triton's default when None) are tuning knobs (tools/tune_paged_decode.py).
+    ``use_dot`` (default: with query groups, and without them when ``MHA_USE_DOT``) computes scores and the weighted V sum
+    with ``tl.dot``; without groups (MHA) the single query row is padded to 16 rows, which
+    costs the tensor cores nothing a memory-bound step can see, in exchange for the dot
+    path's load and register layouts (the H200 tuning saw MHA's element-wise path cap near
+    2.3 TB/s where the grouped dot path reached 3.4-3.9)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     batch, num_heads, head_dim = q.shape
@@ -155,9 +164,10 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if batch == 0:
         return out
     span = max_blocks * block_size if window <= 0 else min(window, max_blocks * block_size)
-    use_dot = group > 1
-    if num_splits is None:
-        num_splits = choose_num_splits(batch, kv_heads, -(-span // block_size), block_size, q.device, grouped=use_dot)
+    if num_splits is None:   # the split rule follows the work per program: one head row without groups
+        num_splits = choose_num_splits(batch, kv_heads, -(-span // block_size), block_size, q.device,
+                                       grouped=group > 1)
+    use_dot = (group > 1 or MHA_USE_DOT) if use_dot is None else bool(use_dot)
     if block_n is None:
         block_n = 64 if use_dot else 32
     elif block_n < 16 or block_n & (block_n - 1):

@@ -255,6 +255,10 @@ def test_results_lines_of_a_run_are_valid(run_dir: Path) -> None:
     ({"routing_start": 2}, "len(prompt) + len(output) - 1 - routing_start 2 = 2"),
     ({"routing_start": 4, "routing_shape": [0, 3, 2]}, "routing_start 4 > len(prompt) 3"),
     ({"routing_start": -1}, "routing_start must be an int >= 0"),
+    ({"prompt_id": "p"}, "prompt_id and sample_index must be present together"),
+    ({"sample_index": 0}, "prompt_id and sample_index must be present together"),
+    ({"prompt_id": 3, "sample_index": 0}, "prompt_id must be a string"),
+    ({"prompt_id": "p", "sample_index": -1}, "sample_index must be an int >= 0"),
 ])
 def test_results_line_problems(change: dict, expected: str) -> None:
     line = {"id": "a", "prompt_token_ids": [1, 2, 3], "output_token_ids": [4, 5], "finish_reason": "stop",
@@ -262,6 +266,12 @@ def test_results_line_problems(change: dict, expected: str) -> None:
     assert validate_results_line(line) == []
     problems = validate_results_line({**line, **change})
     assert any(expected in p for p in problems), problems
+
+
+def test_results_line_of_a_sample() -> None:
+    line = {"id": "p#1", "prompt_token_ids": [1], "output_token_ids": [2], "finish_reason": "stop",
+            "prompt_id": "p", "sample_index": 1}
+    assert validate_results_line(line) == []
 
 
 def test_results_line_needs_shape_and_dtype_together() -> None:

@@ -137,3 +137,66 @@ def test_logprobs_and_weight_version_reach_results_and_routing_meta(tmp_path):
         assert r["weight_version"] == 0
     meta = orjson.loads((tmp_path / "routing_meta.json").read_bytes())
     assert meta["weight_version"] == 0
+
+
+def test_samples_per_prompt_serve_rl_groups_that_compute_their_prompt_once(tmp_path):
+    """Each prompt's samples are neighbouring requests ``<id>#<k>``; the samples after the
+    first take the prompt's blocks from the prefix cache, yet every sample's tokens and
+    routing equal an engine serving that one request alone, without the cache, with the
+    seed of its place in the workload."""
+    from inference.config import EngineConfig
+    from inference.engine import LLMEngine
+    from inference.presets import build_model, get_preset
+    from inference.request import SamplingParams
+    from inference.workload import synthetic_prompts
+    from routing_replay.run_dir_schema import validate_run_dir
+    flags = ["--record-routing", "--num-requests", "3", "--samples-per-prompt", "4", "--prompt-len", "40",
+             "--output-len", "6", "--ignore-eos", "--temperature", "1.0", "--top-p", "0.9", "--block-size", "8",
+             "--seed", "3"]
+    proc = _run(flags + ["--output-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    assert validate_run_dir(tmp_path) == []
+    results = _results(tmp_path)
+    assert [r["id"] for r in results] == [f"{p}#{k}" for p in range(3) for k in range(4)]
+    assert [(r["prompt_id"], r["sample_index"]) for r in results] == [(str(p), k) for p in range(3) for k in range(4)]
+    for r in results:
+        # every full block the prompt's last token does not need (it is always computed)
+        assert r["num_cached_tokens"] == (0 if r["sample_index"] == 0 else (40 - 1) // 8 * 8), r["id"]
+    details = orjson.loads((tmp_path / "step_details.json").read_bytes())
+    assert details["meta"]["workload"]["samples_per_prompt"] == 4
+
+    config = get_preset("tiny-moe")
+    prompts = synthetic_prompts(num_requests=3, prompt_len=40, vocab_size=config.vocab_size, seed=3)
+    engine = LLMEngine(build_model(config, seed=3), EngineConfig(block_size=8, num_kv_blocks=64, seed=3,
+                                                                 enable_prefix_caching=False, record_routing=True))
+    routings, _ = load_routing(tmp_path)
+    for index, r in enumerate(results):
+        assert r["prompt_token_ids"] == prompts[int(r["prompt_id"])].prompt_token_ids
+        alone = engine.generate([r["prompt_token_ids"]], SamplingParams(
+            max_new_tokens=6, ignore_eos=True, temperature=1.0, top_p=0.9, seed=3 * 1_000_003 + index))[0]
+        assert alone.output_token_ids == r["output_token_ids"], r["id"]
+        np.testing.assert_array_equal(alone.routing, routings[r["id"]])
+    assert len({tuple(r["output_token_ids"]) for r in results}) == len(results), "every sample draws its own tokens"
+
+
+def test_greedy_samples_per_prompt_warn(tmp_path):
+    proc = _run(["--num-requests", "1", "--samples-per-prompt", "2", "--output-len", "2", "--dry-run"])
+    assert proc.returncode == 0, proc.stderr
+    assert "2 identical samples" in proc.stdout + proc.stderr
+
+
+def test_stop_token_ids_end_requests_even_with_ignore_eos(tmp_path):
+    free = tmp_path / "free"
+    base = ["--num-requests", "3", "--output-len", "12", "--ignore-eos"]
+    assert _run(base + ["--output-dir", str(free)]).returncode == 0
+    outputs = [r["output_token_ids"] for r in _results(free)]
+    stop = outputs[0][3]
+    proc = _run(base + ["--stop-token-ids", f"{stop}", "--output-dir", str(tmp_path / "stopped")])
+    assert proc.returncode == 0, proc.stderr
+    for r, full in zip(_results(tmp_path / "stopped"), outputs):
+        cut = full.index(stop) + 1 if stop in full else len(full)
+        assert r["output_token_ids"] == full[:cut], r["id"]
+        assert r["finish_reason"] == ("stop" if stop in full else "length")
+    for bad, message in (("5,x", "comma-separated token ids"), ("-3", ">= 0"), ("100000", "outside the vocabulary")):
+        proc = _run(base + ["--stop-token-ids", bad, "--dry-run"])
+        assert proc.returncode == 2 and message in proc.stderr, (bad, proc.stderr[-500:])

@@ -180,3 +180,22 @@ def test_dry_run_of_a_hybrid_plans_replicated_blocks_and_refuses_bad_expert_layo
     assert f"KV cache {' '.join(kv)}," in plan[0] and f"weights {' '.join(weights)}," not in plan[0]
     refused = cli.run(args + _layout(6, 3))
     assert refused.status == 2 and "--expert-parallel-size 3 does not divide the 8 experts" in refused.stderr
+
+
+def test_data_parallel_replicas_keep_each_rl_group_together(tmp_path, cli):
+    """Two replicas, groups of two samples: each group is served by one replica, so the
+    second sample of every prompt hits the first one's blocks (split round robin by
+    request, as before, no sample would); tokens and routing equal one process's run."""
+    argv = ["--record-routing", "--num-requests", "5", "--samples-per-prompt", "2", "--prompt-len", "20",
+            "--output-len", "5", "--ignore-eos", "--temperature", "1.0", "--block-size", "4"]
+    single = tmp_path / "single"
+    assert cli.run(argv + ["--output-dir", single]).status == 0
+    results = run_ranks(run_cli, 2, [argv + ["--output-dir", str(tmp_path / "dp2")]], timeout=240)
+    assert [int(r["exit0"]) for r in results] == [0, 0]
+    assert_same_run(tmp_path / "dp2", single, same_schedule=False)
+    got = load_results(tmp_path / "dp2")
+    assert [r["id"] for r in got] == [f"{p}#{k}" for p in range(5) for k in range(2)]
+    assert all(r["num_cached_tokens"] == 16 for r in got if r["sample_index"] == 1)
+    details = [orjson.loads((tmp_path / "dp2" / f"rank{rank}" / "step_details.json").read_bytes())
+               for rank in range(2)]
+    assert [d["summary"]["prefill_tokens"] for d in details] == [3 * (20 + 4), 2 * (20 + 4)]

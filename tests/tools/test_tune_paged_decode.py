@@ -27,6 +27,10 @@ def test_candidates_leave_a_tile_per_split_and_refinement_varies_warps_and_stage
     assert len(refined) == len(tune.WARPS) * len(tune.STAGES) and best not in refined
     assert all((r.num_splits, r.block_n) == (2, 64) for r in refined)
     assert tune.refine_launches(best, quick=True) == []
+    mha = tune.candidate_launches(context=64, quick=False, mha=True)
+    assert [launch for launch in mha if launch.use_dot is None] == launches
+    assert {(l.num_splits, l.block_n) for l in mha if l.use_dot} == {(l.num_splits, l.block_n) for l in launches}
+    assert all(r.use_dot for r in tune.refine_launches(tune.Launch(2, 64, use_dot=True), quick=False))
 
 
 def _row(ms, splits, block_n, ok=True):
@@ -56,12 +60,23 @@ def check_interpreter_cases() -> int:
     assert all(r["ok"] and r["rel_err"] <= 1e-4 for r in rows), [r for r in rows if not r["ok"]]
     assert result["best"] is rows[-1] and result["speedup"] > 1
     assert result["kv_bytes"] > 0 and all(r["gb_s"] > 0 for r in rows)
-    return len(rows)
+    assert result["best_ms_by_path"] == {}                  # query groups: one path
+    # MHA: both paths swept, each one's best reported (the fake clock makes the dot path's last launch fastest).
+    tune.MODELS["tiny-mha"] = (3, 3, 16)
+    mha = tune.sweep_shape(tune.Shape("tiny-mha", batch=3, context=64), torch.float32, reps=1, quick=True,
+                           device="cpu", timer=fake)
+    assert all(r["ok"] and r["rel_err"] <= 1e-4 for r in mha["rows"]), [r for r in mha["rows"] if not r["ok"]]
+    assert {bool(r["launch"]["use_dot"]) for r in mha["rows"][1:]} == {False, True}
+    paths = mha["best_ms_by_path"]
+    assert paths["dot"] == mha["best"]["ms"] < paths["elementwise"]
+    assert "dot/elem" in tune.format_table([result, mha])
+    return len(rows) + len(mha["rows"])
 
 
 @needs_triton
 def test_sweep_checks_every_launch_and_takes_the_fastest_in_interpreter():
-    assert_interpreter_checks_pass(__file__, 1 + len(tune.candidate_launches(64, quick=True)))
+    assert_interpreter_checks_pass(__file__, 2 + len(tune.candidate_launches(64, quick=True))
+                                   + len(tune.candidate_launches(64, quick=True, mha=True)))
 
 
 if __name__ == "__main__":

@@ -217,12 +217,22 @@ def check_interpreter_cases() -> int:
         ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE)
         assert (out - ref).abs().max().item() < 1e-4, f"block_n={block_n} group={group} splits={num_splits}"
         checked += 1
+    # MHA through the tl.dot path (its one query row padded to 16), with a window and sinks too.
+    for block_n, num_splits, window, with_sinks in ((32, 3, 0, False), (16, 1, 6, True), (64, 2, 0, True)):
+        q, k_cache, v_cache, tables, lens, _, _ = random_case(seq_lens=[1, 9, 0, 150, 33], kv_heads=3, group=1,
+                                                              head_dim=32, block_size=8, seed=500 + block_n)
+        sinks = torch.linspace(-1, 2, q.shape[1]) if with_sinks else None
+        out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits=num_splits,
+                                            window=window, sinks=sinks, block_n=block_n, use_dot=True)
+        ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE, window, sinks)
+        assert (out - ref).abs().max().item() < 1e-4, f"MHA dot block_n={block_n} splits={num_splits} window={window}"
+        checked += 1
     return checked
 
 
 @needs_triton
 def test_triton_kernel_matches_reference_in_interpreter():
-    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())) + 8)
+    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())) + 11)
 
 
 @needs_triton
@@ -270,10 +280,12 @@ def test_triton_matches_reference_on_gpu(dtype, seq_lens, kv_heads, group, head_
     q, k_cache, v_cache, tables, lens, _, _ = random_case(
         seq_lens, kv_heads, group, head_dim, block_size, seed=head_dim, dtype=dtype, device="cuda")
     ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE)
-    for num_splits in (None, 1, 4):
-        paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits=num_splits)
+    paths = (None, True) if group == 1 else (None,)      # MHA: the element-wise and the padded tl.dot path
+    for num_splits, use_dot in itertools.product((None, 1, 4), paths):
+        kwargs = dict(num_splits=num_splits, use_dot=use_dot)
+        paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, **kwargs)
         with forbid_host_sync():
-            out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits=num_splits)
+            out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, **kwargs)
         torch.testing.assert_close(out.float(), ref.float(), atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
         assert torch.equal(out[lens == 0], torch.zeros_like(out[lens == 0]))
 

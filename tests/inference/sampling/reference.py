@@ -22,7 +22,11 @@ def reference_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     probs = np.where(keep, np.exp(scaled - scaled.max()), 0.0)
     probs /= probs.sum()
     if params.top_p < 1.0:
-        above = (probs[None, :] * (scaled[None, :] > scaled[:, None])).sum(axis=1)
+        # Mass of the tokens strictly more likely than each token: per distinct value, the
+        # mass of every larger value (O(V log V); tied tokens share one value).
+        values, which = np.unique(scaled, return_inverse=True)
+        mass = np.bincount(which, weights=probs, minlength=values.size)
+        above = (np.cumsum(mass[::-1])[::-1] - mass)[which]
         keep &= above <= params.top_p
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum()
