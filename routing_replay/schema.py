@@ -112,7 +112,7 @@ _PHASE_SPEC: Spec = ((("total_ms", "mean_ms", "share"), _time, False),)
 _RESULT_SPEC: Spec = (
     (("id", "finish_reason"), _string, True),
     (("output_token_ids",), _token_ids, True),
-    (("error", "routing_dtype", "prompt_id"), _string, False),
+    (("error", "routing_dtype", "prompt_id", "output_text"), _string, False),
     (("routing_shape",), _shape, False),
     (("num_cached_tokens", "num_preemptions", "routing_start", "sample_index"), _count, False),
 )
