@@ -24,6 +24,7 @@ class PromptSpec:
     max_new_tokens: int | None = None
     prompt_text: str | None = None
     routing_start: int = 0          # first routing row to return (multi-turn suffix output)
+    problem: str | None = None      # why this request cannot be served (it fails alone, the others run)
     prompt_id: str | None = None    # the prompt this request samples (RL groups)
     sample_index: int | None = None  # 0 .. samples per prompt - 1
     from_text: bool = False         # encoded by a tokenizer (a text or chat prompt)
@@ -36,7 +37,9 @@ class PromptSpec:
 class TextEncoder(Protocol):
     """What text and chat prompts need of a tokenizer: ``encode`` a text, and ``encode_chat``
     a list of chat messages through the tokenizer's chat template, ending with the prompt of
-    the assistant's turn (``tools.run_setup`` wraps a transformers tokenizer so)."""
+    the assistant's turn (``tools.run_setup`` wraps a transformers tokenizer so). Both raise
+    ValueError when no tokenizer (or template) can do it at all, ``ChatRefused`` when the
+    template refuses one chat."""
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -44,6 +47,11 @@ class TextEncoder(Protocol):
 
 
 PROMPT_KEYS = ("prompt_token_ids", "prompt", "messages")
+
+
+class ChatRefused(ValueError):
+    """A chat template refused one conversation (e.g. roles that do not alternate): that
+    request fails alone, with this message."""
 
 
 class PromptsFileError(ValueError):
@@ -60,7 +68,7 @@ def read_prompts_file(path: str | Path, tokenizer: TextEncoder | None = None) ->
     ``tokenizer.encode(text)`` (special tokens as the tokenizer adds them by default); the
     tokenizer is asked for nothing unless a text or chat line exists. Blank lines are skipped. Structural problems (bad JSON, missing keys, duplicate
     ids) fail the whole file; bad token values are left for the engine, which fails that
-    request alone."""
+    request alone, and so does a chat its template refuses (``PromptSpec.problem``)."""
     path = Path(path)
     if not path.is_file():
         raise PromptsFileError(f"--prompts-file: {path} does not exist or is not a file")
@@ -104,7 +112,11 @@ def _parse_line(line: bytes, where: str, tokenizer: TextEncoder | None) -> Promp
             raise PromptsFileError(f"{where}: prompt_token_ids must be a list of ints")
         return PromptSpec(request_id, obj["prompt_token_ids"], limit, routing_start=start)
     if given == ["messages"]:
-        ids = _encode_chat(obj["messages"], where, tokenizer)
+        try:
+            ids = _encode_chat(obj["messages"], where, tokenizer)
+        except ChatRefused as exc:
+            return PromptSpec(request_id, [], limit, routing_start=start, from_text=True,
+                              problem=f"{where}: {exc}")
         return PromptSpec(request_id, ids, limit, routing_start=start, from_text=True)
     text = obj["prompt"]
     return PromptSpec(request_id, _encode(text, where, tokenizer), limit, prompt_text=text, routing_start=start)
@@ -119,7 +131,9 @@ def _encode_chat(messages: Any, where: str, tokenizer: TextEncoder | None) -> li
         raise PromptsFileError(f"{where}: chat prompts need --hf-checkpoint with a tokenizer")
     try:
         ids = tokenizer.encode_chat(messages)
-    except ValueError as exc:  # no tokenizer files, no chat template, a template that refuses the chat
+    except ChatRefused:
+        raise
+    except ValueError as exc:  # no tokenizer files, no chat template: no chat line can be served
         raise PromptsFileError(f"{where}: {exc}") from None
     return [int(t) for t in ids]
 

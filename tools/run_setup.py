@@ -18,7 +18,7 @@ from inference.model import MoEGPT
 from inference.parallel import ParallelGroups, ParallelLayout, ParallelLayoutError
 from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import GREEDY_TEMPERATURE, SamplingParams
-from inference.workload import PromptSpec, read_prompts_file, synthetic_prompts, with_samples
+from inference.workload import ChatRefused, PromptSpec, read_prompts_file, synthetic_prompts, with_samples
 from tools.memory_plan import MemoryPlan
 
 ModelLoader = Callable[..., MoEGPT]   # (device, dtype, seed, parallel=None) -> model (this rank's shards)
@@ -176,8 +176,8 @@ class CheckpointTokenizer:
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         except Exception as exc:  # noqa: BLE001 - jinja errors of the template itself (raise_exception, bad keys)
-            raise ValueError(f"the chat template of --hf-checkpoint {self.checkpoint_dir} refused the chat: "
-                             f"{type(exc).__name__}: {exc}") from None
+            raise ChatRefused(f"the chat template of --hf-checkpoint {self.checkpoint_dir} refused the chat: "
+                              f"{type(exc).__name__}: {exc}") from None
         return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)   # transformers 5: a BatchEncoding
 
     def decode(self, ids: list[int]) -> str:

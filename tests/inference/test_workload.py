@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inference.workload import PromptsFileError, read_prompts_file
+from inference.workload import ChatRefused, PromptsFileError, read_prompts_file
 
 
 class FakeTokenizer:
@@ -23,7 +23,9 @@ class FakeTokenizer:
         """A stand-in chat template: each turn's role length, then its words; 9 opens the reply."""
         self.calls.append(messages)
         if any(m["role"] == "tool" for m in messages):
-            raise ValueError("the chat template refuses this chat")
+            raise ChatRefused("the chat template refuses this chat")
+        if any(m["role"] == "nochat" for m in messages):
+            raise ValueError("this tokenizer has no chat template")
         return [t for m in messages for t in [len(m["role"]), *self.encode(m["content"])[1:]]] + [np.int64(9)]
 
 
@@ -121,7 +123,7 @@ def test_chat_lines_go_through_the_chat_template(tmp_path):
     ('"hi"', "messages must be a non-empty list"),
     ('[{"content": "no role"}]', "messages must be a non-empty list"),
     ('[{"role": "user"}]', "messages must be a non-empty list"),
-    ('[{"role": "tool", "content": "x"}]', "the chat template refuses this chat"),
+    ('[{"role": "nochat", "content": "x"}]', "this tokenizer has no chat template"),
 ])
 def test_malformed_chat_lines(tmp_path, messages, message):
     path = _write(tmp_path, f'{{"id": 1, "messages": {messages}}}\n')
@@ -134,3 +136,12 @@ def test_chat_without_tokenizer_names_the_flag(tmp_path):
     path = _write(tmp_path, '{"id": 1, "messages": [{"role": "user", "content": "x"}]}\n')
     with pytest.raises(PromptsFileError, match="chat prompts need --hf-checkpoint with a tokenizer"):
         read_prompts_file(path)
+
+
+def test_a_chat_its_template_refuses_fails_alone(tmp_path):
+    path = _write(tmp_path, '{"id": 1, "messages": [{"role": "tool", "content": "x"}]}\n'
+                            '{"id": 2, "messages": [{"role": "user", "content": "x"}]}\n')
+    refused, served = read_prompts_file(path, FakeTokenizer())
+    assert refused.prompt_token_ids == [] and refused.problem == (
+        f"--prompts-file {path}, line 1: the chat template refuses this chat")
+    assert served.problem is None and served.prompt_token_ids == [4, 101, 9]

@@ -22,7 +22,8 @@ SCRIPT = ROOT / "tools" / "run_inference.py"
 SENTENCES = ["the router picks two experts for every token",
              "replay the same routing in training", "hello world"]
 # Roles become words the tokenizer knows; the assistant's turn is opened with "router".
-CHAT_TEMPLATE = ("[BOS]{% for m in messages %}{{ 'the' if m['role'] == 'user' else 'hello' }} {{ m['content'] }} "
+CHAT_TEMPLATE = ("[BOS]{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}"
+                 "{% endif %}{{ 'the' if m['role'] == 'user' else 'hello' }} {{ m['content'] }} "
                  "{% endfor %}{% if add_generation_prompt %}router{% endif %}")
 MODEL_VOCAB = 64   # >= the tokenizer's vocabulary, so every encoded id is servable
 NUM_MOE_LAYERS, TOPK = 2, 2
@@ -139,12 +140,16 @@ def test_chat_prompts_and_output_text(checkpoints, tmp_path):
     ckpt, _ = checkpoints
     chat = [{"role": "system", "content": "replay the same routing"}, {"role": "user", "content": "hello world"}]
     prompts = _prompts(tmp_path, [{"id": "chat", "messages": chat}, {"id": "ids", "prompt_token_ids": [5, 6, 7]},
+                                  {"id": "refused", "messages": [{"role": "tool", "content": "hello"}]},
                                   {"id": "text", "prompt": SENTENCES[1]}])
     out = tmp_path / "out"
     proc = _run(["--hf-checkpoint", str(ckpt), "--prompts-file", str(prompts), "--max-new-tokens", "4",
                  "--ignore-eos", "--output-dir", str(out)])
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr          # some request failed, the others were served
     results = {r["id"]: r for r in map(orjson.loads, (out / "results.jsonl").read_bytes().splitlines())}
+    refused = results.pop("refused")
+    assert refused["finish_reason"] == "error" and "line 3" in refused["error"] and "no tool turns" in refused["error"]
+    assert "output_text" not in refused
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
     rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert rendered == "[BOS]hello replay the same routing the hello world router"
@@ -156,7 +161,7 @@ def test_chat_prompts_and_output_text(checkpoints, tmp_path):
     assert validate_run_dir(out) == []
     proc = _run(["--hf-checkpoint", str(ckpt), "--prompts-file", str(prompts), "--max-new-tokens", "2",
                  "--no-output-text", "--output-dir", str(tmp_path / "no_text")])
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 3, proc.stderr
     assert not any("output_text" in orjson.loads(line)
                    for line in (tmp_path / "no_text" / "results.jsonl").read_bytes().splitlines())
 
