@@ -364,6 +364,9 @@ class EngineConfig:
     fused_moe_small_batch_max_tokens: int | None = None
     fused_small_ops: str = "auto"    # router / q-k norm + rotary / add + norm kernels: inference.kernels.small_ops
     fused_kv_write: bool = True      # with them, K/V cache writes join the norm + rotary kernel (off: to measure)
+    # MHA decode attention through the Triton kernel's tl.dot path (None: the kernel's
+    # default, inference.kernels.paged_decode_triton.MHA_USE_DOT); query groups always take it.
+    decode_attention_mha_dot: bool | None = None
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
@@ -394,6 +397,8 @@ class EngineConfig:
         _require(self.fused_small_ops in FUSED_SMALL_OPS_MODES,
                  f"fused_small_ops must be one of {FUSED_SMALL_OPS_MODES}, got {self.fused_small_ops!r}")
         _require(isinstance(self.fused_kv_write, bool), f"fused_kv_write must be a bool, got {self.fused_kv_write!r}")
+        _require(self.decode_attention_mha_dot is None or isinstance(self.decode_attention_mha_dot, bool),
+                 f"decode_attention_mha_dot must be a bool or None, got {self.decode_attention_mha_dot!r}")
         _require(self.state_checkpoints is None or (_is_int(self.state_checkpoints) and self.state_checkpoints >= 0),
                  f"--state-checkpoints must be an int >= 0, got {self.state_checkpoints!r}")
         _require(_is_int(self.checkpoint_interval_blocks) and self.checkpoint_interval_blocks >= 0,

@@ -63,17 +63,19 @@ def check_decode_rows(batch: int, block_tables: torch.Tensor, seq_lens: torch.Te
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                           window: int = 0, sinks: torch.Tensor | None = None,
+                           mha_dot: bool | None = None) -> torch.Tensor:
     """Decode attention over a paged KV cache, Triton on CUDA, plain torch elsewhere.
 
     q: [B, num_heads, head_dim]; k_cache, v_cache: [num_blocks + 1, block_size, kv_heads,
     head_dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (the current token's
-    KV is already in the cache). Rows with ``seq_lens == 0`` return zeros.
+    KV is already in the cache). Rows with ``seq_lens == 0`` return zeros. ``mha_dot``: the
+    Triton kernel's ``use_dot`` for MHA (None: its default).
     """
     check_decode_rows(q.shape[0], block_tables, seq_lens)
     if q.is_cuda and triton is not None:
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                             window=window, sinks=sinks)
+                                             window=window, sinks=sinks, use_dot=mha_dot)
     return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, window, sinks)
 
 
@@ -145,7 +147,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     With a window the splits partition the window, not the whole context. ``block_n``
     (context tokens per tile; default 64 with query groups, else 32), ``num_warps`` and
     ``num_stages`` (Triton's default when None) are tuning knobs (tools/tune_paged_decode.py).
-    ``use_dot`` (default: with query groups, and without them when ``MHA_USE_DOT``) computes scores and the weighted V sum
+    ``use_dot`` (MHA only: query groups always take it; None: ``MHA_USE_DOT``) computes scores and the weighted V sum
     with ``tl.dot``; without groups (MHA) the single query row is padded to 16 rows, which
     costs the tensor cores nothing a memory-bound step can see, in exchange for the dot
     path's load and register layouts (the H200 tuning saw MHA's element-wise path cap near
@@ -167,7 +169,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if num_splits is None:   # the split rule follows the work per program: one head row without groups
         num_splits = choose_num_splits(batch, kv_heads, -(-span // block_size), block_size, q.device,
                                        grouped=group > 1)
-    use_dot = (group > 1 or MHA_USE_DOT) if use_dot is None else bool(use_dot)
+    # Query groups always take the dot path (the element-wise one computes one head per kv head).
+    use_dot = group > 1 or (MHA_USE_DOT if use_dot is None else bool(use_dot))
     if block_n is None:
         block_n = 64 if use_dot else 32
     elif block_n < 16 or block_n & (block_n - 1):

@@ -227,12 +227,19 @@ def check_interpreter_cases() -> int:
         ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE, window, sinks)
         assert (out - ref).abs().max().item() < 1e-4, f"MHA dot block_n={block_n} splits={num_splits} window={window}"
         checked += 1
+    # use_dot only chooses for MHA: query groups keep the dot path even when asked for the other.
+    q, k_cache, v_cache, tables, lens, _, _ = random_case(seq_lens=[1, 9, 0, 70], kv_heads=2, group=4, head_dim=32,
+                                                          block_size=8, seed=600)
+    out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits=2, use_dot=False)
+    ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE)
+    assert (out - ref).abs().max().item() < 1e-4, "GQA with use_dot=False"
+    checked += 1
     return checked
 
 
 @needs_triton
 def test_triton_kernel_matches_reference_in_interpreter():
-    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())) + 11)
+    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())) + 12)
 
 
 @needs_triton
