@@ -367,6 +367,9 @@ class EngineConfig:
     # MHA decode attention through the Triton kernel's tl.dot path (None: the kernel's
     # default, inference.kernels.paged_decode_triton.MHA_USE_DOT); query groups always take it.
     decode_attention_mha_dot: bool | None = None
+    # Step entries the engine keeps (step_log; its summary covers every step): the oldest go
+    # past this many, so an engine serving for days does not grow. 0: keep all.
+    step_log_max_entries: int = 100_000
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
@@ -397,6 +400,8 @@ class EngineConfig:
         _require(self.fused_small_ops in FUSED_SMALL_OPS_MODES,
                  f"fused_small_ops must be one of {FUSED_SMALL_OPS_MODES}, got {self.fused_small_ops!r}")
         _require(isinstance(self.fused_kv_write, bool), f"fused_kv_write must be a bool, got {self.fused_kv_write!r}")
+        _require(_is_int(self.step_log_max_entries) and self.step_log_max_entries >= 0,
+                 f"step_log_max_entries must be an int >= 0 (0: keep all), got {self.step_log_max_entries!r}")
         _require(self.decode_attention_mha_dot is None or isinstance(self.decode_attention_mha_dot, bool),
                  f"decode_attention_mha_dot must be a bool or None, got {self.decode_attention_mha_dot!r}")
         _require(self.state_checkpoints is None or (_is_int(self.state_checkpoints) and self.state_checkpoints >= 0),

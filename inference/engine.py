@@ -86,7 +86,7 @@ class LLMEngine:
         self._state: DeviceState | None = DeviceState.build(model, config, self.max_model_len, self.sampler,
                                                             self._attention_fn, self.reads_routing,
                                                             self.sequence_cache)
-        self.step_log = StepDetailsLog()
+        self.step_log = StepDetailsLog(config.step_log_max_entries or None)
         self.weight_version: int | str = 0
         self.num_generated_tokens = 0          # tokens received by the host so far, all requests
         self._start_time = time.perf_counter()

@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-text", action=argparse.BooleanOptionalAction, default=None,
                    help="write each result's generated text (output_text, decoded by the --hf-checkpoint tokenizer, "
                         "special tokens left out); default: on when the prompts file has text or chat prompts")
+    g.add_argument("--step-details-max-entries", type=int, default=100_000, metavar="N",
+                   help="step_details.json keeps the last N step entries (its summary covers every step), so "
+                        "hours-long runs stay bounded in memory and on disk; 0 = keep all")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress line on stderr, updated every step (default: on when stderr is a terminal)")
@@ -171,7 +174,8 @@ def engine_config_from_args(args: argparse.Namespace, model_config, device: torc
                         device=str(device), seed=args.seed, async_scheduling=args.async_scheduling,
                         replica_check_interval=args.replica_check_interval, state_checkpoints=args.state_checkpoints,
                         checkpoint_interval_blocks=args.checkpoint_interval_blocks,
-                        piecewise_graphs=args.piecewise_graphs, piecewise_max_tokens=args.piecewise_max_tokens)
+                        piecewise_graphs=args.piecewise_graphs, piecewise_max_tokens=args.piecewise_max_tokens,
+                        step_log_max_entries=args.step_details_max_entries)
 
 
 def _token_ids(text: str) -> tuple[int, ...]:
@@ -196,7 +200,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag in ("num_kv_blocks", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("state_checkpoints", "checkpoint_interval_blocks"):
+    for flag in ("state_checkpoints", "checkpoint_interval_blocks", "step_details_max_entries"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.shared_prefix_len < 0 or args.shared_prefix_len > args.prompt_len:

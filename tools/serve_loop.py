@@ -121,7 +121,4 @@ def _log_decisions(engine: LLMEngine, waiting_before: int, steps_before: int, re
 
 
 def _last_entry(engine: LLMEngine) -> dict | None:
-    # StepDetailsLog offers only a full copy (``entries``); reading the last entry in O(1)
-    # goes through its list. Debug logging only.
-    entries = getattr(engine.step_log, "_entries", None)
-    return entries[-1] if entries else None
+    return engine.step_log.last_entry

@@ -200,3 +200,16 @@ def test_stop_token_ids_end_requests_even_with_ignore_eos(tmp_path):
     for bad, message in (("5,x", "comma-separated token ids"), ("-3", ">= 0"), ("100000", "outside the vocabulary")):
         proc = _run(base + ["--stop-token-ids", bad, "--dry-run"])
         assert proc.returncode == 2 and message in proc.stderr, (bad, proc.stderr[-500:])
+
+
+def test_step_details_keep_the_last_entries_of_a_long_run(tmp_path):
+    from routing_replay.run_dir_schema import validate_run_dir
+    proc = _run(["--num-requests", "4", "--output-len", "20", "--ignore-eos", "--step-details-max-entries", "5",
+                 "--output-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    assert validate_run_dir(tmp_path) == []
+    document = orjson.loads((tmp_path / "step_details.json").read_bytes())
+    summary, entries = document["summary"], document["step_details"]
+    assert len(entries) == 5 and summary["num_steps"] == 5 + summary["dropped_entries"] >= 20
+    assert summary["total_tokens"] == 4 * 32 + 4 * 19 and document["meta"]["schema_version"] == 3
+    assert [e["step"] for e in entries] == list(range(summary["num_steps"] - 5, summary["num_steps"]))
