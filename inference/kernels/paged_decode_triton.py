@@ -175,7 +175,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     launch = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     has_sinks = sinks is not None
     sinks_arg = sinks.float().contiguous() if has_sinks else out
-    block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
+    # tl.dot needs M >= 16; the element-wise path takes any power of two (1 without groups).
+    block_g = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
     if num_splits == 1:
         partial_out, partial_lse = out, out  # lse is never written in single-split mode
     else:
