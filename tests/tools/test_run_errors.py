@@ -246,3 +246,24 @@ def test_a_directory_in_use_by_another_process_is_refused(cli, tmp_path):
         usage_error(cli.run(SMALL + ["--output-dir", out, "--resume"]), "is in use by pid", "another directory")
     assert cli.run(SMALL + ["--output-dir", out, "--resume"]).status == 0
     assert not (out / ".run.lock").exists()
+
+
+def test_resume_refuses_another_samples_per_prompt_by_name(cli, tmp_path):
+    """--samples-per-prompt changes the request ids, but the refusal names the flag (not only
+    "num_requests: 8 -> 12" of a run whose --num-requests did not change), also for a prompts
+    file whose own ids are the samples' (the same ids, tokens and seeds: only the RL-group
+    fields of the results would differ)."""
+    out = tmp_path / "out"
+    assert cli.run(SMALL + ["--samples-per-prompt", "2", "--output-dir", out]).status == 0
+    usage_error(cli.run(SMALL + ["--samples-per-prompt", "3", "--output-dir", out, "--resume"]),
+                "different configuration", "samples_per_prompt: 2 -> 3")
+    usage_error(cli.run(SMALL + ["--output-dir", out, "--resume"]), "samples_per_prompt: 2 -> None")
+    grouped, expanded = tmp_path / "grouped.jsonl", tmp_path / "expanded.jsonl"
+    grouped.write_bytes(orjson.dumps({"id": "a", "prompt_token_ids": [5, 6, 7]}) + b"\n")
+    expanded.write_bytes(b"".join(orjson.dumps({"id": f"a#{k}", "prompt_token_ids": [5, 6, 7]}) + b"\n"
+                                  for k in range(2)))
+    files = tmp_path / "files"
+    assert cli.run(["--prompts-file", grouped, "--samples-per-prompt", "2", "--output-len", "2",
+                    "--output-dir", files]).status == 0
+    usage_error(cli.run(["--prompts-file", expanded, "--output-len", "2", "--output-dir", files, "--resume"]),
+                "samples_per_prompt: 2 -> None")
