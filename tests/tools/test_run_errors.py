@@ -267,3 +267,19 @@ def test_resume_refuses_another_samples_per_prompt_by_name(cli, tmp_path):
                     "--output-dir", files]).status == 0
     usage_error(cli.run(["--prompts-file", expanded, "--output-len", "2", "--output-dir", files, "--resume"]),
                 "samples_per_prompt: 2 -> None")
+
+
+def test_failed_samples_keep_their_group_fields(cli, tmp_path):
+    """An invalid prompt fails each of its samples; their error records still name the
+    prompt and sample (so a consumer sees the group is incomplete) and the run is valid."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in (
+        {"id": "ok", "prompt_token_ids": [5, 6, 7]}, {"id": "bad", "prompt_token_ids": [5, 10 ** 9]})))
+    out = tmp_path / "out"
+    run = cli.run(["--record-routing", "--prompts-file", prompts, "--samples-per-prompt", "2", "--output-len", "2",
+                   "--output-dir", out])
+    assert run.status == 3, run.stderr
+    results = load_results(out)
+    assert [(r["id"], r["prompt_id"], r["sample_index"], r["finish_reason"] == "error") for r in results] == [
+        ("ok#0", "ok", 0, False), ("ok#1", "ok", 1, False), ("bad#0", "bad", 0, True), ("bad#1", "bad", 1, True)]
+    assert validate_run_dir(out) == [] and set(load_routing(out)[0]) == {"ok#0", "ok#1"}
