@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "even with --ignore-eos), e.g. a chat template's end-of-turn token")
     g.add_argument("--samples-per-prompt", type=int, default=1, metavar="N",
                    help="N samples of every prompt (an RL group): request ids '<id>#<k>' for k = 0..N-1, each with "
-                        "its own seed, served together by one replica so they compute the prompt once; results carry "
-                        "prompt_id and sample_index")
+                        "its own seed, served together by one replica so they compute the prompt once (hybrid models: "
+                        "see the warning); results carry prompt_id and sample_index")
     g.add_argument("--logprobs", type=int, default=0, metavar="N",
                    help="also return the top-N alternatives of every generated token (each token's own log-prob "
                         "is always written)")
@@ -274,7 +274,8 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.Ex
                          local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), layout=layout, rank=dist.rank)
     fingerprint = run_fingerprint(args, model_config, engine_config, specs, limits)
     out_plan = _inspect_output_dir(args, dist, fingerprint)
-    warnings = degenerate_config_warnings(model_config, engine_config, specs, limits) + sample_group_warnings(args)
+    warnings = (degenerate_config_warnings(model_config, engine_config, specs, limits)
+                + sample_group_warnings(args, model_config))
     if args.dry_run:
         return _dry_run(model_config, engine_config, memory, len(specs), out_plan, warnings, layout)
     problem = _any_rank_problem(dist, memory.problem()) or (out_plan.problem if out_plan else None)

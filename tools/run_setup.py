@@ -269,8 +269,8 @@ def degenerate_config_warnings(model_config: ModelConfig, config: EngineConfig, 
             f"\"length\"{fails}. Raise --num-kv-blocks or --kv-cache-memory"]
 
 
-def sample_group_warnings(args: argparse.Namespace) -> list[str]:
-    """RL groups that will not do what was probably meant."""
+def sample_group_warnings(args: argparse.Namespace, model_config: ModelConfig) -> list[str]:
+    """RL groups that will not do what was probably meant (compute their prompt once)."""
     n = args.samples_per_prompt
     if n == 1:
         return []
@@ -283,6 +283,11 @@ def sample_group_warnings(args: argparse.Namespace) -> list[str]:
                         f"{n} samples of a prompt computes the whole prompt")
     elif not args.enable_prefix_caching:
         warnings.append(f"without prefix caching each of the {n} samples of a prompt computes the whole prompt")
+    elif model_config.is_hybrid:
+        # docs/ARCHITECTURE.md: hybrids hash a block when its chunk lands, not when it is scheduled
+        warnings.append(f"{model_config.name} is a hybrid model: a prefix hit needs the recurrent-state checkpoint "
+                        f"of a computed chunk, so the {n} samples of a prompt admitted in the same step each compute "
+                        f"the prompt (only samples admitted later hit it)")
     return warnings
 
 
