@@ -177,14 +177,14 @@ def synthetic_prompts(*, num_requests: int, prompt_len: int, vocab_size: int, se
             for i in range(num_requests)]
 
 
-SAMPLE_ID_SEPARATOR = "#"
+SAMPLE_ID_SEPARATOR = "_"
 
 
 def with_samples(specs: Sequence[PromptSpec], samples_per_prompt: int) -> list[PromptSpec]:
     """``samples_per_prompt`` requests per prompt (an RL group), next to each other in input
-    order: request id ``<prompt id>#<k>`` for k = 0 .. n - 1, with ``prompt_id`` and
+    order: request id ``<prompt id>_<k>`` for k = 0 .. n - 1, with ``prompt_id`` and
     ``sample_index`` set. The ids are unique because the prompt ids are (the text after the
-    last ``#`` is k). One sample per prompt returns ``specs`` as they are. Raises ValueError
+    last ``_`` is k). One sample per prompt returns ``specs`` as they are. Raises ValueError
     when a sample's id would be too long."""
     if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
         raise ValueError(f"--samples-per-prompt must be an int >= 1, got {samples_per_prompt!r}")

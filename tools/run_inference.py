@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated token ids that also end a request (besides the model's EOS ids; they stop "
                         "even with --ignore-eos), e.g. a chat template's end-of-turn token")
     g.add_argument("--samples-per-prompt", type=int, default=1, metavar="N",
-                   help="N samples of every prompt (an RL group): request ids '<id>#<k>' for k = 0..N-1, each with "
+                   help="N samples of every prompt (an RL group): request ids '<id>_<k>' for k = 0..N-1, each with "
                         "its own seed, served together by one replica so they compute the prompt once (hybrid models: "
                         "see the warning); results carry prompt_id and sample_index")
     g.add_argument("--logprobs", type=int, default=0, metavar="N",

@@ -269,7 +269,7 @@ def test_results_line_problems(change: dict, expected: str) -> None:
 
 
 def test_results_line_of_a_sample() -> None:
-    line = {"id": "p#1", "prompt_token_ids": [1], "output_token_ids": [2], "finish_reason": "stop",
+    line = {"id": "p_1", "prompt_token_ids": [1], "output_token_ids": [2], "finish_reason": "stop",
             "prompt_id": "p", "sample_index": 1}
     assert validate_results_line(line) == []
 

@@ -260,7 +260,7 @@ def test_resume_refuses_another_samples_per_prompt_by_name(cli, tmp_path):
     usage_error(cli.run(SMALL + ["--output-dir", out, "--resume"]), "samples_per_prompt: 2 -> None")
     grouped, expanded = tmp_path / "grouped.jsonl", tmp_path / "expanded.jsonl"
     grouped.write_bytes(orjson.dumps({"id": "a", "prompt_token_ids": [5, 6, 7]}) + b"\n")
-    expanded.write_bytes(b"".join(orjson.dumps({"id": f"a#{k}", "prompt_token_ids": [5, 6, 7]}) + b"\n"
+    expanded.write_bytes(b"".join(orjson.dumps({"id": f"a_{k}", "prompt_token_ids": [5, 6, 7]}) + b"\n"
                                   for k in range(2)))
     files = tmp_path / "files"
     assert cli.run(["--prompts-file", grouped, "--samples-per-prompt", "2", "--output-len", "2",
@@ -281,5 +281,5 @@ def test_failed_samples_keep_their_group_fields(cli, tmp_path):
     assert run.status == 3, run.stderr
     results = load_results(out)
     assert [(r["id"], r["prompt_id"], r["sample_index"], r["finish_reason"] == "error") for r in results] == [
-        ("ok#0", "ok", 0, False), ("ok#1", "ok", 1, False), ("bad#0", "bad", 0, True), ("bad#1", "bad", 1, True)]
-    assert validate_run_dir(out) == [] and set(load_routing(out)[0]) == {"ok#0", "ok#1"}
+        ("ok_0", "ok", 0, False), ("ok_1", "ok", 1, False), ("bad_0", "bad", 0, True), ("bad_1", "bad", 1, True)]
+    assert validate_run_dir(out) == [] and set(load_routing(out)[0]) == {"ok_0", "ok_1"}

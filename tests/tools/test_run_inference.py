@@ -140,7 +140,7 @@ def test_logprobs_and_weight_version_reach_results_and_routing_meta(tmp_path):
 
 
 def test_samples_per_prompt_serve_rl_groups_that_compute_their_prompt_once(tmp_path):
-    """Each prompt's samples are neighbouring requests ``<id>#<k>``; the samples after the
+    """Each prompt's samples are neighbouring requests ``<id>_<k>``; the samples after the
     first take the prompt's blocks from the prefix cache, yet every sample's tokens and
     routing equal an engine serving that one request alone, without the cache, with the
     seed of its place in the workload."""
@@ -157,7 +157,7 @@ def test_samples_per_prompt_serve_rl_groups_that_compute_their_prompt_once(tmp_p
     assert proc.returncode == 0, proc.stderr
     assert validate_run_dir(tmp_path) == []
     results = _results(tmp_path)
-    assert [r["id"] for r in results] == [f"{p}#{k}" for p in range(3) for k in range(4)]
+    assert [r["id"] for r in results] == [f"{p}_{k}" for p in range(3) for k in range(4)]
     assert [(r["prompt_id"], r["sample_index"]) for r in results] == [(str(p), k) for p in range(3) for k in range(4)]
     for r in results:
         # every full block the prompt's last token does not need (it is always computed)

@@ -194,7 +194,7 @@ def test_data_parallel_replicas_keep_each_rl_group_together(tmp_path, cli):
     assert [int(r["exit0"]) for r in results] == [0, 0]
     assert_same_run(tmp_path / "dp2", single, same_schedule=False)
     got = load_results(tmp_path / "dp2")
-    assert [r["id"] for r in got] == [f"{p}#{k}" for p in range(5) for k in range(2)]
+    assert [r["id"] for r in got] == [f"{p}_{k}" for p in range(5) for k in range(2)]
     assert all(r["num_cached_tokens"] == 16 for r in got if r["sample_index"] == 1)
     details = [orjson.loads((tmp_path / "dp2" / f"rank{rank}" / "step_details.json").read_bytes())
                for rank in range(2)]
@@ -213,13 +213,13 @@ def test_an_interrupted_grouped_run_resumes_with_another_number_of_replicas(tmp_
     results = run_ranks(run_cli, 2, [argv + ["--output-dir", str(out)]], 1, 0, 7, timeout=240)
     assert [int(r["exit0"]) for r in results] == [0, 143]
     done = set(shard_records(committed_shards(out)))
-    assert {f"{p}#{k}" for p in (0, 2) for k in range(3)} <= done, "replica 0 served its groups 0 and 2"
-    split = [p for p in (1, 3) if 0 < sum(f"{p}#{k}" in done for k in range(3)) < 3]
+    assert {f"{p}_{k}" for p in (0, 2) for k in range(3)} <= done, "replica 0 served its groups 0 and 2"
+    split = [p for p in (1, 3) if 0 < sum(f"{p}_{k}" in done for k in range(3)) < 3]
     assert split, f"a group of replica 1 must be half on disk: {sorted(done)}"
     resumed = cli.run(argv + ["--output-dir", out, "--resume"])
     assert resumed.status == 0, resumed.stderr
     assert_same_run(out, single, same_schedule=False)
     got = load_results(out)
     assert [(r["id"], r["prompt_id"], r["sample_index"]) for r in got] == [
-        (f"{p}#{k}", str(p), k) for p in range(4) for k in range(3)]
+        (f"{p}_{k}", str(p), k) for p in range(4) for k in range(3)]
     assert read_manifest(out)["attempt"] == 2
