@@ -29,11 +29,16 @@ class EagerBackend(AttentionBackend):
 
 
 class DecodeBackend(AttentionBackend):
-    """Row r of ``q`` is request r's single new token (padding rows have seq_len 0)."""
+    """Row r of ``q`` is request r's single new token (padding rows have seq_len 0).
+    ``mha_dot``: whether MHA decode takes the kernel's ``tl.dot`` path (None: the kernel's
+    default; ``EngineConfig.decode_attention_mha_dot``)."""
+
+    def __init__(self, mha_dot: bool | None = None) -> None:
+        self.mha_dot = mha_dot
 
     def attend(self, q, k_cache, v_cache, meta, scale, window=0, sinks=None):
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                      window=window, sinks=sinks)
+                                      window=window, sinks=sinks, mha_dot=self.mha_dot)
 
     def attend_latent(self, q, cache, meta, scale, latent_dim):
         return mla_decode_attention(q[..., :latent_dim], q[..., latent_dim:], cache, meta.block_tables,
@@ -44,8 +49,8 @@ class TritonBackend(AttentionBackend):
     """Any mix of prefill chunks and decodes on CUDA, dispatching decode-only steps to the
     decode kernels."""
 
-    def __init__(self) -> None:
-        self._decode, self._eager = DecodeBackend(), EagerBackend()
+    def __init__(self, mha_dot: bool | None = None) -> None:
+        self._decode, self._eager = DecodeBackend(mha_dot), EagerBackend()
 
     def attend(self, q, k_cache, v_cache, meta: AttentionMetadata, scale, window=0, sinks=None):
         if meta.decode_only:
@@ -58,6 +63,6 @@ class TritonBackend(AttentionBackend):
         return backend.attend_latent(q, cache, meta, scale, latent_dim)
 
 
-def select_attention(device: torch.device) -> AttentionBackend:
+def select_attention(device: torch.device, mha_dot: bool | None = None) -> AttentionBackend:
     """The backend for eager (non-graph) steps on ``device``."""
-    return TritonBackend() if device.type == "cuda" else EagerBackend()
+    return TritonBackend(mha_dot) if device.type == "cuda" else EagerBackend()

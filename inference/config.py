@@ -368,6 +368,12 @@ class EngineConfig:
     # one bandwidth-bound skinny GEMM (inference/kernels/skinny_linear.py; CUDA, F.linear
     # elsewhere). 0: off (nn.Linear / cuBLAS); meant for decode batches up to 16.
     skinny_linear_max_tokens: int = 0
+    # MHA decode attention through the Triton kernel's tl.dot path (None: the kernel's
+    # default, inference.kernels.paged_decode_triton.MHA_USE_DOT); query groups always take it.
+    decode_attention_mha_dot: bool | None = None
+    # Step entries the engine keeps (step_log; its summary covers every step): the oldest go
+    # past this many, so an engine serving for days does not grow. 0: keep all.
+    step_log_max_entries: int = 100_000
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
@@ -400,6 +406,10 @@ class EngineConfig:
         _require(isinstance(self.fused_kv_write, bool), f"fused_kv_write must be a bool, got {self.fused_kv_write!r}")
         _require(_is_int(self.skinny_linear_max_tokens) and self.skinny_linear_max_tokens >= 0,
                  f"skinny_linear_max_tokens must be an int >= 0 (0: off), got {self.skinny_linear_max_tokens!r}")
+        _require(_is_int(self.step_log_max_entries) and self.step_log_max_entries >= 0,
+                 f"step_log_max_entries must be an int >= 0 (0: keep all), got {self.step_log_max_entries!r}")
+        _require(self.decode_attention_mha_dot is None or isinstance(self.decode_attention_mha_dot, bool),
+                 f"decode_attention_mha_dot must be a bool or None, got {self.decode_attention_mha_dot!r}")
         _require(self.state_checkpoints is None or (_is_int(self.state_checkpoints) and self.state_checkpoints >= 0),
                  f"--state-checkpoints must be an int >= 0, got {self.state_checkpoints!r}")
         _require(_is_int(self.checkpoint_interval_blocks) and self.checkpoint_interval_blocks >= 0,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from inference.attention_backends import DecodeBackend
 from inference.config import EngineConfig
 from inference.graphs.decode import DecodeGraphRunner
 from inference.errors import allocating
@@ -81,7 +82,8 @@ class DeviceState:
             graph_runner = DecodeGraphRunner(
                 model, batch, kv_cache, recorder,
                 max_batch=min(config.max_requests, config.cuda_graph_max_batch, config.max_step_tokens),
-                use_graphs=config.cuda_graphs, recurrent_states=states.layer_states if states is not None else None)
+                use_graphs=config.cuda_graphs, recurrent_states=states.layer_states if states is not None else None,
+                attention=DecodeBackend(config.decode_attention_mha_dot))
             if config.cuda_graphs and model.parallel is not None:
                 _warm_collectives(model.parallel, device)
             with allocating("CUDA graphs", "lower max_requests (--max-requests) or turn graphs off (--no-cuda-graphs)"):

@@ -72,7 +72,7 @@ class LLMEngine:
                             extra_eos_token_ids=self.model_config.extra_eos_token_ids, max_model_len=self.max_model_len),
             self.sequence_cache, on_preempt=_weak(self._on_preempt), on_finish=_weak(self._on_finish))
         self.sampler = Sampler(config.seed, self.device)
-        self._attention_fn = select_attention(self.device)
+        self._attention_fn = select_attention(self.device, config.decode_attention_mha_dot)
         if self.device.type == "cuda":
             model.set_experts_fn(routed_experts_fn(config))
         # Before the decode graphs are captured: they bake in whichever ops run.
@@ -87,7 +87,7 @@ class LLMEngine:
         self._state: DeviceState | None = DeviceState.build(model, config, self.max_model_len, self.sampler,
                                                             self._attention_fn, self.reads_routing,
                                                             self.sequence_cache)
-        self.step_log = StepDetailsLog()
+        self.step_log = StepDetailsLog(config.step_log_max_entries or None)
         self.weight_version: int | str = 0
         self.num_generated_tokens = 0          # tokens received by the host so far, all requests
         self._start_time = time.perf_counter()

@@ -68,7 +68,8 @@ def routing_meta(engine: LLMEngine) -> RoutingMeta:
 def run_meta(engine: LLMEngine, extra: dict | None = None) -> dict:
     """The ``meta`` object of step_details.json: model, engine, device, versions."""
     device = engine.device
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    # platform.machine(), not processor(): on Linux that forks `uname -p` inside the run.
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine() or "cpu"
     return {
         "model": engine.model_config.to_dict(),
         "engine": engine.config.to_dict(),

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import orjson
 
@@ -67,11 +67,11 @@ class CheckpointWriter:
 
     def __init__(self, out_dir: str | Path, *, attempt: int, rank: int, routing_meta: RoutingMeta | None,
                  policy: CheckpointPolicy | None = None,
-                 record_fields: Mapping[str, Mapping[str, Any]] | None = None) -> None:
-        """``record_fields``: extra results.jsonl fields by request id (``result_record``'s
-        ``extra``)."""
+                 record_extra: Callable[[RequestResult], Mapping[str, Any] | None] | None = None) -> None:
+        """``record_extra(result)``: the caller's extra results.jsonl fields of a result
+        (``result_record``'s ``extra``), computed on the writer thread."""
         self.out_dir = Path(out_dir)
-        self.record_fields = record_fields or {}
+        self.record_extra = record_extra or (lambda result: None)
         self.attempt, self.rank = attempt, rank
         self.routing_meta = routing_meta
         self.policy = policy or CheckpointPolicy()
@@ -156,7 +156,7 @@ class CheckpointWriter:
             if routings:
                 check_routings(routings, self.routing_meta)
                 atomic_write(routing_path, npz_writer(routings))
-            lines = b"".join(orjson.dumps(result_record(r, self.record_fields.get(r.request_id)), option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in results)
+            lines = b"".join(orjson.dumps(result_record(r, self.record_extra(r)), option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in results)
             atomic_write(results_path, lines)
         except Exception as exc:  # noqa: BLE001 - any failure must reach the step thread, not kill this one
             reason = f"[Errno {exc.errno}] {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else repr(exc)

@@ -24,14 +24,34 @@ class PromptSpec:
     max_new_tokens: int | None = None
     prompt_text: str | None = None
     routing_start: int = 0          # first routing row to return (multi-turn suffix output)
+    problem: str | None = None      # why this request cannot be served (it fails alone, the others run)
     prompt_id: str | None = None    # the prompt this request samples (RL groups)
     sample_index: int | None = None  # 0 .. samples per prompt - 1
+    from_text: bool = False         # encoded by a tokenizer (a text or chat prompt)
+
+    def __post_init__(self) -> None:
+        if self.prompt_text is not None:
+            object.__setattr__(self, "from_text", True)
 
 
 class TextEncoder(Protocol):
-    """What a text prompt needs of a tokenizer (a transformers tokenizer qualifies)."""
+    """What text and chat prompts need of a tokenizer: ``encode`` a text, and ``encode_chat``
+    a list of chat messages through the tokenizer's chat template, ending with the prompt of
+    the assistant's turn (``tools.run_setup`` wraps a transformers tokenizer so). Both raise
+    ValueError when no tokenizer (or template) can do it at all, ``ChatRefused`` when the
+    template refuses one chat."""
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]: ...
+
+
+PROMPT_KEYS = ("prompt_token_ids", "prompt", "messages")
+
+
+class ChatRefused(ValueError):
+    """A chat template refused one conversation (e.g. roles that do not alternate): that
+    request fails alone, with this message."""
 
 
 class PromptsFileError(ValueError):
@@ -39,14 +59,16 @@ class PromptsFileError(ValueError):
 
 
 def read_prompts_file(path: str | Path, tokenizer: TextEncoder | None = None) -> list[PromptSpec]:
-    """JSONL, one object per line: ``{"id": str|int, "prompt_token_ids": [int, ...]}`` or
-    ``{"id": ..., "prompt": "text"}`` (exactly one of the two), optionally with
+    """JSONL, one object per line: ``{"id": str|int, "prompt_token_ids": [int, ...]}``,
+    ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "messages": [{"role": ..., "content":
+    ...}, ...]}`` (a chat, rendered by the tokenizer's chat template with the assistant's
+    turn opened; exactly one of the three), optionally with
     ``"max_new_tokens"`` and ``"routing_start"``. Ids are strings (integers are converted):
     non-empty, at most 256 characters, no control characters. Text is encoded by
     ``tokenizer.encode(text)`` (special tokens as the tokenizer adds them by default); the
-    tokenizer is asked for nothing unless a text line exists. Blank lines are skipped. Structural problems (bad JSON, missing keys, duplicate
+    tokenizer is asked for nothing unless a text or chat line exists. Blank lines are skipped. Structural problems (bad JSON, missing keys, duplicate
     ids) fail the whole file; bad token values are left for the engine, which fails that
-    request alone."""
+    request alone, and so does a chat its template refuses (``PromptSpec.problem``)."""
     path = Path(path)
     if not path.is_file():
         raise PromptsFileError(f"--prompts-file: {path} does not exist or is not a file")
@@ -74,22 +96,46 @@ def _parse_line(line: bytes, where: str, tokenizer: TextEncoder | None) -> Promp
     if "id" not in obj:
         raise PromptsFileError(f"{where}: missing key 'id'")
     request_id = _request_id(obj["id"], where)
-    has_ids, has_text = "prompt_token_ids" in obj, "prompt" in obj
-    if has_ids == has_text:
-        which = "both" if has_ids else "neither"
-        raise PromptsFileError(f"{where}: give exactly one of 'prompt_token_ids' and 'prompt' (found {which})")
+    given = [key for key in PROMPT_KEYS if key in obj]
+    if len(given) != 1:
+        found = " and ".join(repr(k) for k in given) if given else "none"
+        raise PromptsFileError(f"{where}: give exactly one of 'prompt_token_ids', 'prompt' and 'messages' "
+                               f"(found {found})")
     limit = obj.get("max_new_tokens")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise PromptsFileError(f"{where}: max_new_tokens must be an int >= 1")
     start = obj.get("routing_start", 0)
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise PromptsFileError(f"{where}: routing_start must be an int >= 0")
-    if has_ids:
+    if given == ["prompt_token_ids"]:
         if not isinstance(obj["prompt_token_ids"], list):
             raise PromptsFileError(f"{where}: prompt_token_ids must be a list of ints")
         return PromptSpec(request_id, obj["prompt_token_ids"], limit, routing_start=start)
+    if given == ["messages"]:
+        try:
+            ids = _encode_chat(obj["messages"], where, tokenizer)
+        except ChatRefused as exc:
+            return PromptSpec(request_id, [], limit, routing_start=start, from_text=True,
+                              problem=f"{where}: {exc}")
+        return PromptSpec(request_id, ids, limit, routing_start=start, from_text=True)
     text = obj["prompt"]
     return PromptSpec(request_id, _encode(text, where, tokenizer), limit, prompt_text=text, routing_start=start)
+
+
+def _encode_chat(messages: Any, where: str, tokenizer: TextEncoder | None) -> list[int]:
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages)):
+        raise PromptsFileError(f"{where}: messages must be a non-empty list of {{\"role\": ..., \"content\": ...}} "
+                               "objects")
+    if tokenizer is None:
+        raise PromptsFileError(f"{where}: chat prompts need --hf-checkpoint with a tokenizer")
+    try:
+        ids = tokenizer.encode_chat(messages)
+    except ChatRefused:
+        raise
+    except ValueError as exc:  # no tokenizer files, no chat template: no chat line can be served
+        raise PromptsFileError(f"{where}: {exc}") from None
+    return [int(t) for t in ids]
 
 
 def _request_id(value: Any, where: str) -> str:
@@ -131,14 +177,14 @@ def synthetic_prompts(*, num_requests: int, prompt_len: int, vocab_size: int, se
             for i in range(num_requests)]
 
 
-SAMPLE_ID_SEPARATOR = "#"
+SAMPLE_ID_SEPARATOR = "_"
 
 
 def with_samples(specs: Sequence[PromptSpec], samples_per_prompt: int) -> list[PromptSpec]:
     """``samples_per_prompt`` requests per prompt (an RL group), next to each other in input
-    order: request id ``<prompt id>#<k>`` for k = 0 .. n - 1, with ``prompt_id`` and
+    order: request id ``<prompt id>_<k>`` for k = 0 .. n - 1, with ``prompt_id`` and
     ``sample_index`` set. The ids are unique because the prompt ids are (the text after the
-    last ``#`` is k). One sample per prompt returns ``specs`` as they are. Raises ValueError
+    last ``_`` is k). One sample per prompt returns ``specs`` as they are. Raises ValueError
     when a sample's id would be too long."""
     if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
         raise ValueError(f"--samples-per-prompt must be an int >= 1, got {samples_per_prompt!r}")

@@ -112,7 +112,7 @@ _PHASE_SPEC: Spec = ((("total_ms", "mean_ms", "share"), _time, False),)
 _RESULT_SPEC: Spec = (
     (("id", "finish_reason"), _string, True),
     (("output_token_ids",), _token_ids, True),
-    (("error", "routing_dtype", "prompt_id"), _string, False),
+    (("error", "routing_dtype", "prompt_id", "output_text"), _string, False),
     (("routing_shape",), _shape, False),
     (("num_cached_tokens", "num_preemptions", "routing_start", "sample_index"), _count, False),
 )
@@ -228,8 +228,12 @@ def _validate_summary(summary: Any, entries: Any) -> list[str]:
         return ["summary must be an object"]
     problems: list[str] = []
     valid = _check_spec(summary, _SUMMARY_SPEC, "summary", problems)
-    if "num_steps" in valid and isinstance(entries, list) and summary["num_steps"] != len(entries):
-        problems.append(f"summary.num_steps {summary['num_steps']} != {len(entries)} entries")
+    dropped = summary.get("dropped_entries", 0)
+    if not _is_int(dropped) or dropped < 0:
+        problems.append(f"summary.dropped_entries must be an int >= 0, got {dropped!r:.60}")
+    elif "num_steps" in valid and isinstance(entries, list) and summary["num_steps"] != len(entries) + dropped:
+        kept = f"{len(entries)} entries" + (f" + {dropped} dropped" if dropped else "")
+        problems.append(f"summary.num_steps {summary['num_steps']} != {kept}")
     if "routing" in valid:
         problems += _routing_phase_problems(summary["routing"], "summary.routing")
     for kind in STEP_KINDS if "by_kind" in valid else ():

@@ -44,6 +44,7 @@ class Run:
     path: Path
     meta: dict
     entries: list[dict]
+    dropped: int = 0       # oldest entries the writer did not keep (summary.dropped_entries)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -66,7 +67,8 @@ def load_runs(paths: Sequence[str | Path], labels: Optional[Sequence[str]] = Non
     runs = []
     for path, label in zip(paths, labels, strict=True):
         document = load_step_details(path)
-        runs.append(Run(label, Path(path), document.get("meta", {}), document["step_details"]))
+        dropped = (document.get("summary") or {}).get("dropped_entries", 0)
+        runs.append(Run(label, Path(path), document.get("meta", {}), document["step_details"], dropped))
     return runs
 
 
@@ -210,7 +212,8 @@ def analyze(runs: Sequence[Run], window_steps: Optional[int] = None,
     analysis: dict[str, Any] = {"runs": []}
     for run in runs:
         analysis["runs"].append({
-            "label": run.label, "path": str(run.path), "summary": run_summary(run.entries),
+            "label": run.label, "path": str(run.path), "dropped_entries": run.dropped,
+            "summary": run_summary(run.entries),
             "phases": phase_stats(run.entries), "breakdown": breakdown_by_kind(run.entries),
             "throughput": throughput_windows(run.entries, window_steps, window_s),
         })
@@ -258,7 +261,9 @@ def render_report(analysis: dict) -> str:
         rows = [r for key, stats in phases["by_group"].items() for r in _phase_rows(key, stats)]
         rows += _phase_rows("all", phases["all"])
         headers = ["group", "steps", "phase", "mean_ms", "p50_ms", "p99_ms", "share"]
-        blocks.append(f"== {run['label']} ({run['path']}): host time per step, by step kind\n"
+        kept = (f"; the writer kept only the last entries: these tables leave out the first "
+                f"{run['dropped_entries']} steps" if run.get("dropped_entries") else "")
+        blocks.append(f"== {run['label']} ({run['path']}): host time per step, by step kind{kept}\n"
                       + format_table(headers, rows, left=(0, 2)))
         keys = ("num_steps", "total_tokens", "decode_tokens", "wall_time_s", "tokens_per_s", "decode_tokens_per_s")
         summary_rows = [[k, _fmt(summary[k])] for k in keys]

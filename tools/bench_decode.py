@@ -59,6 +59,7 @@ PREFILL_STEP_TOKENS = 8192
 # --sampling: what the decode requests ask for (RL rollouts sample at temperature 1).
 SAMPLING = {"greedy": {}, "temperature": {"temperature": 1.0}, "top-p": {"temperature": 1.0, "top_p": 0.95}}
 NO_KV_WRITE = "no-kv-write"     # --compare-small-ops: the main run's mode with EngineConfig.fused_kv_write off
+MHA_DOT = "mha-dot"             # --compare-small-ops: the main run's mode with EngineConfig.decode_attention_mha_dot
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="EngineConfig.fused_small_ops of the main run")
     p.add_argument("--compare-small-ops", type=csv, default=[],
                    help=f"decode every batch again with fused_small_ops in these modes (e.g. off), or "
-                        f"{NO_KV_WRITE}: the main run's mode without the fused KV write")
+                        f"{NO_KV_WRITE}: the main run's mode without the fused KV write, or {MHA_DOT}: with MHA "
+                        f"decode attention on the kernel's tl.dot path")
     p.add_argument("--small-moe-max-tokens", type=int, default=None, metavar="N",
                    help="EngineConfig.fused_moe_small_batch_max_tokens: the fused MoE small-batch path up to N "
                         "tokens (0: off; default: the tuned crossover)")
@@ -115,8 +117,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if backend not in MOE_BACKENDS:
             raise SystemExit(f"--compare-backends: {backend!r} is not one of {MOE_BACKENDS}")
     for mode in args.compare_small_ops:
-        if mode not in (*FUSED_SMALL_OPS_MODES, NO_KV_WRITE):
-            raise SystemExit(f"--compare-small-ops: {mode!r} is not one of {(*FUSED_SMALL_OPS_MODES, NO_KV_WRITE)}")
+        if mode not in (*FUSED_SMALL_OPS_MODES, NO_KV_WRITE, MHA_DOT):
+            raise SystemExit(f"--compare-small-ops: {mode!r} is not one of "
+                             f"{(*FUSED_SMALL_OPS_MODES, NO_KV_WRITE, MHA_DOT)}")
     if args.small_moe_max_tokens is not None and args.small_moe_max_tokens < 0:
         raise SystemExit(f"--small-moe-max-tokens must be >= 0 (0: off), got {args.small_moe_max_tokens}")
     if args.skinny_linear_max_tokens < 0:
@@ -136,10 +139,11 @@ class Budget:
 
 def engine_config(args, max_batch: int, backend: str, small_ops: str | None = None) -> EngineConfig:
     """The one EngineConfig of every engine this benchmark builds (comparisons change only
-    ``backend`` or ``small_ops``). ``small_ops``: a ``fused_small_ops`` mode or ``NO_KV_WRITE``
-    (None: the main run's)."""
+    ``backend`` or ``small_ops``). ``small_ops``: a ``fused_small_ops`` mode, ``NO_KV_WRITE``
+    or ``MHA_DOT`` (None: the main run's)."""
     kv_write = small_ops != NO_KV_WRITE
-    small_ops = args.fused_small_ops if small_ops in (None, NO_KV_WRITE) else small_ops
+    mha_dot = True if small_ops == MHA_DOT else None
+    small_ops = args.fused_small_ops if small_ops in (None, NO_KV_WRITE, MHA_DOT) else small_ops
     per_request = -(-(args.prompt_len + args.output_len) // 16)
     prefill = args.prefill_requests * -(-(args.prefill_prompt_len + 1) // 16)
     # An 8k prefill step holds several prompts: a batch-1 engine must still admit them together.
@@ -148,7 +152,7 @@ def engine_config(args, max_batch: int, backend: str, small_ops: str | None = No
                         max_requests=max(max_batch, prefill_rows), max_step_tokens=PREFILL_STEP_TOKENS, enable_prefix_caching=False,
                         record_routing=True, cuda_graphs=True, cuda_graph_max_batch=max_batch, dtype=args.dtype,
                         device="cuda", moe_backend=backend, fused_small_ops=small_ops, fused_kv_write=kv_write,
-                        fused_moe_small_batch_max_tokens=args.small_moe_max_tokens,
+                        fused_moe_small_batch_max_tokens=args.small_moe_max_tokens, decode_attention_mha_dot=mha_dot,
                         skinny_linear_max_tokens=args.skinny_linear_max_tokens)
 
 

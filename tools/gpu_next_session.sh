@@ -10,7 +10,8 @@
 #   bash tools/gpu_next_session.sh measure   # bench_decode with sampling temperature 1 (both shapes, 1/16/64/256,
 #                                            # host stages, timelines, 8k prefill), then batch 1 skinny GEMM off vs on
 #   bash tools/gpu_next_session.sh kernels   # third call: MHA decode attention, element-wise vs tl.dot path (quick
-#                                            # sweep, OLMoE 16/64/256), the prefill attention tuner, RL groups
+#                                            # sweep, OLMoE 16/64/256), the prefill attention tuner, then OLMoE
+#                                            # decode at 64 / 256 with the engine's MHA path off vs on (mha-dot)
 #   bash tools/gpu_next_session.sh tests   # GPU tests, one pytest process per file (a crash poisons only its own)
 #   bash tools/gpu_next_session.sh hybrid  # the hybrid-model GPU tests alone (they need over two minutes)
 #   bash tools/gpu_next_session.sh bench   # decode batch 1 / 16: small MoE path off vs on, K/V write off vs on
@@ -25,6 +26,7 @@
 #   bash tools/gpu_next_session.sh upload    # the one-copy step upload: StepBatch + lifecycle GPU tests, then
 #                                            # tools/bench_step_upload.py for an attention and a hybrid batch
 #   bash tools/gpu_next_session.sh groups    # tools/bench_rl_groups.py: 32 prompts x 8 samples, prefix cache on / off
+#                                            # (after the three calls above, if device time is left)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -71,9 +73,10 @@ kernels)
   run_cmd 230 tune_prefill python3 tools/tune_prefill_attention.py --quick --time-budget 200 \
     --output "$OUT/prefill_attention_tuning.json"
   tail -9 "$OUT/tune_prefill.log"
-  run_cmd 150 rl_groups python3 tools/bench_rl_groups.py --model olmoe-1b-7b-shape --num-prompts 16 --group-size 8 \
-    --prompt-len 1024 --output-len 64 --repetitions 2 --output "$OUT/rl_groups_olmoe_1b_7b_shape_h200.json"
-  tail -6 "$OUT/rl_groups.log"
+  run_cmd 150 mha_dot python3 tools/bench_decode.py --models olmoe-1b-7b-shape --batches 64,256 --output-len 32 \
+    --prefill-requests 0 --profile-batches '' --no-hf --compare-backends '' --compare-small-ops mha-dot \
+    --time-budget 120 --output "$OUT/decode_olmoe_mha_dot_h200.json"
+  grep -A4 "batch   step ms" "$OUT/mha_dot.log" | head -12
   ;;
 measure)
   run_cmd 400 decode python3 tools/bench_decode.py --no-hf --compare-backends '' --output-len 64 --time-budget 360 \

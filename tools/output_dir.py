@@ -85,7 +85,12 @@ def run_fingerprint(args, model_config: ModelConfig, engine_config: EngineConfig
         sampling["stop_token_ids"] = list(args.stop_token_ids)
     if args.temperature >= GREEDY_TEMPERATURE:   # greedy tokens do not depend on the draws
         sampling["sampler"] = SAMPLER_VERSION
+    # RL groups (--samples-per-prompt) change the ids and seeds, hence the workload hash too;
+    # named on their own so a refusal says which flag changed (absent for one sample, as in
+    # runs written before groups existed).
+    groups = {"samples_per_prompt": args.samples_per_prompt} if args.samples_per_prompt > 1 else {}
     return {
+        **groups,
         "model": model_config.to_dict(),
         "dtype": DTYPES[engine_config.dtype],
         "device_type": engine_config.device.split(":")[0],

@@ -39,9 +39,9 @@ from tools.memory_plan import plan_memory
 from tools.output_dir import (RunLock, finish_complete_run, finished_ids, inspect_output_dir, prepare_output_dir,
                               run_fingerprint)
 from tools.run_report import EXIT_OK, EXIT_USAGE, RunPlan, serve_and_report
-from tools.run_setup import (build_engine, degenerate_config_warnings, describe_memory_plan, distributed_context,
-                             load_prompts, model_source, output_limit, parallel_layout, parse_memory_size,
-                             sample_group_warnings, sampling_params_for)
+from tools.run_setup import (build_engine, checkpoint_tokenizer, degenerate_config_warnings, describe_memory_plan,
+                             distributed_context, load_prompts, model_source, output_limit, output_text_decoder,
+                             parallel_layout, parse_memory_size, sample_group_warnings, sampling_params_for)
 
 log = logging.getLogger("run_inference")
 
@@ -84,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated token ids that also end a request (besides the model's EOS ids; they stop "
                         "even with --ignore-eos), e.g. a chat template's end-of-turn token")
     g.add_argument("--samples-per-prompt", type=int, default=1, metavar="N",
-                   help="N samples of every prompt (an RL group): request ids '<id>#<k>' for k = 0..N-1, each with "
-                        "its own seed, served together by one replica so they compute the prompt once; results carry "
-                        "prompt_id and sample_index")
+                   help="N samples of every prompt (an RL group): request ids '<id>_<k>' for k = 0..N-1, each with "
+                        "its own seed, served together by one replica so they compute the prompt once (hybrid models: "
+                        "see the warning); results carry prompt_id and sample_index")
     g.add_argument("--logprobs", type=int, default=0, metavar="N",
                    help="also return the top-N alternatives of every generated token (each token's own log-prob "
                         "is always written)")
@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="commit finished requests to --output-dir after every N of them ...")
     g.add_argument("--checkpoint-interval", type=float, default=CheckpointPolicy.every_seconds, metavar="SECONDS",
                    help="... or SECONDS after the oldest finished request not yet on disk")
+    g.add_argument("--output-text", action=argparse.BooleanOptionalAction, default=None,
+                   help="write each result's generated text (output_text, decoded by the --hf-checkpoint tokenizer, "
+                        "special tokens left out); default: on when the prompts file has text or chat prompts")
+    g.add_argument("--step-details-max-entries", type=int, default=100_000, metavar="N",
+                   help="step_details.json keeps the last N step entries (its summary covers every step), so "
+                        "hours-long runs stay bounded in memory and on disk; 0 = keep all")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress line on stderr, updated every step (default: on when stderr is a terminal)")
@@ -168,7 +174,8 @@ def engine_config_from_args(args: argparse.Namespace, model_config, device: torc
                         device=str(device), seed=args.seed, async_scheduling=args.async_scheduling,
                         replica_check_interval=args.replica_check_interval, state_checkpoints=args.state_checkpoints,
                         checkpoint_interval_blocks=args.checkpoint_interval_blocks,
-                        piecewise_graphs=args.piecewise_graphs, piecewise_max_tokens=args.piecewise_max_tokens)
+                        piecewise_graphs=args.piecewise_graphs, piecewise_max_tokens=args.piecewise_max_tokens,
+                        step_log_max_entries=args.step_details_max_entries)
 
 
 def _token_ids(text: str) -> tuple[int, ...]:
@@ -193,7 +200,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for flag in ("num_kv_blocks", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    for flag in ("state_checkpoints", "checkpoint_interval_blocks"):
+    for flag in ("state_checkpoints", "checkpoint_interval_blocks", "step_details_max_entries"):
         if getattr(args, flag) is not None and getattr(args, flag) < 0:
             parser.error(f"--{flag.replace('_', '-')} must be >= 0, got {getattr(args, flag)}")
     if args.shared_prefix_len < 0 or args.shared_prefix_len > args.prompt_len:
@@ -259,13 +266,16 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.Ex
         dist = dist.with_layout(layout)
     engine_config = engine_config_from_args(args, model_config, dist.device,
                                             _attention_config(model_config, layout, dist.rank))
-    specs = load_prompts(args, model_config)
+    tokenizer = checkpoint_tokenizer(args)
+    specs = load_prompts(args, model_config, tokenizer)
+    output_text = output_text_decoder(args, specs, tokenizer)
     limits = [output_limit(args, s) for s in specs]
     memory = plan_memory(model_config, engine_config, dist.device,
                          local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), layout=layout, rank=dist.rank)
     fingerprint = run_fingerprint(args, model_config, engine_config, specs, limits)
     out_plan = _inspect_output_dir(args, dist, fingerprint)
-    warnings = degenerate_config_warnings(model_config, engine_config, specs, limits) + sample_group_warnings(args)
+    warnings = (degenerate_config_warnings(model_config, engine_config, specs, limits)
+                + sample_group_warnings(args, model_config))
     if args.dry_run:
         return _dry_run(model_config, engine_config, memory, len(specs), out_plan, warnings, layout)
     problem = _any_rank_problem(dist, memory.problem()) or (out_plan.problem if out_plan else None)
@@ -287,7 +297,7 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.Ex
         log.warning("interrupted by %s before any request was served; nothing was written", guard.name)
         return guard.exit_code
     meta = routing_meta_for(model_config, engine_config.block_size) if engine_config.record_routing else None
-    return engine, dist, specs, _plan_run(args, dist, specs, out_plan, fingerprint, meta)
+    return engine, dist, specs, _plan_run(args, dist, specs, out_plan, fingerprint, meta, output_text)
 
 
 def _attention_config(model_config, layout, rank: int):
@@ -341,11 +351,11 @@ def _dry_run(model_config, engine_config, memory, num_requests: int, out_plan, w
     return EXIT_USAGE if problems else EXIT_OK
 
 
-def _plan_run(args, dist, specs, out_plan, fingerprint, routing_meta) -> RunPlan:
+def _plan_run(args, dist, specs, out_plan, fingerprint, routing_meta, output_text=None) -> RunPlan:
     """Prepare --output-dir (rank 0) and pick this replica's share of the requests not yet
     on disk (every rank of a replica gets the same share, in the same order)."""
     if out_plan is None:
-        return RunPlan(specs, replica_share(specs, dist.dp_rank, dist.dp_size), 0, 1, None)
+        return RunPlan(specs, replica_share(specs, dist.dp_rank, dist.dp_size), 0, 1, None, output_text)
     if dist.is_main:
         if out_plan.action in ("resume", "reopen"):
             log.info("resuming the run in %s", out_plan.path)
@@ -360,7 +370,7 @@ def _plan_run(args, dist, specs, out_plan, fingerprint, routing_meta) -> RunPlan
     done = finished_ids(out_plan.path, attempt)
     remaining = [s for s in specs if s.request_id not in done]
     return RunPlan(specs, replica_share(remaining, dist.dp_rank, dist.dp_size), len(specs) - len(remaining), attempt,
-                   out_plan.path)
+                   out_plan.path, output_text)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 
 from inference.engine import LLMEngine
 from inference.progress import ProgressBar
-from inference.request import SamplingParams
+from inference.request import RequestResult, SamplingParams
 from inference.run_outputs import consolidate_run, routing_meta_for, run_meta, write_step_details
 from inference.run_writer import CheckpointError, CheckpointPolicy, CheckpointWriter
 from inference.workload import PromptSpec
@@ -53,6 +53,7 @@ class RunPlan:
     num_done: int
     attempt: int
     out_dir: Path | None
+    output_text: Callable[[list[int]], str] | None = None   # --output-text: generated tokens -> text
 
 
 def serve_and_report(engine: LLMEngine, args: argparse.Namespace, dist: DistributedContext, plan: RunPlan,
@@ -119,11 +120,30 @@ def _open_writer(engine: LLMEngine, args, dist: DistributedContext, plan: RunPla
     if plan.out_dir is None or not dist.is_replica_leader:
         return None
     meta = routing_meta_for(engine.model_config, engine.config.block_size) if engine.recorder is not None else None
-    groups = {s.request_id: {"prompt_id": s.prompt_id, "sample_index": s.sample_index}
-              for s in plan.my_specs if s.prompt_id is not None}
     return CheckpointWriter(plan.out_dir, attempt=plan.attempt, rank=dist.dp_rank, routing_meta=meta,
                             policy=CheckpointPolicy(args.checkpoint_every, args.checkpoint_interval),
-                            record_fields=groups)
+                            record_extra=_record_extra(plan))
+
+
+def _record_extra(plan: RunPlan) -> Callable[[RequestResult], dict]:
+    """The CLI's own results fields (run on the writer thread): an RL group's ``prompt_id``
+    and ``sample_index``, and with --output-text the generated text (null when the
+    tokenizer cannot decode the tokens: one bad request never stops the run)."""
+    groups = {s.request_id: {"prompt_id": s.prompt_id, "sample_index": s.sample_index}
+              for s in plan.my_specs if s.prompt_id is not None}
+    decode = plan.output_text
+
+    def extra(result: RequestResult) -> dict:
+        fields = dict(groups.get(result.request_id, {}))
+        if decode is not None and result.finish_reason != "error":
+            try:
+                fields["output_text"] = decode(result.output_token_ids)
+            except Exception as exc:  # noqa: BLE001 - a tokenizer's failure on one request
+                log.warning("request %r: cannot decode its output tokens (%s); output_text is null",
+                            result.request_id, exc)
+                fields["output_text"] = None
+        return fields
+    return extra
 
 
 def _close_quietly(writer: CheckpointWriter) -> None:

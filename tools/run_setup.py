@@ -7,7 +7,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
@@ -18,7 +18,7 @@ from inference.model import MoEGPT
 from inference.parallel import ParallelGroups, ParallelLayout, ParallelLayoutError
 from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import GREEDY_TEMPERATURE, SamplingParams
-from inference.workload import PromptSpec, read_prompts_file, synthetic_prompts, with_samples
+from inference.workload import ChatRefused, PromptSpec, read_prompts_file, synthetic_prompts, with_samples
 from tools.memory_plan import MemoryPlan
 
 ModelLoader = Callable[..., MoEGPT]   # (device, dtype, seed, parallel=None) -> model (this rank's shards)
@@ -155,20 +155,41 @@ def build_engine(loader: ModelLoader, config: EngineConfig, device: torch.device
     return LLMEngine(model, config)
 
 
-class _CheckpointTokenizer:
-    """The --hf-checkpoint tokenizer, loaded on the first ``encode`` and kept: a prompts file
-    of token ids never reads it, so checkpoints without tokenizer files still serve those."""
+class CheckpointTokenizer:
+    """The --hf-checkpoint tokenizer, loaded on first use and kept: a prompts file of token
+    ids never reads it (unless --output-text asks for text), so checkpoints without tokenizer
+    files still serve those. ``encode`` / ``encode_chat`` (the chat template, the assistant's
+    turn opened) / ``decode`` (special tokens left out)."""
 
     def __init__(self, checkpoint_dir: str) -> None:
         self.checkpoint_dir = checkpoint_dir
         self._tokenizer = None
 
     def encode(self, text: str) -> list[int]:
-        if self._tokenizer is None:
-            self._tokenizer = self._load()
-        return self._tokenizer.encode(text)
+        return self.load("text prompts").encode(text)
 
-    def _load(self):
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        tokenizer = self.load("chat prompts")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"chat prompts need a chat template, but the tokenizer of --hf-checkpoint "
+                             f"{self.checkpoint_dir} has none (tokenizer_config.json's chat_template)")
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # noqa: BLE001 - jinja errors of the template itself (raise_exception, bad keys)
+            raise ChatRefused(f"the chat template of --hf-checkpoint {self.checkpoint_dir} refused the chat: "
+                              f"{type(exc).__name__}: {exc}") from None
+        return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)   # transformers 5: a BatchEncoding
+
+    def decode(self, ids: list[int]) -> str:
+        return self.load("--output-text").decode(ids, skip_special_tokens=True)
+
+    def load(self, purpose: str):
+        """The tokenizer; ValueError naming ``purpose`` and the directory when none loads."""
+        if self._tokenizer is None:
+            self._tokenizer = self._load(purpose)
+        return self._tokenizer
+
+    def _load(self, purpose: str):
         from inference.hf_loader import HFCheckpointError, load_tokenizer
         try:
             return load_tokenizer(self.checkpoint_dir)
@@ -176,21 +197,40 @@ class _CheckpointTokenizer:
             reason = "; ".join(exc.problems)
         except (ImportError, OSError, ValueError) as exc:  # transformers missing, or files it cannot read
             reason = str(exc)
-        raise ValueError(f"text prompts need a tokenizer, but --hf-checkpoint {self.checkpoint_dir} "
+        verb = "needs" if purpose.startswith("--") else "need"
+        raise ValueError(f"{purpose} {verb} a tokenizer, but --hf-checkpoint {self.checkpoint_dir} "
                          f"has none that loads: {reason}")
 
 
-def load_prompts(args: argparse.Namespace, model_config: ModelConfig) -> list[PromptSpec]:
+def checkpoint_tokenizer(args: argparse.Namespace) -> CheckpointTokenizer | None:
+    return CheckpointTokenizer(args.hf_checkpoint) if args.hf_checkpoint else None
+
+
+def load_prompts(args: argparse.Namespace, model_config: ModelConfig,
+                 tokenizer: CheckpointTokenizer | None = None) -> list[PromptSpec]:
     """The run's requests: the prompts file's or the synthetic prompts, each prompt
     ``--samples-per-prompt`` times (``inference.workload.with_samples``)."""
     if args.prompts_file:
-        tokenizer = _CheckpointTokenizer(args.hf_checkpoint) if args.hf_checkpoint else None
         prompts = read_prompts_file(args.prompts_file, tokenizer)
     else:
         prompts = synthetic_prompts(num_requests=args.num_requests, prompt_len=args.prompt_len,
                                     vocab_size=model_config.vocab_size, seed=args.seed,
                                     shared_prefix_len=args.shared_prefix_len)
     return with_samples(prompts, args.samples_per_prompt)
+
+
+def output_text_decoder(args: argparse.Namespace, specs: list[PromptSpec],
+                        tokenizer: CheckpointTokenizer | None) -> Callable[[list[int]], str] | None:
+    """How results get their ``output_text``: --output-text (default: when some prompt was
+    text or a chat) decodes the generated tokens with the checkpoint's tokenizer. Raises
+    ValueError now, not mid-run, when the asked-for text has no tokenizer."""
+    wanted = any(s.from_text for s in specs) if args.output_text is None else args.output_text
+    if not wanted:
+        return None
+    if tokenizer is None:
+        raise ValueError("--output-text needs --hf-checkpoint with a tokenizer")
+    tokenizer.load("--output-text")
+    return tokenizer.decode
 
 
 def output_limit(args: argparse.Namespace, spec: PromptSpec) -> int:
@@ -229,8 +269,8 @@ def degenerate_config_warnings(model_config: ModelConfig, config: EngineConfig, 
             f"\"length\"{fails}. Raise --num-kv-blocks or --kv-cache-memory"]
 
 
-def sample_group_warnings(args: argparse.Namespace) -> list[str]:
-    """RL groups that will not do what was probably meant."""
+def sample_group_warnings(args: argparse.Namespace, model_config: ModelConfig) -> list[str]:
+    """RL groups that will not do what was probably meant (compute their prompt once)."""
     n = args.samples_per_prompt
     if n == 1:
         return []
@@ -243,6 +283,11 @@ def sample_group_warnings(args: argparse.Namespace) -> list[str]:
                         f"{n} samples of a prompt computes the whole prompt")
     elif not args.enable_prefix_caching:
         warnings.append(f"without prefix caching each of the {n} samples of a prompt computes the whole prompt")
+    elif model_config.is_hybrid:
+        # docs/ARCHITECTURE.md: hybrids hash a block when its chunk lands, not when it is scheduled
+        warnings.append(f"{model_config.name} is a hybrid model: a prefix hit needs the recurrent-state checkpoint "
+                        f"of a computed chunk, so the {n} samples of a prompt admitted in the same step each compute "
+                        f"the prompt (only samples admitted later hit it)")
     return warnings
 
 

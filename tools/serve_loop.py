@@ -65,6 +65,9 @@ def serve_requests(engine: LLMEngine, specs: Sequence[PromptSpec], params_for: C
     while not stop_requested():
         while pending and engine.scheduler.num_waiting < engine.config.max_requests:
             spec = pending.popleft()
+            if spec.problem is not None:     # e.g. a chat its template refused: fails alone
+                hand_on(RequestResult.failed(spec.request_id, [], spec.problem))
+                continue
             try:
                 engine.add_request(spec.prompt_token_ids, params_for(spec), request_id=spec.request_id,
                                    routing_start=spec.routing_start)
@@ -118,7 +121,4 @@ def _log_decisions(engine: LLMEngine, waiting_before: int, steps_before: int, re
 
 
 def _last_entry(engine: LLMEngine) -> dict | None:
-    # StepDetailsLog offers only a full copy (``entries``); reading the last entry in O(1)
-    # goes through its list. Debug logging only.
-    entries = getattr(engine.step_log, "_entries", None)
-    return entries[-1] if entries else None
+    return engine.step_log.last_entry

@@ -79,10 +79,11 @@ def kv_bytes(seq_lens: list[int], kv_heads: int, head_dim: int, element_size: in
 def candidate_launches(context: int, quick: bool, mha: bool = False) -> list[Launch]:
     """First stage of the sweep: context splits x tile lengths at 4 warps and Triton's
     default stages; splits that leave at least one 16-token tile per split. MHA shapes
-    (no query groups) also try every one of them on the ``tl.dot`` path."""
+    (no query groups) try every one of them on both paths (``use_dot`` False and True)."""
     splits = [s for s in SPLITS if s <= MAX_SPLITS and s * 16 <= context]
     block_ns = (32, 64) if quick else BLOCK_NS
-    paths = (None, True) if mha else (None,)
+    # Named explicitly: None would follow MHA_USE_DOT and stop measuring one path once it flips.
+    paths = (False, True) if mha else (None,)
     return [Launch(s, b, use_dot=d) for d, s, b in itertools.product(paths, splits, block_ns)]
 
 

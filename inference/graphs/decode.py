@@ -29,10 +29,13 @@ class DecodeGraphRunner:
     logits in ``self._logits[B]`` until the next run of that size."""
 
     def __init__(self, model: MoEGPT, batch: StepBatch, kv_cache: KVCache, recorder,
-                 max_batch: int, use_graphs: bool, recurrent_states=None) -> None:
+                 max_batch: int, use_graphs: bool, recurrent_states=None,
+                 attention: DecodeBackend | None = None) -> None:
         """``recurrent_states``: hybrid models' ``ForwardContext.recurrent_states`` (the
-        state pool's per-layer tensors), with the batch's ``state_slots`` tensors."""
+        state pool's per-layer tensors), with the batch's ``state_slots`` tensors.
+        ``attention``: the decode backend the graphs capture (default ``DecodeBackend()``)."""
         self.model, self.batch, self.kv_cache, self.recorder = model, batch, kv_cache, recorder
+        self.attention = attention if attention is not None else DecodeBackend()
         self.recurrent_states = recurrent_states
         self.use_graphs = use_graphs
         self.sizes = tuple(s for s in DEFAULT_LADDER if s < max_batch) + (max_batch,)
@@ -64,7 +67,7 @@ class DecodeGraphRunner:
                 query_start_loc=b.query_start_loc[: size + 1], state_slots=b.state_slots[:size],
                 has_initial_state=b.has_initial_state[:size], query_start_loc_host=list(range(size + 1)),
                 state_slots_host=[], has_initial_state_host=[], decode_only=True)
-        ctx = ForwardContext(meta, self.kv_cache.per_layer, DecodeBackend(), staging, recurrent=recurrent,
+        ctx = ForwardContext(meta, self.kv_cache.per_layer, self.attention, staging, recurrent=recurrent,
                              recurrent_states=self.recurrent_states)
         hidden = self.model(b.input_ids[:size], b.positions[:size], ctx)
         if self.gather_in_graph:

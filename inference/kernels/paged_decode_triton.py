@@ -63,17 +63,21 @@ def check_decode_rows(batch: int, block_tables: torch.Tensor, seq_lens: torch.Te
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           window: int = 0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+                           window: int = 0, sinks: torch.Tensor | None = None,
+                           mha_dot: bool | None = None) -> torch.Tensor:
     """Decode attention over a paged KV cache, Triton on CUDA, plain torch elsewhere.
 
     q: [B, num_heads, head_dim]; k_cache, v_cache: [num_blocks + 1, block_size, kv_heads,
     head_dim]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (the current token's
-    KV is already in the cache). Rows with ``seq_lens == 0`` return zeros.
+    KV is already in the cache). Rows with ``seq_lens == 0`` return zeros. ``mha_dot``: the
+    Triton kernel's ``use_dot`` for MHA shapes (None: its default); models with query groups
+    keep the kernel's default whatever it says.
     """
     check_decode_rows(q.shape[0], block_tables, seq_lens)
     if q.is_cuda and triton is not None:
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                             window=window, sinks=sinks)
+                                             window=window, sinks=sinks,
+                                             use_dot=mha_dot if q.shape[1] == k_cache.shape[2] else None)
     return paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale, window, sinks)
 
 
@@ -145,8 +149,9 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     With a window the splits partition the window, not the whole context. ``block_n``
     (context tokens per tile; default 64 with query groups, else 32), ``num_warps`` and
     ``num_stages`` (Triton's default when None) are tuning knobs (tools/tune_paged_decode.py).
-    ``use_dot`` (default: with query groups, and without them when ``MHA_USE_DOT``) computes scores and the weighted V sum
-    with ``tl.dot``; without groups (MHA) the single query row is padded to 16 rows, which
+    ``use_dot`` (None: with query groups, and for MHA when ``MHA_USE_DOT``) computes scores
+    and the weighted V sum with ``tl.dot``; False runs the element-wise path (a group's heads
+    padded to a power of two); without groups (MHA) the single query row is padded to 16 rows, which
     costs the tensor cores nothing a memory-bound step can see, in exchange for the dot
     path's load and register layouts (the H200 tuning saw MHA's element-wise path cap near
     2.3 TB/s where the grouped dot path reached 3.4-3.9)."""
@@ -175,7 +180,8 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     launch = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
     has_sinks = sinks is not None
     sinks_arg = sinks.float().contiguous() if has_sinks else out
-    block_g = max(16, triton.next_power_of_2(group)) if use_dot else 1
+    # tl.dot needs M >= 16; the element-wise path takes any power of two (1 without groups).
+    block_g = max(16, triton.next_power_of_2(group)) if use_dot else triton.next_power_of_2(group)
     if num_splits == 1:
         partial_out, partial_lse = out, out  # lse is never written in single-split mode
     else:

@@ -51,3 +51,20 @@ def test_fused_moe_small_batch_threshold_is_optional_and_validated():
     for bad in (-1, "2", 1.5, True):
         with pytest.raises(ValueError, match="fused_moe_small_batch_max_tokens must be None .* or an int >= 0"):
             EngineConfig(fused_moe_small_batch_max_tokens=bad)
+
+
+def test_decode_attention_mha_dot_reaches_every_decode_backend():
+    """The choice reaches the eager backend and the one the decode graphs capture (the padded
+    decode path runs the same runner on CPU); a non-bool is refused."""
+    from inference.engine import LLMEngine
+    from inference.presets import build_model, get_preset
+    for bad in (1, "on"):
+        with pytest.raises(ValueError, match="decode_attention_mha_dot must be a bool or None"):
+            EngineConfig(decode_attention_mha_dot=bad)
+    for value in (None, True, False):
+        engine = LLMEngine(build_model(get_preset("tiny-moe"), seed=0),
+                           EngineConfig(num_kv_blocks=16, padded_decode=True, decode_attention_mha_dot=value))
+        assert engine._state.graph_runner.attention.mha_dot is value
+    import torch
+    from inference.attention_backends import select_attention
+    assert select_attention(torch.device("cuda"), True)._decode.mha_dot is True   # the eager CUDA backend

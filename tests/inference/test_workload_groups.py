@@ -1,4 +1,4 @@
-"""RL groups in a workload: ``with_samples`` (n samples per prompt, ids ``<id>#<k>``) and
+"""RL groups in a workload: ``with_samples`` (n samples per prompt, ids ``<id>_<k>``) and
 ``replica_share`` (each data-parallel replica's requests; a group never split)."""
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ def _prompts(n: int) -> list[PromptSpec]:
 def test_samples_are_neighbours_with_their_prompt_and_index():
     prompts = _prompts(3)
     samples = with_samples(prompts, 4)
-    assert [s.request_id for s in samples] == [f"p{i}#{k}" for i in range(3) for k in range(4)]
+    assert [s.request_id for s in samples] == [f"p{i}_{k}" for i in range(3) for k in range(4)]
     for s in samples:
         prompt = prompts[int(s.prompt_id[1:])]
-        assert s.request_id == f"{prompt.request_id}#{s.sample_index}"
+        assert s.request_id == f"{prompt.request_id}_{s.sample_index}"
         assert (s.prompt_token_ids, s.max_new_tokens, s.routing_start) == (
             prompt.prompt_token_ids, prompt.max_new_tokens, prompt.routing_start)
 
@@ -38,7 +38,7 @@ def test_a_bad_sample_count_is_refused(bad):
 
 
 def test_sample_ids_stay_unique_for_prompt_ids_that_look_like_sample_ids():
-    prompts = [PromptSpec(i, [3]) for i in ("a", "a#1", "a#1#0", "a#10", "a#")]
+    prompts = [PromptSpec(i, [3]) for i in ("a", "a_1", "a_1_0", "a_10", "a_")]
     ids = [s.request_id for s in with_samples(prompts, 12)]
     assert len(set(ids)) == len(ids) == 60
 

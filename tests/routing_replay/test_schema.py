@@ -158,7 +158,7 @@ CORRUPTIONS = {
     "time goes back": (_entry(7, time_s=0.0), "time_s 0.0 decreases"),
     "token split": (_entry(8, prefill_tokens=1), "prefill_tokens + decode_tokens"),
     "wrong kind": (lambda d: d["meta"].update(kind="results"), "meta.kind must be 'step_details'"),
-    "future version": (lambda d: d["meta"].update(schema_version=3), "schema_version 3 is not supported"),
+    "future version": (lambda d: d["meta"].update(schema_version=4), "schema_version 4 is not supported"),
     "sub-phases": (_entry(9, routing_reconstruct_ms=1.0, routing_reconstruct_plan_ms=0.25,
                           routing_reconstruct_gather_ms=0.25, routing_reconstruct_copy_ms=0.25),
                    "sub-phases of routing_reconstruct add up to 0.75"),
@@ -269,7 +269,7 @@ def test_results_line_problems(change: dict, expected: str) -> None:
 
 
 def test_results_line_of_a_sample() -> None:
-    line = {"id": "p#1", "prompt_token_ids": [1], "output_token_ids": [2], "finish_reason": "stop",
+    line = {"id": "p_1", "prompt_token_ids": [1], "output_token_ids": [2], "finish_reason": "stop",
             "prompt_id": "p", "sample_index": 1}
     assert validate_results_line(line) == []
 
@@ -430,7 +430,7 @@ def test_real_cpu_run_is_valid(tmp_path: Path, record: bool) -> None:
     assert validate_run_dir(out) == []
     assert (out / "routing.npz").exists() == record
     document = load_step_details(out / "step_details.json")
-    assert document["meta"]["schema_version"] == 2 and len(document["step_details"]) > 0
+    assert document["meta"]["schema_version"] == 3 and len(document["step_details"]) > 0
     keys = phase_keys(ENGINE_STAGES) + phase_keys(ROUTING_SUBPHASES)
     for entry in document["step_details"]:
         assert all(key in entry for key in keys), sorted(set(keys) - set(entry))

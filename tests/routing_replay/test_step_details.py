@@ -122,9 +122,40 @@ def test_write_produces_json(tmp_path):
     path = tmp_path / "nested" / "step_details.json"
     log.write(path, {"model": "tiny-moe", "kind": "overridden"})
     data = json.loads(path.read_text())
-    assert data["meta"] == {"model": "tiny-moe", "kind": "step_details", "schema_version": 2}
+    assert data["meta"] == {"model": "tiny-moe", "kind": "step_details", "schema_version": 3}
     assert data["summary"]["num_steps"] == 6
     assert data["summary"]["total_step_time_ms"] == pytest.approx(sum(e["step_time_ms"] for e in entries))
     assert [e["step"] for e in data["step_details"]] == list(range(6))
     assert data["step_details"][0]["numpy_scalar"] == 7
     assert all(set(STEP_KEYS) <= set(e) for e in data["step_details"])
+
+
+def test_a_bounded_log_keeps_the_last_entries_and_summarises_every_step(tmp_path):
+    """The summary of a log keeping only its last entries equals the summary of an
+    unbounded log of the same steps (every step counted), but for the dropped count; the
+    file holds the kept entries and validates."""
+    from routing_replay.schema import validate_step_details
+    entries = random_entries(11, 40)
+    full, bounded = filled_log(entries), StepDetailsLog(max_entries=7)
+    for entry in entries:
+        bounded.record(entry)
+    assert len(bounded) == len(full) == 40 and bounded.num_dropped == 33
+    assert bounded.entries == entries[-7:] and bounded.last_entry == entries[-1]
+    summary = bounded.summary()
+    assert summary.pop("dropped_entries") == 33 and "dropped_entries" not in full.summary()
+    assert summary == full.summary()
+    with pytest.raises(ValueError, match="strictly|after"):
+        bounded.record(entries[-1])
+    path = tmp_path / "step_details.json"
+    bounded.write(path, {})
+    document = json.loads(path.read_text())
+    assert len(document["step_details"]) == 7 and document["summary"]["num_steps"] == 40
+    assert validate_step_details(document) == []
+    document["summary"]["dropped_entries"] = 32
+    assert any("num_steps 40 != 7 entries + 32 dropped" in p for p in validate_step_details(document))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_a_bad_bound_is_refused(bad):
+    with pytest.raises(ValueError, match="max_entries"):
+        StepDetailsLog(max_entries=bad)

@@ -353,3 +353,18 @@ def test_version_1_files_have_no_breakdown(run_file: Path, tmp_path: Path) -> No
     out = tmp_path / "analysis.json"
     assert main([str(run_file), "--json", str(out)]) == 0
     assert orjson.loads(out.read_bytes())["runs"][0]["breakdown"] == {}
+
+
+def test_a_file_that_dropped_its_first_entries_says_so(tmp_path):
+    from routing_replay.step_details import StepDetailsLog
+    from tools.analyze_step_details import analyze, load_runs, render_report
+    log = StepDetailsLog(max_entries=3)
+    for step in range(8):
+        log.record({"step": step, "prefill_requests": 0, "decode_requests": 2, "active_tokens": 2,
+                    "padded_tokens": 2, "cuda_graph": False, "step_time_ms": 1.0, "routing_gather_ms": 0.0,
+                    "routing_store_ms": 0.0, "routing_reconstruct_ms": 0.0, "routing_finalize_ms": 0.0})
+    path = tmp_path / "step_details.json"
+    log.write(path, {})
+    runs = load_runs([path])
+    assert runs[0].dropped == 5 and len(runs[0].entries) == 3
+    assert "leave out the first 5 steps" in render_report(analyze(runs))

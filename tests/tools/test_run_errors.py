@@ -246,3 +246,40 @@ def test_a_directory_in_use_by_another_process_is_refused(cli, tmp_path):
         usage_error(cli.run(SMALL + ["--output-dir", out, "--resume"]), "is in use by pid", "another directory")
     assert cli.run(SMALL + ["--output-dir", out, "--resume"]).status == 0
     assert not (out / ".run.lock").exists()
+
+
+def test_resume_refuses_another_samples_per_prompt_by_name(cli, tmp_path):
+    """--samples-per-prompt changes the request ids, but the refusal names the flag (not only
+    "num_requests: 8 -> 12" of a run whose --num-requests did not change), also for a prompts
+    file whose own ids are the samples' (the same ids, tokens and seeds: only the RL-group
+    fields of the results would differ)."""
+    out = tmp_path / "out"
+    assert cli.run(SMALL + ["--samples-per-prompt", "2", "--output-dir", out]).status == 0
+    usage_error(cli.run(SMALL + ["--samples-per-prompt", "3", "--output-dir", out, "--resume"]),
+                "different configuration", "samples_per_prompt: 2 -> 3")
+    usage_error(cli.run(SMALL + ["--output-dir", out, "--resume"]), "samples_per_prompt: 2 -> None")
+    grouped, expanded = tmp_path / "grouped.jsonl", tmp_path / "expanded.jsonl"
+    grouped.write_bytes(orjson.dumps({"id": "a", "prompt_token_ids": [5, 6, 7]}) + b"\n")
+    expanded.write_bytes(b"".join(orjson.dumps({"id": f"a_{k}", "prompt_token_ids": [5, 6, 7]}) + b"\n"
+                                  for k in range(2)))
+    files = tmp_path / "files"
+    assert cli.run(["--prompts-file", grouped, "--samples-per-prompt", "2", "--output-len", "2",
+                    "--output-dir", files]).status == 0
+    usage_error(cli.run(["--prompts-file", expanded, "--output-len", "2", "--output-dir", files, "--resume"]),
+                "samples_per_prompt: 2 -> None")
+
+
+def test_failed_samples_keep_their_group_fields(cli, tmp_path):
+    """An invalid prompt fails each of its samples; their error records still name the
+    prompt and sample (so a consumer sees the group is incomplete) and the run is valid."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in (
+        {"id": "ok", "prompt_token_ids": [5, 6, 7]}, {"id": "bad", "prompt_token_ids": [5, 10 ** 9]})))
+    out = tmp_path / "out"
+    run = cli.run(["--record-routing", "--prompts-file", prompts, "--samples-per-prompt", "2", "--output-len", "2",
+                   "--output-dir", out])
+    assert run.status == 3, run.stderr
+    results = load_results(out)
+    assert [(r["id"], r["prompt_id"], r["sample_index"], r["finish_reason"] == "error") for r in results] == [
+        ("ok_0", "ok", 0, False), ("ok_1", "ok", 1, False), ("bad_0", "bad", 0, True), ("bad_1", "bad", 1, True)]
+    assert validate_run_dir(out) == [] and set(load_routing(out)[0]) == {"ok_0", "ok_1"}

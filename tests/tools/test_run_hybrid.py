@@ -69,3 +69,18 @@ def test_dry_run_lists_state_pool_and_checkpoints():
     assert proc.returncode == 0, proc.stderr
     assert "8 slots (+1 dummy)" in proc.stdout and "3 prefix-cache checkpoints" in proc.stdout
     assert "1 attention layers of 4" in proc.stdout
+
+
+def test_rl_groups_of_a_hybrid_are_warned_that_each_sample_computes_the_prompt(cli, tmp_path):
+    """A hybrid's prefix hit needs the recurrent-state checkpoint, committed when the chunk
+    lands: samples admitted in the same step each compute the prompt (no hit at all here),
+    which the run says up front instead of promising one computation per group."""
+    run = cli.run(["--model", "tiny-hybrid-gdn", "--num-requests", "2", "--samples-per-prompt", "3",
+                   "--prompt-len", "20", "--output-len", "2", "--temperature", "1.0", "--block-size", "4",
+                   "--output-dir", tmp_path])
+    assert run.status == 0, run.stderr
+    assert "hybrid model" in run.stderr and "each compute the prompt" in run.stderr, run.stderr
+    results = [orjson.loads(line) for line in (tmp_path / "results.jsonl").read_bytes().splitlines()]
+    assert len(results) == 6 and all(r["num_cached_tokens"] == 0 for r in results)
+    plain = cli.run(["--num-requests", "1", "--samples-per-prompt", "2", "--temperature", "1.0", "--dry-run"])
+    assert plain.status == 0 and "hybrid model" not in plain.stderr + plain.stdout

@@ -140,7 +140,7 @@ def test_logprobs_and_weight_version_reach_results_and_routing_meta(tmp_path):
 
 
 def test_samples_per_prompt_serve_rl_groups_that_compute_their_prompt_once(tmp_path):
-    """Each prompt's samples are neighbouring requests ``<id>#<k>``; the samples after the
+    """Each prompt's samples are neighbouring requests ``<id>_<k>``; the samples after the
     first take the prompt's blocks from the prefix cache, yet every sample's tokens and
     routing equal an engine serving that one request alone, without the cache, with the
     seed of its place in the workload."""
@@ -157,7 +157,7 @@ def test_samples_per_prompt_serve_rl_groups_that_compute_their_prompt_once(tmp_p
     assert proc.returncode == 0, proc.stderr
     assert validate_run_dir(tmp_path) == []
     results = _results(tmp_path)
-    assert [r["id"] for r in results] == [f"{p}#{k}" for p in range(3) for k in range(4)]
+    assert [r["id"] for r in results] == [f"{p}_{k}" for p in range(3) for k in range(4)]
     assert [(r["prompt_id"], r["sample_index"]) for r in results] == [(str(p), k) for p in range(3) for k in range(4)]
     for r in results:
         # every full block the prompt's last token does not need (it is always computed)
@@ -200,3 +200,16 @@ def test_stop_token_ids_end_requests_even_with_ignore_eos(tmp_path):
     for bad, message in (("5,x", "comma-separated token ids"), ("-3", ">= 0"), ("100000", "outside the vocabulary")):
         proc = _run(base + ["--stop-token-ids", bad, "--dry-run"])
         assert proc.returncode == 2 and message in proc.stderr, (bad, proc.stderr[-500:])
+
+
+def test_step_details_keep_the_last_entries_of_a_long_run(tmp_path):
+    from routing_replay.run_dir_schema import validate_run_dir
+    proc = _run(["--num-requests", "4", "--output-len", "20", "--ignore-eos", "--step-details-max-entries", "5",
+                 "--output-dir", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    assert validate_run_dir(tmp_path) == []
+    document = orjson.loads((tmp_path / "step_details.json").read_bytes())
+    summary, entries = document["summary"], document["step_details"]
+    assert len(entries) == 5 and summary["num_steps"] == 5 + summary["dropped_entries"] >= 20
+    assert summary["total_tokens"] == 4 * 32 + 4 * 19 and document["meta"]["schema_version"] == 3
+    assert [e["step"] for e in entries] == list(range(summary["num_steps"] - 5, summary["num_steps"]))

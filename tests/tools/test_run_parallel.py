@@ -20,7 +20,7 @@ import pytest
 
 from routing_replay import load_results, load_routing
 from routing_replay.run_dir_schema import validate_run_dir
-from routing_replay.run_layout import read_manifest
+from routing_replay.run_layout import committed_shards, read_manifest, shard_records
 from tests.inference.parallel.harness import run_ranks
 from tests.tools.parallel_cli import run_cli
 
@@ -194,8 +194,32 @@ def test_data_parallel_replicas_keep_each_rl_group_together(tmp_path, cli):
     assert [int(r["exit0"]) for r in results] == [0, 0]
     assert_same_run(tmp_path / "dp2", single, same_schedule=False)
     got = load_results(tmp_path / "dp2")
-    assert [r["id"] for r in got] == [f"{p}#{k}" for p in range(5) for k in range(2)]
+    assert [r["id"] for r in got] == [f"{p}_{k}" for p in range(5) for k in range(2)]
     assert all(r["num_cached_tokens"] == 16 for r in got if r["sample_index"] == 1)
     details = [orjson.loads((tmp_path / "dp2" / f"rank{rank}" / "step_details.json").read_bytes())
                for rank in range(2)]
     assert [d["summary"]["prefill_tokens"] for d in details] == [3 * (20 + 4), 2 * (20 + 4)]
+
+
+def test_an_interrupted_grouped_run_resumes_with_another_number_of_replicas(tmp_path, cli):
+    """Replica 1 of 2 is stopped (SIGTERM after 7 steps) with one of its groups half on disk;
+    one process resumes the run: the rest of that group and the unserved groups are served
+    and the consolidated run equals one process's, group fields included, in input order."""
+    argv = ["--record-routing", "--num-requests", "4", "--samples-per-prompt", "3", "--prompt-len", "12",
+            "--output-len", "6", "--ignore-eos", "--temperature", "1.0", "--block-size", "4", "--max-requests", "2",
+            "--checkpoint-every", "1", "--no-async-scheduling"]
+    single, out = tmp_path / "single", tmp_path / "out"
+    assert cli.run(argv + ["--output-dir", single]).status == 0
+    results = run_ranks(run_cli, 2, [argv + ["--output-dir", str(out)]], 1, 0, 7, timeout=240)
+    assert [int(r["exit0"]) for r in results] == [0, 143]
+    done = set(shard_records(committed_shards(out)))
+    assert {f"{p}_{k}" for p in (0, 2) for k in range(3)} <= done, "replica 0 served its groups 0 and 2"
+    split = [p for p in (1, 3) if 0 < sum(f"{p}_{k}" in done for k in range(3)) < 3]
+    assert split, f"a group of replica 1 must be half on disk: {sorted(done)}"
+    resumed = cli.run(argv + ["--output-dir", out, "--resume"])
+    assert resumed.status == 0, resumed.stderr
+    assert_same_run(out, single, same_schedule=False)
+    got = load_results(out)
+    assert [(r["id"], r["prompt_id"], r["sample_index"]) for r in got] == [
+        (f"{p}_{k}", str(p), k) for p in range(4) for k in range(3)]
+    assert read_manifest(out)["attempt"] == 2

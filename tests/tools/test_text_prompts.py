@@ -21,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tools" / "run_inference.py"
 SENTENCES = ["the router picks two experts for every token",
              "replay the same routing in training", "hello world"]
+# Roles become words the tokenizer knows; the assistant's turn is opened with "router".
+CHAT_TEMPLATE = ("[BOS]{% for m in messages %}{% if m['role'] == 'tool' %}{{ raise_exception('no tool turns') }}"
+                 "{% endif %}{{ 'the' if m['role'] == 'user' else 'hello' }} {{ m['content'] }} "
+                 "{% endfor %}{% if add_generation_prompt %}router{% endif %}")
 MODEL_VOCAB = 64   # >= the tokenizer's vocabulary, so every encoded id is servable
 NUM_MOE_LAYERS, TOPK = 2, 2
 
@@ -31,7 +35,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
                           timeout=300, env=env, cwd=ROOT)
 
 
-def _save_tokenizer(path: Path) -> None:
+def _save_tokenizer(path: Path, chat: bool = True) -> None:
     """A word-level tokenizer trained on SENTENCES whose default encoding prepends [BOS]."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     raw = Tokenizer(models.WordLevel(unk_token="[UNK]"))
@@ -40,8 +44,11 @@ def _save_tokenizer(path: Path) -> None:
     raw.post_processor = processors.TemplateProcessing(single="[BOS] $A",
                                                        special_tokens=[("[BOS]", raw.token_to_id("[BOS]"))])
     assert raw.get_vocab_size() <= MODEL_VOCAB
-    transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", bos_token="[BOS]",
-                                         eos_token="[EOS]", pad_token="[PAD]").save_pretrained(path)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", bos_token="[BOS]",
+                                                     eos_token="[EOS]", pad_token="[PAD]")
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
 
 
 def _save_model(path: Path) -> None:
@@ -107,7 +114,7 @@ def test_line_with_both_prompt_keys_is_refused(checkpoints, tmp_path):
     prompts = _prompts(tmp_path, [{"id": 1, "prompt": "hello", "prompt_token_ids": [3, 4]}])
     proc = _run(["--hf-checkpoint", str(checkpoints[0]), "--prompts-file", str(prompts), "--dry-run"])
     assert proc.returncode == 2
-    assert f"--prompts-file {prompts}, line 1: give exactly one of 'prompt_token_ids' and 'prompt'" in proc.stderr
+    assert f"--prompts-file {prompts}, line 1: give exactly one of 'prompt_token_ids', 'prompt' and 'messages'" in proc.stderr
 
 
 def test_checkpoint_without_tokenizer(checkpoints, tmp_path):
@@ -124,3 +131,54 @@ def test_checkpoint_without_tokenizer(checkpoints, tmp_path):
     assert proc.returncode == 2
     assert f"line 2: text prompts need a tokenizer, but --hf-checkpoint {bare} has none" in proc.stderr
     assert "no tokenizer files" in proc.stderr
+
+
+def test_chat_prompts_and_output_text(checkpoints, tmp_path):
+    """A chat line is rendered by the tokenizer's chat template (the assistant's turn
+    opened) and encoded as transformers does; with text or chat prompts every result
+    carries its generated text, decoded by the same tokenizer without special tokens."""
+    ckpt, _ = checkpoints
+    chat = [{"role": "system", "content": "replay the same routing"}, {"role": "user", "content": "hello world"}]
+    prompts = _prompts(tmp_path, [{"id": "chat", "messages": chat}, {"id": "ids", "prompt_token_ids": [5, 6, 7]},
+                                  {"id": "refused", "messages": [{"role": "tool", "content": "hello"}]},
+                                  {"id": "text", "prompt": SENTENCES[1]}])
+    out = tmp_path / "out"
+    proc = _run(["--hf-checkpoint", str(ckpt), "--prompts-file", str(prompts), "--max-new-tokens", "4",
+                 "--ignore-eos", "--output-dir", str(out)])
+    assert proc.returncode == 3, proc.stderr          # some request failed, the others were served
+    results = {r["id"]: r for r in map(orjson.loads, (out / "results.jsonl").read_bytes().splitlines())}
+    refused = results.pop("refused")
+    assert refused["finish_reason"] == "error" and "line 3" in refused["error"] and "no tool turns" in refused["error"]
+    assert "output_text" not in refused
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt), local_files_only=True)
+    rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert rendered == "[BOS]hello replay the same routing the hello world router"
+    assert results["chat"]["prompt_token_ids"] == tokenizer.encode(rendered, add_special_tokens=False)
+    for r in results.values():
+        assert len(r["output_token_ids"]) == 4
+        assert r["output_text"] == tokenizer.decode(r["output_token_ids"], skip_special_tokens=True)
+    from routing_replay.run_dir_schema import validate_run_dir
+    assert validate_run_dir(out) == []
+    proc = _run(["--hf-checkpoint", str(ckpt), "--prompts-file", str(prompts), "--max-new-tokens", "2",
+                 "--no-output-text", "--output-dir", str(tmp_path / "no_text")])
+    assert proc.returncode == 3, proc.stderr
+    assert not any("output_text" in orjson.loads(line)
+                   for line in (tmp_path / "no_text" / "results.jsonl").read_bytes().splitlines())
+
+
+def test_output_text_and_chat_need_a_tokenizer_and_a_template(checkpoints, tmp_path):
+    ckpt, bare = checkpoints
+    ids_only = _prompts(tmp_path, [{"id": 1, "prompt_token_ids": [3, 4]}])
+    proc = _run(["--hf-checkpoint", str(bare), "--prompts-file", str(ids_only), "--output-text", "--dry-run"])
+    assert proc.returncode == 2 and f"--output-text needs a tokenizer, but --hf-checkpoint {bare}" in proc.stderr
+    proc = _run(["--prompts-file", str(ids_only), "--output-text", "--dry-run"])
+    assert proc.returncode == 2 and "--output-text needs --hf-checkpoint with a tokenizer" in proc.stderr
+    no_template = tmp_path / "no_template"
+    no_template.mkdir()
+    for f in ckpt.iterdir():           # the weights, not the tokenizer files (the template may be one)
+        if f.name.endswith((".safetensors", "config.json")) and not f.name.startswith("tokenizer"):
+            (no_template / f.name).write_bytes(f.read_bytes())
+    _save_tokenizer(no_template, chat=False)
+    chat = _prompts(tmp_path, [{"id": 1, "messages": [{"role": "user", "content": "hello"}]}])
+    proc = _run(["--hf-checkpoint", str(no_template), "--prompts-file", str(chat), "--dry-run"])
+    assert proc.returncode == 2 and "line 1: chat prompts need a chat template" in proc.stderr

@@ -4,6 +4,7 @@ clock (every launch it times must be correct, and it must pick the fastest)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -28,7 +29,10 @@ def test_candidates_leave_a_tile_per_split_and_refinement_varies_warps_and_stage
     assert all((r.num_splits, r.block_n) == (2, 64) for r in refined)
     assert tune.refine_launches(best, quick=True) == []
     mha = tune.candidate_launches(context=64, quick=False, mha=True)
-    assert [launch for launch in mha if launch.use_dot is None] == launches
+    # Both paths named explicitly: use_dot=None follows MHA_USE_DOT, so once that flips an
+    # element-wise half left at None would run the dot path twice (and be reported as elem).
+    assert {launch.use_dot for launch in mha} == {False, True}
+    assert [dataclasses.replace(l, use_dot=None) for l in mha if l.use_dot is False] == launches
     assert {(l.num_splits, l.block_n) for l in mha if l.use_dot} == {(l.num_splits, l.block_n) for l in launches}
     assert all(r.use_dot for r in tune.refine_launches(tune.Launch(2, 64, use_dot=True), quick=False))
 

@@ -106,7 +106,7 @@ def test_cuda_backend_dispatch_matches_transformers_on_cpu(checkpoint, monkeypat
             return super().attend_latent(q, cache, meta, *args)
 
     backend = Counting()
-    monkeypatch.setattr(inference.engine, "select_attention", lambda device: backend)
+    monkeypatch.setattr(inference.engine, "select_attention", lambda device, mha_dot=None: backend)
     engine = LLMEngine(model, EngineConfig(record_routing=True, block_size=4, num_kv_blocks=64, max_requests=4,
                                            max_step_tokens=12))
     results = engine.generate(_prompts(seed=11), SamplingParams(max_new_tokens=6, ignore_eos=True))
@@ -124,7 +124,7 @@ def test_copies_admitted_in_one_step_hit_the_blocks_it_computes(checkpoint, monk
     if name in ("moonlight", "gpt_oss"):
         import inference.engine
         from inference.attention_backends import TritonBackend
-        monkeypatch.setattr(inference.engine, "select_attention", lambda device: TritonBackend())
+        monkeypatch.setattr(inference.engine, "select_attention", lambda device, mha_dot=None: TritonBackend(mha_dot))
     prompts = [p for p in _prompts(seed=13)[:2] for _ in range(3)]
     engine = LLMEngine(model, EngineConfig(record_routing=True, block_size=4, num_kv_blocks=64, max_requests=6,
                                            max_step_tokens=64))

@@ -227,12 +227,37 @@ def check_interpreter_cases() -> int:
         ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE, window, sinks)
         assert (out - ref).abs().max().item() < 1e-4, f"MHA dot block_n={block_n} splits={num_splits} window={window}"
         checked += 1
+    # MHA's dot path padding the head dimension too (head_dim 8 < tl.dot's K of 16), and in
+    # fp16 (p is cast to V's dtype for the second dot). The interpreter's bf16 tl.dot is
+    # wrong for any kernel (numpy has no bf16), so bf16 is left to the GPU tests.
+    for head_dim, dtype, window, tol in ((8, torch.float32, 6, 1e-4), (24, torch.float16, 0, 5e-3)):
+        q, k_cache, v_cache, tables, lens, _, _ = random_case(seq_lens=[1, 9, 0, 70, 33], kv_heads=2, group=1,
+                                                              head_dim=head_dim, block_size=4, seed=700 + head_dim,
+                                                              dtype=dtype)
+        sinks = torch.linspace(-1, 2, q.shape[1])
+        out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits=3, window=window,
+                                            sinks=sinks, use_dot=True)
+        ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE, window, sinks)
+        assert (out.float() - ref.float()).abs().max().item() < tol, f"MHA dot head_dim={head_dim} {dtype}"
+        assert torch.equal(out[2], torch.zeros_like(out[2]))
+        checked += 1
+    # And the other way round: query groups through the element-wise path (use_dot=False)
+    # compute every head of each group, not only its first.
+    for group, num_splits, window, with_sinks in ((2, 1, 0, False), (4, 3, 6, True), (3, 2, 0, True)):
+        q, k_cache, v_cache, tables, lens, _, _ = random_case(seq_lens=[1, 9, 0, 70, 33], kv_heads=2, group=group,
+                                                              head_dim=24, block_size=8, seed=600 + group)
+        sinks = torch.linspace(-1, 2, q.shape[1]) if with_sinks else None
+        out = paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, num_splits=num_splits,
+                                            window=window, sinks=sinks, use_dot=False)
+        ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE, window, sinks)
+        assert (out - ref).abs().max().item() < 1e-4, f"element-wise group={group} splits={num_splits}"
+        checked += 1
     return checked
 
 
 @needs_triton
 def test_triton_kernel_matches_reference_in_interpreter():
-    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())) + 11)
+    assert_interpreter_checks_pass(__file__, len(list(interpreter_cases())) + 16)
 
 
 @needs_triton
@@ -280,8 +305,9 @@ def test_triton_matches_reference_on_gpu(dtype, seq_lens, kv_heads, group, head_
     q, k_cache, v_cache, tables, lens, _, _ = random_case(
         seq_lens, kv_heads, group, head_dim, block_size, seed=head_dim, dtype=dtype, device="cuda")
     ref = paged_decode_attention_reference(q, k_cache, v_cache, tables, lens, SCALE)
-    paths = (None, True) if group == 1 else (None,)      # MHA: the element-wise and the padded tl.dot path
-    for num_splits, use_dot in itertools.product((None, 1, 4), paths):
+    # Both paths named explicitly (None would follow MHA_USE_DOT): element-wise, and tl.dot
+    # (for MHA its query row padded to 16).
+    for num_splits, use_dot in itertools.product((None, 1, 4), (False, True)):
         kwargs = dict(num_splits=num_splits, use_dot=use_dot)
         paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, SCALE, **kwargs)
         with forbid_host_sync():
