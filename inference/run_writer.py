@@ -156,7 +156,8 @@ class CheckpointWriter:
             if routings:
                 check_routings(routings, self.routing_meta)
                 atomic_write(routing_path, npz_writer(routings))
-            lines = b"".join(orjson.dumps(result_record(r, self.record_extra(r)), option=orjson.OPT_SERIALIZE_NUMPY) + b"\n" for r in results)
+            lines = b"".join(orjson.dumps(result_record(r, self.record_extra(r)), option=orjson.OPT_SERIALIZE_NUMPY)
+                             + b"\n" for r in results)
             atomic_write(results_path, lines)
         except Exception as exc:  # noqa: BLE001 - any failure must reach the step thread, not kill this one
             reason = f"[Errno {exc.errno}] {exc.strerror}" if isinstance(exc, OSError) and exc.strerror else repr(exc)

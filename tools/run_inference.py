@@ -194,7 +194,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("num_requests", "prompt_len", "output_len", "block_size", "max_requests", "max_step_tokens",
-                 "samples_per_prompt", "checkpoint_every", "tensor_parallel_size", "expert_parallel_size", "replica_check_interval"):
+                 "samples_per_prompt", "checkpoint_every", "tensor_parallel_size", "expert_parallel_size",
+                 "replica_check_interval"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     for flag in ("num_kv_blocks", "max_new_tokens"):

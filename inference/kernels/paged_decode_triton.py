@@ -150,11 +150,11 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     (context tokens per tile; default 64 with query groups, else 32), ``num_warps`` and
     ``num_stages`` (Triton's default when None) are tuning knobs (tools/tune_paged_decode.py).
     ``use_dot`` (None: with query groups, and for MHA when ``MHA_USE_DOT``) computes scores
-    and the weighted V sum with ``tl.dot``; False runs the element-wise path (a group's heads
-    padded to a power of two); without groups (MHA) the single query row is padded to 16 rows, which
-    costs the tensor cores nothing a memory-bound step can see, in exchange for the dot
-    path's load and register layouts (the H200 tuning saw MHA's element-wise path cap near
-    2.3 TB/s where the grouped dot path reached 3.4-3.9)."""
+    and the weighted V sum with ``tl.dot``; False runs the element-wise path (a group's
+    heads padded to a power of two). Without groups (MHA) the dot path pads the single query
+    row to 16 rows, which costs the tensor cores nothing a memory-bound step can see, in
+    exchange for the dot path's load and register layouts (the H200 tuning saw MHA's
+    element-wise path cap near 2.3 TB/s where the grouped dot path reached 3.4-3.9)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     batch, num_heads, head_dim = q.shape
