@@ -347,6 +347,9 @@ def validate_results_line(obj: Any) -> list[str]:
         problems.append("result: routing_start without routing_shape")
     if (obj.get("prompt_id") is None) != (obj.get("sample_index") is None):
         problems.append("result: prompt_id and sample_index must be present together (a sample of an RL group)")
+    elif {"id", "prompt_id", "sample_index"} <= valid and obj["id"] != f"{obj['prompt_id']}_{obj['sample_index']}":
+        problems.append(f"result.id {obj['id']!r:.60} must be prompt_id + '_' + sample_index "
+                        f"({obj['prompt_id']!r:.60}, {obj['sample_index']})")
     if "routing_dtype" in valid and obj["routing_dtype"] not in ROUTING_DTYPES:
         problems.append(f"result.routing_dtype must be one of {ROUTING_DTYPES}, got {obj['routing_dtype']!r}")
     if "finish_reason" in valid and obj["finish_reason"] != "error":

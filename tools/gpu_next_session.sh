@@ -10,7 +10,7 @@
 #   bash tools/gpu_next_session.sh measure   # bench_decode with sampling temperature 1 (both shapes, 1/16/64/256,
 #                                            # host stages, timelines, 8k prefill), then batch 1 skinny GEMM off vs on
 #   bash tools/gpu_next_session.sh kernels   # third call: MHA decode attention, element-wise vs tl.dot path (quick
-#                                            # sweep, OLMoE 16/64/256), the prefill attention tuner, then OLMoE
+#                                            # sweep, OLMoE 1/16/64/256), the prefill attention tuner, then OLMoE
 #                                            # decode at 64 / 256 with the engine's MHA path off vs on (mha-dot)
 #   bash tools/gpu_next_session.sh tests   # GPU tests, one pytest process per file (a crash poisons only its own)
 #   bash tools/gpu_next_session.sh hybrid  # the hybrid-model GPU tests alone (they need over two minutes)
@@ -55,10 +55,11 @@ run_cmd() {  # run_cmd SECONDS NAME COMMAND...: output in $OUT/NAME.log, cut at 
 stage=${1:-tests}
 case "$stage" in
 validate)
+  # Kernel files without their interpreter tests: CI runs those on CPU, the GPU's minutes go to CUDA.
   for f in tests/gpu/test_sampler_cuda.py tests/inference/kernels/test_mla_decode.py tests/gpu/test_families_cuda.py \
            tests/inference/kernels/test_prefill_attention.py tests/gpu/test_skinny_linear_cuda.py \
            tests/inference/kernels/test_skinny_linear.py tests/gpu/test_engine_lifecycle_cuda.py; do
-    [ -f "$f" ] && run_test 150 "$f"
+    [ -f "$f" ] && run_test 150 "$f" -k "not interpreter"
   done
   run_test 90 tests/inference/kernels/test_paged_decode.py -k gpu   # the MHA tl.dot path (use_dot)
   run_test 170 tests/gpu/test_hybrid_cuda.py -k engine
@@ -67,7 +68,7 @@ validate)
   for f in "$OUT"/*.log; do grep -q -E "^(FAILED|ERROR)" "$f" && { echo "--- $f"; grep -E "^(FAILED|ERROR)" "$f" | head -8; }; done
   ;;
 kernels)
-  run_cmd 200 tune_mha python3 tools/tune_paged_decode.py --quick --models olmoe-1b-7b --batches 16,64,256 \
+  run_cmd 200 tune_mha python3 tools/tune_paged_decode.py --quick --models olmoe-1b-7b --batches 1,16,64,256 \
     --contexts 544,4096 --time-budget 170 --output "$OUT/paged_decode_mha_dot_h200.json"
   tail -8 "$OUT/tune_mha.log"
   run_cmd 230 tune_prefill python3 tools/tune_prefill_attention.py --quick --time-budget 200 \

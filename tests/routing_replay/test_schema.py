@@ -259,6 +259,7 @@ def test_results_lines_of_a_run_are_valid(run_dir: Path) -> None:
     ({"sample_index": 0}, "prompt_id and sample_index must be present together"),
     ({"prompt_id": 3, "sample_index": 0}, "prompt_id must be a string"),
     ({"prompt_id": "p", "sample_index": -1}, "sample_index must be an int >= 0"),
+    ({"prompt_id": "b", "sample_index": 0}, "must be prompt_id + '_' + sample_index"),
 ])
 def test_results_line_problems(change: dict, expected: str) -> None:
     line = {"id": "a", "prompt_token_ids": [1, 2, 3], "output_token_ids": [4, 5], "finish_reason": "stop",
