@@ -3,7 +3,7 @@
 # stage runs every GPU test file of the CUDA path, the batched sampler's and the one-copy
 # step upload's included), then measure. Each stage fits one device call (under 9 minutes);
 # files under $OUT.
-# A device machine goes back 30 s after a call ends, so the next session starts with the two
+# A device machine goes back 30 s after a call ends, so the next session starts with the three
 # full calls below, sent back to back (each stops itself under LIMIT seconds, default 560):
 #   bash tools/gpu_next_session.sh validate  # the GPU tests that did not run yet on the H200 (stop 22 ran the rest),
 #                                            # the hybrid engine tests, then tools/bench_sampler.py
