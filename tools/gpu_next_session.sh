@@ -6,7 +6,8 @@
 # A device machine goes back 30 s after a call ends, so the next session starts with the three
 # full calls below, sent back to back (each stops itself under LIMIT seconds, default 560):
 #   bash tools/gpu_next_session.sh validate  # the GPU tests that did not run yet on the H200 (stop 22 ran the rest),
-#                                            # the hybrid engine tests, then tools/bench_sampler.py
+#                                            # the hybrid engine tests, tools/bench_sampler.py, then (time left)
+#                                            # the step-upload and RL-group benchmarks
 #   bash tools/gpu_next_session.sh measure   # bench_decode with sampling temperature 1 (both shapes, 1/16/64/256,
 #                                            # host stages, timelines, 8k prefill), then batch 1 skinny GEMM off vs on
 #   bash tools/gpu_next_session.sh kernels   # third call: MHA decode attention, element-wise vs tl.dot path (quick
@@ -64,8 +65,14 @@ validate)
   run_test 90 tests/inference/kernels/test_paged_decode.py -k gpu   # the MHA tl.dot path (use_dot)
   run_test 170 tests/gpu/test_hybrid_cuda.py -k engine
   run_cmd 80 bench_sampler python3 tools/bench_sampler.py --device cuda --repetitions 5 --output "$OUT/sampler_h200.json"
-  tail -30 "$OUT/bench_sampler.log"
-  for f in "$OUT"/*.log; do grep -q -E "^(FAILED|ERROR)" "$f" && { echo "--- $f"; grep -E "^(FAILED|ERROR)" "$f" | head -8; }; done
+  tail -30 "$OUT/bench_sampler.log" 2>/dev/null
+  # With time left before the deadline (each is skipped otherwise): the step upload and RL groups.
+  run_cmd 60 bench_upload python3 tools/bench_step_upload.py --device cuda --output "$OUT/step_upload_attention.json"
+  tail -8 "$OUT/bench_upload.log" 2>/dev/null
+  run_cmd 120 rl_groups python3 tools/bench_rl_groups.py --model olmoe-1b-7b-shape --num-prompts 16 --group-size 8 \
+    --prompt-len 1024 --output-len 64 --repetitions 2 --output "$OUT/rl_groups_olmoe_1b_7b_shape_h200.json"
+  tail -6 "$OUT/rl_groups.log" 2>/dev/null
+  for f in "$OUT"/*.log; do [ -f "$f" ] && grep -q -E "^(FAILED|ERROR)" "$f" && { echo "--- $f"; grep -E "^(FAILED|ERROR)" "$f" | head -8; }; done
   ;;
 kernels)
   run_cmd 200 tune_mha python3 tools/tune_paged_decode.py --quick --models olmoe-1b-7b --batches 1,16,64,256 \
