@@ -40,9 +40,11 @@ MAX_SPLITS = 32
 # shape ran 1.2-1.3x faster at batch 16-64 with 8-32 splits than with the grouped rule).
 MHA_PROGRAMS_PER_SM = 64
 MHA_MIN_TOKENS_PER_SPLIT = 32
-# Whether MHA (no query groups) takes the tl.dot path by default (``use_dot``); False until
-# tools/tune_paged_decode.py measures that path faster on an H200 (its ``dot/elem`` column).
-MHA_USE_DOT = False
+# Whether MHA (no query groups) takes the tl.dot path by default (``use_dot``): on the H200
+# (tools/tune_paged_decode.py --quick, OLMoE's shape, docs/bench/paged_decode_mha_dot_h200.json)
+# its best launch beat the element-wise path's 1.65-1.81x at batch 16-256 (up to 4.2 TB/s
+# against 2.4) and 1.12x at batch 1 with a 544-token context.
+MHA_USE_DOT = True
 # Stands for "no window" inside the kernels: no context is this long.
 NO_WINDOW = 1 << 30
 
