@@ -364,6 +364,10 @@ class EngineConfig:
     fused_moe_small_batch_max_tokens: int | None = None
     fused_small_ops: str = "auto"    # router / q-k norm + rotary / add + norm kernels: inference.kernels.small_ops
     fused_kv_write: bool = True      # with them, K/V cache writes join the norm + rotary kernel (off: to measure)
+    # Steps of at most this many tokens run the attention projections (qkv_proj, o_proj) as
+    # one bandwidth-bound skinny GEMM (inference/kernels/skinny_linear.py; CUDA, F.linear
+    # elsewhere). 0: off (nn.Linear / cuBLAS); meant for decode batches up to 16.
+    skinny_linear_max_tokens: int = 0
     # MHA decode attention through the Triton kernel's tl.dot path (None: the kernel's
     # default, inference.kernels.paged_decode_triton.MHA_USE_DOT); query groups always take it.
     decode_attention_mha_dot: bool | None = None
@@ -400,6 +404,8 @@ class EngineConfig:
         _require(self.fused_small_ops in FUSED_SMALL_OPS_MODES,
                  f"fused_small_ops must be one of {FUSED_SMALL_OPS_MODES}, got {self.fused_small_ops!r}")
         _require(isinstance(self.fused_kv_write, bool), f"fused_kv_write must be a bool, got {self.fused_kv_write!r}")
+        _require(_is_int(self.skinny_linear_max_tokens) and self.skinny_linear_max_tokens >= 0,
+                 f"skinny_linear_max_tokens must be an int >= 0 (0: off), got {self.skinny_linear_max_tokens!r}")
         _require(_is_int(self.step_log_max_entries) and self.step_log_max_entries >= 0,
                  f"step_log_max_entries must be an int >= 0 (0: keep all), got {self.step_log_max_entries!r}")
         _require(self.decode_attention_mha_dot is None or isinstance(self.decode_attention_mha_dot, bool),

@@ -79,6 +79,7 @@ class LLMEngine:
         from inference.kernels.small_ops import fused_small_ops_enabled
         self.fused_small_ops = model.set_fused_small_ops(fused_small_ops_enabled(config.fused_small_ops, self.device),
                                                          kv_write=config.fused_kv_write)
+        self.skinny_linear = model.set_skinny_linear(config.skinny_linear_max_tokens)
         parallel = model.parallel
         self.replica = (ReplicaSync.build(parallel, config.replica_check_interval)
                         if parallel is not None and parallel.tp.size > 1 else None)

@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--small-moe-max-tokens", type=int, default=None, metavar="N",
                    help="EngineConfig.fused_moe_small_batch_max_tokens: the fused MoE small-batch path up to N "
                         "tokens (0: off; default: the tuned crossover)")
+    p.add_argument("--skinny-linear-max-tokens", type=int, default=0, metavar="N",
+                   help="EngineConfig.skinny_linear_max_tokens: the attention projections as the skinny GEMM kernel "
+                        "in steps of up to N tokens (0: off, cuBLAS)")
     p.add_argument("--hf", action=argparse.BooleanOptionalAction, default=True, help="compare with HF generate")
     p.add_argument("--hf-models", type=csv, default=["olmoe-1b-7b-shape"], help="HF is slow: OLMoE only by default")
     p.add_argument("--hf-batch", type=int, default=64)
@@ -119,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f"{(*FUSED_SMALL_OPS_MODES, NO_KV_WRITE, MHA_DOT)}")
     if args.small_moe_max_tokens is not None and args.small_moe_max_tokens < 0:
         raise SystemExit(f"--small-moe-max-tokens must be >= 0 (0: off), got {args.small_moe_max_tokens}")
+    if args.skinny_linear_max_tokens < 0:
+        raise SystemExit(f"--skinny-linear-max-tokens must be >= 0 (0: off), got {args.skinny_linear_max_tokens}")
     return args
 
 
@@ -147,7 +152,8 @@ def engine_config(args, max_batch: int, backend: str, small_ops: str | None = No
                         max_requests=max(max_batch, prefill_rows), max_step_tokens=PREFILL_STEP_TOKENS, enable_prefix_caching=False,
                         record_routing=True, cuda_graphs=True, cuda_graph_max_batch=max_batch, dtype=args.dtype,
                         device="cuda", moe_backend=backend, fused_small_ops=small_ops, fused_kv_write=kv_write,
-                        fused_moe_small_batch_max_tokens=args.small_moe_max_tokens, decode_attention_mha_dot=mha_dot)
+                        fused_moe_small_batch_max_tokens=args.small_moe_max_tokens, decode_attention_mha_dot=mha_dot,
+                        skinny_linear_max_tokens=args.skinny_linear_max_tokens)
 
 
 def make_engine(model, args, max_batch: int, backend: str, small_ops: str | None = None) -> LLMEngine:
@@ -357,12 +363,14 @@ def bench_model(name: str, args, yard: dict, budget: Budget) -> dict:
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "model": name, "dtype": args.dtype,
               "moe_backend": args.moe_backend, "fused_small_ops": args.fused_small_ops,
               "fused_moe_small_batch_max_tokens": args.small_moe_max_tokens,
+              "skinny_linear_max_tokens": args.skinny_linear_max_tokens,
               "prompt_len": args.prompt_len, "output_len": args.output_len, "sampling": args.sampling,
               "copy_bandwidth_gb_s": yard["bandwidth"] / 1e9, "matmul_tflops": yard["matmul"] / 1e12,
               "date": time.strftime("%Y-%m-%d"), "skipped": []}
     model = build_model(config, seed=0, dtype=torch_dtype(args.dtype), device="cuda")
     engine = make_engine(model, args, max(args.batches), args.moe_backend)
     report["fused_small_ops_modules"] = engine.fused_small_ops
+    report["skinny_linear_modules"] = engine.skinny_linear
     serve(engine, [p.prompt_token_ids for p in synthetic_prompts(  # warm-up: compiles prefill + decode kernels
         num_requests=8, prompt_len=args.prompt_len, vocab_size=config.vocab_size, seed=99)], 4)
     report["batches"] = decode_batches(engine, model, config, args, args.batches, yard["bandwidth"], profile=True)

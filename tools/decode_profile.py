@@ -167,6 +167,7 @@ def labelled_components(model, recorder=None) -> Iterator[int]:
             wrap(module, "project", "norms and rotary")        # rotary, and reshapes
             if isinstance(module, GQAttention):                 # the fused norm + rotary + KV write kernel
                 wrap(module, "project_write_kv", "norms and rotary")
+                wrap(module, "_linear", "attention projections")   # skinny_linear bypasses nn.Linear.forward
             for sub in module.modules():
                 if isinstance(sub, torch.nn.Linear):
                     wrap(sub, "forward", "attention projections")

@@ -52,6 +52,8 @@ def format_tables(r: dict) -> str:
     cmp = comparisons(r)
     small_moe = r.get("fused_moe_small_batch_max_tokens")
     small_moe = "" if small_moe is None else f", small-batch MoE <= {small_moe} tokens"
+    if r.get("skinny_linear_max_tokens"):
+        small_moe += f", skinny attention projections <= {r['skinny_linear_max_tokens']} tokens"
     lines = [f"\n{r['model']} on {r['device']} ({r['dtype']}, moe {r['moe_backend']}, small ops "
              f"{r.get('fused_small_ops', 'auto')}{small_moe}): copy {r['copy_bandwidth_gb_s']:,.0f}"
              f" GB/s, bf16 matmul {r['matmul_tflops']:.0f} TFLOP/s, context {r['prompt_len']}+{r['output_len']}",

@@ -140,10 +140,10 @@ attn)
   for f in tests/inference/kernels/test_prefill_attention.py tests/inference/kernels/test_paged_decode.py \
            tests/gpu/test_engine_cuda.py; do
     n=$(basename "$f" .py)
-    timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
+    timeout 240 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
     echo "$n rc=$? $(tail -1 "$OUT/$n.log")"
   done
-  timeout 260 python3 tools/tune_prefill_attention.py --quick --time-budget 220 \
+  timeout 420 python3 tools/tune_prefill_attention.py --quick --time-budget 300 \
     --output "$OUT/prefill_attention_tuning.json" > "$OUT/tune_prefill.log" 2>&1
   echo "tune_prefill_attention rc $?"; tail -9 "$OUT/tune_prefill.log"
   ;;

@@ -158,6 +158,23 @@ class MoEGPT(nn.Module):
         counts["residual_norms"] = len(norms) - 1 if self.fused_residual_norms else 0
         return counts
 
+    def set_skinny_linear(self, max_tokens: int) -> dict[str, int]:
+        """Run every attention layer's ``qkv_proj`` / ``o_proj`` through
+        ``inference.kernels.skinny_linear`` in steps of at most ``max_tokens`` tokens (the
+        engine's ``skinny_linear_max_tokens``; 0: nn.Linear always). Each module keeps the
+        threshold (``GQAttention.skinny_linear_max_tokens``); returns it and how many
+        projections take the kernel (plain ``nn.Linear`` ones: tensor-parallel shards and
+        latent attention keep their own)."""
+        from inference.model.attention import GQAttention
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"skinny_linear_max_tokens must be an int >= 0 (0: off), got {max_tokens!r}")
+        projections = 0
+        for module in self.modules():
+            if isinstance(module, GQAttention):
+                module.skinny_linear_max_tokens = max_tokens
+                projections += sum(type(p) is nn.Linear for p in (module.qkv_proj, module.o_proj))
+        return {"max_tokens": max_tokens, "projections": projections if max_tokens else 0}
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 

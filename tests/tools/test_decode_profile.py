@@ -51,6 +51,36 @@ def test_every_component_is_labelled_and_everything_is_restored(decode_runner):
     assert all("forward" not in vars(m) for m in model.modules())
 
 
+def _linear_labels(runner) -> dict[str, int]:
+    """Innermost component label around every ``aten::linear`` of one labelled forward."""
+    with torch.inference_mode(), dp.labelled_components(runner.model, runner.recorder):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            runner._forward(4)
+    labels: dict[str, int] = {}
+    for event in prof.events():
+        if event.name == "aten::linear":
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith(dp.LABEL_PREFIX):
+                parent = parent.cpu_parent
+            name = parent.name.removeprefix(dp.LABEL_PREFIX) if parent is not None else None
+            labels[name] = labels.get(name, 0) + 1
+    return labels
+
+
+def test_skinny_linear_projections_stay_attention_projections(decode_runner):
+    """With ``skinny_linear_max_tokens`` on, qkv_proj / o_proj bypass ``nn.Linear.forward``
+    (the kernel on CUDA, its F.linear fallback here): still charged to the projections."""
+    model = decode_runner.model
+    off = _linear_labels(decode_runner)
+    try:
+        assert model.set_skinny_linear(16)["projections"] == 2 * model.config.num_layers
+        on = _linear_labels(decode_runner)
+    finally:
+        model.set_skinny_linear(0)
+    assert on == off and off["attention projections"] >= 2 * model.config.num_layers
+    assert all("_linear" not in vars(m) for m in model.modules())
+
+
 def test_kernels_go_to_the_innermost_label_around_their_launch():
     """Synthetic records: nested labels, an aten-launched kernel, a Triton-style launch
     straight under a label (no op above it), a launch between labels, a kernel with no
@@ -208,6 +238,21 @@ def test_small_moe_flag_reaches_every_engine_config():
         bench_decode.parse_args(["--small-moe-max-tokens", "-1"])
 
 
+def test_skinny_linear_flag_reaches_every_engine_config():
+    default = bench_decode.parse_args(["--quick"])
+    assert default.skinny_linear_max_tokens == 0
+    assert bench_decode.engine_config(default, 64, "auto").skinny_linear_max_tokens == 0
+    on = bench_decode.parse_args(["--quick", "--skinny-linear-max-tokens", "16"])
+    for backend, small_ops in (("auto", None), ("grouped_mm", None), ("auto", "off"),
+                               ("auto", bench_decode.NO_KV_WRITE)):
+        cfg = bench_decode.engine_config(on, 64, backend, small_ops)
+        assert cfg.skinny_linear_max_tokens == 16 and cfg.moe_backend == backend
+    assert bench_decode.engine_config(on, 64, "auto") == dataclasses.replace(   # nothing else differs
+        bench_decode.engine_config(default, 64, "auto"), skinny_linear_max_tokens=16)
+    with pytest.raises(SystemExit):
+        bench_decode.parse_args(["--skinny-linear-max-tokens", "-1"])
+
+
 def test_tables_show_the_small_ops_comparison_side_by_side():
     breakdown = {"graph_replay_ms": 1.0, "eager_ms": 2.0, "kernel_ms": 0.8,
                  "rows": [{"component": "router + top-k", "ms": 0.1, "floor_ms": 0.01, "ratio": 10.0}],
@@ -223,6 +268,8 @@ def test_tables_show_the_small_ops_comparison_side_by_side():
     assert "small-batch MoE" not in text
     off = bench_decode.format_tables({**report, "fused_moe_small_batch_max_tokens": 0})
     assert "small-batch MoE <= 0 tokens" in off
+    assert "skinny" not in text and "skinny attention projections <= 16 tokens" in bench_decode.format_tables(
+        {**report, "skinny_linear_max_tokens": 16})
     assert "_router_topk_kernel" in text and "breakdown at batch 64, small ops off failed: boom" in text
 
 

@@ -25,7 +25,8 @@ class GQAttention(nn.Module):
     ignored. Invariant: ``window`` is 0 (full attention) or the layer's sliding window, and
     both the paged and the reference forward apply the same window, sinks and gate; the
     fused paths (``fused_rotary``, ``fused_kv_write``) leave in the KV cache exactly what
-    ``project`` then ``write_kv`` would."""
+    ``project`` then ``write_kv`` would; ``skinny_linear_max_tokens`` changes only which
+    kernel computes ``qkv_proj`` / ``o_proj`` (the same product, fp32 accumulation)."""
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
@@ -56,12 +57,25 @@ class GQAttention(nn.Module):
         # With fused_rotary: that kernel also writes k and v into the KV cache (one launch
         # instead of three) where the cache layout allows it (set_fused_small_ops).
         self.fused_kv_write = False
+        # Steps of at most this many tokens run qkv_proj / o_proj through skinny_linear
+        # (MoEGPT.set_skinny_linear); 0: nn.Linear always.
+        self.skinny_linear_max_tokens = 0
 
     @staticmethod
     def _kernels_take(x: torch.Tensor) -> bool:
         """The fused kernels run on CUDA tensors only (interpreter tests patch this to run
         them on CPU)."""
         return x.is_cuda
+
+    def _linear(self, proj: nn.Module, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """``proj(x)``, or for a step of at most ``skinny_linear_max_tokens`` tokens the same
+        product by ``skinny_linear`` (the Triton kernel on CUDA, ``F.linear`` elsewhere). Plain
+        ``nn.Linear`` projections only: tensor-parallel ones keep their own forward."""
+        if not reference and 0 < x.shape[0] <= self.skinny_linear_max_tokens and type(proj) is nn.Linear:
+            from inference.kernels.skinny_linear import skinny_linear, skinny_linear_applies
+            if skinny_linear_applies(x, proj.weight):
+                return skinny_linear(x, proj.weight, proj.bias)
+        return proj(x)
 
     def fused_rotary_applies(self) -> bool:
         """Whether ``qk_norm_rotary`` computes this layer's q/k norm and rotary (plain
@@ -78,7 +92,7 @@ class GQAttention(nn.Module):
         t = x.shape[0]
         if self.fused_rotary and self._kernels_take(x) and not reference:
             return self._project_fused(x, rope)
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self._linear(self.qkv_proj, x, reference).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(t, self.num_heads, self.head_dim)
@@ -94,7 +108,7 @@ class GQAttention(nn.Module):
         """``project`` with the norms and rotary as one kernel (same values, see
         ``inference.kernels.norm_rotary``)."""
         from inference.kernels.norm_rotary import qk_norm_rotary
-        qkv = self.qkv_proj(x)
+        qkv = self._linear(self.qkv_proj, x)
         v = qkv[:, self.q_size + self.kv_size:].reshape(x.shape[0], self.num_kv_heads, self.head_dim)
         q, k = qk_norm_rotary(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *self._kernel_args(rope))
         return q, k, v
@@ -104,7 +118,7 @@ class GQAttention(nn.Module):
         """``project``'s q; its k and v written into the caches at ``slot_mapping`` by the
         same kernel, as ``write_kv`` stores them (``qk_norm_rotary_write_kv``)."""
         from inference.kernels.norm_rotary import qk_norm_rotary_write_kv
-        return qk_norm_rotary_write_kv(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim,
+        return qk_norm_rotary_write_kv(self._linear(self.qkv_proj, x), self.num_heads, self.num_kv_heads, self.head_dim,
                                        *self._kernel_args(rope), k_cache, v_cache, slot_mapping)
 
     def _kernel_args(self, rope: RotaryTables) -> tuple:
@@ -142,10 +156,10 @@ class GQAttention(nn.Module):
         """Causal attention over one whole sequence, no KV cache (the reference path)."""
         q, k, v = self.project(x, rope, reference=True)
         out = full_attention(q, k, v, self.scale, self.window, self._sinks())
-        return self._output(out, x)
+        return self._output(out, x, reference=True)
 
-    def _output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _output(self, out: torch.Tensor, x: torch.Tensor, reference: bool = False) -> torch.Tensor:
         out = out.reshape(x.shape[0], self.q_size)
         if self.output_gate_proj is not None:
             out = out * torch.sigmoid(self.output_gate_proj(x))
-        return self.o_proj(out)
+        return self._linear(self.o_proj, out, reference)

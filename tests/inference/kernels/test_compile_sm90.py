@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 
 import pytest
+import torch
 
 from tests.inference.kernels.harness import needs_triton
 
@@ -56,11 +57,22 @@ def _spill_bytes(kernel) -> int | None:
     return max(map(int, found)) if found else None
 
 
+def _packed_prefill(pf, types: dict, head_dim: int, group: int, window_and_sinks: bool) -> tuple:
+    """The packed prefill kernel at ``default_prefill_launch`` for a long bf16 chunk."""
+    launch = pf.default_prefill_launch(head_dim, 2, 2048, packed=True, group=group)
+    consts = dict(GROUP=group, HEAD_DIM=head_dim, KV_BLOCK_SIZE=16, BLOCK_M=launch["block_m"],
+                  BLOCK_Q=launch["block_m"] // group, BLOCK_N=launch["block_n"], BLOCK_D=head_dim,
+                  HAS_SINKS=window_and_sinks, HAS_WINDOW=window_and_sinks)
+    return pf._prefill_packed_kernel, types, consts, launch["num_warps"], launch["num_stages"] or 2
+
+
 def _kernels():
     pd = importlib.import_module("inference.kernels.paged_decode_triton")
     pf = importlib.import_module("inference.kernels.prefill_attention")
     ml = importlib.import_module("inference.kernels.mla_decode_triton")
+    sk = importlib.import_module("inference.kernels.skinny_linear")
     bf = "*bf16"
+    skinny = {"x_ptr": bf, "w_ptr": bf, "b_ptr": bf, "out_ptr": bf}
     attn = {"q_ptr": bf, "k_ptr": bf, "v_ptr": bf, "out_ptr": bf, "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
             "query_start_loc_ptr": "*i32", "sinks_ptr": "*fp32", "qk_scale": "fp32"}
     return {
@@ -76,10 +88,18 @@ def _kernels():
         "prefill, causal, the tuned 128 x 128 tiles at head_dim 128, 8 warps": (pf._prefill_kernel, attn, dict(
             GROUP=8, HEAD_DIM=128, KV_BLOCK_SIZE=16, BLOCK_M=128, BLOCK_N=128, BLOCK_D=128, HAS_SINKS=False,
             HAS_WINDOW=False), 8),
+        "packed GQA prefill, causal, the default launch at head_dim 128 / group 8 (Qwen3-30B-A3B)":
+            _packed_prefill(pf, attn, head_dim=128, group=8, window_and_sinks=False),
+        "packed GQA prefill, window + sinks, the default launch at GPT-OSS heads":
+            _packed_prefill(pf, attn, head_dim=64, group=8, window_and_sinks=True),
         "MLA decode, Moonlight latent 512 + 64": (ml._mla_decode_kernel, {
             "q_lat_ptr": bf, "q_rope_ptr": bf, "cache_ptr": bf, "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32",
             "out_ptr": "*fp32", "lse_ptr": "*fp32", "qk_scale": "fp32"}, dict(
             LATENT=512, ROPE=64, KV_BLOCK_SIZE=16, BLOCK_H=16, BLOCK_N=16, BLOCK_L=512, BLOCK_R=64, NUM_SPLITS=4)),
+        **{f"skinny linear, default tiles at {m} rows": (sk._skinny_linear_kernel, skinny, dict(
+            HAS_BIAS=True, BLOCK_M=min(sk._pow2(m), 16) if not launch.use_dot else sk.DOT_BLOCK_M,
+            BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, USE_DOT=launch.use_dot, EVEN_K=True), launch.num_warps)
+           for m, launch in ((m, sk.default_launch(m, 2048, 2048, torch.bfloat16)) for m in (1, 2, 4, 16))},
     }
 
 
