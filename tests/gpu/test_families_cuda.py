@@ -18,6 +18,7 @@ from inference.config import EngineConfig  # noqa: E402
 from inference.engine import LLMEngine  # noqa: E402
 from inference.hf_loader import load_hf_model  # noqa: E402
 from inference.request import SamplingParams  # noqa: E402
+from tests.gpu.sync_checks import assert_graph_decode_without_host_sync  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -66,14 +67,5 @@ def test_graph_decode_has_no_host_sync(pair):
     engine = _engine(model, num_kv_blocks=128, async_scheduling=True)
     for i, p in enumerate(_prompts(8, seed=6)):
         engine.add_request(p, SamplingParams(max_new_tokens=8 + i, ignore_eos=True), request_id=str(i))
-    for _ in range(6):          # prefill (40-token budget) and first decodes
-        engine.step()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(5):
-            engine.step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert all(e["cuda_graph"] for e in engine.step_log.entries[-5:])
-    while engine.has_unfinished():
-        engine.step()
+    # warm: prefill (40-token budget) and first decodes
+    assert_graph_decode_without_host_sync(engine, warm_steps=6, checked_steps=5)

@@ -18,6 +18,7 @@ from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.presets import build_model, get_preset
 from inference.request import SamplingParams
+from tests.gpu.sync_checks import assert_graph_decode_without_host_sync
 from tests.inference.model.kv_write_counts import counted_kv_writes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -79,17 +80,7 @@ def test_fused_decode_has_no_host_sync():
     engine = _engine(model, "on")
     for i, p in enumerate(_prompts(8, seed=2)):
         engine.add_request(p, SamplingParams(max_new_tokens=12, ignore_eos=True), request_id=str(i))
-    for _ in range(4):
-        engine.step()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(6):
-            engine.step()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    assert all(e["cuda_graph"] for e in engine.step_log.entries[-6:])
-    while engine.has_unfinished():
-        engine.step()
+    assert_graph_decode_without_host_sync(engine, warm_steps=4, checked_steps=6)
 
 
 def test_bf16_routing_agrees_away_from_near_ties():
