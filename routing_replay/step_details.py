@@ -123,7 +123,6 @@ class StepDetailsLog:
         self._decode_tokens_of_decode_steps = 0
         self._kind_tokens = dict.fromkeys(("prefill_tokens", "decode_tokens"), 0)
         self._kind_tokens_complete = dict.fromkeys(("prefill_tokens", "decode_tokens"), True)
-        self._wall_time_s: float | None = None
 
     def __len__(self) -> int:
         """Steps recorded, dropped entries included."""
@@ -168,8 +167,6 @@ class StepDetailsLog:
                 self._kind_tokens[key] += int(entry[key])
             else:
                 self._kind_tokens_complete[key] = False
-        if "time_s" in entry:
-            self._wall_time_s = float(entry["time_s"])
 
     def summary(self) -> dict:
         """Totals, throughput and routing-phase shares, overall and per step kind, over
@@ -189,8 +186,8 @@ class StepDetailsLog:
         for key, total in self._kind_tokens.items():
             if self._recorded and self._kind_tokens_complete[key]:
                 summary[key] = total
-        if self._wall_time_s is not None and self._entries and "time_s" in self._entries[-1]:
-            summary["wall_time_s"] = self._wall_time_s
+        if self._entries and "time_s" in self._entries[-1]:   # the last kept entry is the last recorded
+            summary["wall_time_s"] = float(self._entries[-1]["time_s"])
         summary["tokens_per_s"] = _ratio(self._tokens, overall["step_time_ms"]["total"] / 1000)
         summary["decode_tokens_per_s"] = _ratio(self._decode_tokens_of_decode_steps,
                                                 self._by_kind["decode"].step_ms / 1000)
