@@ -18,7 +18,7 @@ from inference.config import EngineConfig  # noqa: E402
 from inference.engine import LLMEngine  # noqa: E402
 from inference.hf_loader import load_hf_model  # noqa: E402
 from inference.request import SamplingParams  # noqa: E402
-from tests.gpu.sync_checks import assert_graph_decode_without_host_sync  # noqa: E402
+from tests.gpu.engine_checks import assert_graph_decode_without_host_sync  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

@@ -18,7 +18,7 @@ from inference.config import EngineConfig
 from inference.engine import LLMEngine
 from inference.presets import build_model, get_preset
 from inference.request import SamplingParams
-from tests.gpu.sync_checks import assert_graph_decode_without_host_sync
+from tests.gpu.engine_checks import assert_graph_decode_without_host_sync, assert_same_results_as_the_reference
 from tests.inference.model.kv_write_counts import counted_kv_writes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -66,13 +66,7 @@ def test_fp32_tokens_and_routing_equal_with_the_kernels_on_and_off(name):
     assert on.fused_small_ops["residual_norms"] == 2 * model.config.num_layers
     off, plain = _generate(model, "off", prompts)
     assert set(off.fused_small_ops.values()) == {0}
-    for a, b in zip(fused, plain):
-        assert a.output_token_ids == b.output_token_ids
-        assert np.array_equal(a.routing, b.routing)
-        seq = torch.tensor(a.prompt_token_ids + a.output_token_ids, device="cuda")
-        logits, routing = model.forward_reference(seq[:-1])
-        assert logits[len(a.prompt_token_ids) - 1:].argmax(-1).tolist() == a.output_token_ids
-        assert torch.equal(torch.from_numpy(a.routing.astype(np.int64)).cuda(), routing)
+    assert_same_results_as_the_reference(model, fused, plain)
 
 
 def test_fused_decode_has_no_host_sync():

@@ -18,7 +18,7 @@ from inference.engine import LLMEngine
 from inference.kernels import skinny_linear as sk
 from inference.presets import build_model, get_preset
 from inference.request import SamplingParams
-from tests.gpu.sync_checks import assert_graph_decode_without_host_sync
+from tests.gpu.engine_checks import assert_graph_decode_without_host_sync, assert_same_results_as_the_reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -60,13 +60,7 @@ def test_fp32_tokens_and_routing_equal_with_the_kernel_on_and_off(name):
     assert rows and max(rows) <= THRESHOLD and {1, 2, 4} <= set(rows)
     off, plain, off_rows = _generate(model, 0, prompts)
     assert off_rows == []
-    for a, b in zip(skinny, plain):
-        assert a.output_token_ids == b.output_token_ids
-        assert np.array_equal(a.routing, b.routing)
-        seq = torch.tensor(a.prompt_token_ids + a.output_token_ids, device="cuda")
-        logits, routing = model.forward_reference(seq[:-1])
-        assert logits[len(a.prompt_token_ids) - 1:].argmax(-1).tolist() == a.output_token_ids
-        assert torch.equal(torch.from_numpy(a.routing.astype(np.int64)).cuda(), routing)
+    assert_same_results_as_the_reference(model, skinny, plain)
 
 
 def test_skinny_decode_has_no_host_sync():
