@@ -371,6 +371,9 @@ class EngineConfig:
     # MHA decode attention through the Triton kernel's tl.dot path (None: the kernel's
     # default, inference.kernels.paged_decode_triton.MHA_USE_DOT); query groups always take it.
     decode_attention_mha_dot: bool | None = None
+    # Sampling through the fused Triton kernel (inference.kernels.sample_triton; top-k / top-p
+    # without a sort). None: on CUDA with Triton installed; False: the torch ops (to measure).
+    sampler_kernel: bool | None = None
     # Step entries the engine keeps (step_log; its summary covers every step): the oldest go
     # past this many, so an engine serving for days does not grow. 0: keep all.
     step_log_max_entries: int = 100_000
@@ -410,6 +413,8 @@ class EngineConfig:
                  f"step_log_max_entries must be an int >= 0 (0: keep all), got {self.step_log_max_entries!r}")
         _require(self.decode_attention_mha_dot is None or isinstance(self.decode_attention_mha_dot, bool),
                  f"decode_attention_mha_dot must be a bool or None, got {self.decode_attention_mha_dot!r}")
+        _require(self.sampler_kernel is None or isinstance(self.sampler_kernel, bool),
+                 f"sampler_kernel must be a bool or None, got {self.sampler_kernel!r}")
         _require(self.state_checkpoints is None or (_is_int(self.state_checkpoints) and self.state_checkpoints >= 0),
                  f"--state-checkpoints must be an int >= 0, got {self.state_checkpoints!r}")
         _require(_is_int(self.checkpoint_interval_blocks) and self.checkpoint_interval_blocks >= 0,

@@ -71,7 +71,7 @@ class LLMEngine:
                             eos_token_id=self.model_config.eos_token_id,
                             extra_eos_token_ids=self.model_config.extra_eos_token_ids, max_model_len=self.max_model_len),
             self.sequence_cache, on_preempt=_weak(self._on_preempt), on_finish=_weak(self._on_finish))
-        self.sampler = Sampler(config.seed, self.device)
+        self.sampler = Sampler(config.seed, self.device, kernel=config.sampler_kernel)
         self._attention_fn = select_attention(self.device, config.decode_attention_mha_dot)
         if self.device.type == "cuda":
             model.set_experts_fn(routed_experts_fn(config))

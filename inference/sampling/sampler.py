@@ -10,6 +10,11 @@ log-prob modes, top-N) is decided on the host from the requests, so nothing wait
 device. The old sampler ran about ten device ops per sampled row (900 at batch 64 with
 top-p), each several microseconds of host time on CUDA, which made sampled decode
 host-bound; this one runs the same 4 (greedy) to about 20 ops at batch 1 and at batch 256.
+
+On CUDA (``Sampler(kernel=None)``) the same pass is one Triton kernel
+(``inference.kernels.sample_triton``: top-k / top-p by search instead of a sort, no
+``[S, V]`` intermediates) whenever no row asks for top-N alternatives; the torch ops stay
+the CPU path, the top-N path and the reference the kernel is tested against.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from inference.kernels.sample_triton import fused_sample, fused_sample_available
 from inference.request import LOGPROBS_MODES, Request
 from inference.sampling.draws import uniform_draws
 
@@ -29,7 +35,8 @@ _TEMPERED = MODE_CODES["tempered"]
 # Names the sampling algorithm (filters, draws, inverse CDF) in a sampled run's fingerprint:
 # any change that can change a sampled token gets a new name, so --resume never mixes the
 # tokens of two versions in one directory.
-SAMPLER_VERSION = "batched-inverse-cdf-splitmix64-v1"
+# v2: on CUDA the fused kernel (its own float32 reduction order can move a draw boundary).
+SAMPLER_VERSION = "batched-inverse-cdf-splitmix64-v2"
 # Candidate sets of at most V / _TOPK_FRACTION tokens come from topk, larger ones from a full sort.
 _TOPK_FRACTION = 8
 # Columns of the per-row table (float32; top-k and flags are small integers, exact in float32).
@@ -122,9 +129,14 @@ class Sampler:
     sampling parameters and ``(seed, position)`` (``request_seed``), never on the other rows
     of the batch or on earlier steps; the sampler keeps no per-request state."""
 
-    def __init__(self, engine_seed: int, device: torch.device) -> None:
+    def __init__(self, engine_seed: int, device: torch.device, kernel: bool | None = None) -> None:
+        """``kernel``: draw with the fused Triton kernel (None: on CUDA when Triton is
+        installed; True elsewhere needs TRITON_INTERPRET=1); False: always the torch ops."""
+        if kernel and not fused_sample_available():
+            raise ValueError("Sampler(kernel=True) needs triton installed")
         self.engine_seed = engine_seed
         self.device = device
+        self.kernel = fused_sample_available() and device.type == "cuda" if kernel is None else kernel
 
     def sample(self, logits: torch.Tensor, requests: list[Request], positions: list[int],
                logprobs: bool = True) -> SampledTokens:
@@ -134,6 +146,11 @@ class Sampler:
         if len(positions) != len(requests) or logits.shape[0] != len(requests):
             raise ValueError(f"{logits.shape[0]} logits rows, {len(requests)} requests, {len(positions)} positions")
         plan = SamplingPlan.build(requests, positions, logits.shape[-1], self.engine_seed, logprobs)
+        if self.kernel and not plan.top_n and logits.dtype == torch.float32 and logits.stride(-1) == 1:
+            table = None if plan.table is None else self._to_device(plan.table)
+            cuts_rank = plan.masks_rank or plan.num_candidates < logits.shape[-1]
+            tokens, chosen = fused_sample(logits, table, top_k=cuts_rank, top_p=plan.top_p, logprobs=logprobs)
+            return SampledTokens(tokens, chosen)
         if plan.table is None:
             tokens = logits.argmax(dim=-1)
             draw, modes = _Draw(logits, logits, tokens), None
