@@ -60,6 +60,7 @@ PREFILL_STEP_TOKENS = 8192
 SAMPLING = {"greedy": {}, "temperature": {"temperature": 1.0}, "top-p": {"temperature": 1.0, "top_p": 0.95}}
 NO_KV_WRITE = "no-kv-write"     # --compare-small-ops: the main run's mode with EngineConfig.fused_kv_write off
 MHA_DOT = "mha-dot"             # --compare-small-ops: the main run's mode with EngineConfig.decode_attention_mha_dot
+TORCH_SAMPLER = "torch-sampler"  # --compare-small-ops: the main run's mode with EngineConfig.sampler_kernel off
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -88,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare-small-ops", type=csv, default=[],
                    help=f"decode every batch again with fused_small_ops in these modes (e.g. off), or "
                         f"{NO_KV_WRITE}: the main run's mode without the fused KV write, or {MHA_DOT}: with MHA "
-                        f"decode attention on the kernel's tl.dot path")
+                        f"decode attention on the kernel's tl.dot path, or {TORCH_SAMPLER}: sampling with the torch ops")
     p.add_argument("--small-moe-max-tokens", type=int, default=None, metavar="N",
                    help="EngineConfig.fused_moe_small_batch_max_tokens: the fused MoE small-batch path up to N "
                         "tokens (0: off; default: the tuned crossover)")
@@ -117,9 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if backend not in MOE_BACKENDS:
             raise SystemExit(f"--compare-backends: {backend!r} is not one of {MOE_BACKENDS}")
     for mode in args.compare_small_ops:
-        if mode not in (*FUSED_SMALL_OPS_MODES, NO_KV_WRITE, MHA_DOT):
+        if mode not in (*FUSED_SMALL_OPS_MODES, NO_KV_WRITE, MHA_DOT, TORCH_SAMPLER):
             raise SystemExit(f"--compare-small-ops: {mode!r} is not one of "
-                             f"{(*FUSED_SMALL_OPS_MODES, NO_KV_WRITE, MHA_DOT)}")
+                             f"{(*FUSED_SMALL_OPS_MODES, NO_KV_WRITE, MHA_DOT, TORCH_SAMPLER)}")
     if args.small_moe_max_tokens is not None and args.small_moe_max_tokens < 0:
         raise SystemExit(f"--small-moe-max-tokens must be >= 0 (0: off), got {args.small_moe_max_tokens}")
     if args.skinny_linear_max_tokens < 0:
@@ -139,11 +140,12 @@ class Budget:
 
 def engine_config(args, max_batch: int, backend: str, small_ops: str | None = None) -> EngineConfig:
     """The one EngineConfig of every engine this benchmark builds (comparisons change only
-    ``backend`` or ``small_ops``). ``small_ops``: a ``fused_small_ops`` mode, ``NO_KV_WRITE``
-    or ``MHA_DOT`` (None: the main run's)."""
+    ``backend`` or ``small_ops``). ``small_ops``: a ``fused_small_ops`` mode, ``NO_KV_WRITE``,
+    ``MHA_DOT`` or ``TORCH_SAMPLER`` (None: the main run's)."""
     kv_write = small_ops != NO_KV_WRITE
     mha_dot = True if small_ops == MHA_DOT else None
-    small_ops = args.fused_small_ops if small_ops in (None, NO_KV_WRITE, MHA_DOT) else small_ops
+    sampler_kernel = False if small_ops == TORCH_SAMPLER else None
+    small_ops = args.fused_small_ops if small_ops in (None, NO_KV_WRITE, MHA_DOT, TORCH_SAMPLER) else small_ops
     per_request = -(-(args.prompt_len + args.output_len) // 16)
     prefill = args.prefill_requests * -(-(args.prefill_prompt_len + 1) // 16)
     # An 8k prefill step holds several prompts: a batch-1 engine must still admit them together.
@@ -153,7 +155,7 @@ def engine_config(args, max_batch: int, backend: str, small_ops: str | None = No
                         record_routing=True, cuda_graphs=True, cuda_graph_max_batch=max_batch, dtype=args.dtype,
                         device="cuda", moe_backend=backend, fused_small_ops=small_ops, fused_kv_write=kv_write,
                         fused_moe_small_batch_max_tokens=args.small_moe_max_tokens, decode_attention_mha_dot=mha_dot,
-                        skinny_linear_max_tokens=args.skinny_linear_max_tokens)
+                        skinny_linear_max_tokens=args.skinny_linear_max_tokens, sampler_kernel=sampler_kernel)
 
 
 def make_engine(model, args, max_batch: int, backend: str, small_ops: str | None = None) -> LLMEngine:

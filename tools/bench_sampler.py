@@ -1,11 +1,14 @@
-"""Sampler cost per step: the batched sampler against the per-request loop it replaced.
+"""Sampler cost per step: the fused kernel, the batched torch ops and the per-request loop
+they replaced.
 
 For each batch size, vocabulary and sampling workload it reports the device ops one step's
 sampling dispatches (views excluded; on CUDA each is a kernel launch costing host time),
 the host time to enqueue them, and the device time (CUDA events; on CPU the same as the
 host time). The two variants alternate within every repetition; medians are reported.
 
-The per-request baseline is the algorithm of the sampler before the batched one
+``fused`` is ``Sampler(kernel=True)`` (inference/kernels/sample_triton.py; CUDA only, and a
+batch asking top-N alternatives still takes the torch ops), ``batched`` is
+``Sampler(kernel=False)``. The per-request baseline is the algorithm of the sampler before the batched one
 (``inference/sampler.py`` up to commit 46f6a98): one ``torch.Generator`` per request and
 about ten ops per sampled row. It lives here only as the comparison point.
 
@@ -29,6 +32,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from inference.kernels.sample_triton import fused_sample_available
 from inference.request import Request, SamplingParams
 from inference.sampling import Sampler, request_seed
 from tools.op_count import DeviceOpCounter
@@ -37,6 +41,7 @@ WORKLOADS = {
     "greedy": dict(),
     "temperature": dict(temperature=1.0),
     "top-p": dict(temperature=1.0, top_p=0.95),
+    "top-k+top-p": dict(temperature=0.8, top_k=50, top_p=0.9),
     "top-k+top-5": dict(temperature=0.8, top_k=50, logprobs=5),
 }
 
@@ -87,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", default="50304,151936", help="comma-separated vocabulary sizes")
     p.add_argument("--batches", default="1,16,64,256")
     p.add_argument("--workloads", default=",".join(WORKLOADS))
+    p.add_argument("--logits", default="peaked", choices=sorted(LOGITS),
+                   help="peaked: 16 tokens ~15 nats above a N(0, 2) bulk (an LM-like row, small nucleus); "
+                        "gaussian: N(0, 3) (flat: the 0.95-nucleus holds thousands of tokens)")
     p.add_argument("--repetitions", type=int, default=7)
     p.add_argument("--output", type=Path, default=None)
     return p.parse_args(argv)
@@ -125,15 +133,27 @@ def _caller(sampler, logits: torch.Tensor, requests: list[Request]):
     return call
 
 
-def measure(device: torch.device, batch: int, vocab: int, workload: str, reps: int) -> dict:
+def _peaked(batch: int, vocab: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    logits = torch.randn(batch, vocab, generator=gen, device=device) * 2.0
+    top = torch.randint(0, vocab, (batch, 16), generator=gen, device=device)
+    return logits.scatter_add_(1, top, 15.0 + 2.0 * torch.randn(batch, 16, generator=gen, device=device))
+
+
+LOGITS = {"peaked": _peaked,
+          "gaussian": lambda batch, vocab, gen, device: torch.randn(batch, vocab, generator=gen, device=device) * 3.0}
+
+
+def measure(device: torch.device, batch: int, vocab: int, workload: str, reps: int, logits_kind: str = "peaked") -> dict:
     params = SamplingParams(seed=None, **WORKLOADS[workload])
     requests = [Request(request_id=str(i), prompt_token_ids=[1], sampling_params=params, arrival_index=i)
                 for i in range(batch)]
     gen = torch.Generator(device=device).manual_seed(batch + vocab)
-    logits = torch.randn(batch, vocab, generator=gen, device=device) * 3.0
-    variants = {"batched": Sampler(0, device), "per-request": PerRequestSampler(0, device)}
+    logits = LOGITS[logits_kind](batch, vocab, gen, device)
+    variants = {"batched": Sampler(0, device, kernel=False), "per-request": PerRequestSampler(0, device)}
+    if device.type == "cuda" and fused_sample_available():
+        variants = {"fused": Sampler(0, device, kernel=True), **variants}
     calls = {name: _caller(sampler, logits, requests) for name, sampler in variants.items()}
-    row = {"batch": batch, "vocab": vocab, "workload": workload}
+    row = {"batch": batch, "vocab": vocab, "workload": workload, "logits": logits_kind}
     for name, call in calls.items():          # warm-up and op counts
         call()
         with DeviceOpCounter() as ops:
@@ -147,17 +167,26 @@ def measure(device: torch.device, batch: int, vocab: int, workload: str, reps: i
         row[f"{name}_host_ms"] = statistics.median(h for h, _ in values)
         row[f"{name}_device_ms"] = statistics.median(d for _, d in values)
     row["speedup_device"] = row["per-request_device_ms"] / row["batched_device_ms"]
+    if "fused_device_ms" in row:
+        row["fused_speedup_device"] = row["batched_device_ms"] / row["fused_device_ms"]
+        row["fused_speedup_host"] = row["batched_host_ms"] / row["fused_host_ms"]
     return row
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("| batch | vocab | workload | ops per-request / batched | host ms per-request / batched "
-            "| device ms per-request / batched | speedup |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    names = [n for n in ("fused", "batched", "per-request") if rows and f"{n}_ops" in rows[0]]
+    joined = " / ".join(names)
+    head = (f"| batch | vocab | workload | ops {joined} | host ms {joined} | device ms {joined} "
+            "| batched vs per-request |" + (" fused vs batched (device, host) |" if "fused" in names else ""))
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['vocab']} | {r['workload']} | {r['per-request_ops']} / {r['batched_ops']} "
-                     f"| {r['per-request_host_ms']:.3f} / {r['batched_host_ms']:.3f} "
-                     f"| {r['per-request_device_ms']:.3f} / {r['batched_device_ms']:.3f} | {r['speedup_device']:.2f}x |")
+        ops = " / ".join(str(r[f"{n}_ops"]) for n in names)
+        host = " / ".join(f"{r[f'{n}_host_ms']:.3f}" for n in names)
+        dev = " / ".join(f"{r[f'{n}_device_ms']:.3f}" for n in names)
+        line = f"| {r['batch']} | {r['vocab']} | {r['workload']} | {ops} | {host} | {dev} | {r['speedup_device']:.2f}x |"
+        if "fused" in names:
+            line += f" {r['fused_speedup_device']:.2f}x, {r['fused_speedup_host']:.2f}x |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -173,7 +202,7 @@ def main(argv=None) -> int:
         for vocab in (int(v) for v in args.vocab.split(",")):
             for batch in (int(b) for b in args.batches.split(",")):
                 for workload in workloads:
-                    rows.append(measure(device, batch, vocab, workload, args.repetitions))
+                    rows.append(measure(device, batch, vocab, workload, args.repetitions, args.logits))
                     print(format_table(rows[-1:]).splitlines()[-1], flush=True)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "repetitions": args.repetitions,

@@ -22,8 +22,8 @@
 #   bash tools/gpu_next_session.sh decode  # tools/bench_decode.py, both shapes, batches 1 / 16 / 64 / 256 + 8k prefill
 #                                          # (further arguments go to bench_decode.py)
 #   bash tools/gpu_next_session.sh mha     # full paged-decode sweep (warps x stages too) of OLMoE's MHA shape at 64 / 256
-#   bash tools/gpu_next_session.sh sampling  # the batched sampler: its GPU test, tools/bench_sampler.py (vs the
-#                                            # per-request loop), then OLMoE decode greedy vs temperature vs top-p
+#   bash tools/gpu_next_session.sh sampling  # the fused sampling kernel: its GPU tests, tools/bench_sampler.py on
+#                                            # LM-like and flat rows, then OLMoE decode, fused vs torch sampler
 #   bash tools/gpu_next_session.sh upload    # the one-copy step upload: StepBatch + lifecycle GPU tests, then
 #                                            # tools/bench_step_upload.py for an attention and a hybrid batch
 #   bash tools/gpu_next_session.sh groups    # tools/bench_rl_groups.py: 32 prompts x 8 samples, prefix cache on / off
@@ -105,7 +105,8 @@ tests)
            tests/inference/kernels/test_norm_rotary.py tests/gpu/test_fused_small_ops_cuda.py \
            tests/inference/kernels/test_fused_moe_small.py tests/inference/kernels/test_fused_moe.py \
            tests/inference/kernels/test_mla_decode.py tests/gpu/test_engine_cuda.py tests/gpu/test_families_cuda.py \
-           tests/gpu/test_sampler_cuda.py tests/inference/sampling/test_sampler_ties.py tests/gpu/test_step_batch_cuda.py; do
+           tests/gpu/test_sampler_cuda.py tests/inference/sampling/test_sampler_ties.py tests/gpu/test_step_batch_cuda.py \
+           tests/inference/kernels/test_sample_triton.py; do
     n=$(basename "$f" .py)
     timeout 150 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider "$f" > "$OUT/$n.log" 2>&1
     echo "$n rc=$? $(tail -1 "$OUT/$n.log")"
@@ -159,17 +160,21 @@ mha)
   echo "tune_paged_decode rc $?"; tail -6 "$OUT/tune_mha.log"
   ;;
 sampling)
-  timeout 120 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/gpu/test_sampler_cuda.py \
-    > "$OUT/test_sampler_cuda.log" 2>&1; echo "test_sampler_cuda rc=$? $(tail -1 "$OUT/test_sampler_cuda.log")"
-  timeout 200 python3 tools/bench_sampler.py --device cuda --output "$OUT/sampler_h200.json" > "$OUT/sampler.log" 2>&1
-  echo "bench_sampler rc $?"
-  for s in greedy temperature top-p; do
-    timeout 80 python3 tools/bench_decode.py --sampling "$s" --models olmoe-1b-7b-shape --batches 1,64,256 \
-      --output-len 64 --prefill-requests 0 --profile-batches '' --no-hf --compare-backends '' --time-budget 60 \
-      --output "$OUT/decode_sampling_$s.json" > "$OUT/decode_sampling_$s.log" 2>&1
-    echo "== decode, sampling $s (rc $?)"; grep -A4 "batch   step ms" "$OUT/decode_sampling_$s.log" | head -6
+  for f in tests/inference/kernels/test_sample_triton.py tests/gpu/test_sampler_cuda.py \
+           tests/inference/sampling/test_sampler_ties.py; do
+    run_test 120 "$f" -k "not interpreter"
   done
-  tail -34 "$OUT/sampler.log"
+  for l in peaked gaussian; do      # LM-like rows (the candidates path) and flat rows (the whole-row search)
+    run_cmd 100 "sampler_$l" python3 tools/bench_sampler.py --device cuda --logits "$l" --vocab 151936 \
+      --workloads temperature,top-p,top-k+top-p --repetitions 5 --output "$OUT/sampler_$l.json"
+    tail -12 "$OUT/sampler_$l.log" 2>/dev/null
+  done
+  for s in temperature top-p; do    # the engine with the fused sampler vs the torch ops
+    run_cmd 90 "decode_$s" python3 tools/bench_decode.py --sampling "$s" --models olmoe-1b-7b-shape --batches 1,64,256 \
+      --output-len 48 --prefill-requests 0 --profile-batches '' --no-hf --compare-backends '' \
+      --compare-small-ops torch-sampler --time-budget 70 --output "$OUT/decode_sampling_$s.json"
+    grep -A4 "batch   step ms" "$OUT/decode_$s.log" 2>/dev/null | head -6
+  done
   ;;
 hybrid)
   timeout 420 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider tests/gpu/test_hybrid_cuda.py \
