@@ -19,6 +19,7 @@ the CPU path, the top-N path and the reference the kernel is tested against.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,6 +135,8 @@ class Sampler:
         installed; True elsewhere needs TRITON_INTERPRET=1); False: always the torch ops."""
         if kernel and not fused_sample_available():
             raise ValueError("Sampler(kernel=True) needs triton installed")
+        if kernel and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"Sampler(kernel=True) on {device}: the kernel runs on CUDA (or under TRITON_INTERPRET=1)")
         self.engine_seed = engine_seed
         self.device = device
         self.kernel = fused_sample_available() and device.type == "cuda" if kernel is None else kernel

@@ -68,3 +68,20 @@ def test_decode_attention_mha_dot_reaches_every_decode_backend():
     import torch
     from inference.attention_backends import select_attention
     assert select_attention(torch.device("cuda"), True)._decode.mha_dot is True   # the eager CUDA backend
+
+
+def test_sampler_kernel_reaches_the_engines_sampler():
+    """EngineConfig.sampler_kernel picks the engine sampler's path (None: the kernel only on
+    CUDA with Triton, so the CPU engine keeps the torch ops); a non-bool is refused."""
+    from inference.engine import LLMEngine
+    from inference.kernels.sample_triton import fused_sample_available
+    from inference.presets import build_model, get_preset
+    for bad in (1, "on"):
+        with pytest.raises(ValueError, match="sampler_kernel must be a bool or None"):
+            EngineConfig(sampler_kernel=bad)
+    model = build_model(get_preset("tiny-moe"), seed=0)
+    assert LLMEngine(model, EngineConfig(num_kv_blocks=16)).sampler.kernel is False
+    assert LLMEngine(model, EngineConfig(num_kv_blocks=16, sampler_kernel=False)).sampler.kernel is False
+    if fused_sample_available():     # the kernel asked for on the CPU, outside the interpreter: a clear error
+        with pytest.raises(ValueError, match="runs on CUDA"):
+            LLMEngine(model, EngineConfig(num_kv_blocks=16, sampler_kernel=True))

@@ -224,6 +224,14 @@ def test_no_kv_write_comparison_keeps_the_other_small_ops():
     assert (no_kv.fused_small_ops, no_kv.fused_kv_write) == ("on", False)
 
 
+def test_torch_sampler_comparison_changes_only_the_sampler():
+    args = bench_decode.parse_args(["--compare-small-ops", bench_decode.TORCH_SAMPLER])
+    main = bench_decode.engine_config(args, 4, "auto")
+    torch_sampler = bench_decode.engine_config(args, 4, "auto", bench_decode.TORCH_SAMPLER)
+    assert main.sampler_kernel is None
+    assert torch_sampler == dataclasses.replace(main, sampler_kernel=False)
+
+
 def test_small_moe_flag_reaches_every_engine_config():
     default = bench_decode.parse_args(["--quick"])
     assert default.small_moe_max_tokens is None

@@ -200,6 +200,10 @@ def test_the_sampler_takes_the_kernel_unless_top_n_is_asked(monkeypatch):
         return logits.argmax(-1), torch.zeros(logits.shape[0]) if logprobs else None
     monkeypatch.setattr(sampler_module, "fused_sample", spy)
     assert not Sampler(0, torch.device("cpu")).kernel
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        Sampler(0, torch.device("cpu"), kernel=True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")     # the spy stands in for the kernel
     logits = torch.randn(3, 50)
     sampler = Sampler(0, torch.device("cpu"), kernel=True)
     out = sampler.sample(logits, _requests(3, [dict(temperature=1.0, logprobs=2)]), [0, 1, 2])
