@@ -128,3 +128,20 @@ def test_detokenizer_called_once_per_step_for_requests_with_stop_strings(make_en
     assert all(r.finish_reason == "length" for r in results)
     # Two requests with stop strings get a token each step: 6 checks of at most 2 requests each.
     assert len(calls) == 6 and set(calls) == {2}
+
+
+def test_stop_strings_across_preemption(make_engine, tokenizer):
+    """A KV cache too small for the batch: preempted requests recompute and still stop on
+    the token the unstopped run's whole-output decoding names."""
+    prompts = _prompts()
+    reference = _reference(make_engine, prompts)
+    stops = [_stop_string_ending_at(tokenizer, ref.output_token_ids, 10 + i) for i, ref in enumerate(reference)]
+    engine = make_engine(record_routing=True, num_kv_blocks=14, detokenizer=batch_decoder(tokenizer))
+    results = engine.generate(prompts, [SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True, stop=(s,)) for s in stops])
+    assert sum(r.num_preemptions for r in results) > 0
+    for ref, result, stop in zip(reference, results, stops):
+        index = _first_stop_index(tokenizer, ref.output_token_ids, stop)
+        assert result.output_token_ids == ref.output_token_ids[: index + 1]
+        assert (result.finish_reason, result.stop_string) == ("stop", stop)
+        rows = len(result.prompt_token_ids) + len(result.output_token_ids) - 1
+        np.testing.assert_array_equal(result.routing, ref.routing[:rows])
