@@ -35,6 +35,7 @@ from inference.replica import ReplicaSync
 from inference.request import Request, RequestResult, SamplingParams
 from inference.sampling import Sampler
 from inference.scheduler import Scheduler, SchedulerConfig
+from inference.stop_strings import Detokenizer, StopStringChecker
 from inference.cache.sequence_cache import SequenceCache
 from inference.cache.state_pool import state_bytes_per_sequence
 from inference.step_entry import gpu_timings, step_entry
@@ -49,10 +50,13 @@ class LLMEngine:
     returned only once its routing is final (``prompt_len + generated_len - 1`` rows). At
     most one step is in flight between ``step()`` calls (asynchronous scheduling)."""
 
-    def __init__(self, model: MoEGPT, config: EngineConfig) -> None:
+    def __init__(self, model: MoEGPT, config: EngineConfig, detokenizer: Detokenizer | None = None) -> None:
         """A tensor-parallel ``model`` makes this one rank's engine of its replica: building
-        it is collective (``inference.replica``); only the replica leader reads routing back."""
+        it is collective (``inference.replica``); only the replica leader reads routing back.
+        ``detokenizer`` (token-id lists -> texts, special tokens skipped; ``inference.stop_strings``)
+        serves requests with stop strings; without one they fail alone at ``add_request``."""
         self.model = model
+        self.stop_checker = StopStringChecker(detokenizer) if detokenizer is not None else None
         self.model_config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -70,7 +74,8 @@ class LLMEngine:
                             block_size=config.block_size, chunked_prefill=config.chunked_prefill,
                             eos_token_id=self.model_config.eos_token_id,
                             extra_eos_token_ids=self.model_config.extra_eos_token_ids, max_model_len=self.max_model_len),
-            self.sequence_cache, on_preempt=_weak(self._on_preempt), on_finish=_weak(self._on_finish))
+            self.sequence_cache, on_preempt=_weak(self._on_preempt), on_finish=_weak(self._on_finish),
+            stop_checker=self.stop_checker.check if self.stop_checker is not None else None)
         self.sampler = Sampler(config.seed, self.device, kernel=config.sampler_kernel)
         self._attention_fn = select_attention(self.device, config.decode_attention_mha_dot)
         if self.device.type == "cuda":
@@ -174,6 +179,10 @@ class LLMEngine:
                 "chunked prefill is off, so it can never be scheduled; enable chunked prefill or raise "
                 "max_step_tokens", request_id)
         params.validate(request_id)
+        if params.stop and self.stop_checker is None:
+            raise InvalidRequestError(
+                f"stop strings {list(params.stop)!r} need a detokenizer, and this engine has none: "
+                "build it with LLMEngine(model, config, detokenizer=...)", request_id)
 
     def abort(self, request_id: str) -> bool:
         """Stop serving a request wherever it is (queued, running, in flight, or finished

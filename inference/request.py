@@ -30,8 +30,8 @@ def _is_int(value: object) -> bool:
 class SamplingParams:
     """How to pick the next token and when to stop.
 
-    Invariant: immutable; `stop_token_ids` is always a tuple (a list given to the constructor
-    is converted), so instances are hashable. Values are checked by `validate`, not at
+    Invariant: immutable; `stop_token_ids` and `stop` are always tuples (a list given to the
+    constructor is converted), so instances are hashable. Values are checked by `validate`, not at
     construction, so the error can name the request that carried them.
     """
 
@@ -44,6 +44,13 @@ class SamplingParams:
     seed: int | None = None  # draws are a function of (seed, position): inference.sampling.draws
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    # Stop strings (as in vLLM): the request finishes ("stop") on the first generated token
+    # after which its output text (decoded with special tokens skipped, by the engine's
+    # detokenizer) contains one of them; that token stays in the output. The prompt's text
+    # never counts. `include_stop_str_in_output` is for callers that return text: the
+    # engine returns tokens, and text is cut at the stop string unless this is set.
+    stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
     # Log-probs. Every generated token's log-prob is always returned; ``logprobs`` adds the
     # top-N alternatives of each step, ``prompt_logprobs`` the log-prob of every prompt
     # token given the tokens before it. ``logprobs_mode`` picks the distribution:
@@ -60,6 +67,8 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop_token_ids, list):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if isinstance(self.stop, list):
+            object.__setattr__(self, "stop", tuple(self.stop))
 
     @property
     def is_greedy(self) -> bool:
@@ -99,6 +108,10 @@ class SamplingParams:
             _is_int(t) and t >= 0 for t in self.stop_token_ids
         ):
             raise bad("stop_token_ids", "must be a tuple of ints >= 0")
+        if not isinstance(self.stop, tuple) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "must be a tuple of non-empty strings")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise bad("include_stop_str_in_output", "must be a bool")
         if not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise bad("logprobs", f"must be an int in [0, {MAX_TOP_LOGPROBS}] (top alternatives per token)")
         if not isinstance(self.prompt_logprobs, bool):
@@ -140,6 +153,7 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length"; None while unfinished or aborted
+    stop_string: str | None = None    # the stop string its output text completed, if that finished it
     # One per received output token (the engine appends them with the tokens).
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -188,7 +202,8 @@ class RequestResult:
     float32 value per output token (`output_top_logprobs` one list of at most N (token,
     log-prob) pairs per output token when top-N was asked, finite, most likely first); `prompt_logprobs`, when asked, has one
     entry per prompt token, `None` for the first; `weight_version` names the weights that
-    produced the tokens.
+    produced the tokens; `stop_string` is set only when `finish_reason == "stop"` (the stop
+    string the output text completed; None for an EOS or stop token).
     """
 
     request_id: str
@@ -204,6 +219,7 @@ class RequestResult:
     output_top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None
     weight_version: int | str | None = None
+    stop_string: str | None = None
 
     @classmethod
     def from_request(cls, request: Request) -> RequestResult:
@@ -218,6 +234,7 @@ class RequestResult:
             prompt_token_ids=list(request.prompt_token_ids),
             output_token_ids=list(request.output_token_ids),
             finish_reason=request.finish_reason,
+            stop_string=request.stop_string,
             num_cached_tokens=request.num_cached_tokens,
             num_preemptions=request.num_preemptions,
             output_logprobs=list(request.output_logprobs),

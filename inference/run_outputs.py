@@ -33,6 +33,8 @@ def result_record(result: RequestResult, extra: Mapping[str, Any] | None = None)
     record = {"id": result.request_id, "prompt_token_ids": result.prompt_token_ids,
               "output_token_ids": result.output_token_ids, "finish_reason": result.finish_reason,
               "num_cached_tokens": result.num_cached_tokens, "num_preemptions": result.num_preemptions}
+    if result.finish_reason != "error":
+        record["stop_string"] = result.stop_string
     if result.error is not None:
         record["error"] = result.error
     if result.routing is not None:

@@ -12,9 +12,9 @@ advance at once and a sampling chunk leaves a pending token whose value reaches 
 with `update()` one step later (asynchronous scheduling) or right away (synchronous). So
 `schedule()` for step N+1 may run before `update()` of step N. A request whose pending
 token is certainly its last (max_new_tokens, max_model_len) is not scheduled again; one
-that stops on EOS or a stop token learns it a step late, and the one extra chunk it was
-given is discarded by `update()`. What a request holds (KV blocks; for hybrid models also a
-recurrent-state slot) is managed by a `SequenceCache` that the scheduler calls at each
+that stops on EOS, a stop token or a stop string learns it a step late, and the one extra
+chunk it was given is discarded by `update()`. What a request holds (KV blocks; for hybrid
+models also a recurrent-state slot) is managed by a `SequenceCache` that the scheduler calls at each
 transition (admit, grow, chunk applied, preempt, finish); what a request that finishes or is
 aborted while a chunk of it is still in flight holds is freed only once that chunk's output
 has been applied.
@@ -72,7 +72,11 @@ class Scheduler:
         cache: SequenceCache | BlockPool,
         on_preempt: Callable[[Request], None] | None = None,
         on_finish: Callable[[Request], None] | None = None,
+        stop_checker: Callable[[list[Request]], list[tuple[Request, str]]] | None = None,
     ) -> None:
+        """``stop_checker`` (an ``inference.stop_strings.StopStringChecker``'s ``check``)
+        gets, once per ``update``, the requests with stop strings that received a token and
+        did not stop on an EOS or stop token; it returns those whose output now holds one, with the string."""
         if isinstance(cache, BlockPool):
             cache = SequenceCache(cache)
         if config.block_size != cache.block_size:
@@ -87,6 +91,7 @@ class Scheduler:
         self.block_pool = cache.block_pool
         self._on_preempt = on_preempt
         self._on_finish = on_finish
+        self._stop_checker = stop_checker
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._requests: dict[str, Request] = {}
@@ -287,7 +292,8 @@ class Scheduler:
     def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
         """Apply a launched step's results: commit newly full blocks to the prefix cache,
         append sampled tokens, and finish requests. Returns the finished requests in chunk
-        order; `on_finish` sees each before its blocks are freed.
+        order, except that requests with stop strings come last (one batched check after
+        every token landed); `on_finish` sees each before its blocks are freed.
 
         `sampled` maps the request id of every sampling chunk to its token. Chunks of
         requests that finished or were aborted after the step was scheduled are discarded
@@ -298,6 +304,7 @@ class Scheduler:
             raise ValueError(f"scheduler output for requests {ids} was already applied")
         output.applied = True
         finished: list[Request] = []
+        to_check: list[tuple[Request, str | None]] = []
         for chunk in output.chunks:
             request = chunk.request
             self._chunk_landed(request)
@@ -315,6 +322,24 @@ class Scheduler:
             request.num_pending_tokens -= 1
             request.output_token_ids.append(token)
             reason = _finish_reason(request, token, self._eos_ids, self.config.max_model_len)
+            if reason != "stop" and request.sampling_params.stop and self._stop_checker is not None:
+                to_check.append((request, reason))   # as in vLLM, a stop string beats "length"
+            elif reason is not None:
+                self._finish(request, reason)
+                finished.append(request)
+        if to_check:
+            finished += self._finish_on_stop_strings(to_check)
+        return finished
+
+    def _finish_on_stop_strings(self, checked: list[tuple[Request, str | None]]) -> list[Request]:
+        """One batched stop-string check; finishes (through `_finish`, like any stop, so a
+        chunk still in flight is discarded when it lands) the matches and the length stops."""
+        matched = dict(self._stop_checker([request for request, _ in checked]))
+        finished = []
+        for request, reason in checked:
+            if request in matched:
+                request.stop_string = matched[request]
+                reason = "stop"
             if reason is not None:
                 self._finish(request, reason)
                 finished.append(request)

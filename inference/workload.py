@@ -28,6 +28,7 @@ class PromptSpec:
     prompt_id: str | None = None    # the prompt this request samples (RL groups)
     sample_index: int | None = None  # 0 .. samples per prompt - 1
     from_text: bool = False         # encoded by a tokenizer (a text or chat prompt)
+    stop: tuple[str, ...] | None = None   # the line's own stop strings (None: the run's)
 
     def __post_init__(self) -> None:
         if self.prompt_text is not None:
@@ -63,7 +64,8 @@ def read_prompts_file(path: str | Path, tokenizer: TextEncoder | None = None) ->
     ``{"id": ..., "prompt": "text"}`` or ``{"id": ..., "messages": [{"role": ..., "content":
     ...}, ...]}`` (a chat, rendered by the tokenizer's chat template with the assistant's
     turn opened; exactly one of the three), optionally with
-    ``"max_new_tokens"`` and ``"routing_start"``. Ids are strings (integers are converted):
+    ``"max_new_tokens"``, ``"routing_start"`` and ``"stop"`` (a non-empty string or a list of
+    them: the line's stop strings, replacing the run's). Ids are strings (integers are converted):
     non-empty, at most 256 characters, no control characters. Text is encoded by
     ``tokenizer.encode(text)`` (special tokens as the tokenizer adds them by default); the
     tokenizer is asked for nothing unless a text or chat line exists. Blank lines are skipped. Structural problems (bad JSON, missing keys, duplicate
@@ -107,6 +109,21 @@ def _parse_line(line: bytes, where: str, tokenizer: TextEncoder | None) -> Promp
     start = obj.get("routing_start", 0)
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise PromptsFileError(f"{where}: routing_start must be an int >= 0")
+    return replace(_parse_prompt(obj, given, request_id, limit, start, where, tokenizer), stop=_stop(obj, where))
+
+
+def _stop(obj: dict, where: str) -> tuple[str, ...] | None:
+    stop = obj.get("stop")
+    if stop is None:
+        return None
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        raise PromptsFileError(f"{where}: stop must be a non-empty string or a list of them")
+    return tuple(stop)
+
+
+def _parse_prompt(obj: dict, given: list[str], request_id: str, limit: int | None, start: int, where: str,
+                  tokenizer: TextEncoder | None) -> PromptSpec:
     if given == ["prompt_token_ids"]:
         if not isinstance(obj["prompt_token_ids"], list):
             raise PromptsFileError(f"{where}: prompt_token_ids must be a list of ints")

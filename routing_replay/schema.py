@@ -112,7 +112,7 @@ _PHASE_SPEC: Spec = ((("total_ms", "mean_ms", "share"), _time, False),)
 _RESULT_SPEC: Spec = (
     (("id", "finish_reason"), _string, True),
     (("output_token_ids",), _token_ids, True),
-    (("error", "routing_dtype", "prompt_id", "output_text"), _string, False),
+    (("error", "routing_dtype", "prompt_id", "output_text", "stop_string"), _string, False),
     (("routing_shape",), _shape, False),
     (("num_cached_tokens", "num_preemptions", "routing_start", "sample_index"), _count, False),
 )
@@ -343,6 +343,10 @@ def validate_results_line(obj: Any) -> list[str]:
         problems.append(f"result.finish_reason must be one of {FINISH_REASONS}, got {obj['finish_reason']!r}")
     if ("routing_shape" in obj) != ("routing_dtype" in obj):
         problems.append("result: routing_shape and routing_dtype must be present together")
+    if obj.get("stop_string") is not None and obj.get("finish_reason") != "stop":
+        problems.append(f"result: stop_string without finish_reason \"stop\" (got {obj.get('finish_reason')!r})")
+    if "stop_string" in valid and not obj["stop_string"]:
+        problems.append("result.stop_string must not be empty")
     if "routing_start" in obj and "routing_shape" not in obj:
         problems.append("result: routing_start without routing_shape")
     if (obj.get("prompt_id") is None) != (obj.get("sample_index") is None):

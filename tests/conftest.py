@@ -45,11 +45,11 @@ def scheduling(request) -> bool:
 def make_engine(tiny_model, scheduling):
     """Engines of the tiny model; ``sequence_cache.check_invariants()`` (and the scheduler's)
     run after every step of every engine it makes."""
-    def make(model=None, **overrides) -> LLMEngine:
+    def make(model=None, detokenizer=None, **overrides) -> LLMEngine:
         kwargs = dict(block_size=4, num_kv_blocks=256, max_requests=16, max_step_tokens=64,
                       async_scheduling=scheduling)
         kwargs.update(overrides)
-        engine = LLMEngine(model or tiny_model, EngineConfig(**kwargs))
+        engine = LLMEngine(model or tiny_model, EngineConfig(**kwargs), detokenizer=detokenizer)
         return _checked(engine)
     return make
 

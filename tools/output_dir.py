@@ -77,12 +77,18 @@ def run_fingerprint(args, model_config: ModelConfig, engine_config: EngineConfig
     a resumed run may change them."""
     workload = hashlib.sha256()
     for spec, limit in zip(specs, limits):
-        workload.update(orjson.dumps([spec.request_id, spec.prompt_token_ids, limit, spec.routing_start]))
+        # A line's own stop strings only when it has some: runs written before them keep their hash.
+        own_stop = [list(spec.stop)] if spec.stop is not None else []
+        workload.update(orjson.dumps([spec.request_id, spec.prompt_token_ids, limit, spec.routing_start, *own_stop]))
     sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                 "ignore_eos": args.ignore_eos, "logprobs": args.logprobs,
                 "prompt_logprobs": args.prompt_logprobs, "logprobs_mode": args.logprobs_mode}
     if args.stop_token_ids:
         sampling["stop_token_ids"] = list(args.stop_token_ids)
+    if args.stop:
+        sampling["stop"] = list(args.stop)
+    if args.include_stop_str_in_output:   # output_text of the requests already on disk would differ
+        sampling["include_stop_str_in_output"] = True
     if args.temperature >= GREEDY_TEMPERATURE:   # greedy tokens do not depend on the draws
         sampling["sampler"] = SAMPLER_VERSION
     # RL groups (--samples-per-prompt) change the ids and seeds, hence the workload hash too;

@@ -41,7 +41,8 @@ from tools.output_dir import (RunLock, finish_complete_run, finished_ids, inspec
 from tools.run_report import EXIT_OK, EXIT_USAGE, RunPlan, serve_and_report
 from tools.run_setup import (build_engine, checkpoint_tokenizer, degenerate_config_warnings, describe_memory_plan,
                              distributed_context, load_prompts, model_source, output_limit, output_text_decoder,
-                             parallel_layout, parse_memory_size, sample_group_warnings, sampling_params_for)
+                             parallel_layout, parse_memory_size, sample_group_warnings, sampling_params_for,
+                             stop_string_detokenizer)
 
 log = logging.getLogger("run_inference")
 
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed for weights, synthetic prompts and sampling")
     g = p.add_argument_group("workload (a prompts file, or a synthetic workload)")
     g.add_argument("--prompts-file", metavar="JSONL", help='one JSON object per line: {"id": ..., "prompt_token_ids": [...]} or {"id": ..., "prompt": "text"} '
-                        '(text needs --hf-checkpoint with a tokenizer); optional "max_new_tokens", "routing_start"')
+                        '(text needs --hf-checkpoint with a tokenizer); optional "max_new_tokens", "routing_start", "stop" '
+                        '(a string or a list of them)')
     g.add_argument("--num-requests", type=int, default=8, help="synthetic: number of requests")
     g.add_argument("--prompt-len", type=int, default=32, help="synthetic: prompt tokens per request")
     g.add_argument("--output-len", type=int, default=32, help="synthetic: tokens to generate per request")
@@ -83,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-token-ids", type=_token_ids, default=(), metavar="IDS",
                    help="comma-separated token ids that also end a request (besides the model's EOS ids; they stop "
                         "even with --ignore-eos), e.g. a chat template's end-of-turn token")
+    g.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="a stop string for every request (repeatable; needs --hf-checkpoint's tokenizer): a request "
+                        "ends (finish_reason stop, results' stop_string) at the first token after which its decoded "
+                        "output contains one; that token is kept. A prompts file line's \"stop\" replaces these")
+    g.add_argument("--include-stop-str-in-output", action="store_true",
+                   help="output_text keeps the stop string that ended a request (default: cut before it)")
     g.add_argument("--samples-per-prompt", type=int, default=1, metavar="N",
                    help="N samples of every prompt (an RL group): request ids '<id>_<k>' for k = 0..N-1, each with "
                         "its own seed, served together by one replica so they compute the prompt once (hybrid models: "
@@ -222,6 +230,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("give --resume or --overwrite, not both")
     if (args.resume or args.overwrite) and not args.output_dir:
         parser.error(f"--{'resume' if args.resume else 'overwrite'} needs --output-dir")
+    if args.stop and not args.hf_checkpoint:
+        parser.error("--stop needs --hf-checkpoint: its tokenizer decodes the outputs to find the stop strings")
+    if "" in args.stop:
+        parser.error("--stop must not be empty")
 
 
 def check_model_args(args: argparse.Namespace, model_config) -> None:
@@ -270,6 +282,7 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.Ex
     tokenizer = checkpoint_tokenizer(args)
     specs = load_prompts(args, model_config, tokenizer)
     output_text = output_text_decoder(args, specs, tokenizer)
+    detokenizer = stop_string_detokenizer(args, specs, tokenizer)
     limits = [output_limit(args, s) for s in specs]
     memory = plan_memory(model_config, engine_config, dist.device,
                          local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")), layout=layout, rank=dist.rank)
@@ -292,7 +305,7 @@ def _set_up(args: argparse.Namespace, guard: InterruptGuard, held: contextlib.Ex
         print(f"{out_plan.path}: the run is already complete ({len(specs)} requests); nothing to resume")
         return EXIT_OK
     dist = dist.with_groups()
-    engine = build_engine(model_loader, engine_config, dist.device, dist.groups)
+    engine = build_engine(model_loader, engine_config, dist.device, dist.groups, detokenizer)
     _adopt_peer_signal(dist, guard)
     if guard.requested:
         log.warning("interrupted by %s before any request was served; nothing was written", guard.name)
@@ -356,7 +369,8 @@ def _plan_run(args, dist, specs, out_plan, fingerprint, routing_meta, output_tex
     """Prepare --output-dir (rank 0) and pick this replica's share of the requests not yet
     on disk (every rank of a replica gets the same share, in the same order)."""
     if out_plan is None:
-        return RunPlan(specs, replica_share(specs, dist.dp_rank, dist.dp_size), 0, 1, None, output_text)
+        return RunPlan(specs, replica_share(specs, dist.dp_rank, dist.dp_size), 0, 1, None, output_text,
+                       args.include_stop_str_in_output)
     if dist.is_main:
         if out_plan.action in ("resume", "reopen"):
             log.info("resuming the run in %s", out_plan.path)
@@ -371,7 +385,7 @@ def _plan_run(args, dist, specs, out_plan, fingerprint, routing_meta, output_tex
     done = finished_ids(out_plan.path, attempt)
     remaining = [s for s in specs if s.request_id not in done]
     return RunPlan(specs, replica_share(remaining, dist.dp_rank, dist.dp_size), len(specs) - len(remaining), attempt,
-                   out_plan.path, output_text)
+                   out_plan.path, output_text, args.include_stop_str_in_output)
 
 
 if __name__ == "__main__":

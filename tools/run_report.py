@@ -27,6 +27,7 @@ from inference.progress import ProgressBar
 from inference.request import RequestResult, SamplingParams
 from inference.run_outputs import consolidate_run, routing_meta_for, run_meta, write_step_details
 from inference.run_writer import CheckpointError, CheckpointPolicy, CheckpointWriter
+from inference.stop_strings import cut_at_stop
 from inference.workload import PromptSpec
 from routing_replay.outputs import load_results
 from routing_replay.run_dir_schema import STEP_DETAILS_FILE
@@ -54,6 +55,7 @@ class RunPlan:
     attempt: int
     out_dir: Path | None
     output_text: Callable[[list[int]], str] | None = None   # --output-text: generated tokens -> text
+    include_stop_str_in_output: bool = False   # output_text keeps the stop string that ended a request
 
 
 def serve_and_report(engine: LLMEngine, args: argparse.Namespace, dist: DistributedContext, plan: RunPlan,
@@ -128,7 +130,8 @@ def _open_writer(engine: LLMEngine, args, dist: DistributedContext, plan: RunPla
 def _record_extra(plan: RunPlan) -> Callable[[RequestResult], dict]:
     """The CLI's own results fields (run on the writer thread): an RL group's ``prompt_id``
     and ``sample_index``, and with --output-text the generated text (null when the
-    tokenizer cannot decode the tokens: one bad request never stops the run)."""
+    tokenizer cannot decode the tokens: one bad request never stops the run), cut before
+    the stop string that ended the request unless --include-stop-str-in-output."""
     groups = {s.request_id: {"prompt_id": s.prompt_id, "sample_index": s.sample_index}
               for s in plan.my_specs if s.prompt_id is not None}
     decode = plan.output_text
@@ -137,7 +140,8 @@ def _record_extra(plan: RunPlan) -> Callable[[RequestResult], dict]:
         fields = dict(groups.get(result.request_id, {}))
         if decode is not None and result.finish_reason != "error":
             try:
-                fields["output_text"] = decode(result.output_token_ids)
+                fields["output_text"] = cut_at_stop(decode(result.output_token_ids), result.stop_string,
+                                                    plan.include_stop_str_in_output)
             except Exception as exc:  # noqa: BLE001 - a tokenizer's failure on one request
                 log.warning("request %r: cannot decode its output tokens (%s); output_text is null",
                             result.request_id, exc)

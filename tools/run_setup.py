@@ -18,6 +18,7 @@ from inference.model import MoEGPT
 from inference.parallel import ParallelGroups, ParallelLayout, ParallelLayoutError
 from inference.presets import build_model, get_preset, torch_dtype
 from inference.request import GREEDY_TEMPERATURE, SamplingParams
+from inference.stop_strings import Detokenizer
 from inference.workload import ChatRefused, PromptSpec, read_prompts_file, synthetic_prompts, with_samples
 from tools.memory_plan import MemoryPlan
 
@@ -147,19 +148,19 @@ def model_source(args: argparse.Namespace) -> tuple[ModelConfig, ModelLoader]:
 
 
 def build_engine(loader: ModelLoader, config: EngineConfig, device: torch.device,
-                 parallel: ParallelGroups | None = None) -> LLMEngine:
-    """Weights (this rank's shards with ``parallel``), then the engine; an allocation
-    failure is an AllocationError naming the part."""
+                 parallel: ParallelGroups | None = None, detokenizer: Detokenizer | None = None) -> LLMEngine:
+    """Weights (this rank's shards with ``parallel``), then the engine (``detokenizer``: for
+    stop strings); an allocation failure is an AllocationError naming the part."""
     with allocating("weights", "use --dtype bfloat16, a smaller model or a larger --tensor-parallel-size"):
         model = loader(device, torch_dtype(config.dtype), config.seed, parallel)
-    return LLMEngine(model, config)
+    return LLMEngine(model, config, detokenizer=detokenizer)
 
 
 class CheckpointTokenizer:
     """The --hf-checkpoint tokenizer, loaded on first use and kept: a prompts file of token
     ids never reads it (unless --output-text asks for text), so checkpoints without tokenizer
     files still serve those. ``encode`` / ``encode_chat`` (the chat template, the assistant's
-    turn opened) / ``decode`` (special tokens left out)."""
+    turn opened) / ``decode`` and ``batch_decode`` (special tokens left out)."""
 
     def __init__(self, checkpoint_dir: str) -> None:
         self.checkpoint_dir = checkpoint_dir
@@ -182,6 +183,10 @@ class CheckpointTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.load("--output-text").decode(ids, skip_special_tokens=True)
+
+    def batch_decode(self, batch: list[list[int]]) -> list[str]:
+        """The engine's detokenizer for stop strings: one call per step."""
+        return self.load("stop strings").batch_decode(batch, skip_special_tokens=True)
 
     def load(self, purpose: str):
         """The tokenizer; ValueError naming ``purpose`` and the directory when none loads."""
@@ -233,6 +238,18 @@ def output_text_decoder(args: argparse.Namespace, specs: list[PromptSpec],
     return tokenizer.decode
 
 
+def stop_string_detokenizer(args: argparse.Namespace, specs: list[PromptSpec],
+                            tokenizer: CheckpointTokenizer | None) -> Callable[[list[list[int]]], list[str]] | None:
+    """The engine's detokenizer when some request has stop strings (--stop or a prompts
+    file's "stop"); ValueError now, not mid-run, when there is no tokenizer to decode with."""
+    if not args.stop and not any(s.stop for s in specs):
+        return None
+    if tokenizer is None:
+        raise ValueError("stop strings (--stop or a prompts file's \"stop\") need --hf-checkpoint with a tokenizer")
+    tokenizer.load("stop strings")
+    return tokenizer.batch_decode
+
+
 def output_limit(args: argparse.Namespace, spec: PromptSpec) -> int:
     """max_new_tokens of one request: its own, else --max-new-tokens, else --output-len."""
     return spec.max_new_tokens or args.max_new_tokens or args.output_len
@@ -245,6 +262,8 @@ def sampling_params_for(args: argparse.Namespace, spec: PromptSpec, index: int) 
     return SamplingParams(max_new_tokens=output_limit(args, spec), temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, seed=seed, ignore_eos=args.ignore_eos,
                           stop_token_ids=tuple(args.stop_token_ids), logprobs=args.logprobs,
+                          stop=spec.stop if spec.stop is not None else tuple(args.stop),
+                          include_stop_str_in_output=args.include_stop_str_in_output,
                           prompt_logprobs=args.prompt_logprobs, logprobs_mode=args.logprobs_mode)
 
 

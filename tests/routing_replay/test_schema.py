@@ -260,6 +260,9 @@ def test_results_lines_of_a_run_are_valid(run_dir: Path) -> None:
     ({"prompt_id": 3, "sample_index": 0}, "prompt_id must be a string"),
     ({"prompt_id": "p", "sample_index": -1}, "sample_index must be an int >= 0"),
     ({"prompt_id": "b", "sample_index": 0}, "must be prompt_id + '_' + sample_index"),
+    ({"stop_string": 3}, "stop_string must be a string"),
+    ({"stop_string": ""}, "stop_string must not be empty"),
+    ({"stop_string": "</a>", "finish_reason": "length"}, "stop_string without finish_reason \"stop\""),
 ])
 def test_results_line_problems(change: dict, expected: str) -> None:
     line = {"id": "a", "prompt_token_ids": [1, 2, 3], "output_token_ids": [4, 5], "finish_reason": "stop",
@@ -267,6 +270,12 @@ def test_results_line_problems(change: dict, expected: str) -> None:
     assert validate_results_line(line) == []
     problems = validate_results_line({**line, **change})
     assert any(expected in p for p in problems), problems
+
+
+def test_results_line_with_a_stop_string() -> None:
+    line = {"id": "a", "prompt_token_ids": [1], "output_token_ids": [2], "finish_reason": "stop"}
+    assert validate_results_line({**line, "stop_string": "</answer>"}) == []
+    assert validate_results_line({**line, "finish_reason": "length", "stop_string": None}) == []
 
 
 def test_results_line_of_a_sample() -> None:
