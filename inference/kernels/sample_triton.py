@@ -242,13 +242,17 @@ if triton is not None:
         tl.store(out + 4, tl.sum(tl.exp(x - tl.where(x_max > float("-inf"), x_max, 0.0)), axis=0))
         if TOP_K or TOP_P:
             if cuts:
-                    # The bound: the lowest of LEVELS levels below the segment's max (0, 0.25, 1, 2.25, ...
+                # The bound: the lowest of LEVELS levels below the segment's max (0, 0.25, 1, 2.25, ...
                 # nats, then -inf), refined by LEVELS more, that at most C values exceed; those
                 # values (packed with their column) are the candidates, in column order. Any
                 # level would be exact; a lower one lets the finish kernel's fast path cover more.
                 j = tl.arange(0, LEVELS)
                 depth = tl.where(j == LEVELS - 1, float("inf"), 0.25 * (j * j).to(tl.float32))
-                counts = tl.sum((x[:, None] > (x_max - depth)[None, :]).to(tl.int32), axis=0)
+                # The last level is -inf itself, not x_max - inf: that is NaN for a +inf max (and
+                # for the interpreter's NaN max), which no value exceeds, so a segment of more than
+                # C values would pick it and store past its C candidate slots.
+                ladder = tl.where(j == LEVELS - 1, float("-inf"), x_max - depth)
+                counts = tl.sum((x[:, None] > ladder[None, :]).to(tl.int32), axis=0)
                 best = tl.max(tl.where(counts <= C, j, 0), axis=0)
                 # Then LEVELS finer levels between that depth and the next one.
                 shallow = tl.sum(tl.where(j == best, depth, 0.0), axis=0)
