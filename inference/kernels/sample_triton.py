@@ -28,8 +28,9 @@ torch path, as CUDA's and the CPU's reductions already do between themselves.
 
 Greedy rows (``sampled`` 0) take the first arg-max of the raw row. Log-probs (``mode``:
 ``inference.request.LOGPROBS_MODES``): raw ``logit - lse(logits)``, tempered
-``x - lse(x)``, processed ``x - (max + log(kept mass))``. The top-N alternatives are not
-computed here (the sampler keeps its torch path when they are asked).
+``x - lse(x)``, processed ``x - (max + log(kept mass))``, each computed as
+``(x - max) - log(mass)`` (exact near the max even where x is ~1e6). The top-N alternatives
+are not computed here (the sampler keeps its torch path when they are asked).
 
 No host sync; the grids and the allocations depend on shapes only.
 """
@@ -372,13 +373,15 @@ if triton is not None:
         if PATH_OUT:
             tl.store(paths_ptr + row, path)
         if LOGPROBS:
+            # The max first: near the greedy temperature the scaled values reach ~1e6, where
+            # max + log(mass) would round to a step of 0.1 nats; x - max is exact near the max.
             raw_token = tl.load(row_ptr + token)
-            logprob = raw_token - (raw_max + tl.log(raw_sum))
+            logprob = (raw_token - raw_max) - tl.log(raw_sum)
             if sampled:
                 mode = tl.load(table_ptr + row * 6 + 4).to(tl.int32)
                 x_token = raw_token / temperature
                 if mode == TEMPERED:
-                    logprob = x_token - (row_max + tl.log(scaled_sum))
+                    logprob = (x_token - row_max) - tl.log(scaled_sum)
                 elif mode != RAW:
-                    logprob = x_token - (row_max + tl.log(mass))
+                    logprob = (x_token - row_max) - tl.log(mass)
             tl.store(logprobs_ptr + row, logprob)

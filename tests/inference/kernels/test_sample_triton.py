@@ -194,14 +194,26 @@ def check_non_finite_rows() -> int:
     return 1
 
 
+def check_logprobs_near_greedy_temperature() -> int:
+    """Just above the greedy temperature, scaled logits reach ~3e6 (a float32 step of 0.25),
+    so ``x - (max + log(mass))`` rounds away up to 0.12 nats; ``(x - max) - log(mass)``
+    keeps the log-probs (here log 1/4: four tied maxima) to float32 precision."""
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(10))
+    logits[:, [5, 17, 40, 63]] = 40.0
+    kinds = [dict(temperature=1.2e-5), dict(temperature=1.2e-5, logprobs_mode="tempered"),
+             dict(temperature=1.2e-5, top_k=2), dict(temperature=1.2e-5, top_p=0.5)]
+    check_batch(logits, _requests(4, kinds), [0, 1, 2, 3], agree=1.0, paths={"unfiltered", "candidates"}, **SMALL)
+    return 1
+
+
 def check_interpreter_cases() -> int:
     return (check_every_branch(40) + check_every_branch(200) + check_flat_rows_fall_back_to_the_search()
-            + check_ties() + check_edges() + check_non_finite_rows())
+            + check_ties() + check_edges() + check_non_finite_rows() + check_logprobs_near_greedy_temperature())
 
 
 @needs_triton
 def test_fused_sampler_matches_the_reference_in_interpreter():
-    assert_interpreter_checks_pass(__file__, 9)
+    assert_interpreter_checks_pass(__file__, 10)
 
 
 @needs_triton
