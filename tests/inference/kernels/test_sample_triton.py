@@ -4,8 +4,9 @@ reference.py: float64 filters, inverse CDF in vocab order) and against the torch
 On CPU the kernel runs through Triton's interpreter in a subprocess (harness.py): every
 branch in one batch (temperature, top-k, top-p, both, greedy; the three log-prob modes) at a
 one-chunk and a multi-chunk vocab, ties at both cuts (the same kept set in any batch), rows
-of -inf, signed zeros, k >= V, k = 1, a tiny top-p, strided logits. On CUDA: the same at
-Qwen3's vocab, batch 1 to 256, with no host sync, and the engine's sampler taking it.
+of -inf, signed zeros, k >= V, k = 1, a tiny top-p, strided logits, rows holding +inf or NaN,
+log-probs just above the greedy temperature. On CUDA: the same at Qwen3's vocab, batch 1 to
+256, with no host sync, and the engine's sampler taking it.
 """
 
 from __future__ import annotations
