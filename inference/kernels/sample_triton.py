@@ -28,8 +28,9 @@ torch path, as CUDA's and the CPU's reductions already do between themselves.
 
 Greedy rows (``sampled`` 0) take the first arg-max of the raw row. Log-probs (``mode``:
 ``inference.request.LOGPROBS_MODES``): raw ``logit - lse(logits)``, tempered
-``x - lse(x)``, processed ``x - (max + log(kept mass))``. The top-N alternatives are not
-computed here (the sampler keeps its torch path when they are asked).
+``x - lse(x)``, processed ``x - (max + log(kept mass))``, each computed as
+``(x - max) - log(mass)`` (exact near the max even where x is ~1e6). The top-N alternatives
+are not computed here (the sampler keeps its torch path when they are asked).
 
 No host sync; the grids and the allocations depend on shapes only.
 """
@@ -242,13 +243,17 @@ if triton is not None:
         tl.store(out + 4, tl.sum(tl.exp(x - tl.where(x_max > float("-inf"), x_max, 0.0)), axis=0))
         if TOP_K or TOP_P:
             if cuts:
-                    # The bound: the lowest of LEVELS levels below the segment's max (0, 0.25, 1, 2.25, ...
+                # The bound: the lowest of LEVELS levels below the segment's max (0, 0.25, 1, 2.25, ...
                 # nats, then -inf), refined by LEVELS more, that at most C values exceed; those
                 # values (packed with their column) are the candidates, in column order. Any
                 # level would be exact; a lower one lets the finish kernel's fast path cover more.
                 j = tl.arange(0, LEVELS)
                 depth = tl.where(j == LEVELS - 1, float("inf"), 0.25 * (j * j).to(tl.float32))
-                counts = tl.sum((x[:, None] > (x_max - depth)[None, :]).to(tl.int32), axis=0)
+                # The last level is -inf itself, not x_max - inf: that is NaN for a +inf max (and
+                # for the interpreter's NaN max), which no value exceeds, so a segment of more than
+                # C values would pick it and store past its C candidate slots.
+                ladder = tl.where(j == LEVELS - 1, float("-inf"), x_max - depth)
+                counts = tl.sum((x[:, None] > ladder[None, :]).to(tl.int32), axis=0)
                 best = tl.max(tl.where(counts <= C, j, 0), axis=0)
                 # Then LEVELS finer levels between that depth and the next one.
                 shallow = tl.sum(tl.where(j == best, depth, 0.0), axis=0)
@@ -368,13 +373,15 @@ if triton is not None:
         if PATH_OUT:
             tl.store(paths_ptr + row, path)
         if LOGPROBS:
+            # The max first: near the greedy temperature the scaled values reach ~1e6, where
+            # max + log(mass) would round to a step of 0.1 nats; x - max is exact near the max.
             raw_token = tl.load(row_ptr + token)
-            logprob = raw_token - (raw_max + tl.log(raw_sum))
+            logprob = (raw_token - raw_max) - tl.log(raw_sum)
             if sampled:
                 mode = tl.load(table_ptr + row * 6 + 4).to(tl.int32)
                 x_token = raw_token / temperature
                 if mode == TEMPERED:
-                    logprob = x_token - (row_max + tl.log(scaled_sum))
+                    logprob = (x_token - row_max) - tl.log(scaled_sum)
                 elif mode != RAW:
-                    logprob = x_token - (row_max + tl.log(mass))
+                    logprob = (x_token - row_max) - tl.log(mass)
             tl.store(logprobs_ptr + row, logprob)

@@ -4,8 +4,9 @@ reference.py: float64 filters, inverse CDF in vocab order) and against the torch
 On CPU the kernel runs through Triton's interpreter in a subprocess (harness.py): every
 branch in one batch (temperature, top-k, top-p, both, greedy; the three log-prob modes) at a
 one-chunk and a multi-chunk vocab, ties at both cuts (the same kept set in any batch), rows
-of -inf, signed zeros, k >= V, k = 1, a tiny top-p, strided logits. On CUDA: the same at
-Qwen3's vocab, batch 1 to 256, with no host sync, and the engine's sampler taking it.
+of -inf, signed zeros, k >= V, k = 1, a tiny top-p, strided logits, rows holding +inf or NaN,
+log-probs just above the greedy temperature. On CUDA: the same at Qwen3's vocab, batch 1 to
+256, with no host sync, and the engine's sampler taking it.
 """
 
 from __future__ import annotations
@@ -168,14 +169,52 @@ def check_edges() -> int:
     return 3
 
 
+def check_non_finite_rows() -> int:
+    """Rows holding +inf or NaN, or only -inf, under every filter: a token in range, and no
+    candidate stored past its segment's slots (a +inf max made the last level NaN, which no
+    value exceeds, so a 16-value segment chose all 16 for its 4 slots: on the GPU, another
+    row's candidates or memory past the buffer)."""
+    import triton
+    from inference.kernels.sample_triton import _segment_kernel
+
+    v, seg, c = 64, 16, 4
+    logits = torch.randn(4, v, generator=torch.Generator().manual_seed(8))
+    logits[0, 61], logits[1, 3], logits[2] = float("inf"), float("nan"), float("-inf")
+    logits[3, 60:] = float("inf")
+    for k, p in ((3, 2.0), (v, 0.5), (3, 0.5), (v, 2.0)):
+        table = torch.tensor([[1.0, k, p, 1.0, 0, 1]] * 4, dtype=torch.float32)
+        tokens, _ = fused_sample(logits, table, top_k=k < v, top_p=p < 1, logprobs=True, segment=seg, candidates=c)
+        assert ((tokens >= 0) & (tokens < v)).all(), (k, p, tokens)
+    n = triton.cdiv(v, seg)
+    cand = torch.full((4 * n * c + 64,), -7, dtype=torch.int64)    # 64 guard slots past the buffer
+    bound = torch.empty(4, n, 2, dtype=torch.int32)
+    table = torch.tensor([[1.0, 3, 2.0, 1.0, 0, 1]] * 4, dtype=torch.float32)
+    _segment_kernel[(4, n)](logits, v, table, torch.empty(4, n, 5), cand, bound, v, n, GREEDY_ONLY=False,
+                            TOP_K=True, TOP_P=False, SEG=seg, C=c, LEVELS=16)
+    assert (bound[..., 1] <= c).all() and (cand[4 * n * c:] == -7).all(), bound[..., 1]
+    return 1
+
+
+def check_logprobs_near_greedy_temperature() -> int:
+    """Just above the greedy temperature, scaled logits reach ~3e6 (a float32 step of 0.25),
+    so ``x - (max + log(mass))`` rounds away up to 0.12 nats; ``(x - max) - log(mass)``
+    keeps the log-probs (here log 1/4: four tied maxima) to float32 precision."""
+    logits = torch.randn(4, 64, generator=torch.Generator().manual_seed(10))
+    logits[:, [5, 17, 40, 63]] = 40.0
+    kinds = [dict(temperature=1.2e-5), dict(temperature=1.2e-5, logprobs_mode="tempered"),
+             dict(temperature=1.2e-5, top_k=2), dict(temperature=1.2e-5, top_p=0.5)]
+    check_batch(logits, _requests(4, kinds), [0, 1, 2, 3], agree=1.0, paths={"unfiltered", "candidates"}, **SMALL)
+    return 1
+
+
 def check_interpreter_cases() -> int:
     return (check_every_branch(40) + check_every_branch(200) + check_flat_rows_fall_back_to_the_search()
-            + check_ties() + check_edges())
+            + check_ties() + check_edges() + check_non_finite_rows() + check_logprobs_near_greedy_temperature())
 
 
 @needs_triton
 def test_fused_sampler_matches_the_reference_in_interpreter():
-    assert_interpreter_checks_pass(__file__, 8)
+    assert_interpreter_checks_pass(__file__, 10)
 
 
 @needs_triton
