@@ -120,7 +120,8 @@ class _Draw:
     scaled: torch.Tensor
     processed: torch.Tensor
     tokens: torch.Tensor
-    processed_lse: torch.Tensor | None = None    # logsumexp of ``processed`` rows, from the draw's sums
+    # ``processed`` rows' logsumexp as (max, log of the mass below it), from the draw's sums
+    processed_norm: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Sampler:
@@ -190,7 +191,7 @@ def _draw(logits: torch.Tensor, table: torch.Tensor, plan: SamplingPlan) -> _Dra
     else:
         processed, row_max = scaled, scaled.amax(dim=-1, keepdim=True)
     tokens, total = _inverse_cdf(torch.exp(processed - row_max), uniform)
-    return _Draw(scaled, processed, tokens, row_max[:, 0] + torch.log(total))
+    return _Draw(scaled, processed, tokens, (row_max[:, 0], torch.log(total)))
 
 
 def _filtered(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -241,17 +242,23 @@ def _with_logprobs(tokens: torch.Tensor, logits: torch.Tensor, draw: _Draw, plan
                    modes: torch.Tensor | None) -> SampledTokens:
     """Each row's log-prob of its token in its mode's distribution (greedy rows: raw), and
     the top-N of that distribution when asked: one source tensor whose row r is row r's
-    mode's logits (a select per extra mode present), normalised by one logsumexp."""
+    mode's logits (a select per extra mode present), normalised by one logsumexp, kept as
+    (max, log mass) and subtracted in that order: near the greedy temperature the scaled
+    logits reach ~1e6, where max + log(mass) would round by up to 0.1 nats."""
     sources = {_RAW: logits, _TEMPERED: draw.scaled, _PROCESSED: draw.processed}
     present = sorted(plan.modes)
     source = sources[present[0]]
     for mode in present[1:]:
         if sources[mode] is not source:
             source = torch.where((modes == mode)[:, None], sources[mode], source)
-    lse = draw.processed_lse if source is draw.processed and draw.processed_lse is not None else \
-        torch.logsumexp(source, dim=-1)
-    out = SampledTokens(tokens, source.gather(1, tokens[:, None])[:, 0] - lse)
+    if source is draw.processed and draw.processed_norm is not None:
+        shift, log_mass = draw.processed_norm
+    else:
+        shift = source.amax(dim=-1)
+        shift = torch.where(torch.isfinite(shift), shift, 0.0)      # an all -inf row: logsumexp's -inf
+        log_mass = torch.log(torch.exp(source - shift[:, None]).sum(dim=-1))
+    out = SampledTokens(tokens, (source.gather(1, tokens[:, None])[:, 0] - shift) - log_mass)
     if plan.top_n:
         values, out.top_ids = source.topk(plan.top_n, dim=-1)
-        out.top_logprobs = values - lse[:, None]
+        out.top_logprobs = (values - shift[:, None]) - log_mass[:, None]
     return out

@@ -185,3 +185,17 @@ def test_the_number_of_device_ops_does_not_grow_with_the_batch():
 def test_mismatched_rows_are_refused():
     with pytest.raises(ValueError, match="positions"):
         Sampler(0, CPU).sample(torch.zeros(2, 5), [_req("a"), _req("b")], [0])
+
+
+@pytest.mark.parametrize("mode", ["processed", "tempered", "raw"])
+def test_log_probs_stay_exact_just_above_the_greedy_temperature(mode):
+    """At temperature 1.2e-5 the scaled logits reach ~3e6 (a float32 step of 0.25): four tied
+    maxima must still each get log(1/4) in every mode (max + log(mass) rounded to -1.5)."""
+    logits = torch.full((3, 40), -5.0)
+    logits[:, [3, 11, 20, 33]] = 40.0
+    kinds = [dict(temperature=1.2e-5), dict(temperature=1.2e-5, top_p=0.9), dict(temperature=1.2e-5, top_k=5)]
+    reqs = [_req(str(i), seed=i, logprobs_mode=mode, **kind) for i, kind in enumerate(kinds)]
+    out = Sampler(0, CPU).sample(logits, reqs, [0, 1, 2])
+    assert set(out.tokens.tolist()) <= {3, 11, 20, 33}
+    expected = np.log(0.25) if mode != "raw" else float(torch.log_softmax(logits[0].double(), -1)[3])
+    assert np.allclose(out.logprobs.numpy(), expected, atol=1e-4), out.logprobs
