@@ -95,6 +95,30 @@ def test_special_tokens_are_skipped(tokenizer):
     assert _stream(checker, [5], outputs, ("</answer>",)) == (len(outputs) - 1, "</answer>")
 
 
+def test_many_special_tokens_inside_the_stop_string(tokenizer):
+    """Special tokens decode to nothing: a run of them longer than the tail window between
+    the stop string's first and last characters must not hide it."""
+    checker = StopStringChecker(batch_decoder(tokenizer))
+    eos = tokenizer.convert_tokens_to_ids("<eos>")
+    stop = ("</answer>",)
+    for run in (window_tokens(stop), 3 * window_tokens(stop)):
+        outputs = _ids(tokenizer, "42</") + [eos] * run + _ids(tokenizer, "answer> the router")
+        completing = len(_ids(tokenizer, "42</")) + run + len(_ids(tokenizer, "answer>")) - 1
+        assert _reference(tokenizer, outputs, stop) == (completing, "</answer>")
+        assert _stream(checker, [5], outputs, stop) == _reference(tokenizer, outputs, stop)
+
+
+def test_special_tokens_before_a_long_newest_token(tokenizer):
+    """The newest token's own text is long: the window is widened by what the tokens before
+    it decode to, not by the whole window's text."""
+    checker = StopStringChecker(batch_decoder(tokenizer))
+    eos = tokenizer.convert_tokens_to_ids("<eos>")
+    stop = ("pq training",)
+    assert len(_ids(tokenizer, " training")) == 1
+    outputs = _ids(tokenizer, "pq") + [eos] * window_tokens(stop) + _ids(tokenizer, " training")
+    assert _stream(checker, [5], outputs, stop) == _reference(tokenizer, outputs, stop) == (len(outputs) - 1, stop[0])
+
+
 def test_window_matches_whole_output_decoding(tokenizer):
     """Long random outputs (many tokens before the match, partial characters in the
     window): the tail window finds what decoding everything finds, at the same token."""
