@@ -150,14 +150,14 @@ def test_one_batched_call_per_check(tokenizer):
     b = Request("b", [5], SamplingParams(stop=("xyz",)), output_token_ids=_ids(tokenizer, "the router"))
     c = Request("c", [5], SamplingParams(stop=("the",)), output_token_ids=_ids(tokenizer, "the"))
     assert checker.check([a, b, c]) == [(a, "router"), (c, "the")]
-    assert calls == [3]
-    assert checker.check([]) == [] and calls == [3]
+    assert calls == [6]   # each request's window and its newest token alone
+    assert checker.check([]) == [] and calls == [6]
 
 
 def test_detokenizer_returning_wrong_count_is_an_error():
     checker = StopStringChecker(lambda batch: ["x"])
     requests = [Request(str(i), [5], SamplingParams(stop=("x",)), output_token_ids=[1]) for i in range(2)]
-    with pytest.raises(ValueError, match="returned 1 texts for 2 token lists"):
+    with pytest.raises(ValueError, match="returned 1 texts for 4 token lists"):
         checker.check(requests)
 
 
