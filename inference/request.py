@@ -47,7 +47,10 @@ class SamplingParams:
     # Stop strings (as in vLLM): the request finishes ("stop") on the first generated token
     # after which its output text (decoded with special tokens skipped, by the engine's
     # detokenizer) contains one of them; that token stays in the output. The prompt's text
-    # never counts. `include_stop_str_in_output` is for callers that return text: the
+    # never counts, nor does it serve as context: unlike vLLM, the output is decoded on its
+    # own, so a SentencePiece-style tokenizer drops the first output token's leading space
+    # and a stop string starting with a space cannot match at the very start of the output.
+    # `include_stop_str_in_output` is for callers that return text: the
     # engine returns tokens, and text is cut at the stop string unless this is set.
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False
