@@ -3,8 +3,10 @@
 # stage runs every GPU test file of the CUDA path, the batched sampler's and the one-copy
 # step upload's included), then measure. Each stage fits one device call (under 9 minutes);
 # files under $OUT.
-# A device machine goes back 30 s after a call ends, so the next session starts with the three
-# full calls below, sent back to back (each stops itself under LIMIT seconds, default 560):
+# A device machine goes back 30 s after a call ends: send the calls back to back (each stops
+# itself under LIMIT seconds, default 560). Stop 23 ran `measure` and the sampler's work; the
+# next session starts with `sampling` (the fused sampler's GPU tests after the review's two
+# fixes, its benchmark on LM-like and flat rows, the engine A/B), then `kernels` / `prefill`.
 #   bash tools/gpu_next_session.sh validate  # the GPU tests that did not run yet on the H200 (stop 22 ran the rest),
 #                                            # the hybrid engine tests, tools/bench_sampler.py, then (time left)
 #                                            # the step-upload and RL-group benchmarks
