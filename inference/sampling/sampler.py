@@ -70,9 +70,14 @@ class SamplingPlan:
     table: np.ndarray | None
     has_greedy: bool = True      # some row is greedy (argmax kept for it)
     scales: bool = False         # some sampled row's temperature is not 1
-    filtered: bool = False       # some sampled row has a top-k or a top-p
+    top_k: bool = False          # some sampled row has a top-k (below the vocab size)
     masks_rank: bool = False     # some sampled row has a top-k below num_candidates
     top_p: bool = False          # some sampled row has a top-p below 1
+
+    @property
+    def filtered(self) -> bool:
+        """Some sampled row has a top-k or a top-p."""
+        return self.top_k or self.top_p
 
     @classmethod
     def build(cls, requests: list[Request], positions: list[int], vocab_size: int, engine_seed: int,
@@ -97,7 +102,7 @@ class SamplingPlan:
         table[:, 5] = sampled
         top_p = any(p < np.inf for p in top_ps)
         return cls(candidates, frozenset(modes), top_n, table, has_greedy=not all(sampled),
-                   scales=any(t != 1.0 for t in temperatures), filtered=any(ks) or top_p,
+                   scales=any(t != 1.0 for t in temperatures), top_k=any(ks),
                    masks_rank=any(0 < k < candidates for k in ks), top_p=top_p)
 
 
@@ -152,8 +157,7 @@ class Sampler:
         plan = SamplingPlan.build(requests, positions, logits.shape[-1], self.engine_seed, logprobs)
         if self.kernel and not plan.top_n and logits.dtype == torch.float32 and logits.stride(-1) == 1:
             table = None if plan.table is None else self._to_device(plan.table)
-            cuts_rank = plan.masks_rank or plan.num_candidates < logits.shape[-1]
-            tokens, chosen = fused_sample(logits, table, top_k=cuts_rank, top_p=plan.top_p, logprobs=logprobs)
+            tokens, chosen = fused_sample(logits, table, top_k=plan.top_k, top_p=plan.top_p, logprobs=logprobs)
             return SampledTokens(tokens, chosen)
         if plan.table is None:
             tokens = logits.argmax(dim=-1)

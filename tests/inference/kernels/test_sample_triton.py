@@ -56,9 +56,8 @@ def kernel_sample(logits: torch.Tensor, requests: list[Request], positions: list
     (a list) is extended with the path name each row took."""
     plan = SamplingPlan.build(requests, positions, logits.shape[-1], engine_seed, True)
     table = None if plan.table is None else torch.from_numpy(plan.table).to(logits.device)
-    cuts_rank = plan.masks_rank or plan.num_candidates < logits.shape[-1]
     taken = torch.full((logits.shape[0],), -1, dtype=torch.int32, device=logits.device)
-    out = fused_sample(logits, table, top_k=cuts_rank, top_p=plan.top_p, logprobs=True, segment=segment,
+    out = fused_sample(logits, table, top_k=plan.top_k, top_p=plan.top_p, logprobs=True, segment=segment,
                        candidates=candidates, paths=taken)
     if paths is not None:
         paths.extend(PATHS[i] for i in taken.cpu().tolist())
