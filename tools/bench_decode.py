@@ -61,6 +61,7 @@ SAMPLING = {"greedy": {}, "temperature": {"temperature": 1.0}, "top-p": {"temper
 NO_KV_WRITE = "no-kv-write"     # --compare-small-ops: the main run's mode with EngineConfig.fused_kv_write off
 MHA_DOT = "mha-dot"             # --compare-small-ops: the main run's mode with EngineConfig.decode_attention_mha_dot
 TORCH_SAMPLER = "torch-sampler"  # --compare-small-ops: the main run's mode with EngineConfig.sampler_kernel off
+PSEUDO_MODES = (NO_KV_WRITE, MHA_DOT, TORCH_SAMPLER)   # keep the main run's fused_small_ops mode
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,9 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if backend not in MOE_BACKENDS:
             raise SystemExit(f"--compare-backends: {backend!r} is not one of {MOE_BACKENDS}")
     for mode in args.compare_small_ops:
-        if mode not in (*FUSED_SMALL_OPS_MODES, NO_KV_WRITE, MHA_DOT, TORCH_SAMPLER):
-            raise SystemExit(f"--compare-small-ops: {mode!r} is not one of "
-                             f"{(*FUSED_SMALL_OPS_MODES, NO_KV_WRITE, MHA_DOT, TORCH_SAMPLER)}")
+        if mode not in (*FUSED_SMALL_OPS_MODES, *PSEUDO_MODES):
+            raise SystemExit(f"--compare-small-ops: {mode!r} is not one of {(*FUSED_SMALL_OPS_MODES, *PSEUDO_MODES)}")
     if args.small_moe_max_tokens is not None and args.small_moe_max_tokens < 0:
         raise SystemExit(f"--small-moe-max-tokens must be >= 0 (0: off), got {args.small_moe_max_tokens}")
     if args.skinny_linear_max_tokens < 0:
@@ -145,7 +145,7 @@ def engine_config(args, max_batch: int, backend: str, small_ops: str | None = No
     kv_write = small_ops != NO_KV_WRITE
     mha_dot = True if small_ops == MHA_DOT else None
     sampler_kernel = False if small_ops == TORCH_SAMPLER else None
-    small_ops = args.fused_small_ops if small_ops in (None, NO_KV_WRITE, MHA_DOT, TORCH_SAMPLER) else small_ops
+    small_ops = args.fused_small_ops if small_ops is None or small_ops in PSEUDO_MODES else small_ops
     per_request = -(-(args.prompt_len + args.output_len) // 16)
     prefill = args.prefill_requests * -(-(args.prefill_prompt_len + 1) // 16)
     # An 8k prefill step holds several prompts: a batch-1 engine must still admit them together.
