@@ -110,6 +110,10 @@ def fused_sample(logits: torch.Tensor, table: torch.Tensor | None, *, top_k: boo
 
 
 if triton is not None:
+    _KEY_MIN = tl.constexpr(-2147483647 - 1)            # below every order key: keeps every value
+    _KEY_MAX = tl.constexpr(2147483647)
+    _PACKED_MIN = tl.constexpr(-9223372036854775807 - 1)   # below every packed (key, column)
+
     @triton.jit
     def _order_key(x):
         """int32 keys ordered as the float32 values (-0 and +0 share key 0)."""
@@ -298,7 +302,7 @@ if triton is not None:
         path = tl.full([], 0, dtype=tl.int32)
         if sampled:
             path = tl.full([], 1, dtype=tl.int32)
-            threshold = tl.full([], -2147483647 - 1, dtype=tl.int32)      # every value kept
+            threshold = tl.full([], _KEY_MIN, dtype=tl.int32)      # every value kept
             exact = tl.full([], 1, dtype=tl.int1)
             if TOP_K or TOP_P:
                 if cuts:
@@ -306,12 +310,12 @@ if triton is not None:
                     rank = tl.arange(0, C)
                     filled = tl.load(bound_ptr + (row * GP + g) * 2 + 1, mask=seg_ok, other=0)
                     cand = tl.load(cand_ptr + (row * GP + g[:, None]) * C + rank[None, :],
-                                   mask=rank[None, :] < filled[:, None], other=-9223372036854775807 - 1)
-                    bound = tl.max(tl.load(bound_ptr + (row * GP + g) * 2, mask=seg_ok, other=-2147483647 - 1), axis=0)
+                                   mask=rank[None, :] < filled[:, None], other=_PACKED_MIN)
+                    bound = tl.max(tl.load(bound_ptr + (row * GP + g) * 2, mask=seg_ok, other=_KEY_MIN), axis=0)
                     key = (cand >> 32).to(tl.int32)
                     above = key > bound
                     weight = tl.where(above, tl.exp(_from_key(key) - row_max), 0.0)
-                    flat_key = tl.reshape(tl.where(above, cand, -9223372036854775807 - 1), [GP * C])
+                    flat_key = tl.reshape(tl.where(above, cand, _PACKED_MIN), [GP * C])
                     ranked = tl.sort(flat_key, descending=True)
                     ranked_key = (ranked >> 32).to(tl.int32)
                     position = tl.arange(0, GP * C)
@@ -319,7 +323,7 @@ if triton is not None:
                     if TOP_K:
                         if k < v:
                             exact = tl.sum(ranked_ok.to(tl.int32), axis=0) >= k
-                            threshold = tl.max(tl.where(position == k - 1, ranked_key, -2147483647 - 1), axis=0)
+                            threshold = tl.max(tl.where(position == k - 1, ranked_key, _KEY_MIN), axis=0)
                     if TOP_P:
                         if top_p < 1.0:
                             ranked_w = tl.where(ranked_ok, tl.exp(_from_key(ranked_key) - row_max), 0.0)
@@ -331,7 +335,7 @@ if triton is not None:
                             limit = top_p * total
                             before = tl.cumsum(kept, axis=0) - kept
                             cut = tl.min(tl.where(ranked_ok & (ranked_key >= threshold) & (before <= limit), ranked_key,
-                                                  2147483647), axis=0)
+                                                  _KEY_MAX), axis=0)
                             exact = exact & (tl.sum(kept, axis=0) > limit)
                             threshold = tl.maximum(threshold, cut)
                     path = tl.where(exact, 2, 3)
@@ -355,7 +359,7 @@ if triton is not None:
                 token = tl.where(hit < v, hit, tl.where(last >= 0, last, v - 1))
             else:
                 # The cut lies below the bound: the exact search over the whole row.
-                low_key = tl.full([], -2147483647 - 1, dtype=tl.int32)
+                low_key = tl.full([], _KEY_MIN, dtype=tl.int32)
                 threshold = low_key
                 if TOP_K:
                     if k < v:
