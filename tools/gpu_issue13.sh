@@ -7,12 +7,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 OUT=${OUT:-./out-gpu}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source tools/gpu_env.sh   # carried wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 gpus=$(nvidia-smi -L | wc -l)
 case "${1:-tests}" in

@@ -33,12 +33,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source tools/gpu_env.sh   # carried wheels, PYTHONPATH
 LIMIT=${LIMIT:-560}; END=$((SECONDS+LIMIT))
 # At most 8 files come back from $OUT: everything goes back as one archive.
 pack() { (cd "$OUT" && tar czf /tmp/session.tgz --exclude=session.tgz . && find . -mindepth 1 -delete && mv /tmp/session.tgz .); }

@@ -11,11 +11,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source tools/gpu_env.sh   # carried wheels, PYTHONPATH
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import importlib.util as u; print('fla importable:', u.find_spec('fla') is not None)"
 timeout 160 python3 -m pytest -q -rfE -p no:cacheprovider tests/gpu/test_recurrent_cuda.py tests/inference/kernels/test_recurrent_decode.py \

@@ -4,11 +4,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source tools/gpu_env.sh   # carried wheels, PYTHONPATH
 mode=${1:-quick}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$mode" = quick ]; then

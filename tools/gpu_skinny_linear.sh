@@ -8,12 +8,7 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
+source tools/gpu_env.sh   # carried wheels, PYTHONPATH
 case "${1:-tests}" in
 tests)
   for f in tests/inference/kernels/test_skinny_linear.py tests/gpu/test_skinny_linear_cuda.py \
